@@ -1,0 +1,78 @@
+"""headscope: find, score, validate and edit the attention heads of transformer language models.
+
+    import headscope as hs
+    model = hs.load_model("smollm2-135m-instruct")
+    scores = hs.detect(model, "induction")
+    with hs.ablate(model, scores.top_heads(5), method="mean"):
+        ...
+    hs.validate(model, scores, k=5)
+"""
+
+__version__ = "0.1.0"
+
+from headscope.api import detect, scan
+from headscope.detectors import (
+    Detector,
+    DetectorConfig,
+    ValidationTask,
+    get_detector,
+    list_detectors,
+    register_detector,
+    unregister_detector,
+)
+from headscope.engine import Head, TokenBatch, model_shape, tokenize
+from headscope.errors import (
+    HeadIndexError,
+    HeadscopeError,
+    InputError,
+    ModelNotAvailableError,
+    PromptTooLongError,
+    UnknownDetectorError,
+    UnsupportedModelError,
+)
+from headscope.interventions import (
+    ablate,
+    add_vector,
+    scale_output,
+    scale_query,
+    scale_values,
+    uniform_attention,
+)
+from headscope.models import DEFAULT_MODEL, load_model
+from headscope.results import HeadScores
+from headscope.validation import ValidationResult, validate
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Detector",
+    "DetectorConfig",
+    "Head",
+    "HeadIndexError",
+    "HeadScores",
+    "HeadscopeError",
+    "InputError",
+    "ModelNotAvailableError",
+    "PromptTooLongError",
+    "TokenBatch",
+    "UnknownDetectorError",
+    "UnsupportedModelError",
+    "ValidationResult",
+    "ValidationTask",
+    "__version__",
+    "ablate",
+    "add_vector",
+    "detect",
+    "get_detector",
+    "list_detectors",
+    "load_model",
+    "model_shape",
+    "register_detector",
+    "scale_output",
+    "scale_query",
+    "scale_values",
+    "scan",
+    "tokenize",
+    "uniform_attention",
+    "unregister_detector",
+    "validate",
+]

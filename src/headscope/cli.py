@@ -1,0 +1,139 @@
+"""The ``headscope`` command: ``scan``, ``validate`` and ``info``. All logic lives in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from headscope import __version__
+from headscope.api import scan
+from headscope.detectors.base import get_detector, list_detectors
+from headscope.engine.heads import model_shape
+from headscope.engine.runner import model_device, model_dtype
+from headscope.errors import HeadscopeError
+from headscope.models import DEFAULT_MODEL, load_model
+from headscope.results import HeadScores
+from headscope.validation import validate
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except HeadscopeError as error:
+        print(f"headscope: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("headscope: interrupted; finished results are saved and a rerun resumes.", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="headscope", description="Score, validate and inspect attention heads.")
+    parser.add_argument("--version", action="version", version=f"headscope {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    scan_cmd = commands.add_parser("scan", help="score every head with one or more detectors")
+    _model_args(scan_cmd)
+    scan_cmd.add_argument("--detectors", default="induction", help="comma-separated names (see 'headscope info')")
+    scan_cmd.add_argument("--out", default="results", help="folder for <detector>.json and <detector>.png")
+    scan_cmd.add_argument("--top", type=int, default=10, help="top heads to list in the JSON and on screen")
+    scan_cmd.add_argument("--no-resume", action="store_true", help="recompute detectors already saved in --out")
+    scan_cmd.set_defaults(run=run_scan)
+
+    validate_cmd = commands.add_parser("validate", help="ablate top-k heads vs random-k heads")
+    _model_args(validate_cmd)
+    validate_cmd.add_argument("--detector", default="induction")
+    validate_cmd.add_argument("--scores", help="a saved <detector>.json to validate (else the detector is run)")
+    validate_cmd.add_argument("-k", type=int, default=5)
+    validate_cmd.add_argument("--n-random", type=int, default=5)
+    validate_cmd.add_argument("--method", default="mean", choices=["zero", "mean", "resample", "uniform"])
+    validate_cmd.add_argument("--seed", type=int, default=0)
+    validate_cmd.add_argument("--out", help="write the result as JSON to this file")
+    validate_cmd.set_defaults(run=run_validate)
+
+    info_cmd = commands.add_parser("info", help="model shape, heads, KV groups, device, detectors")
+    _model_args(info_cmd)
+    info_cmd.set_defaults(run=run_info)
+    return parser
+
+
+def _model_args(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled name, .gguf, HF folder or hub name (default {DEFAULT_MODEL})")
+    command.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    command.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: from memory)")
+
+
+def run_scan(args: argparse.Namespace) -> int:
+    names = [name.strip() for name in args.detectors.split(",") if name.strip()]
+    for name in names:
+        get_detector(name)  # unknown names fail before the model loads
+    model = _load(args)
+    out = Path(args.out)
+    bar = tqdm(names, desc="detectors", unit="detector", disable=False)
+    for name in bar:
+        bar.set_postfix_str(name)
+        started = time.time()
+        scores = scan(model, [name], out=out, resume=not args.no_resume, batch_size=args.batch_size, progress=True)[name]
+        scores.save(out / f"{name}.json", top_k=args.top)
+        scores.plot(path=out / f"{name}.png")
+        tqdm.write(_top_table(scores, args.top, time.time() - started))
+    print(f"wrote {', '.join(f'{n}.json/.png' for n in names)} to {out}/")
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    model = _load(args)
+    if args.scores:
+        scores = HeadScores.load(args.scores)
+    else:
+        scores = scan(model, [args.detector], batch_size=args.batch_size, progress=True)[args.detector]
+    result = validate(
+        model, scores, k=args.k, n_random=args.n_random, method=args.method, seed=args.seed,
+        batch_size=args.batch_size, progress=True,
+    )
+    print(result)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result.to_dict(), indent=1))
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    model = _load(args)
+    shape = model_shape(model)
+    groups = ", ".join(
+        f"KV{kv}: q{kv * shape.group_size}-{(kv + 1) * shape.group_size - 1}" for kv in range(shape.n_kv_heads)
+    )
+    print(f"model        {model.cfg.model_name}")
+    print(f"layers       {shape.n_layers}")
+    print(f"query heads  {shape.n_heads} per layer, {shape.n_total_heads} in all")
+    print(f"KV heads     {shape.n_kv_heads} per layer ({groups})")
+    print(f"d_model      {shape.d_model}, d_head {shape.d_head}, vocab {shape.d_vocab}, context {shape.n_ctx}")
+    print(f"device       {model_device(model)}, dtype {model_dtype(model)}")
+    print(f"detectors    {', '.join(list_detectors())}")
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    started = time.time()
+    model = load_model(args.model, device=args.device)
+    print(f"loaded {model.cfg.model_name} on {model_device(model)} in {time.time() - started:.1f} s", file=sys.stderr)
+    return model
+
+
+def _top_table(scores: HeadScores, k: int, seconds: float) -> str:
+    rows = [f"{scores.detector}: top {k} heads ({seconds:.0f} s)"]
+    rows += [f"  L{row.layer:>2}H{row.head:<2} {row.score:.3f}" for row in scores.top(k)]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The ``Detector`` interface, the registry, and what validation needs from a detector.
+
+A detector is a class with a registered ``name``, a config dataclass (``Config``), a
+``score(model) -> HeadScores`` and a ``validation_task(model)`` giving the behavioural metric that
+``hs.validate`` measures under ablation. Register your own with ``@register_detector``::
+
+    @hs.register_detector
+    class MyDetector(hs.Detector):
+        name = "my_role"
+        Config = MyConfig
+        def score(self, model, batch_size=None, progress=None): ...
+        def validation_task(self, model): ...
+
+Configs follow scikit-learn's habit: every setting is a keyword with a default, settable at
+construction (``get_detector("induction", block_len=50)``) and recorded in the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional, Union
+
+from jaxtyping import Float
+from torch import Tensor
+
+from headscope.engine.tokens import TokenBatch
+from headscope.errors import UnknownDetectorError
+from headscope.models import model_name
+from headscope.results import HeadScores
+
+MetricFn = Callable[[Float[Tensor, "batch pos vocab"], TokenBatch], Float[Tensor, " batch"]]
+
+
+@dataclass
+class ValidationTask:
+    """What ``hs.validate`` measures: a per-example metric on the task's own data.
+
+    ``metric(logits, chunk)`` returns one number per example. ``ablation_hurts_when`` says which
+    way the metric moves when heads of the role are removed: ``"increases"`` (a loss) or
+    ``"decreases"`` (an accuracy, a logit).
+    """
+
+    data: Any
+    metric: MetricFn
+    metric_name: str
+    ablation_hurts_when: str = "increases"
+
+
+@dataclass
+class DetectorConfig:
+    """Base of detector configs: every field needs a default."""
+
+    seed: int = 0
+
+
+class Detector(ABC):
+    """One head role: scores every head and knows how to check causally that it matters."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = DetectorConfig
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: Optional[Any] = None, **overrides: Any) -> None:
+        base = config if config is not None else self.Config()
+        if not isinstance(base, self.Config):
+            base = self.Config(**dict(base))
+        known = {f.name for f in dataclasses.fields(self.Config)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(
+                f"{self.name} has no setting {', '.join(unknown)}; its settings are {', '.join(sorted(known))}."
+            )
+        self.config = dataclasses.replace(base, **overrides)
+
+    @abstractmethod
+    def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> HeadScores:
+        """Score every head of ``model``."""
+
+    @abstractmethod
+    def validation_task(self, model: Any) -> ValidationTask:
+        """The data and behavioural metric used to validate this detector's top heads."""
+
+    def result(
+        self,
+        model: Any,
+        values: Tensor,
+        extras: Optional[dict[str, Tensor]] = None,
+        metadata: Optional[dict[str, Any]] = None,
+    ) -> HeadScores:
+        """Wrap computed values in a ``HeadScores`` with model name, config and version."""
+        from headscope import __version__
+
+        info = {"headscope_version": __version__, "summary": self.summary}
+        info.update(metadata or {})
+        return HeadScores(
+            values=values,
+            detector=self.name,
+            model=model_name(model),
+            config=dataclasses.asdict(self.config),
+            extras=extras or {},
+            metadata=info,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+_REGISTRY: dict[str, type[Detector]] = {}
+
+
+def register_detector(cls: type[Detector], replace: bool = False) -> type[Detector]:
+    """Class decorator: make a detector available by its ``name`` everywhere (API, scan, CLI)."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute 'name' to be registered.")
+    if name in _REGISTRY and _REGISTRY[name] is not cls and not replace:
+        raise ValueError(f"A detector named {name!r} is already registered ({_REGISTRY[name].__name__}).")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def unregister_detector(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def list_detectors() -> list[str]:
+    """Names of every registered detector."""
+    return sorted(_REGISTRY)
+
+
+def get_detector(detector: Union[str, Detector, type[Detector]], config: Any = None, **overrides: Any) -> Detector:
+    """A detector instance from a name, a class or an instance (overrides applied)."""
+    if isinstance(detector, Detector):
+        return type(detector)(detector.config, **overrides) if overrides or config else detector
+    if isinstance(detector, type) and issubclass(detector, Detector):
+        return detector(config, **overrides)
+    if detector not in _REGISTRY:
+        close = difflib.get_close_matches(str(detector), list(_REGISTRY), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownDetectorError(
+            f"Unknown detector {detector!r}.{hint} Known detectors: {', '.join(list_detectors())}. "
+            f"Register your own with @headscope.register_detector."
+        )
+    return _REGISTRY[detector](config, **overrides)

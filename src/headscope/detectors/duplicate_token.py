@@ -1,0 +1,29 @@
+"""Duplicate-token heads — heads that attend to earlier copies of the current token
+(Wang et al. 2022, "Interpretability in the Wild"; TransformerLens ``head_detector``).
+
+Data: the repeated-random-token task of the induction detector.
+
+Score: for each query position ``i`` in the second and later repeats, the attention on earlier
+occurrences of the same token, ``sum_{m>=1} A[i, i - m*n]``, averaged over those positions and
+sequences. Range 0..1.
+
+Validation metric: loss on the repeated tokens.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from headscope.detectors.attention_templates import AttentionTemplateDetector, repeat_template
+from headscope.detectors.base import register_detector
+from headscope.tasks.repeated_tokens import RepeatedTokens
+
+
+@register_detector
+class DuplicateTokenDetector(AttentionTemplateDetector):
+    name = "duplicate_token"
+    score_name = "duplicate_token"
+    summary = "attention to earlier copies of the current token"
+
+    def template(self, task: RepeatedTokens) -> tuple[Tensor, Tensor]:
+        return repeat_template(task, shift=0)

@@ -1,0 +1,119 @@
+"""Batched forward runs that cache only the hooks asked for and reduce each chunk at once.
+
+``run_batched(model, data, reduce, names=...)`` splits the data into chunks, runs each chunk with
+its attention mask, hands ``reduce(logits, cache, chunk)`` the logits and the requested
+activations, and concatenates what ``reduce`` returns along the batch dimension. Nothing but the
+reduced values outlives a chunk, so memory stays bounded by one chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from headscope.engine.heads import model_shape
+from headscope.engine.tokens import TokenBatch, as_token_batch, iter_batches
+
+CPU_TOKENS_PER_BATCH = 2048  # a sane default for 2-4 cores; forward cost is linear in tokens
+GPU_MEMORY_FRACTION = 0.5
+MAX_BATCH_SIZE = 256
+
+Reduced = Union[Tensor, Mapping[str, Tensor]]
+ReduceFn = Callable[[Float[Tensor, "batch pos vocab"], dict, TokenBatch], Reduced]
+
+
+def model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    try:
+        return next(model.parameters()).dtype
+    except StopIteration:
+        return torch.float32
+
+
+def auto_batch_size(model: Any, seq_len: int, n_cached: int = 0) -> int:
+    """Rows per chunk: from free CUDA memory on a GPU, from a token budget on CPU.
+
+    ``n_cached`` is the number of ``[batch, heads, pos, pos]``-sized activations kept per chunk
+    (attention patterns dominate the memory of a cached run).
+    """
+    seq_len = max(int(seq_len), 1)
+    device = model_device(model)
+    if device.type != "cuda":
+        return int(max(1, min(MAX_BATCH_SIZE, CPU_TOKENS_PER_BATCH // seq_len)))
+    shape = model_shape(model)
+    element = torch.finfo(model_dtype(model)).bits // 8
+    free, _total = torch.cuda.mem_get_info(device)
+    per_row = element * seq_len * (
+        shape.d_vocab + 24 * shape.d_model + (n_cached + 2) * shape.n_heads * seq_len
+    )
+    return int(max(1, min(MAX_BATCH_SIZE, (free * GPU_MEMORY_FRACTION) // per_row)))
+
+
+def forward(model: Any, batch: TokenBatch) -> Float[Tensor, "batch pos vocab"]:
+    """Logits of one chunk, with its attention mask, on the model's device."""
+    batch = batch.to(model_device(model))
+    mask = batch.attention_mask if batch.is_padded else None
+    return model(batch.tokens, attention_mask=mask)
+
+
+def forward_with_cache(model: Any, batch: TokenBatch, names: Sequence[str]) -> tuple[Tensor, dict]:
+    """Logits and the named activations of one chunk (only those hooks are cached)."""
+    if not names:
+        return forward(model, batch), {}
+    batch = batch.to(model_device(model))
+    mask = batch.attention_mask if batch.is_padded else None
+    logits, cache = model.run_with_cache(
+        batch.tokens,
+        attention_mask=mask,
+        names_filter=list(names),
+        return_cache_object=False,
+    )
+    return logits, dict(cache)
+
+
+def run_batched(
+    model: Any,
+    data: Any,
+    reduce: ReduceFn,
+    names: Sequence[str] = (),
+    batch_size: Optional[int] = None,
+    progress: Optional[bool] = None,
+    desc: str = "running",
+) -> Reduced:
+    """Run ``data`` in chunks and concatenate ``reduce(logits, cache, chunk)`` over chunks.
+
+    ``reduce`` must return a tensor (or a dict of tensors) whose first dimension is the chunk's
+    rows. Runs without gradients; the model is not changed.
+    """
+    batch = as_token_batch(model, data)
+    size = batch_size or auto_batch_size(model, batch.tokens.shape[1], n_cached=len(names))
+    parts: list[Reduced] = []
+    chunks = iter_batches(batch, size)
+    n_chunks = -(-len(batch) // size)
+    with torch.no_grad():
+        for _rows, chunk in tqdm(chunks, total=n_chunks, desc=desc, disable=_disable(progress), leave=False):
+            logits, cache = forward_with_cache(model, chunk, names)
+            parts.append(reduce(logits, cache, chunk.to(logits.device)))
+            del logits, cache
+    return _concatenate(parts)
+
+
+def _disable(progress: Optional[bool]) -> Optional[bool]:
+    """tqdm's ``disable``: None shows a bar only on a terminal."""
+    return None if progress is None else not progress
+
+
+def _concatenate(parts: list[Reduced]) -> Reduced:
+    if isinstance(parts[0], Mapping):
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}  # type: ignore[index]
+    return torch.cat(parts)  # type: ignore[arg-type]

@@ -1,0 +1,41 @@
+"""The direct path from a head's output to the logits, through the final norm's weights.
+
+A head's contribution ``c`` to the final residual reaches the logits as
+``W_U^T (w_norm * norm(c))``. The norm's division by the residual's RMS is a positive number per
+position shared by every component, so scores that are invariant to a positive scale (argmax,
+shares of a ReLU'd distribution) can skip it. LayerNorm models also subtract the mean over
+``d_model``, which is linear and is applied here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+def final_norm_weight(model: Any) -> Float[Tensor, " d_model"]:
+    norm = model.ln_final
+    weight = getattr(norm, "weight", None)
+    if weight is None and getattr(norm, "original_component", None) is not None:
+        weight = getattr(norm.original_component, "weight", None)
+    if weight is None:
+        return torch.ones(model.cfg.d_model, device=model.W_U.device)
+    return weight.detach()
+
+
+def direct_unembed(model: Any) -> Float[Tensor, "d_model d_vocab"]:
+    """``diag(w_norm) W_U``: maps a (normalised) residual direction to logits."""
+    return final_norm_weight(model).float()[:, None] * model.W_U.detach().float()
+
+
+def direct_logits(
+    model: Any, contribution: Float[Tensor, "... d_model"], unembed: Tensor | None = None
+) -> Float[Tensor, "... d_vocab"]:
+    """Logits written by ``contribution`` along the direct path (up to the per-position RMS scale)."""
+    contribution = contribution.float()
+    if str(getattr(model.cfg, "normalization_type", "")).startswith("LN"):
+        contribution = contribution - contribution.mean(dim=-1, keepdim=True)
+    return contribution @ (unembed if unembed is not None else direct_unembed(model))

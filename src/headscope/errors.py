@@ -1,0 +1,34 @@
+"""Errors raised by headscope. Each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class HeadscopeError(Exception):
+    """Base class of every error headscope raises on purpose."""
+
+
+class UnknownDetectorError(HeadscopeError, KeyError):
+    """A detector name that is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class HeadIndexError(HeadscopeError, IndexError):
+    """A (layer, head) address outside the model."""
+
+
+class InputError(HeadscopeError, ValueError):
+    """Prompts or tokens that cannot be run: empty, too long, bad ids."""
+
+
+class PromptTooLongError(InputError):
+    """A prompt longer than the model's context window."""
+
+
+class UnsupportedModelError(HeadscopeError, ValueError):
+    """A model or file whose architecture headscope cannot hook per head."""
+
+
+class ModelNotAvailableError(HeadscopeError, RuntimeError):
+    """The model needs a download or a package that is not installed."""

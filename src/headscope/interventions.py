@@ -1,0 +1,310 @@
+"""Interventions on heads as context managers that always restore the model.
+
+Every function here returns a context manager. Inside the ``with`` block the model runs with the
+change; after it, or after an exception inside it, the hooks are gone and the model gives
+bit-identical logits to before. Several compose in one statement::
+
+    with hs.ablate(model, heads, method="mean"), hs.add_vector(model, v, layer=12):
+        logits = model(tokens)
+
+What each acts on (``../shared/PAPERS.md`` explains why the three ablations differ):
+
+========================  =====================  ==========================================
+function                  hook                   acts on
+========================  =====================  ==========================================
+``ablate(zero|mean|...)`` ``hook_z``             one query head's output (before ``W_O``)
+``ablate(uniform)``       ``hook_q`` (pre-RoPE)  one query head's pattern → uniform over prefix
+``scale_output``          ``hook_z``             one query head's output
+``scale_values``          ``hook_z`` or ``hook_v``  one query head (``per="query_head"``, exact:
+                                                 z = pattern · V is linear in V) or a whole KV
+                                                 group (``per="kv_group"``)
+``scale_query``           ``hook_q`` (pre-RoPE)  one query head's query
+``add_vector``            residual / head hooks  a layer's residual stream or a head's output
+========================  =====================  ==========================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from importlib import resources
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from headscope.engine.heads import (
+    Head,
+    check_heads,
+    heads_by_layer,
+    hook_name,
+    kv_group,
+    model_shape,
+)
+from headscope.engine.runner import run_batched
+from headscope.engine.tokens import TokenBatch, as_token_batch
+from headscope.errors import InputError
+
+ABLATION_METHODS = ("zero", "mean", "resample", "uniform")
+RESIDUAL_HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+DEFAULT_UNIFORM_EPSILON = 1e-5
+
+HeadsLike = Union[Iterable[Union[Head, Sequence[int], str]], Head, str]
+HookList = list[tuple[str, Callable]]
+
+# Per-model cache of mean head outputs over the shipped reference text.
+_DEFAULT_MEANS: "weakref.WeakKeyDictionary[Any, dict[int, Tensor]]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def hooked(model: Any, hooks: HookList) -> Iterator[Any]:
+    """Run the block with forward hooks; they are removed on exit, also after an exception."""
+    with model.hooks(fwd_hooks=hooks):
+        yield model
+
+
+def ablate(
+    model: Any,
+    heads: HeadsLike,
+    method: str = "zero",
+    reference: Any = None,
+    epsilon: float = DEFAULT_UNIFORM_EPSILON,
+    batch_size: Optional[int] = None,
+) -> contextlib.AbstractContextManager:
+    """Ablate heads for the duration of a ``with`` block.
+
+    Args:
+        heads: ``Head`` objects, ``(layer, head)`` pairs or ``"L18H6"`` strings.
+        method: ``"zero"`` (output set to 0), ``"mean"`` (output set to its mean over
+            ``reference``, every real token but the BOS at position 0), ``"resample"`` (output
+            taken from another prompt: row ``i`` of ``reference``, cycled, or, without a
+            reference, the next row of the same batch), ``"uniform"`` (pre-RoPE query scaled by
+            ``epsilon`` so the pattern becomes uniform over the causal prefix).
+        reference: prompts or tokens for ``"mean"`` and ``"resample"``. For ``"mean"`` the
+            default is a short English text shipped with headscope.
+    """
+    checked = check_heads(model, heads)
+    if method == "zero":
+        return scale_output(model, checked, 0.0)
+    if method == "uniform":
+        return scale_query(model, checked, epsilon)
+    if method == "mean":
+        return _replace_outputs(model, checked, _mean_outputs(model, checked, reference, batch_size))
+    if method == "resample":
+        return _resample(model, checked, reference, batch_size)
+    raise ValueError(f"Unknown ablation method {method!r}; choose one of {', '.join(ABLATION_METHODS)}.")
+
+
+def uniform_attention(model: Any, heads: HeadsLike, epsilon: float = DEFAULT_UNIFORM_EPSILON):
+    """The Ships/Sahara and retrieval-head ablation: attention made uniform over the prefix."""
+    return scale_query(model, heads, epsilon)
+
+
+def scale_output(model: Any, heads: HeadsLike, factor: float) -> contextlib.AbstractContextManager:
+    """Multiply each head's output (its ``hook_z`` slice) by ``factor``; 0 is zero ablation."""
+    return _scale_slices(model, check_heads(model, heads), "z", factor)
+
+
+def scale_query(model: Any, heads: HeadsLike, factor: float) -> contextlib.AbstractContextManager:
+    """Multiply each head's pre-RoPE query by ``factor`` (tiny factor → uniform attention)."""
+    return _scale_slices(model, check_heads(model, heads), "q", factor)
+
+
+def scale_values(
+    model: Any, heads: HeadsLike, factor: float, per: str = "query_head"
+) -> contextlib.AbstractContextManager:
+    """Multiply the value vectors a head reads by ``factor`` (Yu et al. 2023's intervention).
+
+    ``per="query_head"`` scales the values as seen by that query head only. Since the head's
+    output ``z = pattern · V`` is linear in ``V``, this is done exactly on its ``hook_z`` slice and
+    leaves the other query heads of the KV group untouched. ``per="kv_group"`` scales ``hook_v``
+    of the KV head, which changes every query head of the group (see ``kv_group``).
+    """
+    checked = check_heads(model, heads)
+    if per == "query_head":
+        return _scale_slices(model, checked, "z", factor)
+    if per == "kv_group":
+        shape = model_shape(model)
+        kv_heads = sorted({Head(h.layer, h.head // shape.group_size) for h in checked})
+        return _scale_slices(model, kv_heads, "v", factor)
+    raise ValueError(f"per must be 'query_head' or 'kv_group', got {per!r}.")
+
+
+def kv_groups_touched(model: Any, heads: HeadsLike) -> list[list[Head]]:
+    """The query heads that ``scale_values(..., per="kv_group")`` changes, one list per KV head."""
+    shape = model_shape(model)
+    groups = sorted({(h.layer, h.head // shape.group_size) for h in check_heads(model, heads)})
+    return [kv_group(model, layer, index) for layer, index in groups]
+
+
+def add_vector(
+    model: Any,
+    vector: Float[Tensor, " d"],
+    layer: int,
+    hook: str = "resid_pre",
+    positions: Optional[Union[int, Sequence[int]]] = None,
+    head: Optional[Union[Head, Sequence[int], str]] = None,
+    scale: float = 1.0,
+) -> contextlib.AbstractContextManager:
+    """Add ``scale * vector`` to an activation at ``positions`` (all positions when None).
+
+    Without ``head``: ``vector`` has ``d_model`` entries and ``hook`` is one of
+    ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out`` of ``layer``.
+    With ``head``: ``vector`` has ``d_head`` entries and is added to that head's output
+    (``hook_z``, before ``W_O``) — or ``hook="q"`` to its pre-RoPE query input.
+    Negative positions count from each row's end of the padded batch (``-1`` = last column).
+    Subtract a direction with ``scale=-1``.
+    """
+    shape = model_shape(model)
+    if head is not None:
+        (target,) = check_heads(model, [head])
+        if target.layer != layer:
+            raise ValueError(f"head {target} is not in layer {layer}.")
+        kind = "z" if hook == "resid_pre" else hook
+        if kind not in ("z", "q"):
+            raise ValueError(f"For a head, hook must be 'z' (its output) or 'q' (its query), got {hook!r}.")
+        _check_vector(vector, shape.d_head, f"a head's {kind}")
+        name, head_index = hook_name(layer, kind), target.head
+    else:
+        if hook not in RESIDUAL_HOOKS:
+            raise ValueError(f"hook must be one of {', '.join(RESIDUAL_HOOKS)}, got {hook!r}.")
+        if not 0 <= layer < shape.n_layers:
+            raise ValueError(f"layer {layer} is out of range 0..{shape.n_layers - 1}.")
+        _check_vector(vector, shape.d_model, "the residual stream")
+        name, head_index = f"blocks.{layer}.hook_{hook}", None
+    delta = vector.detach() * scale
+    index = [positions] if isinstance(positions, int) else positions
+
+    def add(activation: Tensor, hook: Any) -> Tensor:
+        activation = activation.clone()
+        rows = slice(None) if index is None else list(index)
+        if head_index is None:
+            activation[:, rows] += delta.to(activation)
+        else:
+            activation[:, rows, head_index] += delta.to(activation)
+        return activation
+
+    return hooked(model, [(name, add)])
+
+
+def _check_vector(vector: Tensor, size: int, where: str) -> None:
+    if not isinstance(vector, Tensor) or vector.ndim != 1 or vector.shape[0] != size:
+        got = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
+        raise ValueError(f"A vector for {where} must have shape ({size},), got {got}.")
+
+
+def _scale_slices(model: Any, heads: Sequence[Head], kind: str, factor: float):
+    """One hook per layer multiplying the listed head slices of ``hook_{kind}`` by ``factor``."""
+    hooks: HookList = []
+    for layer, indices in heads_by_layer(heads).items():
+
+        def scale(activation: Tensor, hook: Any, indices=indices) -> Tensor:
+            activation = activation.clone()
+            activation[:, :, indices] *= factor
+            return activation
+
+        hooks.append((hook_name(layer, kind), scale))
+    return hooked(model, hooks)
+
+
+def _replace_outputs(model: Any, heads: Sequence[Head], means: dict[int, Tensor]):
+    """Set each head's ``hook_z`` slice to a fixed ``[d_head]`` vector (mean ablation)."""
+    hooks: HookList = []
+    for layer, indices in heads_by_layer(heads).items():
+        values = means[layer][indices]  # [n_selected, d_head]
+
+        def replace(activation: Tensor, hook: Any, indices=indices, values=values) -> Tensor:
+            activation = activation.clone()
+            activation[:, :, indices] = values.to(activation)
+            return activation
+
+        hooks.append((hook_name(layer, "z"), replace))
+    return hooked(model, hooks)
+
+
+def head_output_means(
+    model: Any, layers: Iterable[int], reference: Any, batch_size: Optional[int] = None
+) -> dict[int, Float[Tensor, "n_heads d_head"]]:
+    """Mean of ``hook_z`` per head over every real token of ``reference`` except position 0."""
+    layers = sorted(set(layers))
+    batch = as_token_batch(model, reference)
+    names = [hook_name(layer, "z") for layer in layers]
+
+    def sums(logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
+        weight = chunk.attention_mask.clone().float()
+        weight[:, 0] = 0.0  # the BOS / first token is an attention sink, not typical
+        out = {"count": weight.sum(dim=1)}
+        for name in names:
+            out[name] = torch.einsum("bp,bphd->bhd", weight, cache[name].float())
+        return out
+
+    totals = run_batched(model, batch, sums, names=names, batch_size=batch_size, desc="mean head outputs")
+    count = totals["count"].sum().clamp_min(1)
+    if float(count) < 1:
+        raise InputError("The reference for mean ablation has no tokens after the first; give longer prompts.")
+    return {layer: totals[name].sum(dim=0) / count for layer, name in zip(layers, names)}
+
+
+def _mean_outputs(model, heads, reference, batch_size) -> dict[int, Tensor]:
+    layers = {head.layer for head in heads}
+    if reference is not None:
+        return head_output_means(model, layers, reference, batch_size)
+    cached = _DEFAULT_MEANS.setdefault(model, {})
+    missing = sorted(layers - cached.keys())
+    if missing:
+        cached.update(head_output_means(model, missing, default_reference_text(), batch_size))
+    return cached
+
+
+def default_reference_text() -> list[str]:
+    """The shipped English paragraphs used as the default mean-ablation reference."""
+    text = resources.files("headscope.tasks").joinpath("data/reference_text.txt").read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _resample(model: Any, heads: Sequence[Head], reference: Any, batch_size: Optional[int]):
+    """Each head's output taken from another prompt (see ``ablate``)."""
+    grouped = heads_by_layer(heads)
+    names = {layer: hook_name(layer, "z") for layer in grouped}
+    donors: Optional[dict[int, Tensor]] = None
+    if reference is not None:
+        batch = as_token_batch(model, reference)
+
+        def keep(logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
+            width = batch.tokens.shape[1]
+            out = {}
+            for layer, indices in grouped.items():
+                z = cache[names[layer]][:, :, indices]
+                out[names[layer]] = torch.nn.functional.pad(z, (0, 0, 0, 0, 0, width - z.shape[1]))
+            return out
+
+        cached = run_batched(model, batch, keep, names=list(names.values()), batch_size=batch_size)
+        donors = {layer: cached[names[layer]] for layer in grouped}
+
+    hooks: HookList = []
+    for layer, indices in grouped.items():
+
+        def swap(activation: Tensor, hook: Any, layer=layer, indices=indices) -> Tensor:
+            activation = activation.clone()
+            batch_rows, width = activation.shape[0], activation.shape[1]
+            if donors is None:
+                if batch_rows < 2:
+                    raise InputError(
+                        "Resample ablation without a reference takes each head's output from the "
+                        "next prompt of the batch, so it needs at least 2 prompts; pass reference=..."
+                    )
+                activation[:, :, indices] = activation[:, :, indices].roll(1, dims=0)
+                return activation
+            donor = donors[layer]
+            if donor.shape[1] < width:
+                raise InputError(
+                    f"The resample reference has {donor.shape[1]} positions but the run has {width}; "
+                    f"give reference prompts at least as long as the inputs."
+                )
+            rows = torch.arange(batch_rows) % donor.shape[0]
+            activation[:, :, indices] = donor[rows, :width].to(activation)
+            return activation
+
+        hooks.append((names[layer], swap))
+    return hooked(model, hooks)

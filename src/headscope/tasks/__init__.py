@@ -1,0 +1,5 @@
+"""Task generators and small data sets for the detectors. Nothing here touches a model's weights."""
+
+from headscope.tasks.repeated_tokens import RepeatedTokens, repeated_random_tokens
+
+__all__ = ["RepeatedTokens", "repeated_random_tokens"]

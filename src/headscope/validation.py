@@ -1,0 +1,169 @@
+"""Causal validation: does ablating a detector's top-k heads hurt more than ablating k random heads?
+
+``validate(model, scores, k)`` measures the detector's own behavioural metric (for induction: loss
+on repeated tokens) per example for the clean model, with the top-k heads ablated, and with
+each of ``n_random`` draws of k other heads ablated. The reported difference is
+``(top-k - clean) - mean over draws (random-k - clean)``, averaged over examples, with a 95%
+bootstrap interval that resamples both the examples and the random draws.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from headscope.detectors.base import MetricFn, ValidationTask, get_detector
+from headscope.engine.heads import Head, all_heads
+from headscope.engine.runner import run_batched
+from headscope.engine.tokens import as_token_batch
+from headscope.interventions import ablate
+from headscope.results import HeadScores
+
+
+@dataclass
+class ValidationResult:
+    """Means of the metric per condition and the top-vs-random difference with its 95% CI."""
+
+    detector: str
+    model: str
+    metric_name: str
+    method: str
+    k: int
+    top_heads: list[str]
+    random_heads: list[list[str]]
+    clean: float
+    top_k: float
+    random_k: float
+    random_k_per_draw: list[float]
+    difference: float
+    ci_low: float
+    ci_high: float
+    n_examples: int
+    ablation_hurts_when: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def significant(self) -> bool:
+        """True when the CI excludes 0 on the side where the ablation hurts."""
+        if self.ablation_hurts_when == "increases":
+            return self.ci_low > 0
+        return self.ci_high < 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["significant"] = self.significant
+        return out
+
+    def __str__(self) -> str:
+        return (
+            f"{self.detector} on {self.model}: {self.metric_name}, {self.method} ablation of k={self.k}\n"
+            f"  clean      {self.clean:9.4f}\n"
+            f"  top-{self.k:<6} {self.top_k:9.4f}   heads {', '.join(self.top_heads)}\n"
+            f"  random-{self.k:<3} {self.random_k:9.4f}   ({len(self.random_k_per_draw)} draws: "
+            f"{', '.join(f'{v:.3f}' for v in self.random_k_per_draw)})\n"
+            f"  difference (top - random effect) {self.difference:+.4f}, 95% CI "
+            f"[{self.ci_low:+.4f}, {self.ci_high:+.4f}], n={self.n_examples}"
+            f"{' — significant' if self.significant else ' — not significant'}"
+        )
+
+
+def validate(
+    model: Any,
+    scores: HeadScores,
+    k: int = 5,
+    metric: Optional[MetricFn] = None,
+    task: Optional[ValidationTask] = None,
+    n_random: int = 5,
+    method: str = "mean",
+    seed: int = 0,
+    n_bootstrap: int = 2000,
+    batch_size: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> ValidationResult:
+    """Ablate the top-``k`` heads of ``scores`` vs ``n_random`` draws of ``k`` other heads.
+
+    Args:
+        scores: a detector's ``HeadScores``; its detector gives the default task and metric.
+        metric: ``metric(logits, chunk) -> [batch]`` replacing the detector's metric.
+        task: a ``ValidationTask`` replacing the detector's data and metric.
+        method: ablation method of ``hs.ablate`` (the mean is taken over the task's own data).
+    """
+    if task is None:
+        task = get_detector(scores.detector, config=scores.config).validation_task(model)
+    if metric is not None:
+        task = ValidationTask(task.data, metric, getattr(metric, "__name__", "custom metric"), task.ablation_hurts_when)
+    top = scores.top_heads(k)
+    if len(top) < k:
+        raise ValueError(f"Only {len(top)} heads have a score; cannot take the top {k}.")
+    draws = random_head_sets(model, exclude=top, k=k, n_draws=n_random, seed=seed)
+    data = as_token_batch(model, task.data)
+    reference = data if method == "mean" else None
+
+    def measure(heads: Optional[list[Head]]) -> Tensor:
+        reduce = lambda logits, cache, chunk: task.metric(logits, chunk).float().cpu()  # noqa: E731
+        if heads is None:
+            return run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc="clean")
+        with ablate(model, heads, method=method, reference=reference, batch_size=batch_size):
+            return run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc="ablated")
+
+    clean = measure(None)
+    top_values = measure(top)
+    random_values = torch.stack([measure(draw) for draw in draws])  # [draws, examples]
+    low, high = bootstrap_difference_ci(clean, top_values, random_values, n_bootstrap, seed)
+    random_means = (random_values.mean(dim=1)).tolist()
+    return ValidationResult(
+        detector=scores.detector,
+        model=scores.model,
+        metric_name=task.metric_name,
+        method=method,
+        k=k,
+        top_heads=[str(h) for h in top],
+        random_heads=[[str(h) for h in draw] for draw in draws],
+        clean=float(clean.mean()),
+        top_k=float(top_values.mean()),
+        random_k=float(random_values.mean()),
+        random_k_per_draw=random_means,
+        difference=float((top_values - random_values.mean(dim=0)).mean()),
+        ci_low=low,
+        ci_high=high,
+        n_examples=int(clean.numel()),
+        ablation_hurts_when=task.ablation_hurts_when,
+    )
+
+
+def random_head_sets(model: Any, exclude: list[Head], k: int, n_draws: int, seed: int) -> list[list[Head]]:
+    """``n_draws`` sets of ``k`` distinct heads, none of them in ``exclude``."""
+    pool = [head for head in all_heads(model) if head not in set(exclude)]
+    if len(pool) < k:
+        raise ValueError(f"Only {len(pool)} heads remain outside the top {len(exclude)}; cannot draw {k}.")
+    generator = torch.Generator().manual_seed(seed)
+    return [[pool[i] for i in torch.randperm(len(pool), generator=generator)[:k].tolist()] for _ in range(n_draws)]
+
+
+def bootstrap_difference_ci(
+    clean: Float[Tensor, " n"],
+    top: Float[Tensor, " n"],
+    random: Float[Tensor, "draws n"],
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile CI of mean_examples[(top - clean) - mean_draws(random - clean)], resampling
+    examples and random draws with replacement."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    n_examples, n_draws = clean.numel(), random.shape[0]
+    examples = torch.randint(n_examples, (n_bootstrap, n_examples), generator=generator)
+    draws = torch.randint(n_draws, (n_bootstrap, n_draws), generator=generator)
+    effect_top = (top - clean)[examples].mean(dim=1)  # [boot]
+    effect_random = random - clean[None]  # [draws, n]
+    # For each bootstrap replicate: mean over resampled draws and examples.
+    per_draw = effect_random[:, examples]  # [draws, boot, n]
+    per_draw = per_draw.mean(dim=2).T  # [boot, draws]
+    random_mean = per_draw.gather(1, draws).mean(dim=1)
+    differences = effect_top - random_mean
+    tail = (1 - level) / 2
+    return float(torch.quantile(differences, tail)), float(torch.quantile(differences, 1 - tail))

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny native models (fast) and the bundled pretrained model (loaded once)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def tiny_model(n_layers=2, n_heads=4, n_kv_heads=None, d_vocab=64, n_ctx=64, attn_only=True, seed=0):
+    """A random TransformerBridge built natively by TransformerLens (no download, < 1 s)."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+    import transformer_lens.model_bridge.sources  # noqa: F401  (attaches boot_native)
+
+    torch.manual_seed(seed)
+    settings = dict(
+        n_layers=n_layers, d_model=64, n_heads=n_heads, d_head=16, d_vocab=d_vocab, n_ctx=n_ctx,
+        attn_only=attn_only, seed=seed,
+    )
+    if n_kv_heads is not None:
+        settings["n_key_value_heads"] = n_kv_heads
+    if not attn_only:
+        settings.update(d_mlp=128, act_fn="gelu")
+    model = TransformerBridge.boot_native(TransformerBridgeConfig(**settings))
+    model.eval()
+    return model
+
+
+def active_hooks(model) -> int:
+    """Torch forward/backward hooks attached to the model's hook points (each counted once),
+    plus any TransformerLens handle still registered."""
+    unique = {id(point): point for point in model.hook_dict.values()}.values()
+    torch_hooks = sum(len(p._forward_hooks) + len(p._backward_hooks) for p in unique)
+    lens_handles = sum(len(p.fwd_hooks) + len(p.bwd_hooks) for p in unique)
+    return max(torch_hooks, lens_handles)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model()
+
+
+@pytest.fixture
+def tiny_gqa():
+    return tiny_model(n_heads=4, n_kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The bundled SmolLM2-135M-Instruct, loaded once per session."""
+    import headscope as hs
+
+    return hs.load_model("smollm2-135m-instruct", device="cpu")
