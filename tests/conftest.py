@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def tiny_model(n_layers=2, n_heads=4, n_kv_heads=None, d_vocab=64, n_ctx=64, attn_only=True, seed=0):
+def tiny_model(n_layers=2, n_heads=4, n_kv_heads=None, d_vocab=64, n_ctx=64, attn_only=True, seed=0, rotary=False):
     """A random TransformerBridge built natively by TransformerLens (no download, < 1 s)."""
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
@@ -20,7 +20,8 @@ def tiny_model(n_layers=2, n_heads=4, n_kv_heads=None, d_vocab=64, n_ctx=64, att
     torch.manual_seed(seed)
     settings = dict(
         n_layers=n_layers, d_model=64, n_heads=n_heads, d_head=16, d_vocab=d_vocab, n_ctx=n_ctx,
-        attn_only=attn_only, seed=seed,
+        attn_only=attn_only, seed=seed, normalization_type="LN",
+        positional_embedding_type="rotary" if rotary else "standard",
     )
     if n_kv_heads is not None:
         settings["n_key_value_heads"] = n_kv_heads

@@ -1,0 +1,47 @@
+"""The headscope command on a tiny local Llama folder."""
+
+import json
+
+import pytest
+
+from headscope.cli import main
+from tests.unit.test_models import tiny_llama_folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return str(tiny_llama_folder(tmp_path_factory.mktemp("cli-llama")))
+
+
+def test_info_prints_shape_and_kv_groups(folder, capsys):
+    assert main(["info", "--model", folder, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "layers       2" in out and "KV heads     2 per layer (KV0: q0-1, KV1: q2-3)" in out
+    assert "induction" in out
+
+
+def test_scan_writes_json_and_png_per_detector(folder, tmp_path, capsys):
+    out = tmp_path / "results"
+    code = main(["scan", "--model", folder, "--device", "cpu", "--detectors", "induction,previous_token", "--out", str(out), "--top", "3"])
+    assert code == 0
+    for name in ("induction", "previous_token"):
+        data = json.loads((out / f"{name}.json").read_text())
+        assert data["detector"] == name and data["shape"] == [2, 4] and len(data["top_heads"]) == 3
+        assert data["metadata"]["headscope_version"] and data["config"]["block_len"] == 25
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "induction: top 3 heads" in capsys.readouterr().out
+
+
+def test_validate_reads_saved_scores(folder, tmp_path, capsys):
+    main(["scan", "--model", folder, "--device", "cpu", "--detectors", "induction", "--out", str(tmp_path)])
+    report = tmp_path / "validation.json"
+    code = main(["validate", "--model", folder, "--device", "cpu", "--scores", str(tmp_path / "induction.json"),
+                 "-k", "2", "--n-random", "2", "--out", str(report)])
+    assert code == 0
+    result = json.loads(report.read_text())
+    assert result["k"] == 2 and len(result["random_heads"]) == 2 and result["ci_low"] <= result["ci_high"]
+
+
+def test_unknown_detector_exits_with_a_clear_message(folder, capsys):
+    assert main(["scan", "--model", folder, "--detectors", "induction,sucessor"]) == 2
+    assert "Unknown detector 'sucessor'" in capsys.readouterr().err
