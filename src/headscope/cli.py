@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan_cmd.add_argument("--out", default="results", help="folder for <detector>.json and <detector>.png")
     scan_cmd.add_argument("--top", type=int, default=10, help="top heads to list in the JSON and on screen")
     scan_cmd.add_argument("--no-resume", action="store_true", help="recompute detectors already saved in --out")
+    scan_cmd.add_argument("--config", help='JSON file of settings per detector, e.g. {"induction": {"block_len": 50}}')
     scan_cmd.set_defaults(run=run_scan)
 
     validate_cmd = commands.add_parser("validate", help="ablate top-k heads vs random-k heads")
@@ -73,15 +74,16 @@ def _model_args(command: argparse.ArgumentParser) -> None:
 
 def run_scan(args: argparse.Namespace) -> int:
     names = [name.strip() for name in args.detectors.split(",") if name.strip()]
-    for name in names:
-        get_detector(name)  # unknown names fail before the model loads
+    settings = json.loads(Path(args.config).read_text()) if args.config else {}
+    detectors = [get_detector(name, **settings.get(name, {})) for name in names]  # fail before loading
     model = _load(args)
     out = Path(args.out)
-    bar = tqdm(names, desc="detectors", unit="detector", disable=False)
-    for name in bar:
+    bar = tqdm(detectors, desc="detectors", unit="detector", disable=False)
+    for detector in bar:
+        name = detector.name
         bar.set_postfix_str(name)
         started = time.time()
-        scores = scan(model, [name], out=out, resume=not args.no_resume, batch_size=args.batch_size, progress=True)[name]
+        scores = scan(model, [detector], out=out, resume=not args.no_resume, batch_size=args.batch_size, progress=True)[name]
         scores.save(out / f"{name}.json", top_k=args.top)
         scores.plot(path=out / f"{name}.png")
         tqdm.write(_top_table(scores, args.top, time.time() - started))

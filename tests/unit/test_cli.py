@@ -32,6 +32,14 @@ def test_scan_writes_json_and_png_per_detector(folder, tmp_path, capsys):
     assert "induction: top 3 heads" in capsys.readouterr().out
 
 
+def test_scan_takes_detector_settings_from_a_config_file(folder, tmp_path):
+    config = tmp_path / "settings.json"
+    config.write_text('{"previous_token": {"block_len": 10, "n_repeats": 2, "n_sequences": 4}}')
+    assert main(["scan", "--model", folder, "--detectors", "previous_token", "--out", str(tmp_path), "--config", str(config)]) == 0
+    data = json.loads((tmp_path / "previous_token.json").read_text())
+    assert data["config"]["block_len"] == 10 and data["metadata"]["sequence_length"] == 21
+
+
 def test_validate_reads_saved_scores(folder, tmp_path, capsys):
     main(["scan", "--model", folder, "--device", "cpu", "--detectors", "induction", "--out", str(tmp_path)])
     report = tmp_path / "validation.json"

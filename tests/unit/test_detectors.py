@@ -141,3 +141,17 @@ def test_scan_saves_each_result_and_resumes_without_recomputing(tiny, tmp_path, 
 def test_model_without_head_hooks_is_refused():
     with pytest.raises(hs.UnsupportedModelError, match="not a TransformerLens TransformerBridge"):
         hs.detect(torch.nn.Linear(2, 2), "induction")
+
+
+def test_copying_over_the_sequence_tokens_equals_the_full_vocabulary_when_they_coincide():
+    """With a block holding every vocabulary id once, the sequence candidates are the whole
+    vocabulary in another order, so both copying modes must agree exactly."""
+    from tests.conftest import tiny_model
+
+    model = tiny_model(d_vocab=32, n_ctx=80)
+    settings = dict(n_sequences=3, block_len=32, n_repeats=2, token_range=(0, 32), copying_positions=5)
+    by_sequence = hs.detect(model, "induction", copying_vocabulary="sequence", **settings)
+    by_vocabulary = hs.detect(model, "induction", copying_vocabulary="full", **settings)
+    for name in ("copying", "copying_top1"):
+        torch.testing.assert_close(by_sequence.extras[name], by_vocabulary.extras[name], rtol=1e-4, atol=1e-5)
+    assert torch.all((by_sequence.extras["copying_top1"] >= 0) & (by_sequence.extras["copying_top1"] <= 1))

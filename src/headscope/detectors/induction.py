@@ -8,13 +8,20 @@ repeats, the attention the head pays to the tokens that *followed* earlier occur
 current token, ``sum_{m>=1} A[i, i - m*n + 1]`` (one term for two repeats; BOS never counts),
 averaged over those positions and over sequences. Range 0..1.
 
-Copying (``extras["copying"]``): at ``copying_positions`` query positions per sequence, the
-head's output if it attended fully to its prefix-matching source ``j = i - n + 1``,
-``o = v_j W_O^h``, is sent along the direct path to the logits (final-norm weights, ``W_U``).
-The logits are mean-subtracted over the vocabulary and ReLU'd; the share ``s`` of that positive
-mass on the source token ``t_j`` (the token an induction head should predict) is rescaled to
-``2 s - 1`` in [-1, 1]: 1 = all of the increase goes to the copied token. Averaged over
-positions and sequences.
+Copying (``extras["copying"]``, ``extras["copying_top1"]``): at query positions ``i`` of the
+later repeats, the head's output if it attended fully to its prefix-matching source
+``j = i - n + 1``, ``o = v_j W_O^h``, is sent along the direct path to the logits (final-norm
+weights, then ``W_U``). Over a candidate set of tokens the logits are mean-subtracted and ReLU'd;
+the share ``s`` of that positive mass on the source token ``t_j`` (the token an induction head
+should predict) is rescaled to ``2 s - 1`` in [-1, 1]. ``copying_top1`` is the fraction of
+positions where ``t_j`` has the highest logit among the candidates.
+Candidates: ``copying_vocabulary="sequence"`` (default) uses the sequence's own ``n`` distinct
+tokens, the choice an in-context copier makes (chance share 1/n, chance top-1 1/n);
+``"full"`` uses the whole vocabulary, as the paper's wording reads. Measured on SmolLM2's 49k
+vocabulary, the full-vocabulary share is about 1e-4 for every head, strong copiers included, so
+it cannot tell heads apart; ``"full"`` also needs a full unembedding per position, so set
+``copying_positions`` (e.g. 1 per sequence) with it. ``copying_positions=0`` means every
+later-repeat position.
 
 Validation metric: mean next-token loss on the predictable tokens of held-out repeated
 sequences (every target after the first token of the second repeat).
@@ -23,10 +30,10 @@ sequences (every target after the first token of the second repeat).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from headscope.detectors.attention_templates import (
@@ -38,14 +45,15 @@ from headscope.detectors.attention_templates import (
 from headscope.detectors.base import register_detector
 from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.tokens import TokenBatch
-from headscope.engine.unembed import direct_logits, direct_unembed
+from headscope.engine.unembed import center_for_norm, direct_logits, direct_unembed
 from headscope.tasks.repeated_tokens import RepeatedTokens
 
 
 @dataclass
 class InductionConfig(RepeatedTokensConfig):
     copying: bool = True
-    copying_positions: int = 1  # query positions per sequence for the copying score
+    copying_vocabulary: str = "sequence"  # "sequence" (the block's own tokens) or "full"
+    copying_positions: int = 0  # query positions per sequence; 0 = every later-repeat position
 
 
 @register_detector
@@ -59,34 +67,57 @@ class InductionDetector(AttentionTemplateDetector):
         return repeat_template(task, shift=1)
 
     def extra_scores(self, model: Any, task: RepeatedTokens) -> tuple[list[str], ExtraScores | None]:
-        if not self.config.copying:
+        config: InductionConfig = self.config
+        if not config.copying:
             return [], None
-        generator = torch.Generator().manual_seed(self.config.seed + 17)
-        later = torch.nonzero(task.in_later_repeats()).flatten()
-        queries = later[torch.randperm(len(later), generator=generator)[: self.config.copying_positions]]
+        if config.copying_vocabulary not in ("sequence", "full"):
+            raise ValueError(f"copying_vocabulary must be 'sequence' or 'full', got {config.copying_vocabulary!r}.")
+        queries = torch.nonzero(task.in_later_repeats()).flatten()
+        if config.copying_positions:
+            generator = torch.Generator().manual_seed(config.seed + 17)
+            queries = queries[torch.randperm(len(queries), generator=generator)[: config.copying_positions]]
         sources = queries - task.block_len + 1
+        candidates = task.tokens[:, task.offset : task.offset + task.block_len] if config.copying_vocabulary == "sequence" else None
         unembed = direct_unembed(model)
         names = [hook_name(layer, "v") for layer in range(model_shape(model).n_layers)]
-        return names, lambda cache, chunk: {"copying": copying_scores(model, cache, chunk, sources, unembed)}
+
+        def scores(cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
+            block = None if candidates is None else chunk.tokens[:, task.offset : task.offset + task.block_len]
+            return copying_scores(model, cache, chunk, sources, unembed, block)
+
+        return names, scores
 
 
 def copying_scores(
-    model: Any, cache: dict, chunk: TokenBatch, sources: Tensor, unembed: Tensor
-) -> Float[Tensor, "batch n_layers n_heads"]:
-    """``2 s - 1`` per example and head, ``s`` = share of the ReLU'd, mean-subtracted direct logits
-    of ``v_source W_O^h`` that lands on the source token."""
+    model: Any,
+    cache: dict,
+    chunk: TokenBatch,
+    sources: Int[Tensor, " P"],
+    unembed: Float[Tensor, "d_model vocab"],
+    candidates: Optional[Int[Tensor, "batch n"]] = None,
+) -> dict[str, Float[Tensor, "batch n_layers n_heads"]]:
+    """Per example and head: ``2 s - 1`` (``s`` = share of the ReLU'd, mean-subtracted direct
+    logits of ``v_source W_O^h`` that lands on the source token) and the top-1 rate, over
+    ``candidates`` (each row's own tokens) or, when None, the whole vocabulary."""
     shape = model_shape(model)
     sources = sources.to(chunk.tokens.device)
     targets = chunk.tokens[:, sources]  # [batch, P]: the token an induction head copies
-    per_layer = []
+    if candidates is not None:
+        columns = unembed[:, candidates].permute(1, 0, 2)  # [batch, d_model, n]
+        targets = (candidates[:, None, :] == targets[:, :, None]).float().argmax(dim=-1)  # index in row
+    shares, top1 = [], []
     for layer in range(shape.n_layers):
         values = cache[hook_name(layer, "v")][:, sources]  # [batch, P, kv_heads, d_head]
-        values = values.repeat_interleave(shape.group_size, dim=2)  # [batch, P, heads, d_head]
+        values = values.repeat_interleave(shape.group_size, dim=2).float()  # [batch, P, heads, d_head]
         w_o = model.blocks[layer].attn.W_O.detach().float()  # [heads, d_head, d_model]
-        outputs = torch.einsum("bphd,hdm->bphm", values.float(), w_o)
-        logits = direct_logits(model, outputs, unembed)  # [batch, P, heads, vocab]
-        gains = torch.relu(logits - logits.mean(dim=-1, keepdim=True))
+        outputs = torch.einsum("bphd,hdm->bphm", values, w_o)
+        if candidates is None:
+            logits = direct_logits(model, outputs, unembed)  # [batch, P, heads, vocab]
+        else:
+            logits = torch.einsum("bphm,bmn->bphn", center_for_norm(model, outputs), columns)  # [batch, P, heads, n]
         index = targets[:, :, None, None].expand(-1, -1, shape.n_heads, 1)
+        gains = torch.relu(logits - logits.mean(dim=-1, keepdim=True))
         share = gains.gather(-1, index).squeeze(-1) / gains.sum(dim=-1).clamp_min(1e-12)
-        per_layer.append((2 * share - 1).mean(dim=1))  # [batch, heads]
-    return torch.stack(per_layer, dim=1)
+        shares.append((2 * share - 1).mean(dim=1))  # [batch, heads]
+        top1.append((logits.argmax(dim=-1) == index.squeeze(-1)).float().mean(dim=1))
+    return {"copying": torch.stack(shares, dim=1), "copying_top1": torch.stack(top1, dim=1)}

@@ -31,11 +31,16 @@ def direct_unembed(model: Any) -> Float[Tensor, "d_model d_vocab"]:
     return final_norm_weight(model).float()[:, None] * model.W_U.detach().float()
 
 
+def center_for_norm(model: Any, contribution: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+    """The linear part of the final norm before its weights: LayerNorm's mean removal (RMSNorm: none)."""
+    contribution = contribution.float()
+    if str(getattr(model.cfg, "normalization_type", "")).startswith("LN"):
+        contribution = contribution - contribution.mean(dim=-1, keepdim=True)
+    return contribution
+
+
 def direct_logits(
     model: Any, contribution: Float[Tensor, "... d_model"], unembed: Tensor | None = None
 ) -> Float[Tensor, "... d_vocab"]:
     """Logits written by ``contribution`` along the direct path (up to the per-position RMS scale)."""
-    contribution = contribution.float()
-    if str(getattr(model.cfg, "normalization_type", "")).startswith("LN"):
-        contribution = contribution - contribution.mean(dim=-1, keepdim=True)
-    return contribution @ (unembed if unembed is not None else direct_unembed(model))
+    return center_for_norm(model, contribution) @ (unembed if unembed is not None else direct_unembed(model))
