@@ -78,11 +78,11 @@ def load_model(
         cache_dir: where dequantised GGUF weights are cached (default: ``$HEADSCOPE_CACHE_DIR``
             or ``~/.cache/headscope``).
     """
-    if _is_bridge(spec):
+    if _is_bridge(spec):  # moved only when asked
         if device is not None:
             spec = spec.to(resolve_device(device))
         if dtype is not None:
-            spec = spec.to(resolve_dtype(dtype, resolve_device(device)))
+            spec = spec.to(resolve_dtype(dtype, next(spec.parameters()).device))
         return _prepare(spec, name=None)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
