@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 from headscope.detectors.base import Detector, get_detector
 from headscope.engine.heads import check_head_hooks
+from headscope.models import model_name
 from headscope.results import HeadScores
 
 DetectorLike = Union[str, Detector, type]
@@ -35,6 +38,7 @@ def scan(
     resume: bool = True,
     batch_size: Optional[int] = None,
     progress: Optional[bool] = None,
+    top_k: int = 10,
 ) -> dict[str, HeadScores]:
     """Run several detectors; with ``out``, each result is saved (``<out>/<name>.json``) as soon as
     it is done, and with ``resume`` a detector whose file exists for this model is loaded, not
@@ -46,24 +50,16 @@ def scan(
         path = Path(out) / f"{detector.name}.json" if out is not None else None
         if path is not None and resume and path.is_file():
             saved = HeadScores.load(path)
-            if saved.model == _name(model) and saved.config == _config(detector):
+            if saved.model == model_name(model) and saved.config == _plain_config(detector):
                 results[detector.name] = saved
                 continue
         scores = detector.score(model, batch_size=batch_size, progress=progress)
         if path is not None:
-            scores.save(path)
+            scores.save(path, top_k=top_k)
         results[detector.name] = scores
     return results
 
 
-def _name(model: Any) -> str:
-    from headscope.models import model_name
-
-    return model_name(model)
-
-
-def _config(detector: Detector) -> dict:
-    import dataclasses
-    import json
-
+def _plain_config(detector: Detector) -> dict:
+    """The config as it reads back from JSON (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(detector.config)))

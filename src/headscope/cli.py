@@ -83,8 +83,9 @@ def run_scan(args: argparse.Namespace) -> int:
         name = detector.name
         bar.set_postfix_str(name)
         started = time.time()
-        scores = scan(model, [detector], out=out, resume=not args.no_resume, batch_size=args.batch_size, progress=True)[name]
-        scores.save(out / f"{name}.json", top_k=args.top)
+        scores = scan(
+            model, [detector], out=out, resume=not args.no_resume, batch_size=args.batch_size, progress=True, top_k=args.top
+        )[name]
         scores.plot(path=out / f"{name}.png")
         tqdm.write(_top_table(scores, args.top, time.time() - started))
     print(f"wrote {', '.join(f'{n}.json/.png' for n in names)} to {out}/")

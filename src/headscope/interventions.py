@@ -240,7 +240,7 @@ def head_output_means(
         return out
 
     totals = run_batched(model, batch, sums, names=names, batch_size=batch_size, desc="mean head outputs")
-    count = totals["count"].sum().clamp_min(1)
+    count = totals["count"].sum()
     if float(count) < 1:
         raise InputError("The reference for mean ablation has no tokens after the first; give longer prompts.")
     return {layer: totals[name].sum(dim=0) / count for layer, name in zip(layers, names)}
