@@ -40,6 +40,7 @@ from headscope.interventions import (
 )
 from headscope.models import DEFAULT_MODEL, load_model
 from headscope.results import HeadScores
+from headscope.scans import ablation_scan, attribution_scan, naive_ablation_scan
 from headscope.validation import ValidationResult, validate
 
 __all__ = [
@@ -60,12 +61,15 @@ __all__ = [
     "ValidationTask",
     "__version__",
     "ablate",
+    "ablation_scan",
+    "attribution_scan",
     "add_vector",
     "detect",
     "get_detector",
     "list_detectors",
     "load_model",
     "model_shape",
+    "naive_ablation_scan",
     "register_detector",
     "scale_output",
     "scale_query",

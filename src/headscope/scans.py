@@ -1,0 +1,343 @@
+"""Per-head ablation effects for every head: exact and fast (``ablation_scan``), or first-order
+(``attribution_scan``).
+
+``ablation_scan`` gives, for each head, the mean over examples of
+``metric(ablated logits) - metric(clean logits)``, the same numbers as one full forward pass per
+head under ``hs.ablate`` (tested against that naive loop), with less work:
+
+* the clean run is done once per chunk of examples, caching the residual stream entering each
+  layer; a head of layer ``l`` is then run from layer ``l`` on (``engine.partial``);
+* several heads of one layer run as one batch: the chunk is repeated once per head and copy
+  ``g`` ablates head ``g`` through a single indexed assignment (no Python loop over heads);
+* the group size follows a memory budget and halves on CUDA out-of-memory, keeping every
+  finished group; results stay on the device until the end;
+* an optional checkpoint file is written after each (chunk, layer) unit, so an interrupted
+  scan resumes where it stopped.
+
+``attribution_scan`` estimates the same effects from one forward and one backward pass per chunk:
+``sum over positions of grad(metric) . (a_ablated - a_clean)`` at each head's ``hook_z`` (or
+``hook_q`` for uniform attention), the attribution-patching approximation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from headscope.engine.heads import Head, all_heads, check_heads, heads_by_layer, hook_name, model_shape
+from headscope.engine.partial import check_forward_from_layer, forward_from_layer, resid_pre_name
+from headscope.engine.runner import auto_batch_size, model_device
+from headscope.engine.tokens import TokenBatch, as_token_batch, iter_batches
+from headscope.errors import InputError
+from headscope.interventions import DEFAULT_UNIFORM_EPSILON, ablate, head_output_means
+from headscope.models import model_name
+from headscope.results import HeadScores
+
+ScanMetric = Callable[[Float[Tensor, "batch pos vocab"], TokenBatch], Float[Tensor, " batch"]]
+SCAN_METHODS = ("zero", "mean", "resample", "uniform", "scale")
+
+
+def ablation_scan(
+    model: Any,
+    tokens: Any,
+    metric: ScanMetric,
+    method: str = "zero",
+    heads: Optional[Sequence[Any]] = None,
+    batch_size: Optional[int] = None,
+    reference: Any = None,
+    factor: Optional[float] = None,
+    skip_layers: bool = True,
+    checkpoint: Optional[Union[str, Path]] = None,
+    progress: Optional[bool] = None,
+) -> HeadScores:
+    """Exact per-head ablation effects: ``values[l, h] = mean_examples(metric(ablated) - metric(clean))``.
+
+    Args:
+        tokens: prompts, a token tensor, id lists or a ``TokenBatch``.
+        metric: ``metric(logits, batch) -> [batch]``; ``batch.tokens`` and ``batch.attention_mask``
+            are the (repeated) inputs the logits came from.
+        method: ``"zero"``, ``"mean"`` (mean head output over ``reference``, default the scanned
+            data itself), ``"resample"`` (output from the next example of the same chunk),
+            ``"uniform"`` (pre-RoPE query x ``factor``, default 1e-5) or ``"scale"`` (output x
+            ``factor``).
+        heads: heads to scan (default all); the others are NaN.
+        batch_size: examples per chunk (default from memory).
+        skip_layers: run each head's layer onwards only (False: a full forward per head group).
+        checkpoint: a file to save progress to and resume from.
+    """
+    _check_method(method, factor)
+    batch = as_token_batch(model, tokens)
+    selected = check_heads(model, heads) if heads is not None else all_heads(model)
+    shape = model_shape(model)
+    device = model_device(model)
+    chunk_size = batch_size or auto_batch_size(model, batch.tokens.shape[1])
+    if method == "resample" and (len(batch) < 2 or chunk_size < 2 or len(batch) % chunk_size == 1):
+        raise InputError(
+            "Resample ablation takes each head's output from the next example of the same chunk, so "
+            "every chunk needs at least 2 examples; change batch_size or the number of examples."
+        )
+    means = _means_for(model, method, selected, batch if reference is None else reference, chunk_size)
+    signature = _signature(model, batch, metric, method, factor, selected)
+    state = _load_checkpoint(checkpoint, signature, (shape.n_layers, shape.n_heads))
+    sums, counts = state["sums"].to(device), state["counts"].to(device)
+    units = [(i, layer) for i, _ in enumerate(iter_batches(batch, chunk_size)) for layer in heads_by_layer(selected)]
+    todo = [unit for unit in units if list(unit) not in state["done"]]
+    bar = tqdm(total=len(todo), desc="ablation scan", unit="layer", disable=None if progress is None else not progress)
+    chunks = dict(enumerate(iter_batches(batch, chunk_size)))
+    with torch.no_grad():
+        for index, (_rows, chunk) in chunks.items():
+            layers = [layer for (i, layer) in todo if i == index]
+            if not layers:
+                continue
+            chunk = chunk.to(device)
+            clean, residuals = _clean_run(model, chunk, layers, skip_layers)
+            for layer in layers:
+                layer_heads = heads_by_layer(selected)[layer]
+                effects = _layer_effects(model, chunk, clean, residuals.get(layer), layer, layer_heads, metric,
+                                         method, factor, means, skip_layers)
+                sums[layer, layer_heads] += effects.sum(dim=1)
+                counts[layer, layer_heads] += effects.shape[1]
+                state["done"].append([index, layer])
+                _save_checkpoint(checkpoint, state, sums, counts)
+                bar.update(1)
+    bar.close()
+    values = (sums / counts).float().cpu()
+    return HeadScores(
+        values=values,
+        detector=f"ablation_scan:{method}",
+        model=model_name(model),
+        config={"method": method, "factor": factor, "metric": _metric_name(metric), "n_heads_scanned": len(selected)},
+        metadata={"n_examples": len(batch), "nan": "heads not scanned" if len(selected) < shape.n_total_heads else None},
+    )
+
+
+def _check_method(method: str, factor: Optional[float]) -> None:
+    if method not in SCAN_METHODS:
+        raise ValueError(f"Unknown ablation method {method!r}; choose one of {', '.join(SCAN_METHODS)}.")
+    if method == "scale" and factor is None:
+        raise ValueError("method='scale' needs factor=... (the multiplier of the head's output).")
+
+
+def _means_for(model, method, heads, reference, batch_size) -> dict[int, Tensor]:
+    if method != "mean":
+        return {}
+    return head_output_means(model, {h.layer for h in heads}, reference, batch_size)
+
+
+def _clean_run(model: Any, chunk: TokenBatch, layers: list[int], skip_layers: bool) -> tuple[Tensor, dict[int, Tensor]]:
+    """Clean logits of a chunk and the residual stream entering each listed layer."""
+    mask = chunk.attention_mask if chunk.is_padded else None
+    if not skip_layers:
+        return model(chunk.tokens, attention_mask=mask), {}
+    check_forward_from_layer(model, chunk.tokens, mask)
+    names = [resid_pre_name(layer) for layer in layers]
+    logits, cache = model.run_with_cache(chunk.tokens, attention_mask=mask, names_filter=names, return_cache_object=False)
+    return logits, {layer: cache[resid_pre_name(layer)] for layer in layers}
+
+
+def _layer_effects(
+    model, chunk, clean_logits, residual, layer, layer_heads, metric, method, factor, means, skip_layers
+) -> Float[Tensor, "n_heads_in_layer batch"]:
+    """metric(ablated) - metric(clean) for each listed head of one layer, per example."""
+    clean_metric = metric(clean_logits, chunk).float()
+    rows, width = chunk.tokens.shape
+    group = _group_size(model, rows, width)
+    results: list[Tensor] = []
+    start = 0
+    while start < len(layer_heads):
+        heads = layer_heads[start : start + group]
+        try:
+            ablated = _run_group(model, chunk, residual, layer, heads, metric, method, factor, means, skip_layers)
+        except torch.cuda.OutOfMemoryError:
+            if group == 1:
+                raise
+            group = max(1, group // 2)  # finished groups are kept; retry this one smaller
+            torch.cuda.empty_cache()
+            continue
+        results.append(ablated - clean_metric[None])
+        start += len(heads)
+    return torch.cat(results)
+
+
+def _group_size(model: Any, rows: int, width: int) -> int:
+    """Heads per batched run: as many chunk copies as the memory budget allows."""
+    return max(1, auto_batch_size(model, width) // rows)
+
+
+def _run_group(model, chunk, residual, layer, heads, metric, method, factor, means, skip_layers) -> Tensor:
+    """One batched run: copy g of the chunk ablates ``heads[g]``; returns metric per [copy, example]."""
+    copies, rows = len(heads), chunk.tokens.shape[0]
+    repeated = TokenBatch(chunk.tokens.repeat(copies, 1), chunk.attention_mask.repeat(copies, 1))
+    mask = repeated.attention_mask if chunk.is_padded else None
+    hook = _batched_ablation_hook(heads, rows, method, factor, means.get(layer))
+    kind = "q" if method == "uniform" else "z"
+    with model.hooks(fwd_hooks=[(hook_name(layer, kind), hook)]):
+        if skip_layers:
+            logits = forward_from_layer(model, residual.repeat(copies, 1, 1), layer, mask)
+        else:
+            logits = model(repeated.tokens, attention_mask=mask)
+    return metric(logits, repeated).float().view(copies, rows)
+
+
+def _batched_ablation_hook(heads: list[int], rows: int, method: str, factor: Optional[float], mean: Optional[Tensor]):
+    """A hook on ``[copies*rows, pos, n_heads, d_head]`` that edits head ``heads[g]`` in copy ``g``."""
+    copy_index = torch.arange(len(heads))
+    head_index = torch.tensor(heads)
+    scale = DEFAULT_UNIFORM_EPSILON if method == "uniform" and factor is None else (0.0 if method == "zero" else factor)
+
+    def hook(activation: Tensor, hook: Any) -> Tensor:
+        view = activation.view(len(heads), rows, *activation.shape[1:]).clone()
+        chosen = view[copy_index, :, :, head_index]  # [copies, rows, pos, d_head]
+        if method == "mean":
+            replacement = mean[head_index].to(view)[:, None, None, :].expand_as(chosen)
+        elif method == "resample":
+            replacement = chosen.roll(1, dims=1)
+        else:  # zero, scale, uniform (query x epsilon)
+            replacement = chosen * scale
+        view[copy_index, :, :, head_index] = replacement
+        return view.view_as(activation)
+
+    return hook
+
+
+def naive_ablation_scan(
+    model: Any,
+    tokens: Any,
+    metric: ScanMetric,
+    method: str = "zero",
+    heads: Optional[Sequence[Any]] = None,
+    batch_size: Optional[int] = None,
+    reference: Any = None,
+    factor: Optional[float] = None,
+    progress: Optional[bool] = None,
+) -> HeadScores:
+    """The reference loop: one full forward pass per head under ``hs.ablate`` / ``hs.scale_*``.
+
+    Slow on purpose; ``ablation_scan`` must give the same numbers. Kept for tests and benchmarks.
+    """
+    from headscope.interventions import scale_output, scale_query
+
+    _check_method(method, factor)
+    batch = as_token_batch(model, tokens)
+    selected = check_heads(model, heads) if heads is not None else all_heads(model)
+    size = batch_size or auto_batch_size(model, batch.tokens.shape[1])
+    reference = batch if (method == "mean" and reference is None) else reference
+    values = torch.full((model_shape(model).n_layers, model_shape(model).n_heads), math.nan)
+
+    def run() -> Tensor:
+        outs = []
+        with torch.no_grad():
+            for _rows, chunk in iter_batches(batch, size):
+                chunk = chunk.to(model_device(model))
+                mask = chunk.attention_mask if chunk.is_padded else None
+                outs.append(metric(model(chunk.tokens, attention_mask=mask), chunk).float())
+        return torch.cat(outs)
+
+    clean = run()
+    for head in tqdm(selected, desc="naive scan", disable=None if progress is None else not progress):
+        if method == "scale":
+            context = scale_output(model, [head], factor)
+        elif method == "uniform" and factor is not None:
+            context = scale_query(model, [head], factor)
+        else:
+            context = ablate(model, [head], method=method, reference=reference, batch_size=size)
+        with context:
+            values[head.layer, head.head] = float((run() - clean).mean())
+    return HeadScores(values=values, detector=f"naive_ablation_scan:{method}", model=model_name(model),
+                      config={"method": method, "factor": factor, "metric": _metric_name(metric)})
+
+
+def attribution_scan(
+    model: Any,
+    tokens: Any,
+    metric: ScanMetric,
+    method: str = "zero",
+    batch_size: Optional[int] = None,
+    reference: Any = None,
+    factor: Optional[float] = None,
+    progress: Optional[bool] = None,
+) -> HeadScores:
+    """First-order estimate of ``ablation_scan``'s values from one forward and one backward pass
+    per chunk: ``mean_examples sum_pos grad_a(metric) . (a_ablated - a)`` with ``a`` each head's
+    ``hook_z`` (``hook_q`` for ``"uniform"``). ``"resample"`` uses the next example's activation.
+    Parameters get no ``.grad``; the model is unchanged afterwards."""
+    _check_method(method, factor)
+    batch = as_token_batch(model, tokens)
+    shape = model_shape(model)
+    size = batch_size or max(1, auto_batch_size(model, batch.tokens.shape[1]) // 2)
+    means = _means_for(model, method, all_heads(model), batch if reference is None else reference, size)
+    kind = "q" if method == "uniform" else "z"
+    scale = {"zero": 0.0, "uniform": DEFAULT_UNIFORM_EPSILON if factor is None else factor, "scale": factor}.get(method)
+    totals = torch.zeros(shape.n_layers, shape.n_heads, device=model_device(model))
+    for _rows, chunk in tqdm(list(iter_batches(batch, size)), desc="attribution scan",
+                             disable=None if progress is None else not progress):
+        chunk = chunk.to(model_device(model))
+        activations, deltas = {}, {}
+
+        def capture(name: str):
+            def hook(activation: Tensor, hook: Any) -> Tensor:
+                delta = torch.zeros_like(activation, requires_grad=True)  # d metric/d delta = d metric/d a
+                activations[name], deltas[name] = activation.detach(), delta
+                return activation + delta
+
+            return hook
+
+        names = [hook_name(layer, kind) for layer in range(shape.n_layers)]
+        mask = chunk.attention_mask if chunk.is_padded else None
+        with torch.enable_grad(), model.hooks(fwd_hooks=[(name, capture(name)) for name in names]):
+            total = metric(model(chunk.tokens, attention_mask=mask), chunk).float().sum()
+            grads = torch.autograd.grad(total, [deltas[name] for name in names])
+        for layer, (name, grad) in enumerate(zip(names, grads)):
+            activation = activations[name]
+            if method == "mean":
+                change = means[layer].to(activation)[None, None] - activation
+            elif method == "resample":
+                change = activation.roll(1, dims=0) - activation
+            else:
+                change = activation * (scale - 1.0)
+            valid = chunk.attention_mask[:, :, None, None].to(activation)
+            totals[layer] += (grad * change * valid).sum(dim=(0, 1, 3))
+    return HeadScores(
+        values=(totals / len(batch)).float().cpu(),
+        detector=f"attribution_scan:{method}",
+        model=model_name(model),
+        config={"method": method, "factor": factor, "metric": _metric_name(metric)},
+        metadata={"n_examples": len(batch), "estimate": "first-order (attribution patching)"},
+    )
+
+
+def _metric_name(metric: Callable) -> str:
+    return getattr(metric, "__qualname__", None) or getattr(metric, "__name__", None) or type(metric).__name__
+
+
+def _signature(model, batch: TokenBatch, metric, method, factor, heads: list[Head]) -> str:
+    digest = hashlib.sha256()
+    digest.update(batch.tokens.cpu().numpy().tobytes())
+    digest.update(batch.attention_mask.cpu().numpy().tobytes())
+    digest.update(repr((model_name(model), _metric_name(metric), method, factor, [tuple(h) for h in heads])).encode())
+    return digest.hexdigest()
+
+
+def _load_checkpoint(path: Optional[Union[str, Path]], signature: str, shape: tuple[int, int]) -> dict:
+    """The saved state when ``path`` holds one for this very scan, else a fresh one."""
+    if path is not None and Path(path).is_file():
+        saved = torch.load(path, weights_only=False)
+        if saved.get("signature") == signature:
+            return saved
+    return {"signature": signature, "done": [], "sums": torch.zeros(shape), "counts": torch.zeros(shape)}
+
+
+def _save_checkpoint(path: Optional[Union[str, Path]], state: dict, sums: Tensor, counts: Tensor) -> None:
+    if path is None:
+        return
+    state = dict(state, sums=sums.cpu(), counts=counts.cpu())
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # never half-written
