@@ -56,6 +56,7 @@ def ablation_scan(
     skip_layers: bool = True,
     checkpoint: Optional[Union[str, Path]] = None,
     progress: Optional[bool] = None,
+    positions: Optional[Sequence[int]] = None,
 ) -> HeadScores:
     """Exact per-head ablation effects: ``values[l, h] = mean_examples(metric(ablated) - metric(clean))``.
 
@@ -71,6 +72,9 @@ def ablation_scan(
         batch_size: examples per chunk (default from memory).
         skip_layers: run each head's layer onwards only (False: a full forward per head group).
         checkpoint: a file to save progress to and resume from.
+        positions: the positions whose logits ``metric`` reads (default all). The unembedding
+            is then computed only there and the logits elsewhere are zero: on a large vocabulary
+            the unembedding is a large share of each run.
     """
     _check_method(method, factor)
     batch = as_token_batch(model, tokens)
@@ -97,11 +101,11 @@ def ablation_scan(
             if not layers:
                 continue
             chunk = chunk.to(device)
-            clean, residuals = _clean_run(model, chunk, layers, skip_layers)
+            clean, residuals = _clean_run(model, chunk, layers, skip_layers, positions)
             for layer in layers:
                 layer_heads = heads_by_layer(selected)[layer]
                 effects = _layer_effects(model, chunk, clean, residuals.get(layer), layer, layer_heads, metric,
-                                         method, factor, means, skip_layers)
+                                         method, factor, means, skip_layers, positions)
                 sums[layer, layer_heads] += effects.sum(dim=1)
                 counts[layer, layer_heads] += effects.shape[1]
                 state["done"].append([index, layer])
@@ -131,19 +135,39 @@ def _means_for(model, method, heads, reference, batch_size) -> dict[int, Tensor]
     return head_output_means(model, {h.layer for h in heads}, reference, batch_size)
 
 
-def _clean_run(model: Any, chunk: TokenBatch, layers: list[int], skip_layers: bool) -> tuple[Tensor, dict[int, Tensor]]:
+def _clean_run(
+    model: Any, chunk: TokenBatch, layers: list[int], skip_layers: bool, positions: Optional[Sequence[int]]
+) -> tuple[Tensor, dict[int, Tensor]]:
     """Clean logits of a chunk and the residual stream entering each listed layer."""
     mask = chunk.attention_mask if chunk.is_padded else None
-    if not skip_layers:
-        return model(chunk.tokens, attention_mask=mask), {}
-    check_forward_from_layer(model, chunk.tokens, mask)
-    names = [resid_pre_name(layer) for layer in layers]
-    logits, cache = model.run_with_cache(chunk.tokens, attention_mask=mask, names_filter=names, return_cache_object=False)
-    return logits, {layer: cache[resid_pre_name(layer)] for layer in layers}
+    if skip_layers:
+        check_forward_from_layer(model, chunk.tokens, mask)
+    names = [resid_pre_name(layer) for layer in layers] if skip_layers else []
+    cache: dict = {}
+
+    def run() -> Tensor:
+        logits, found = model.run_with_cache(chunk.tokens, attention_mask=mask, names_filter=names, return_cache_object=False)
+        cache.update(found)
+        return logits
+
+    logits = _logits_at(model, run, positions, chunk.tokens.shape[1])
+    return logits, {layer: cache[resid_pre_name(layer)] for layer in layers if skip_layers}
+
+
+def _logits_at(model: Any, run: Callable[[], Tensor], positions: Optional[Sequence[int]], width: int) -> Tensor:
+    """``run()``'s logits, computing the unembedding only at ``positions`` (zeros elsewhere)."""
+    if positions is None:
+        return run()
+    index = torch.as_tensor(list(positions), dtype=torch.long, device=model_device(model))
+    with model.hooks(fwd_hooks=[("unembed.hook_in", lambda residual, hook: residual[:, index])]):
+        selected = run()
+    logits = selected.new_zeros(selected.shape[0], width, selected.shape[-1])
+    logits[:, index] = selected
+    return logits
 
 
 def _layer_effects(
-    model, chunk, clean_logits, residual, layer, layer_heads, metric, method, factor, means, skip_layers
+    model, chunk, clean_logits, residual, layer, layer_heads, metric, method, factor, means, skip_layers, positions
 ) -> Float[Tensor, "n_heads_in_layer batch"]:
     """metric(ablated) - metric(clean) for each listed head of one layer, per example."""
     clean_metric = metric(clean_logits, chunk).float()
@@ -154,7 +178,7 @@ def _layer_effects(
     while start < len(layer_heads):
         heads = layer_heads[start : start + group]
         try:
-            ablated = _run_group(model, chunk, residual, layer, heads, metric, method, factor, means, skip_layers)
+            ablated = _run_group(model, chunk, residual, layer, heads, metric, method, factor, means, skip_layers, positions)
         except torch.cuda.OutOfMemoryError:
             if group == 1:
                 raise
@@ -171,25 +195,32 @@ def _group_size(model: Any, rows: int, width: int) -> int:
     return max(1, auto_batch_size(model, width) // rows)
 
 
-def _run_group(model, chunk, residual, layer, heads, metric, method, factor, means, skip_layers) -> Tensor:
+def _run_group(model, chunk, residual, layer, heads, metric, method, factor, means, skip_layers, positions) -> Tensor:
     """One batched run: copy g of the chunk ablates ``heads[g]``; returns metric per [copy, example]."""
     copies, rows = len(heads), chunk.tokens.shape[0]
     repeated = TokenBatch(chunk.tokens.repeat(copies, 1), chunk.attention_mask.repeat(copies, 1))
     mask = repeated.attention_mask if chunk.is_padded else None
-    hook = _batched_ablation_hook(heads, rows, method, factor, means.get(layer))
+    hook = _batched_ablation_hook(heads, rows, method, factor, means.get(layer), chunk.tokens.device)
     kind = "q" if method == "uniform" else "z"
-    with model.hooks(fwd_hooks=[(hook_name(layer, kind), hook)]):
+
+    def run() -> Tensor:
         if skip_layers:
-            logits = forward_from_layer(model, residual.repeat(copies, 1, 1), layer, mask)
-        else:
-            logits = model(repeated.tokens, attention_mask=mask)
+            return forward_from_layer(model, residual.repeat(copies, 1, 1), layer, mask)
+        return model(repeated.tokens, attention_mask=mask)
+
+    with model.hooks(fwd_hooks=[(hook_name(layer, kind), hook)]):
+        logits = _logits_at(model, run, positions, chunk.tokens.shape[1])
     return metric(logits, repeated).float().view(copies, rows)
 
 
-def _batched_ablation_hook(heads: list[int], rows: int, method: str, factor: Optional[float], mean: Optional[Tensor]):
-    """A hook on ``[copies*rows, pos, n_heads, d_head]`` that edits head ``heads[g]`` in copy ``g``."""
-    copy_index = torch.arange(len(heads))
-    head_index = torch.tensor(heads)
+def _batched_ablation_hook(
+    heads: list[int], rows: int, method: str, factor: Optional[float], mean: Optional[Tensor], device: torch.device
+):
+    """A hook on ``[copies*rows, pos, n_heads, d_head]`` that edits head ``heads[g]`` in copy ``g``.
+    Index tensors live on the model's device: no host-device copy inside the run."""
+    copy_index = torch.arange(len(heads), device=device)
+    head_index = torch.tensor(heads, device=device)
+    mean = None if mean is None else mean.to(device)
     scale = DEFAULT_UNIFORM_EPSILON if method == "uniform" and factor is None else (0.0 if method == "zero" else factor)
 
     def hook(activation: Tensor, hook: Any) -> Tensor:

@@ -83,3 +83,14 @@ def test_bad_scan_arguments_fail_clearly(model, prompts):
         hs.ablation_scan(model, prompts, mean_loss, method="scale")
     with pytest.raises(hs.HeadIndexError):
         hs.ablation_scan(model, prompts, mean_loss, heads=[(3, 0)])
+
+
+def test_unembedding_only_the_positions_the_metric_reads_gives_the_same_scan(model, prompts):
+    def last_half_loss(logits, batch):
+        losses = next_token_losses(logits, batch.tokens)[:, 6:]
+        return masked_mean(losses, batch.attention_mask[:, 7:].bool())
+
+    full = hs.ablation_scan(model, prompts, last_half_loss, batch_size=3)
+    partial = hs.ablation_scan(model, prompts, last_half_loss, batch_size=3, positions=range(6, 19))
+    torch.testing.assert_close(partial.values, full.values, rtol=0, atol=1e-5)
+    assert active_hooks(model) == 0
