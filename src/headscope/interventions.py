@@ -243,7 +243,7 @@ def head_output_means(
     count = totals["count"].sum()
     if float(count) < 1:
         raise InputError("The reference for mean ablation has no tokens after the first; give longer prompts.")
-    return {layer: totals[name].sum(dim=0) / count for layer, name in zip(layers, names)}
+    return {layer: totals[name].sum(dim=0) / count for layer, name in zip(layers, names, strict=True)}
 
 
 def _mean_outputs(model, heads, reference, batch_size) -> dict[int, Tensor]:

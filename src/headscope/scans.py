@@ -91,27 +91,25 @@ def ablation_scan(
     signature = _signature(model, batch, metric, method, factor, selected)
     state = _load_checkpoint(checkpoint, signature, (shape.n_layers, shape.n_heads))
     sums, counts = state["sums"].to(device), state["counts"].to(device)
-    units = [(i, layer) for i, _ in enumerate(iter_batches(batch, chunk_size)) for layer in heads_by_layer(selected)]
-    todo = [unit for unit in units if list(unit) not in state["done"]]
-    bar = tqdm(total=len(todo), desc="ablation scan", unit="layer", disable=None if progress is None else not progress)
-    chunks = dict(enumerate(iter_batches(batch, chunk_size)))
-    with torch.no_grad():
-        for index, (_rows, chunk) in chunks.items():
-            layers = [layer for (i, layer) in todo if i == index]
+    layer_heads = heads_by_layer(selected)
+    done = {tuple(unit) for unit in state["done"]}
+    n_units = -(-len(batch) // chunk_size) * len(layer_heads)
+    disable = None if progress is None else not progress
+    with torch.no_grad(), tqdm(total=n_units - len(done), desc="ablation scan", unit="layer", disable=disable) as bar:
+        for index, (_rows, chunk) in enumerate(iter_batches(batch, chunk_size)):
+            layers = [layer for layer in layer_heads if (index, layer) not in done]
             if not layers:
                 continue
             chunk = chunk.to(device)
             clean, residuals = _clean_run(model, chunk, layers, skip_layers, positions)
             for layer in layers:
-                layer_heads = heads_by_layer(selected)[layer]
-                effects = _layer_effects(model, chunk, clean, residuals.get(layer), layer, layer_heads, metric,
+                effects = _layer_effects(model, chunk, clean, residuals.get(layer), layer, layer_heads[layer], metric,
                                          method, factor, means, skip_layers, positions)
-                sums[layer, layer_heads] += effects.sum(dim=1)
-                counts[layer, layer_heads] += effects.shape[1]
+                sums[layer, layer_heads[layer]] += effects.sum(dim=1)
+                counts[layer, layer_heads[layer]] += effects.shape[1]
                 state["done"].append([index, layer])
                 _save_checkpoint(checkpoint, state, sums, counts)
                 bar.update(1)
-    bar.close()
     values = (sums / counts).float().cpu()
     return HeadScores(
         values=values,
@@ -310,30 +308,14 @@ def attribution_scan(
     for _rows, chunk in tqdm(list(iter_batches(batch, size)), desc="attribution scan",
                              disable=None if progress is None else not progress):
         chunk = chunk.to(model_device(model))
-        activations, deltas = {}, {}
-
-        def capture(name: str):
-            def hook(activation: Tensor, hook: Any) -> Tensor:
-                delta = torch.zeros_like(activation, requires_grad=True)  # d metric/d delta = d metric/d a
-                activations[name], deltas[name] = activation.detach(), delta
-                return activation + delta
-
-            return hook
-
-        names = [hook_name(layer, kind) for layer in range(shape.n_layers)]
-        mask = chunk.attention_mask if chunk.is_padded else None
-        with torch.enable_grad(), model.hooks(fwd_hooks=[(name, capture(name)) for name in names]):
-            total = metric(model(chunk.tokens, attention_mask=mask), chunk).float().sum()
-            grads = torch.autograd.grad(total, [deltas[name] for name in names])
-        for layer, (name, grad) in enumerate(zip(names, grads)):
-            activation = activations[name]
+        for layer, (clean, grad) in enumerate(_activations_and_gradients(model, chunk, kind, metric)):
             if method == "mean":
-                change = means[layer].to(activation)[None, None] - activation
+                change = means[layer].to(clean)[None, None] - clean
             elif method == "resample":
-                change = activation.roll(1, dims=0) - activation
+                change = clean.roll(1, dims=0) - clean
             else:
-                change = activation * (scale - 1.0)
-            valid = chunk.attention_mask[:, :, None, None].to(activation)
+                change = clean * (scale - 1.0)
+            valid = chunk.attention_mask[:, :, None, None].to(clean)
             totals[layer] += (grad * change * valid).sum(dim=(0, 1, 3))
     return HeadScores(
         values=(totals / len(batch)).float().cpu(),
@@ -342,6 +324,29 @@ def attribution_scan(
         config={"method": method, "factor": factor, "metric": _metric_name(metric)},
         metadata={"n_examples": len(batch), "estimate": "first-order (attribution patching)"},
     )
+
+
+def _activations_and_gradients(model: Any, chunk: TokenBatch, kind: str, metric: ScanMetric) -> list[tuple[Tensor, Tensor]]:
+    """Per layer: the ``hook_{kind}`` activation and the gradient of ``sum(metric)`` with respect
+    to it. A zero tensor requiring grad is added at each hook, so no path is cut and parameters
+    get no ``.grad``."""
+    names = [hook_name(layer, kind) for layer in range(model_shape(model).n_layers)]
+    activations: dict[str, Tensor] = {}
+    deltas: dict[str, Tensor] = {}
+
+    def capture(name: str):
+        def hook(activation: Tensor, hook: Any) -> Tensor:
+            delta = torch.zeros_like(activation, requires_grad=True)  # d metric/d delta = d metric/d a
+            activations[name], deltas[name] = activation.detach(), delta
+            return activation + delta
+
+        return hook
+
+    mask = chunk.attention_mask if chunk.is_padded else None
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(name, capture(name)) for name in names]):
+        total = metric(model(chunk.tokens, attention_mask=mask), chunk).float().sum()
+        grads = torch.autograd.grad(total, [deltas[name] for name in names])
+    return [(activations[name], grad) for name, grad in zip(names, grads, strict=True)]
 
 
 def _metric_name(metric: Callable) -> str:
