@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from headscope.engine.heads import Head, all_heads, check_heads, heads_by_layer, hook_name, model_shape
 from headscope.engine.partial import check_forward_from_layer, forward_from_layer, resid_pre_name
-from headscope.engine.runner import auto_batch_size, model_device
+from headscope.engine.runner import auto_batch_size, model_device, run_batched
 from headscope.engine.tokens import TokenBatch, as_token_batch, iter_batches
 from headscope.errors import InputError
 from headscope.interventions import DEFAULT_UNIFORM_EPSILON, ablate, head_output_means
@@ -261,13 +261,7 @@ def naive_ablation_scan(
     values = torch.full((model_shape(model).n_layers, model_shape(model).n_heads), math.nan)
 
     def run() -> Tensor:
-        outs = []
-        with torch.no_grad():
-            for _rows, chunk in iter_batches(batch, size):
-                chunk = chunk.to(model_device(model))
-                mask = chunk.attention_mask if chunk.is_padded else None
-                outs.append(metric(model(chunk.tokens, attention_mask=mask), chunk).float())
-        return torch.cat(outs)
+        return run_batched(model, batch, lambda logits, cache, chunk: metric(logits, chunk).float(), batch_size=size)
 
     clean = run()
     for head in tqdm(selected, desc="naive scan", disable=None if progress is None else not progress):
