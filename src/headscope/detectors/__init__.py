@@ -9,7 +9,7 @@ from headscope.detectors.base import (
     register_detector,
     unregister_detector,
 )
-from headscope.detectors import duplicate_token, induction, previous_token  # noqa: F401  (registers)
+from headscope.detectors import duplicate_token, induction, memory_context, previous_token  # noqa: F401  (registers)
 
 __all__ = [
     "Detector",

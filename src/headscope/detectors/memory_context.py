@@ -1,0 +1,263 @@
+"""Memory heads and context heads — Yu, Merullo, Pavlick 2023 ("Characterizing Mechanisms for
+Factual Recall in Language Models"); Jin et al. 2024 ("Cutting Off the Head Ends the Conflict").
+
+Data: knowledge-conflict prompts (``headscope.tasks.conflicts``): a fact the model knows,
+contradicted in the prompt ("The capital of France is Lima. The capital of France is").
+
+Score (``values``): direct logit attribution of each head's output at the final position,
+through the final norm (its weights and the run's own RMS scale at that position), onto
+``W_U[context answer] - W_U[memorised answer]``, averaged over items:
+
+    DLA_h = (z_h W_O^h / rms_final) . diag(w_norm) . (W_U[:, c] - W_U[:, m])
+
+Positive: the head pushes towards the context answer (context head); negative: towards the
+memorised answer (memory head). ``extras["positive_share"]`` is the fraction of items where the
+head's attribution is positive (sign consistency); ``extras["patched_direct"]`` is PH3's
+localisation restricted to the direct path: the change of the logit difference when the head's
+final-position output is patched in from the prompt where the context *agrees* with memory,
+through the direct path only (``DLA(z_agree) - DLA(z_conflict)``; exact, because the direct
+path is linear once the final norm's scale is held at the conflict run's value).
+
+Validation metric: the logit difference (context - memorised) at the final position; ablating
+the top (context) heads lowers it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
+from headscope.engine.heads import hook_name, model_shape
+from headscope.engine.runner import run_batched
+from headscope.engine.tokens import TokenBatch, tokenize
+from headscope.engine.unembed import center_for_norm, final_norm_weight
+from headscope.results import HeadScores
+from headscope.tasks.conflicts import ConflictItem, conflict_items, conflict_prompt
+
+FINAL_SCALE = "ln_final.hook_scale"
+
+
+@dataclass
+class MemoryContextConfig(DetectorConfig):
+    relations: tuple[str, ...] = ("capital", "language")
+    formats: tuple[str, ...] = ("restate",)
+    n_report: int = 5  # memory/context heads listed in the metadata
+
+
+@register_detector
+class MemoryContextDetector(Detector):
+    name = "memory_context"
+    Config = MemoryContextConfig
+    summary = "direct logit attribution onto context answer minus memorised answer (Yu et al. 2023)"
+
+    def items(self, model: Any) -> list[ConflictItem]:
+        return conflict_items(model, tuple(self.config.relations), tuple(self.config.formats), seed=self.config.seed)
+
+    def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None,
+              items: Optional[list[ConflictItem]] = None) -> HeadScores:
+        items = items if items is not None else self.items(model)
+        conflict = final_head_attributions(model, items, [i.prompt for i in items], batch_size, progress)
+        agreeing = [conflict_prompt(i.relation, i.format, i.subject, i.memory_answer) for i in items]
+        patched = final_head_attributions(model, items, agreeing, batch_size, progress, scale_from=conflict)
+        values = conflict["attribution"].mean(dim=0)
+        extras = {
+            "positive_share": (conflict["attribution"] > 0).float().mean(dim=0),
+            "patched_direct": (patched["attribution"] - conflict["attribution"]).mean(dim=0),
+        }
+        result = self.result(model, values, extras, metadata={"n_items": len(items)})
+        k = self.config.n_report
+        result.metadata["context_heads"] = [str(h) for h in result.top_heads(k)]
+        result.metadata["memory_heads"] = [str(h) for h in HeadScores(-values, self.name, result.model).top_heads(k)]
+        result.metadata["context_preferred_rate"] = float((conflict["logit_diff"] > 0).float().mean())
+        return result
+
+    def validation_task(self, model: Any) -> ValidationTask:
+        items = self.items(model)
+        return ValidationTask(
+            data=tokenize(model, [i.prompt for i in items]),
+            metric=LogitDifference(model, items),
+            metric_name="logit(context answer) - logit(memorised answer) at the final position",
+            ablation_hurts_when="decreases",
+        )
+
+
+def answer_directions(model: Any, items: list[ConflictItem]) -> Float[Tensor, "n_items d_model"]:
+    """``diag(w_norm) (W_U[:, c] - W_U[:, m])`` per item."""
+    unembed = model.W_U.detach().float()
+    context = torch.tensor([i.context_token for i in items], device=unembed.device)
+    memory = torch.tensor([i.memory_token for i in items], device=unembed.device)
+    return (final_norm_weight(model).float()[:, None] * (unembed[:, context] - unembed[:, memory])).T
+
+
+def final_head_attributions(
+    model: Any, items: list[ConflictItem], prompts: list[str], batch_size: Optional[int] = None,
+    progress: Optional[bool] = None, scale_from: Optional[dict[str, Tensor]] = None,
+) -> dict[str, Tensor]:
+    """Per item: every head's direct logit attribution ``[n_items, n_layers, n_heads]`` at the final
+    position, the logit difference, and the final norm's scale (``scale_from`` reuses another
+    run's scale, for direct-path patching)."""
+    shape = model_shape(model)
+    directions = answer_directions(model, items)
+    w_o = [model.blocks[layer].attn.W_O.detach().float() for layer in range(shape.n_layers)]
+    names = [hook_name(layer, "z") for layer in range(shape.n_layers)] + [FINAL_SCALE]
+    offset = [0]
+
+    def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
+        rows = torch.arange(len(chunk), device=logits.device)
+        last = chunk.last_positions
+        index = slice(offset[0], offset[0] + len(chunk))
+        offset[0] += len(chunk)
+        scale = cache[FINAL_SCALE][rows, last, 0].float() if scale_from is None else scale_from["scale"][index]
+        direction = directions[index].to(logits.device)
+        per_layer = []
+        for layer in range(shape.n_layers):
+            z = cache[hook_name(layer, "z")][rows, last].float()  # [batch, heads, d_head]
+            outputs = center_for_norm(model, torch.einsum("bhd,hdm->bhm", z, w_o[layer]))
+            per_layer.append(torch.einsum("bhm,bm->bh", outputs, direction) / scale[:, None])
+        context = torch.tensor([i.context_token for i in items[index]], device=logits.device)
+        memory = torch.tensor([i.memory_token for i in items[index]], device=logits.device)
+        final = logits[rows, last]
+        return {"attribution": torch.stack(per_layer, dim=1), "scale": scale,
+                "logit_diff": final[rows, context] - final[rows, memory]}
+
+    return run_batched(model, tokenize(model, prompts), reduce, names, batch_size, progress, desc="memory_context")
+
+
+class LogitDifference:
+    """``metric(logits, chunk)``: logit(context answer) - logit(memorised answer) at each row's last
+    position. Rows are matched to items by their tokens, so chunked and repeated batches work."""
+
+    __qualname__ = "LogitDifference"
+
+    def __init__(self, model: Any, items: list[ConflictItem]) -> None:
+        batch = tokenize(model, [i.prompt for i in items])
+        self.answers = {_key(batch, row): (i.context_token, i.memory_token) for row, i in enumerate(items)}
+
+    def __call__(self, logits: Tensor, chunk: TokenBatch) -> Tensor:
+        rows = torch.arange(len(chunk), device=logits.device)
+        final = logits[rows, chunk.last_positions.to(logits.device)]
+        pairs = torch.tensor([self.answers[_key(chunk, row)] for row in range(len(chunk))], device=logits.device)
+        return final[rows, pairs[:, 0]] - final[rows, pairs[:, 1]]
+
+
+def _key(batch: TokenBatch, row: int) -> tuple[int, ...]:
+    return tuple(batch.tokens[row, : int(batch.lengths[row])].tolist())
+
+
+@dataclass
+class SweepResult:
+    """Answer rates at each scale of the chosen heads' values (or outputs)."""
+
+    heads: list[str]
+    scales: list[float]
+    context_rate: list[float]  # top-1 token is the context answer's first token
+    memory_rate: list[float]  # top-1 token is the memorised answer's first token
+    prefers_context: list[float]  # logit(context) > logit(memorised)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def answer_rates(model: Any, items: list[ConflictItem], batch_size: Optional[int] = None) -> dict[str, Tensor]:
+    """Per item, under whatever intervention is active: top-1 is the context answer, top-1 is
+    the memorised answer, and the logit difference."""
+    context = torch.tensor([i.context_token for i in items])
+    memory = torch.tensor([i.memory_token for i in items])
+
+    def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> Tensor:
+        return logits[torch.arange(len(chunk), device=logits.device), chunk.last_positions].float().cpu()
+
+    final = run_batched(model, tokenize(model, [i.prompt for i in items]), reduce, batch_size=batch_size)
+    top = final.argmax(dim=-1)
+    rows = torch.arange(len(items))
+    return {"context": (top == context).float(), "memory": (top == memory).float(),
+            "logit_diff": final[rows, context] - final[rows, memory]}
+
+
+def sweep(model: Any, items: list[ConflictItem], heads: list, scales: list[float], kind: str = "values",
+          batch_size: Optional[int] = None) -> SweepResult:
+    """Context and memorised answer rates with the heads' values (Yu et al.) or outputs (PH3
+    pruning at 0) multiplied by each scale."""
+    from headscope.interventions import scale_output, scale_values
+
+    scale_fn = {"values": scale_values, "output": scale_output}[kind]
+    rates: dict[str, list[float]] = {"context": [], "memory": [], "prefers": []}
+    for scale in scales:
+        with scale_fn(model, heads, scale):
+            result = answer_rates(model, items, batch_size)
+        rates["context"].append(float(result["context"].mean()))
+        rates["memory"].append(float(result["memory"].mean()))
+        rates["prefers"].append(float((result["logit_diff"] > 0).float().mean()))
+    return SweepResult([str(h) for h in heads], list(scales), rates["context"], rates["memory"], rates["prefers"],
+                       extra={"kind": kind})
+
+
+@dataclass
+class SteerResult:
+    """A head set and scale chosen on dev items, applied to held-out items, against random heads."""
+
+    steer_to: str
+    heads: list[str]
+    scale: float
+    kind: str
+    clean_rate: float  # share of held-out items preferring the context answer, clean
+    steered_rate: float
+    random_rate: float  # mean over random head sets of the same size, same scale
+    difference: float  # (steered - clean) - (random - clean), in rate points / 100
+    ci_low: float
+    ci_high: float
+    n_items: int
+    dev_sweep: SweepResult
+
+
+def split_items(items: list[ConflictItem], dev_fraction: float = 0.5, seed: int = 0) -> tuple[list, list]:
+    """Split by subject, so no fact is in both halves."""
+    subjects = sorted({(i.relation, i.subject) for i in items})
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(subjects), generator=generator).tolist()
+    dev_subjects = {subjects[i] for i in order[: int(len(subjects) * dev_fraction)]}
+    dev = [i for i in items if (i.relation, i.subject) in dev_subjects]
+    return dev, [i for i in items if (i.relation, i.subject) not in dev_subjects]
+
+
+def steer(
+    model: Any, dev: list[ConflictItem], test: list[ConflictItem], steer_to: str = "context", k: int = 1,
+    scales: tuple[float, ...] = (-2.0, -1.0, 0.0, 0.5, 1.5, 2.0, 3.0), kind: str = "values", n_random: int = 5,
+    seed: int = 0, scale: Optional[float] = None,
+) -> SteerResult:
+    """Pick the ``k`` strongest memory heads on ``dev`` (by ``memory_context`` attribution) and the
+    scale of their values that best moves dev items towards ``steer_to`` (or use ``scale``), then
+    measure held-out ``test`` items: clean, steered, and the same scale on ``n_random`` random sets
+    of ``k`` heads, with a bootstrap CI of the steered-minus-random change."""
+    from headscope.interventions import scale_output, scale_values
+    from headscope.validation import bootstrap_difference_ci, random_head_sets
+
+    if steer_to not in ("context", "memory"):
+        raise ValueError(f"steer_to must be 'context' or 'memory', got {steer_to!r}.")
+    scores = MemoryContextDetector().score(model, items=dev)
+    heads = HeadScores(-scores.values, "memory", scores.model).top_heads(k)
+    dev_sweep = sweep(model, dev, heads, list(scales), kind)
+    if scale is None:
+        target = dev_sweep.prefers_context if steer_to == "context" else [1 - r for r in dev_sweep.prefers_context]
+        scale = dev_sweep.scales[max(range(len(scales)), key=target.__getitem__)]
+    scale_fn = {"values": scale_values, "output": scale_output}[kind]
+
+    def prefers(head_set: Optional[list]) -> Tensor:
+        if head_set is None:
+            return (answer_rates(model, test)["logit_diff"] > 0).float()
+        with scale_fn(model, head_set, scale):
+            return (answer_rates(model, test)["logit_diff"] > 0).float()
+
+    clean, steered = prefers(None), prefers(heads)
+    random_sets = random_head_sets(model, exclude=heads, k=k, n_draws=n_random, seed=seed)
+    random = torch.stack([prefers(head_set) for head_set in random_sets])
+    low, high = bootstrap_difference_ci(clean, steered, random, seed=seed)
+    return SteerResult(
+        steer_to=steer_to, heads=[str(h) for h in heads], scale=float(scale), kind=kind,
+        clean_rate=float(clean.mean()), steered_rate=float(steered.mean()), random_rate=float(random.mean()),
+        difference=float((steered - random.mean(dim=0)).mean()), ci_low=low, ci_high=high, n_items=len(test),
+        dev_sweep=dev_sweep,
+    )
