@@ -15,7 +15,6 @@ France is") for facts the model knows (capitals and languages, plain restatement
 """
 
 import pytest
-import torch
 
 import headscope as hs
 from headscope.detectors.memory_context import split_items, steer, sweep
