@@ -64,3 +64,26 @@ def test_value_scaling_sweep_of_the_memory_head(smollm, items):
     print(result)
     clean = result.prefers_context[result.scales.index(1.0)]
     assert result.prefers_context[result.scales.index(0.0)] > clean > result.prefers_context[result.scales.index(2.0)]
+
+
+def test_memory_heads_transfer_across_relations_and_formats(smollm):
+    """Yu et al. and Jin et al. report that the heads found on one relation or prompt format act
+    on others. Checked: every source (relation x format) finds the same top memory head, and
+    pruning it (values x 0) raises the context-preferred rate on every target more than pruning
+    random heads does."""
+    from headscope.detectors.memory_context import transfer_table
+    from headscope.tasks.conflicts import conflict_items, known_facts
+
+    facts = {relation: known_facts(smollm, relation) for relation in ("capital", "language")}
+    def items(relation, fmt):
+        return conflict_items(smollm, (relation,), (fmt,), facts=facts)
+
+    sources = {f"{r}/{f}": items(r, f) for r, f in [("capital", "restate"), ("language", "restate"), ("capital", "qa")]}
+    targets = {f"{r}/{f}": items(r, f) for r in ("capital", "language") for f in ("restate", "qa", "according")}
+    rows = transfer_table(smollm, sources, targets)
+    print(f"\n{'source':<18}{'target':<20}{'head':<8}{'clean':>7}{'pruned':>8}{'change':>8}{'random':>8}")
+    for row in rows:
+        print(f"{row['source']:<18}{row['target']:<20}{row['heads'][0]:<8}{row['clean']:7.2f}{row['steered']:8.2f}"
+              f"{row['change']:+8.2f}{row['random_change']:+8.2f}")
+    assert len({tuple(row["heads"]) for row in rows}) == 1
+    assert all(row["change"] > row["random_change"] for row in rows)

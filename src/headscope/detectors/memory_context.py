@@ -17,6 +17,13 @@ localisation restricted to the direct path: the change of the logit difference w
 final-position output is patched in from the prompt where the context *agrees* with memory,
 through the direct path only (``DLA(z_agree) - DLA(z_conflict)``; exact, because the direct
 path is linear once the final norm's scale is held at the conflict run's value).
+``metadata["patching_vs_attribution"]`` compares the two rankings (by magnitude): Spearman
+correlation over all heads and the overlap of the top ``n_report`` heads.
+
+Workflows beside the detector: ``sweep`` (answer rates at each scale of chosen heads' values or
+outputs), ``steer`` (heads and scale picked on dev items, applied to held-out items, against
+random heads with a bootstrap CI), ``transfer_table`` (heads from one relation or format applied
+to others).
 
 Validation metric: the logit difference (context - memorised) at the final position; ablating
 the top (context) heads lowers it.
@@ -74,6 +81,7 @@ class MemoryContextDetector(Detector):
         result.metadata["context_heads"] = [str(h) for h in result.top_heads(k)]
         result.metadata["memory_heads"] = [str(h) for h in HeadScores(-values, self.name, result.model).top_heads(k)]
         result.metadata["context_preferred_rate"] = float((conflict["logit_diff"] > 0).float().mean())
+        result.metadata["patching_vs_attribution"] = ranking_agreement(extras["patched_direct"].abs(), values.abs(), k)
         return result
 
     def validation_task(self, model: Any) -> ValidationTask:
@@ -84,6 +92,13 @@ class MemoryContextDetector(Detector):
             metric_name="logit(context answer) - logit(memorised answer) at the final position",
             ablation_hurts_when="decreases",
         )
+
+
+def ranking_agreement(a: Tensor, b: Tensor, k: int) -> dict[str, float]:
+    """Spearman correlation over all heads and overlap of the top-``k`` heads of two score maps."""
+    ranks = [torch.argsort(torch.argsort(x.flatten())).float() for x in (a, b)]
+    top = [set(torch.argsort(x.flatten(), descending=True)[:k].tolist()) for x in (a, b)]
+    return {"spearman": float(torch.corrcoef(torch.stack(ranks))[0, 1]), f"top{k}_overlap": len(top[0] & top[1])}
 
 
 def answer_directions(model: Any, items: list[ConflictItem]) -> Float[Tensor, "n_items d_model"]:
@@ -261,3 +276,41 @@ def steer(
         difference=float((steered - random.mean(dim=0)).mean()), ci_low=low, ci_high=high, n_items=len(test),
         dev_sweep=dev_sweep,
     )
+
+
+def transfer_table(
+    model: Any, sources: dict[str, list[ConflictItem]], targets: dict[str, list[ConflictItem]], k: int = 1,
+    scale: float = 0.0, kind: str = "values", n_random: int = 3, seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Do memory heads found on one relation or format work on others? For each source, take its
+    top-``k`` memory heads; for each target, the share of items preferring the context answer,
+    clean and with those heads' values (or outputs) x ``scale``, beside the mean change from
+    ``n_random`` random sets of ``k`` heads."""
+    from headscope.interventions import scale_output, scale_values
+    from headscope.validation import random_head_sets
+
+    scale_fn = {"values": scale_values, "output": scale_output}[kind]
+
+    def rate(items: list[ConflictItem], heads: Optional[list] = None) -> float:
+        if heads is None:
+            return float((answer_rates(model, items)["logit_diff"] > 0).float().mean())
+        with scale_fn(model, heads, scale):
+            return float((answer_rates(model, items)["logit_diff"] > 0).float().mean())
+
+    clean = {name: rate(items) for name, items in targets.items()}
+    measured: dict[tuple, dict[str, tuple[float, float]]] = {}  # sources that agree on heads share runs
+    rows = []
+    for source, source_items in sources.items():
+        scores = MemoryContextDetector().score(model, items=source_items)
+        heads = HeadScores(-scores.values, "memory", scores.model).top_heads(k)
+        if tuple(heads) not in measured:
+            draws = random_head_sets(model, exclude=heads, k=k, n_draws=n_random, seed=seed)
+            measured[tuple(heads)] = {
+                target: (rate(items, heads), sum(rate(items, d) for d in draws) / n_random)
+                for target, items in targets.items()
+            }
+        for target, (steered, random_rate) in measured[tuple(heads)].items():
+            rows.append({"source": source, "target": target, "heads": [str(h) for h in heads],
+                         "clean": clean[target], "steered": steered, "change": steered - clean[target],
+                         "random_change": random_rate - clean[target], "n_items": len(targets[target])})
+    return rows

@@ -1,0 +1,23 @@
+"""Notebooks that CI executes end to end on the bundled model."""
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.repro
+
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+
+
+@pytest.mark.parametrize("name", ["memory_context_heads.ipynb"])
+def test_notebook_runs_without_errors(name, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    print(text)
+    assert "memory heads" in text and "steer to context" in text
