@@ -176,33 +176,46 @@ class SweepResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def answer_rates(model: Any, items: list[ConflictItem], batch_size: Optional[int] = None) -> dict[str, Tensor]:
-    """Per item, under whatever intervention is active: top-1 is the context answer, top-1 is
-    the memorised answer, and the logit difference."""
+def answer_rates(
+    model: Any, items: list[ConflictItem], heads: Optional[list] = None, scale: float = 1.0, kind: str = "values",
+    batch_size: Optional[int] = None,
+) -> dict[str, Tensor]:
+    """Per item: top-1 is the context answer, top-1 is the memorised answer, and the logit
+    difference; with ``heads``, measured with their values (``kind="values"``, Yu et al.) or
+    outputs (``"output"``, PH3 pruning at 0) multiplied by ``scale``."""
+    from headscope.interventions import scale_output, scale_values
+
     context = torch.tensor([i.context_token for i in items])
     memory = torch.tensor([i.memory_token for i in items])
 
     def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> Tensor:
         return logits[torch.arange(len(chunk), device=logits.device), chunk.last_positions].float().cpu()
 
-    final = run_batched(model, tokenize(model, [i.prompt for i in items]), reduce, batch_size=batch_size)
+    batch = tokenize(model, [i.prompt for i in items])
+    if heads is None:
+        final = run_batched(model, batch, reduce, batch_size=batch_size)
+    else:
+        with {"values": scale_values, "output": scale_output}[kind](model, heads, scale):
+            final = run_batched(model, batch, reduce, batch_size=batch_size)
     top = final.argmax(dim=-1)
     rows = torch.arange(len(items))
     return {"context": (top == context).float(), "memory": (top == memory).float(),
             "logit_diff": final[rows, context] - final[rows, memory]}
 
 
+def prefers_context(model: Any, items: list[ConflictItem], heads: Optional[list] = None, scale: float = 1.0,
+                    kind: str = "values") -> Tensor:
+    """Per item: 1 where logit(context answer) > logit(memorised answer), under the scaling."""
+    return (answer_rates(model, items, heads, scale, kind)["logit_diff"] > 0).float()
+
+
 def sweep(model: Any, items: list[ConflictItem], heads: list, scales: list[float], kind: str = "values",
           batch_size: Optional[int] = None) -> SweepResult:
     """Context and memorised answer rates with the heads' values (Yu et al.) or outputs (PH3
     pruning at 0) multiplied by each scale."""
-    from headscope.interventions import scale_output, scale_values
-
-    scale_fn = {"values": scale_values, "output": scale_output}[kind]
     rates: dict[str, list[float]] = {"context": [], "memory": [], "prefers": []}
     for scale in scales:
-        with scale_fn(model, heads, scale):
-            result = answer_rates(model, items, batch_size)
+        result = answer_rates(model, items, heads, scale, kind, batch_size)
         rates["context"].append(float(result["context"].mean()))
         rates["memory"].append(float(result["memory"].mean()))
         rates["prefers"].append(float((result["logit_diff"] > 0).float().mean()))
@@ -247,7 +260,6 @@ def steer(
     scale of their values that best moves dev items towards ``steer_to`` (or use ``scale``), then
     measure held-out ``test`` items: clean, steered, and the same scale on ``n_random`` random sets
     of ``k`` heads, with a bootstrap CI of the steered-minus-random change."""
-    from headscope.interventions import scale_output, scale_values
     from headscope.validation import bootstrap_difference_ci, random_head_sets
 
     if steer_to not in ("context", "memory"):
@@ -258,17 +270,9 @@ def steer(
     if scale is None:
         target = dev_sweep.prefers_context if steer_to == "context" else [1 - r for r in dev_sweep.prefers_context]
         scale = dev_sweep.scales[max(range(len(scales)), key=target.__getitem__)]
-    scale_fn = {"values": scale_values, "output": scale_output}[kind]
-
-    def prefers(head_set: Optional[list]) -> Tensor:
-        if head_set is None:
-            return (answer_rates(model, test)["logit_diff"] > 0).float()
-        with scale_fn(model, head_set, scale):
-            return (answer_rates(model, test)["logit_diff"] > 0).float()
-
-    clean, steered = prefers(None), prefers(heads)
+    clean, steered = prefers_context(model, test), prefers_context(model, test, heads, scale, kind)
     random_sets = random_head_sets(model, exclude=heads, k=k, n_draws=n_random, seed=seed)
-    random = torch.stack([prefers(head_set) for head_set in random_sets])
+    random = torch.stack([prefers_context(model, test, head_set, scale, kind) for head_set in random_sets])
     low, high = bootstrap_difference_ci(clean, steered, random, seed=seed)
     return SteerResult(
         steer_to=steer_to, heads=[str(h) for h in heads], scale=float(scale), kind=kind,
@@ -286,16 +290,10 @@ def transfer_table(
     top-``k`` memory heads; for each target, the share of items preferring the context answer,
     clean and with those heads' values (or outputs) x ``scale``, beside the mean change from
     ``n_random`` random sets of ``k`` heads."""
-    from headscope.interventions import scale_output, scale_values
     from headscope.validation import random_head_sets
 
-    scale_fn = {"values": scale_values, "output": scale_output}[kind]
-
     def rate(items: list[ConflictItem], heads: Optional[list] = None) -> float:
-        if heads is None:
-            return float((answer_rates(model, items)["logit_diff"] > 0).float().mean())
-        with scale_fn(model, heads, scale):
-            return float((answer_rates(model, items)["logit_diff"] > 0).float().mean())
+        return float(prefers_context(model, items, heads, scale, kind).mean())
 
     clean = {name: rate(items) for name, items in targets.items()}
     measured: dict[tuple, dict[str, tuple[float, float]]] = {}  # sources that agree on heads share runs
