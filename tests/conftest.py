@@ -32,6 +32,29 @@ def tiny_model(n_layers=2, n_heads=4, n_kv_heads=None, d_vocab=64, n_ctx=64, att
     return model
 
 
+def tiny_llama_folder(path):
+    """A random 2-layer Llama with grouped-query attention and a word-level tokenizer, saved as a
+    Hugging Face folder (no download)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<s>", "</s>"] + [f"w{i}" for i in range(62)]
+    tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
 def active_hooks(model) -> int:
     """Torch forward/backward hooks attached to the model's hook points (each counted once),
     plus any TransformerLens handle still registered."""
@@ -57,3 +80,11 @@ def smollm():
     import headscope as hs
 
     return hs.load_model("smollm2-135m-instruct", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny random Llama (GQA, rotary, HF KV cache) loaded through hs.load_model."""
+    import headscope as hs
+
+    return hs.load_model(tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama-session")), device="cpu")

@@ -31,20 +31,24 @@ from headscope.errors import (
     UnsupportedModelError,
 )
 from headscope.interventions import (
+    DecodeMask,
     ablate,
+    ablate_per_row,
     add_vector,
+    mask_at_decode,
     scale_output,
     scale_query,
     scale_values,
     uniform_attention,
 )
 from headscope.models import DEFAULT_MODEL, load_model
-from headscope.results import HeadScores
+from headscope.results import HeadScores, role_overlap
 from headscope.scans import ablation_scan, attribution_scan, naive_ablation_scan
 from headscope.validation import ValidationResult, validate
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DecodeMask",
     "Detector",
     "DetectorConfig",
     "Head",
@@ -61,6 +65,7 @@ __all__ = [
     "ValidationTask",
     "__version__",
     "ablate",
+    "ablate_per_row",
     "ablation_scan",
     "attribution_scan",
     "add_vector",
@@ -68,9 +73,11 @@ __all__ = [
     "get_detector",
     "list_detectors",
     "load_model",
+    "mask_at_decode",
     "model_shape",
     "naive_ablation_scan",
     "register_detector",
+    "role_overlap",
     "scale_output",
     "scale_query",
     "scale_values",

@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate_cmd.add_argument("--scores", help="a saved <detector>.json to validate (else the detector is run)")
     validate_cmd.add_argument("-k", type=int, default=5)
     validate_cmd.add_argument("--n-random", type=int, default=5)
-    validate_cmd.add_argument("--method", default="mean", choices=["zero", "mean", "resample", "uniform"])
+    validate_cmd.add_argument(
+        "--method", default=None, choices=["zero", "mean", "resample", "uniform"],
+        help="ablation method (default: the detector's own, mean for most, uniform at decode for retrieval)",
+    )
     validate_cmd.add_argument("--seed", type=int, default=0)
     validate_cmd.add_argument("--out", help="write the result as JSON to this file")
     validate_cmd.set_defaults(run=run_validate)

@@ -20,6 +20,7 @@ function                  hook                   acts on
                                                  group (``per="kv_group"``)
 ``scale_query``           ``hook_q`` (pre-RoPE)  one query head's query
 ``add_vector``            residual / head hooks  a layer's residual stream or a head's output
+``DecodeMask``            as ``ablate``          decode steps only (prefill clean): retrieval
 ========================  =====================  ==========================================
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -99,6 +101,77 @@ def ablate(
 def uniform_attention(model: Any, heads: HeadsLike, epsilon: float = DEFAULT_UNIFORM_EPSILON):
     """The Ships/Sahara and retrieval-head ablation: attention made uniform over the prefix."""
     return scale_query(model, heads, epsilon)
+
+
+DECODE_MASK_METHODS = ("uniform", "zero", "mean")
+
+
+@dataclass(frozen=True)
+class DecodeMask:
+    """Heads ablated at decode steps only; the prompt's prefill stays clean.
+
+    The retrieval-head paper's masking (Wu et al. 2024): at every generated token the masked
+    heads attend uniformly over the whole context (``method="uniform"``, query × ``epsilon``),
+    or their output is zeroed (``"zero"``) or set to its mean (``"mean"``). Decoding functions
+    (``headscope.engine.decoding``) enter it around decode steps; ``with mask(model):`` applies it
+    to every position of an ordinary forward.
+    """
+
+    heads: tuple[Head, ...]
+    method: str = "uniform"
+    epsilon: float = DEFAULT_UNIFORM_EPSILON
+
+    def __call__(self, model: Any) -> contextlib.AbstractContextManager:
+        return ablate(model, self.heads, method=self.method, epsilon=self.epsilon)
+
+
+def mask_at_decode(
+    model: Any, heads: HeadsLike, method: str = "uniform", epsilon: float = DEFAULT_UNIFORM_EPSILON
+) -> DecodeMask:
+    """A checked :class:`DecodeMask` for ``model`` (heads in range, a known method)."""
+    if method not in DECODE_MASK_METHODS:
+        raise ValueError(f"Unknown decode-time mask {method!r}; choose one of {', '.join(DECODE_MASK_METHODS)}.")
+    return DecodeMask(tuple(check_heads(model, heads)), method, epsilon)
+
+
+def ablate_per_row(
+    model: Any,
+    head_sets: Sequence[Optional[HeadsLike]],
+    method: str = "zero",
+    epsilon: float = DEFAULT_UNIFORM_EPSILON,
+) -> contextlib.AbstractContextManager:
+    """Row ``i`` of every batch run inside the block has ``head_sets[i]`` ablated (``None``: clean).
+
+    Several ablations in one batched run: worth it where a run is bound by per-call overhead,
+    as in KV-cached decoding. Methods: ``"zero"`` and ``"mean"`` on ``hook_z``, ``"uniform"`` on
+    the pre-RoPE ``hook_q`` (query × ``epsilon``). Batches must have ``len(head_sets)`` rows.
+    """
+    if method not in DECODE_MASK_METHODS:
+        raise ValueError(f"Unknown per-row ablation {method!r}; choose one of {', '.join(DECODE_MASK_METHODS)}.")
+    shape = model_shape(model)
+    ablated = torch.zeros(len(head_sets), shape.n_layers, shape.n_heads, dtype=torch.bool)
+    for row, heads in enumerate(head_sets):
+        for head in check_heads(model, heads) if heads is not None else []:
+            ablated[row, head.layer, head.head] = True
+    layers = sorted(set(torch.nonzero(ablated.any(dim=0))[:, 0].tolist()))
+    means = _mean_outputs(model, [Head(layer, 0) for layer in layers], None, None) if method == "mean" else {}
+    kind = "q" if method == "uniform" else "z"
+    hooks: HookList = []
+    for layer in layers:
+        keep = (~ablated[:, layer]).float()  # [rows, heads]
+
+        def mix(activation: Tensor, hook: Any, keep=keep, layer=layer) -> Tensor:
+            if activation.shape[0] != keep.shape[0]:
+                raise InputError(f"ablate_per_row has {keep.shape[0]} head sets but the batch has {activation.shape[0]} rows.")
+            weight = keep.to(activation)[:, None, :, None]  # [rows, 1, heads, 1]
+            if method == "uniform":
+                return activation * (weight + (1 - weight) * epsilon)
+            if method == "mean":
+                return activation * weight + (1 - weight) * means[layer].to(activation)[None, None]
+            return activation * weight
+
+        hooks.append((hook_name(layer, kind), mix))
+    return hooked(model, hooks)
 
 
 def scale_output(model: Any, heads: HeadsLike, factor: float) -> contextlib.AbstractContextManager:

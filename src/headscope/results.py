@@ -169,3 +169,30 @@ def _to_json_matrix(values: Tensor) -> list[list[Optional[float]]]:
 
 def _from_json_matrix(rows: list[list[Optional[float]]]) -> Tensor:
     return torch.tensor([[math.nan if x is None else x for x in row] for row in rows], dtype=torch.float32)
+
+
+def ranking_agreement(a: Tensor, b: Tensor, k: int) -> dict[str, float]:
+    """Spearman correlation over all heads and overlap of the top-``k`` heads of two score maps."""
+    ranks = [torch.argsort(torch.argsort(x.flatten())).float() for x in (a, b)]
+    top = [set(torch.argsort(x.flatten(), descending=True)[:k].tolist()) for x in (a, b)]
+    return {"spearman": float(torch.corrcoef(torch.stack(ranks))[0, 1]), f"top{k}_overlap": len(top[0] & top[1])}
+
+
+def role_overlap(a: HeadScores, b: HeadScores, k: int = 10) -> dict[str, Any]:
+    """How two detectors' top-``k`` heads coincide: shared heads, Jaccard index, the number of
+    shared heads two random ``k``-sets would have on average (``k^2 / n_heads``), and the
+    Spearman correlation of the two score maps over all heads (NaN scores ranked lowest)."""
+    if a.values.shape != b.values.shape:
+        raise ValueError(f"Scores of different models: {tuple(a.values.shape)} vs {tuple(b.values.shape)}.")
+    top_a, top_b = set(a.top_heads(k)), set(b.top_heads(k))
+    shared = top_a & top_b
+    clean = [torch.nan_to_num(x.values.float(), nan=float("-inf")) for x in (a, b)]
+    return {
+        "k": k,
+        "shared": sorted(str(h) for h in shared),
+        "n_shared": len(shared),
+        "jaccard": len(shared) / len(top_a | top_b),
+        "expected_shared_at_random": k * k / a.values.numel(),
+        "spearman": ranking_agreement(clean[0], clean[1], k)["spearman"],
+    }
+

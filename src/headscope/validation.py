@@ -78,7 +78,7 @@ def validate(
     metric: Optional[MetricFn] = None,
     task: Optional[ValidationTask] = None,
     n_random: int = 5,
-    method: str = "mean",
+    method: Optional[str] = None,
     seed: int = 0,
     n_bootstrap: int = 2000,
     batch_size: Optional[int] = None,
@@ -90,29 +90,25 @@ def validate(
         scores: a detector's ``HeadScores``; its detector gives the default task and metric.
         metric: ``metric(logits, chunk) -> [batch]`` replacing the detector's metric.
         task: a ``ValidationTask`` replacing the detector's data and metric.
-        method: ablation method of ``hs.ablate`` (the mean is taken over the task's own data).
+        method: ablation method of ``hs.ablate`` (the mean is taken over the task's own data);
+            by default the task's ``default_method`` (``"mean"`` for the forward-pass detectors).
     """
     if task is None:
         task = get_detector(scores.detector, config=scores.config).validation_task(model)
     if metric is not None:
+        if task.measure is not None:
+            raise ValueError(f"The {scores.detector} task measures by decoding; pass a ValidationTask, not a metric.")
         task = ValidationTask(task.data, metric, getattr(metric, "__name__", "custom metric"), task.ablation_hurts_when)
+    method = method or task.default_method
     top = scores.top_heads(k)
     if len(top) < k:
         raise ValueError(f"Only {len(top)} heads have a score; cannot take the top {k}.")
     draws = random_head_sets(model, exclude=top, k=k, n_draws=n_random, seed=seed)
-    data = as_token_batch(model, task.data)
-    reference = data if method == "mean" else None
-
-    def measure(heads: Optional[list[Head]]) -> Tensor:
-        reduce = lambda logits, cache, chunk: task.metric(logits, chunk).float().cpu()  # noqa: E731
-        if heads is None:
-            return run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc="clean")
-        with ablate(model, heads, method=method, reference=reference, batch_size=batch_size):
-            return run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc="ablated")
-
-    clean = measure(None)
-    top_values = measure(top)
-    random_values = torch.stack([measure(draw) for draw in draws])  # [draws, examples]
+    if task.measure is not None:
+        values = task.measure(model, [None, top, *draws], method).float().cpu()
+    else:
+        values = _measure_forward(model, task, [None, top, *draws], method, batch_size, progress)
+    clean, top_values, random_values = values[0], values[1], values[2:]  # random: [draws, examples]
     low, high = bootstrap_difference_ci(clean, top_values, random_values, n_bootstrap, seed)
     random_means = (random_values.mean(dim=1)).tolist()
     return ValidationResult(
@@ -133,6 +129,28 @@ def validate(
         n_examples=int(clean.numel()),
         ablation_hurts_when=task.ablation_hurts_when,
     )
+
+
+def _measure_forward(
+    model: Any,
+    task: ValidationTask,
+    head_sets: list[Optional[list[Head]]],
+    method: str,
+    batch_size: Optional[int],
+    progress: Optional[bool],
+) -> Float[Tensor, "sets examples"]:
+    """The task's per-example metric in one batched forward run per head set."""
+    data = as_token_batch(model, task.data)
+    reference = data if method == "mean" else None
+    reduce = lambda logits, cache, chunk: task.metric(logits, chunk).float().cpu()  # noqa: E731
+    rows = []
+    for heads in head_sets:
+        if heads is None:
+            rows.append(run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc="clean"))
+            continue
+        with ablate(model, heads, method=method, reference=reference, batch_size=batch_size):
+            rows.append(run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc="ablated"))
+    return torch.stack(rows)
 
 
 def random_head_sets(model: Any, exclude: list[Head], k: int, n_draws: int, seed: int) -> list[list[Head]]:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from headscope.cli import main
-from tests.unit.test_models import tiny_llama_folder
+from tests.conftest import tiny_llama_folder
 
 
 @pytest.fixture(scope="module")

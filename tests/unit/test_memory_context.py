@@ -8,7 +8,7 @@ import torch
 import headscope as hs
 from headscope.detectors.memory_context import LogitDifference, final_head_attributions
 from headscope.tasks.conflicts import ConflictItem
-from tests.unit.test_models import tiny_llama_folder
+from tests.conftest import tiny_llama_folder
 
 
 @pytest.fixture(scope="module")

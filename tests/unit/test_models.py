@@ -7,30 +7,7 @@ import torch
 
 import headscope as hs
 from headscope import models
-from tests.conftest import tiny_model
-
-
-def tiny_llama_folder(path):
-    """A random 2-layer Llama with grouped-query attention and a word-level tokenizer, saved as a
-    Hugging Face folder (no download)."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = ["<s>", "</s>"] + [f"w{i}" for i in range(62)]
-    tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
-    tokenizer.pre_tokenizer = Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="</s>")
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
+from tests.conftest import tiny_llama_folder, tiny_model
 
 
 @pytest.fixture(scope="module")

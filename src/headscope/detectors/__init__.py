@@ -9,7 +9,13 @@ from headscope.detectors.base import (
     register_detector,
     unregister_detector,
 )
-from headscope.detectors import duplicate_token, induction, memory_context, previous_token  # noqa: F401  (registers)
+from headscope.detectors import (  # noqa: F401  (registers)
+    duplicate_token,
+    induction,
+    memory_context,
+    previous_token,
+    retrieval,
+)
 
 __all__ = [
     "Detector",

@@ -32,6 +32,7 @@ from headscope.models import model_name
 from headscope.results import HeadScores
 
 MetricFn = Callable[[Float[Tensor, "batch pos vocab"], TokenBatch], Float[Tensor, " batch"]]
+MeasureFn = Callable[[Any, list, str], Float[Tensor, "sets examples"]]
 
 
 @dataclass
@@ -41,12 +42,19 @@ class ValidationTask:
     ``metric(logits, chunk)`` returns one number per example. ``ablation_hurts_when`` says which
     way the metric moves when heads of the role are removed: ``"increases"`` (a loss) or
     ``"decreases"`` (an accuracy, a logit).
+
+    A task whose metric is not one forward pass (a greedy decode, a decode-only ablation) gives
+    ``measure(model, head_sets, method) -> [len(head_sets), n_examples]`` instead: row ``i`` is
+    the metric with ``head_sets[i]`` ablated (``None`` = clean). ``default_method`` is the
+    ablation ``hs.validate`` uses when the caller names none.
     """
 
     data: Any
-    metric: MetricFn
+    metric: Optional[MetricFn]
     metric_name: str
     ablation_hurts_when: str = "increases"
+    measure: Optional[MeasureFn] = None
+    default_method: str = "mean"
 
 
 @dataclass

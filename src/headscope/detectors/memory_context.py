@@ -43,7 +43,7 @@ from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, tokenize
 from headscope.engine.unembed import center_for_norm, final_norm_weight
-from headscope.results import HeadScores
+from headscope.results import HeadScores, ranking_agreement  # noqa: F401  (ranking_agreement re-exported)
 from headscope.tasks.conflicts import ConflictItem, conflict_items, conflict_prompt
 
 FINAL_SCALE = "ln_final.hook_scale"
@@ -92,13 +92,6 @@ class MemoryContextDetector(Detector):
             metric_name="logit(context answer) - logit(memorised answer) at the final position",
             ablation_hurts_when="decreases",
         )
-
-
-def ranking_agreement(a: Tensor, b: Tensor, k: int) -> dict[str, float]:
-    """Spearman correlation over all heads and overlap of the top-``k`` heads of two score maps."""
-    ranks = [torch.argsort(torch.argsort(x.flatten())).float() for x in (a, b)]
-    top = [set(torch.argsort(x.flatten(), descending=True)[:k].tolist()) for x in (a, b)]
-    return {"spearman": float(torch.corrcoef(torch.stack(ranks))[0, 1]), f"top{k}_overlap": len(top[0] & top[1])}
 
 
 def answer_directions(model: Any, items: list[ConflictItem]) -> Float[Tensor, "n_items d_model"]:

@@ -1,0 +1,362 @@
+"""Retrieval heads — Wu, Wang, Xiao, Peng, Fu 2024, "Retrieval Head Mechanistically Explains
+Long-Context Factuality" (arXiv 2404.15574; code: nightdessert/Retrieval_Head).
+
+Data: needle-in-a-haystack prompts (``headscope.tasks.haystack``): an invented fact hidden at a
+depth of a filler text, a question at the end, over a grid of lengths × depths.
+
+Score (``values``), the paper's copy-paste rate: decode the answer greedily with a KV cache; at
+decode step ``t`` the model emits token ``y_t``, and head ``h``'s query that produced it attends
+most to key position ``k_t^h``. Then, for a sample whose answer occupies prompt positions
+``[a, b)``:
+
+    score_h(sample) = |{t : a <= k_t^h < b and prompt[k_t^h] == y_t}| / (b - a)
+
+averaged over the samples whose answer was retrieved (ROUGE-1 recall of the answer in the
+response > ``rouge_threshold`` = 0.5). A head with score > ``score_threshold`` = 0.1 is a
+retrieval head. ``extras["activation_rate"]``: the share of retrieved samples in which the head
+scored above the threshold (the paper's "dynamically activated"). Only the top-1 key of each head
+per step is kept (``headscope.engine.decoding``), never the attention patterns.
+
+ROUGE-1 here is unigram recall over lower-cased alphanumeric words, without the Porter stemmer
+the paper's ``rouge_score`` call uses; on these needles (invented names, concrete nouns) the two
+differ rarely.
+
+Validation (``hs.validate``), the paper's ablation: the top-k heads masked at decode steps only
+(uniform attention through an ε-scaled query; the prefill is untouched) against k random heads.
+The metric is ``validation_metric``: the teacher-forced log-likelihood per answer token
+(``"loglik"``, default), or ROUGE-1 recall / exact match of the greedy answer (``"rouge"``,
+``"exact"``). :func:`measure_needles` gives all three at once, and :func:`plot_needle_heatmaps`
+draws the usual length × depth heatmap for each condition.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
+from headscope.engine.decoding import (
+    DEFAULT_PREFILL_CHUNK,
+    DecodeTrace,
+    Prefix,
+    continuation_logprobs,
+    greedy_decode,
+    greedy_decode_rows,
+)
+from headscope.engine.heads import Head, check_heads
+from headscope.errors import InputError
+from headscope.interventions import DEFAULT_UNIFORM_EPSILON, ablate_per_row
+from headscope.results import HeadScores
+from headscope.tasks.haystack import HaystackSample, code_needles, needle_grid, shipped_needles
+
+NEEDLE_SOURCES = ("facts", "codes")
+NEEDLE_METRICS = ("loglik", "rouge", "exact")
+
+
+@dataclass
+class RetrievalConfig(DetectorConfig):
+    lengths: tuple[int, ...] = (300, 550, 800)  # prompt lengths in tokens
+    depths: tuple[float, ...] = (0, 50, 100)  # needle depth, percent of the filler
+    needles_per_cell: int = 1
+    needles: str = "facts"  # "facts": shipped invented facts; "codes": random access codes
+    format: str = "chat"  # "chat" or "plain" (the bundled instruct model ends its turn at once in plain)
+    max_new_tokens: int = 50
+    rouge_threshold: float = 0.5  # a sample counts when ROUGE-1 recall of the answer exceeds this
+    score_threshold: float = 0.1  # the paper's retrieval-head threshold
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    validation_metric: str = "loglik"  # "loglik", "rouge" or "exact"
+    mask_epsilon: float = DEFAULT_UNIFORM_EPSILON
+    checkpoint: Optional[str] = None  # a JSONL file: per-sample results kept, a rerun resumes
+
+
+@dataclass
+class NeedleOutcome:
+    """One sample's greedy answer, how well it retrieved the needle, and each head's copy score."""
+
+    key: str
+    length: int
+    depth: float
+    n_tokens: int
+    response: str
+    rouge: float
+    exact: bool
+    copy_scores: Float[Tensor, "n_layers n_heads"]
+
+    def to_json(self) -> str:
+        row = asdict(self)
+        row["copy_scores"] = self.copy_scores.tolist()
+        return json.dumps(row)
+
+    @classmethod
+    def from_json(cls, line: str) -> "NeedleOutcome":
+        row = json.loads(line)
+        row["copy_scores"] = torch.tensor(row["copy_scores"])
+        return cls(**row)
+
+
+@register_detector
+class RetrievalDetector(Detector):
+    name = "retrieval"
+    Config = RetrievalConfig
+    summary = "copy-paste rate from the needle at decode steps, top-1 attention (Wu et al. 2024)"
+
+    def samples(self, model: Any) -> list[HaystackSample]:
+        config = self.config
+        if config.needles not in NEEDLE_SOURCES:
+            raise InputError(f"Unknown needle source {config.needles!r}; choose one of {', '.join(NEEDLE_SOURCES)}.")
+        n_cells = len(config.lengths) * len(config.depths) * config.needles_per_cell
+        needles = shipped_needles() if config.needles == "facts" else code_needles(n_cells, config.seed)
+        return needle_grid(model, config.lengths, config.depths, needles, config.needles_per_cell, config.format)
+
+    def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None,
+              samples: Optional[list[HaystackSample]] = None) -> HeadScores:
+        samples = samples if samples is not None else self.samples(model)
+        config = self.config
+        outcomes = needle_scan(model, samples, config.max_new_tokens, config.prefill_chunk, config.checkpoint, progress)
+        retrieved = [o for o in outcomes if o.rouge > config.rouge_threshold]
+        values, activation = retrieval_scores(outcomes, config.rouge_threshold, config.score_threshold)
+        result = self.result(model, values, {"activation_rate": activation}, metadata={
+            "n_samples": len(outcomes),
+            "n_retrieved": len(retrieved),
+            "samples": [{k: v for k, v in asdict(o).items() if k != "copy_scores"} for o in outcomes],
+        })
+        n_above = len(result.above(config.score_threshold))
+        result.metadata["n_above_threshold"] = n_above
+        result.metadata["fraction_above_threshold"] = n_above / values.numel()
+        return result
+
+    def validation_task(self, model: Any) -> ValidationTask:
+        config = self.config
+        if config.validation_metric not in NEEDLE_METRICS:
+            raise InputError(
+                f"Unknown validation metric {config.validation_metric!r}; choose one of {', '.join(NEEDLE_METRICS)}."
+            )
+        samples = self.samples(model)
+        names = {"loglik": "log-likelihood per answer token (teacher-forced)",
+                 "rouge": "ROUGE-1 recall of the greedy answer", "exact": "exact match of the greedy answer"}
+
+        def measure(model: Any, head_sets: list, method: str) -> Tensor:
+            metrics = measure_needles(model, samples, head_sets, method, (config.validation_metric,),
+                                      None, config.prefill_chunk, config.mask_epsilon)
+            return metrics[config.validation_metric]
+
+        return ValidationTask(samples, None, f"{names[config.validation_metric]}, heads masked at decode steps",
+                              ablation_hurts_when="decreases", measure=measure, default_method="uniform")
+
+
+def retrieval_scores(
+    outcomes: Sequence[NeedleOutcome], rouge_threshold: float = 0.5, score_threshold: float = 0.1
+) -> tuple[Float[Tensor, "n_layers n_heads"], Float[Tensor, "n_layers n_heads"]]:
+    """Mean copy score over retrieved samples, and the share of them where a head passes the threshold."""
+    retrieved = [o.copy_scores for o in outcomes if o.rouge > rouge_threshold]
+    if not retrieved:
+        shape = outcomes[0].copy_scores.shape if outcomes else (0, 0)
+        nan = torch.full(shape, float("nan"))
+        return nan, nan.clone()
+    stacked = torch.stack(retrieved)
+    return stacked.mean(dim=0), (stacked > score_threshold).float().mean(dim=0)
+
+
+# --- scoring one sample -----------------------------------------------------------------------
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def rouge1_recall(reference: str, response: str) -> float:
+    """Share of the reference's words (with multiplicity) found in the response."""
+    wanted, found = Counter(words(reference)), Counter(words(response))
+    total = sum(wanted.values())
+    return sum(min(n, found[w]) for w, n in wanted.items()) / total if total else 0.0
+
+
+def exact_match(reference: str, response: str) -> bool:
+    """The reference's words appear in the response, in order and contiguous."""
+    ref, got = words(reference), words(response)
+    return any(got[i : i + len(ref)] == ref for i in range(len(got) - len(ref) + 1)) if ref else False
+
+
+def copy_scores(trace: DecodeTrace, sample: HaystackSample) -> Float[Tensor, "n_layers n_heads"]:
+    """Per head: decode steps whose top-1 key lies in the answer span and holds the token emitted,
+    divided by the span's length."""
+    start, end = sample.answer_span
+    keys = trace.top_keys.long()  # [steps, layers, heads]
+    if keys.numel() == 0:
+        return torch.zeros(trace.top_keys.shape[1:] or (0, 0))
+    in_span = (keys >= start) & (keys < end)
+    key_tokens = sample.tokens[keys.clamp(max=sample.n_tokens - 1)]
+    copied = in_span & (key_tokens == trace.tokens[:, None, None])
+    return copied.sum(dim=0).float() / (end - start)
+
+
+def stop_token_ids(model: Any) -> list[int]:
+    """End of text, end of turn and a newline end an answer (the paper stops at a newline)."""
+    tokenizer = model.tokenizer
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    for text in ("\n", "\n\n"):
+        encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1:
+            ids.add(encoded[0])
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+
+
+def sample_key(sample: HaystackSample) -> str:
+    return f"{sample.format}|{sample.length}|{sample.depth:g}|{sample.needle.question}"
+
+
+def answer_needle(model: Any, sample: HaystackSample, max_new_tokens: int = 50,
+                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> NeedleOutcome:
+    """Greedy answer to one sample with top-1 keys recorded, scored for retrieval and copying."""
+    prefix = Prefix(model, sample.tokens, prefill_chunk)
+    trace = greedy_decode(model, prefix, max_new_tokens, stop_token_ids(model))
+    response = trace.text(model.tokenizer)
+    return NeedleOutcome(
+        key=sample_key(sample), length=sample.length, depth=sample.depth, n_tokens=sample.n_tokens,
+        response=response, rouge=rouge1_recall(sample.needle.answer, response),
+        exact=exact_match(sample.needle.answer, response), copy_scores=copy_scores(trace, sample),
+    )
+
+
+def needle_scan(
+    model: Any,
+    samples: Sequence[HaystackSample],
+    max_new_tokens: int = 50,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    checkpoint: Optional[Union[str, Path]] = None,
+    progress: Optional[bool] = None,
+) -> list[NeedleOutcome]:
+    """:func:`answer_needle` for every sample; with ``checkpoint``, each outcome is appended to a
+    JSONL file as soon as it is known and samples already there are not recomputed."""
+    done = _read_checkpoint(checkpoint)
+    outcomes = []
+    for sample in tqdm(samples, desc="needles", disable=progress is False, leave=False):
+        key = sample_key(sample)
+        if key not in done:
+            done[key] = answer_needle(model, sample, max_new_tokens, prefill_chunk)
+            _append_checkpoint(checkpoint, done[key])
+        outcomes.append(done[key])
+    return outcomes
+
+
+def _read_checkpoint(path: Optional[Union[str, Path]]) -> dict[str, NeedleOutcome]:
+    if path is None or not Path(path).exists():
+        return {}
+    outcomes = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            outcome = NeedleOutcome.from_json(line)
+        except (json.JSONDecodeError, TypeError, KeyError):
+            continue  # a line cut off by an interruption: that sample is recomputed
+        outcomes[outcome.key] = outcome
+    return outcomes
+
+
+def _append_checkpoint(path: Optional[Union[str, Path]], outcome: NeedleOutcome) -> None:
+    if path is None:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(outcome.to_json() + "\n")
+        handle.flush()
+
+
+# --- causal check -------------------------------------------------------------------------------
+
+
+def measure_needles(
+    model: Any,
+    samples: Sequence[HaystackSample],
+    head_sets: Sequence[Optional[Iterable[Union[Head, str]]]],
+    method: str = "uniform",
+    metrics: Sequence[str] = NEEDLE_METRICS,
+    max_new_tokens: Optional[int] = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    epsilon: float = DEFAULT_UNIFORM_EPSILON,
+    progress: Optional[bool] = None,
+    rows_per_batch: int = 16,
+) -> dict[str, Float[Tensor, "sets samples"]]:
+    """Needle metrics with each head set masked at decode steps (``None`` = clean).
+
+    One prefill per sample serves every head set; the head sets run side by side as the rows of
+    one batch (``rows_per_batch`` at a time, each row with its own mask). ``"loglik"``: mean
+    log-probability of the answer's tokens, teacher-forced; ``"rouge"`` / ``"exact"``: of the
+    greedy answer, decoded for ``max_new_tokens`` (default: the needle's length in tokens plus 8,
+    room to restate the whole needle; a batch stops early once every row has stopped).
+    """
+    unknown = sorted(set(metrics) - set(NEEDLE_METRICS))
+    if unknown:
+        raise InputError(f"Unknown needle metric(s) {', '.join(unknown)}; choose from {', '.join(NEEDLE_METRICS)}.")
+    head_sets = [None if heads is None else tuple(check_heads(model, heads)) for heads in head_sets]
+    values = {name: torch.zeros(len(head_sets), len(samples)) for name in metrics}
+    for column, sample in enumerate(tqdm(samples, desc="needles", disable=progress is False, leave=False)):
+        prefix = Prefix(model, sample.tokens, prefill_chunk)
+        for first in range(0, len(head_sets), rows_per_batch):
+            group = head_sets[first : first + rows_per_batch]
+            measured = _measure_group(model, prefix, sample, group, method, epsilon, metrics, max_new_tokens)
+            for name, row_values in measured.items():
+                values[name][first : first + len(group), column] = row_values
+    return values
+
+
+def _measure_group(model, prefix, sample, head_sets, method, epsilon, metrics, max_new_tokens) -> dict[str, Tensor]:
+    """The metrics of one sample for a few head sets, decoded as one batch."""
+    if max_new_tokens is None:
+        max_new_tokens = len(model.tokenizer(sample.needle.needle, add_special_tokens=False)["input_ids"]) + 8
+    mask = lambda m: ablate_per_row(m, head_sets, method, epsilon)  # noqa: E731
+    out = {}
+    if "loglik" in metrics:
+        out["loglik"] = continuation_logprobs(model, prefix, sample.answer_tokens, mask, rows=len(head_sets)).mean(dim=1)
+    if "rouge" in metrics or "exact" in metrics:
+        traces = greedy_decode_rows(model, prefix, len(head_sets), max_new_tokens, stop_token_ids(model), mask)
+        responses = [trace.text(model.tokenizer) for trace in traces]
+        out["rouge"] = torch.tensor([rouge1_recall(sample.needle.answer, r) for r in responses])
+        out["exact"] = torch.tensor([float(exact_match(sample.needle.answer, r)) for r in responses])
+    return {name: value for name, value in out.items() if name in metrics}
+
+
+def plot_needle_heatmaps(
+    samples: Sequence[HaystackSample],
+    conditions: dict[str, Float[Tensor, " samples"]],
+    title: str = "needle retrieval",
+    path: Optional[Union[str, Path]] = None,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+):
+    """One length × depth heatmap per condition (cell colour = mean over the cell's samples)."""
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({s.length for s in samples})
+    depths = sorted({s.depth for s in samples})
+    figure, axes = plt.subplots(1, len(conditions), figsize=(3.2 * len(conditions) + 1, 3.2), squeeze=False)
+    for ax, (name, per_sample) in zip(axes[0], conditions.items(), strict=True):
+        grid = _cell_means(samples, per_sample, lengths, depths)
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=vmin, vmax=vmax, aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{name}\nmean {float(per_sample.float().mean()):.2f}", fontsize=9)
+    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    figure.suptitle(title, fontsize=10)
+    if path is not None:
+        figure.savefig(path, dpi=110, bbox_inches="tight")
+    return figure
+
+
+def _cell_means(samples, per_sample: Tensor, lengths: list, depths: list) -> Tensor:
+    sums, counts = torch.zeros(len(depths), len(lengths)), torch.zeros(len(depths), len(lengths))
+    for sample, value in zip(samples, per_sample.float().tolist(), strict=True):
+        cell = depths.index(sample.depth), lengths.index(sample.length)
+        sums[cell] += value
+        counts[cell] += 1
+    return sums / counts.clamp(min=1)
