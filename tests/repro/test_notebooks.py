@@ -9,7 +9,7 @@ pytestmark = pytest.mark.repro
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
-@pytest.mark.parametrize("name", ["memory_context_heads.ipynb"])
+@pytest.mark.parametrize("name", ["memory_context_heads.ipynb", "retrieval_heads.ipynb"])
 def test_notebook_runs_without_errors(name, tmp_path):
     import nbformat
     from nbclient import NotebookClient
@@ -20,4 +20,6 @@ def test_notebook_runs_without_errors(name, tmp_path):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     print(text)
-    assert "memory heads" in text and "steer to context" in text
+    expected = {"memory_context_heads.ipynb": ["memory heads", "steer to context"],
+                "retrieval_heads.ipynb": ["retrieval head L", "top-10 retrieval vs top-10 induction", "random-5 masked"]}
+    assert all(phrase in text for phrase in expected[name])

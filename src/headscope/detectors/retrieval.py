@@ -68,6 +68,7 @@ class RetrievalConfig(DetectorConfig):
     depths: tuple[float, ...] = (0, 50, 100)  # needle depth, percent of the filler
     needles_per_cell: int = 1
     needles: str = "facts"  # "facts": shipped invented facts; "codes": random access codes
+    needle_offset: int = 0  # start at this needle (e.g. 9 for needles held out from the default grid)
     format: str = "chat"  # "chat" or "plain" (the bundled instruct model ends its turn at once in plain)
     max_new_tokens: int = 50
     rouge_threshold: float = 0.5  # a sample counts when ROUGE-1 recall of the answer exceeds this
@@ -114,7 +115,8 @@ class RetrievalDetector(Detector):
         if config.needles not in NEEDLE_SOURCES:
             raise InputError(f"Unknown needle source {config.needles!r}; choose one of {', '.join(NEEDLE_SOURCES)}.")
         n_cells = len(config.lengths) * len(config.depths) * config.needles_per_cell
-        needles = shipped_needles() if config.needles == "facts" else code_needles(n_cells, config.seed)
+        needles = shipped_needles() if config.needles == "facts" else code_needles(n_cells + config.needle_offset, config.seed)
+        needles = needles[config.needle_offset % len(needles):] + needles[: config.needle_offset % len(needles)]
         return needle_grid(model, config.lengths, config.depths, needles, config.needles_per_cell, config.format)
 
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None,
@@ -340,7 +342,7 @@ def plot_needle_heatmaps(
     figure, axes = plt.subplots(1, len(conditions), figsize=(3.2 * len(conditions) + 1, 3.2), squeeze=False)
     for ax, (name, per_sample) in zip(axes[0], conditions.items(), strict=True):
         grid = _cell_means(samples, per_sample, lengths, depths)
-        image = ax.imshow(grid, cmap="RdYlGn", vmin=vmin, vmax=vmax, aspect="auto")
+        image = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
         ax.set_xlabel("context length (tokens)")
