@@ -56,6 +56,17 @@ def test_few_heads_are_retrieval_heads_and_their_score_is_about_the_needle(smoll
     assert max(decoy_best) < 0.1
 
 
+def test_the_needles_cannot_be_answered_without_the_needle(smollm, scores):
+    """Control for the task: the same prompts with the needle left out retrieve nothing."""
+    detector = RetrievalDetector()
+    controls = [make_haystack(smollm, s.needle, s.length, s.depth, s.format, insert_needle=False)
+                for s in detector.samples(smollm)]
+    outcomes = [answer_needle(smollm, sample, 40) for sample in controls]
+    recalls = [round(o.rouge, 2) for o in outcomes]
+    print(f"with the needle: {scores.metadata['n_retrieved']}/9 retrieved; without: ROUGE-1 recalls {recalls}")
+    assert sum(r > 0.5 for r in recalls) == 0 < scores.metadata["n_retrieved"]
+
+
 def test_top_retrieval_heads_are_the_top_induction_heads(smollm, scores):
     """Both roles copy; the heads coincide far beyond the overlap of random head sets."""
     induction = hs.detect(smollm, "induction", progress=False)

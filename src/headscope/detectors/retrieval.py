@@ -193,7 +193,7 @@ def copy_scores(trace: DecodeTrace, sample: HaystackSample) -> Float[Tensor, "n_
     divided by the span's length."""
     start, end = sample.answer_span
     keys = trace.top_keys.long()  # [steps, layers, heads]
-    if keys.numel() == 0:
+    if keys.numel() == 0 or end == start:
         return torch.zeros(trace.top_keys.shape[1:] or (0, 0))
     in_span = (keys >= start) & (keys < end)
     key_tokens = sample.tokens[keys.clamp(max=sample.n_tokens - 1)]

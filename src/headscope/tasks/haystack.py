@@ -173,8 +173,13 @@ def make_haystack(
     length: int,
     depth: float,
     format: str = "plain",
+    insert_needle: bool = True,
 ) -> HaystackSample:
-    """A prompt of about ``length`` tokens with ``needle`` at ``depth`` percent of the filler."""
+    """A prompt of about ``length`` tokens with ``needle`` at ``depth`` percent of the filler.
+
+    ``insert_needle=False`` builds the same prompt without the needle (the control showing the
+    model cannot answer from memory); its ``answer_span`` is then empty, ``(0, 0)``.
+    """
     if not 0 <= depth <= 100:
         raise InputError(f"depth is a percentage of the haystack and must lie in 0..100, got {depth}.")
     tokenizer = _tokenizer(model_or_tokenizer)
@@ -184,7 +189,7 @@ def make_haystack(
     filler = _filler_for(tokenizer, length - overhead)
     cut = round(len(filler) * depth / 100)
     before, after = " ".join(filler[:cut]), " ".join(filler[cut:])
-    haystack = " ".join(part for part in (before, needle.needle, after) if part)
+    haystack = " ".join(part for part in (before, needle.needle if insert_needle else "", after) if part)
     text = _wrap(tokenizer, haystack, needle.question, format)
     ids, offsets = _encode(tokenizer, text, format)
     limit = _context_limit(model_or_tokenizer)
@@ -192,8 +197,10 @@ def make_haystack(
         raise PromptTooLongError(
             f"The haystack has {len(ids)} tokens, more than the model's context of {limit}; ask for a shorter length."
         )
-    answer_at = text.index(needle.needle) + needle.needle.index(needle.answer)
-    span = token_span(offsets, answer_at, answer_at + len(needle.answer))
+    span = (0, 0)
+    if insert_needle:
+        answer_at = text.index(needle.needle) + needle.needle.index(needle.answer)
+        span = token_span(offsets, answer_at, answer_at + len(needle.answer))
     lead = "" if format == "chat" else " "
     answer_ids = tokenizer(lead + needle.answer, add_special_tokens=False)["input_ids"]
     return HaystackSample(
