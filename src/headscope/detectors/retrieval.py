@@ -22,7 +22,8 @@ the paper's ``rouge_score`` call uses; on these needles (invented names, concret
 differ rarely.
 
 Validation (``hs.validate``), the paper's ablation: the top-k heads masked at decode steps only
-(uniform attention through an ε-scaled query; the prefill is untouched) against k random heads.
+(uniform attention through an ε-scaled query; the prefill is untouched) against k random heads,
+on the same grid filled with the next needles of the list (held out from scoring).
 The metric is ``validation_metric``: the teacher-forced log-likelihood per answer token
 (``"loglik"``, default), or ROUGE-1 recall / exact match of the greedy answer (``"rouge"``,
 ``"exact"``). :func:`measure_needles` gives all three at once, and :func:`plot_needle_heatmaps`
@@ -142,7 +143,9 @@ class RetrievalDetector(Detector):
             raise InputError(
                 f"Unknown validation metric {config.validation_metric!r}; choose one of {', '.join(NEEDLE_METRICS)}."
             )
-        samples = self.samples(model)
+        n_cells = len(config.lengths) * len(config.depths) * config.needles_per_cell
+        held_out = RetrievalDetector(config, needle_offset=config.needle_offset + n_cells)
+        samples = held_out.samples(model)  # the grid again, with the next needles: held out from scoring
         names = {"loglik": "log-likelihood per answer token (teacher-forced)",
                  "rouge": "ROUGE-1 recall of the greedy answer", "exact": "exact match of the greedy answer"}
 
