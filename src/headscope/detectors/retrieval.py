@@ -342,14 +342,16 @@ def plot_needle_heatmaps(
 
     lengths = sorted({s.length for s in samples})
     depths = sorted({s.depth for s in samples})
-    figure, axes = plt.subplots(1, len(conditions), figsize=(3.2 * len(conditions) + 1, 3.2), squeeze=False)
+    figure, axes = plt.subplots(1, len(conditions), figsize=(3.4 * len(conditions) + 1, 3.6), squeeze=False,
+                                constrained_layout=True)
     for ax, (name, per_sample) in zip(axes[0], conditions.items(), strict=True):
         grid = _cell_means(samples, per_sample, lengths, depths)
         image = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth")
+        if ax is axes[0][0]:
+            ax.set_ylabel("needle depth")
         ax.set_title(f"{name}\nmean {float(per_sample.float().mean()):.2f}", fontsize=9)
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     figure.suptitle(title, fontsize=10)
