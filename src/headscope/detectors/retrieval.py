@@ -115,7 +115,7 @@ class RetrievalDetector(Detector):
         config = self.config
         if config.needles not in NEEDLE_SOURCES:
             raise InputError(f"Unknown needle source {config.needles!r}; choose one of {', '.join(NEEDLE_SOURCES)}.")
-        n_cells = len(config.lengths) * len(config.depths) * config.needles_per_cell
+        n_cells = grid_size(config)
         needles = shipped_needles() if config.needles == "facts" else code_needles(n_cells + config.needle_offset, config.seed)
         needles = needles[config.needle_offset % len(needles):] + needles[: config.needle_offset % len(needles)]
         return needle_grid(model, config.lengths, config.depths, needles, config.needles_per_cell, config.format)
@@ -143,8 +143,7 @@ class RetrievalDetector(Detector):
             raise InputError(
                 f"Unknown validation metric {config.validation_metric!r}; choose one of {', '.join(NEEDLE_METRICS)}."
             )
-        n_cells = len(config.lengths) * len(config.depths) * config.needles_per_cell
-        held_out = RetrievalDetector(config, needle_offset=config.needle_offset + n_cells)
+        held_out = RetrievalDetector(config, needle_offset=config.needle_offset + grid_size(config))
         samples = held_out.samples(model)  # the grid again, with the next needles: held out from scoring
         names = {"loglik": "log-likelihood per answer token (teacher-forced)",
                  "rouge": "ROUGE-1 recall of the greedy answer", "exact": "exact match of the greedy answer"}
@@ -156,6 +155,11 @@ class RetrievalDetector(Detector):
 
         return ValidationTask(samples, None, f"{names[config.validation_metric]}, heads masked at decode steps",
                               ablation_hurts_when="decreases", measure=measure, default_method="uniform")
+
+
+def grid_size(config: RetrievalConfig) -> int:
+    """Samples in the grid: lengths × depths × needles per cell."""
+    return len(config.lengths) * len(config.depths) * config.needles_per_cell
 
 
 def retrieval_scores(

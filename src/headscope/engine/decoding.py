@@ -198,9 +198,10 @@ def greedy_decode_rows(
                 current = tokens[:, None]
     finally:
         prefix.rewind()
+    shape = model_shape(model)
     return [
         _row_trace(prefix, row, int(length[row]), bool(finished[row]), steps_tokens, steps_logprobs,
-                   steps_keys if record_top_keys else None, model_shape(model))
+                   steps_keys if record_top_keys else None, shape)
         for row in range(rows)
     ]
 
