@@ -1,6 +1,6 @@
 """Task generators and small data sets for the detectors. Nothing here touches a model's weights."""
 
 from headscope.tasks.repeated_tokens import RepeatedTokens, repeated_random_tokens
-from headscope.tasks import conflicts, haystack  # noqa: F401  (knowledge conflicts, needles in haystacks)
+from headscope.tasks import conflicts, haystack, succession  # noqa: F401  (conflicts, needles, successions)
 
 __all__ = ["RepeatedTokens", "repeated_random_tokens"]

@@ -1,0 +1,223 @@
+"""Successor heads — Gould, Ong, Ogden, Conmy 2023, "Successor Heads: Recurring, Interpretable
+Attention Heads In The Wild" (arXiv 2312.09230).
+
+Data: succession tasks (``headscope.tasks.succession``): days, months, number words, ordinals,
+letters, Roman numerals, digits, ... kept where each item is one token.
+
+Scores, each pooled over every pair of every task (per-task breakdowns in ``extras``):
+
+* ``values``, the paper's weight-based *effective OV* score. For task tokens ``T`` and
+  head ``h`` of layer ``l``::
+
+      e(t)      = effective embedding of t      (``embedding``: "mlp0_residual" = W_E[t] +
+                  MLP0(RMSNorm_0(W_E[t])), the residual after block 0 without attention;
+                  "mlp0" = MLP0(RMSNorm_0(W_E[t])), the paper's; "raw" = W_E[t])
+      x(t)      = RMSNorm_l(e(t)) if ``head_input_norm`` else e(t)   (the norm the head reads through)
+      logits(t) = x(t) W_V^{kv(h)} W_O^h · diag(w_final) W_U[:, T]     (``unembed_norm``: with the
+                  final norm's weights, else plain W_U; tied embeddings make W_U = W_E^T)
+
+  A pair (t_i → t_{i+1}) succeeds when t_{i+1} has the highest logit among ``T``; the score is
+  the share of pairs that succeed.
+* ``extras["contextual"]``, the *contextual* score: on prompts such as ``" Monday, Tuesday, Wednesday,"`` the
+  head's direct logit contribution at the final position (its output through the final norm,
+  with the run's own RMS scale) restricted to the task's tokens; success when the correct
+  successor is its top task token. Computed on a dev half of the pairs; the other half is
+  held out for validation.
+
+Validation metric: top-1 accuracy of the model's next token on the held-out succession prompts
+(zero ablation by default, as in the issue's measurement); ablating successor heads lowers it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
+from headscope.engine.heads import hook_name, model_shape
+from headscope.engine.runner import run_batched
+from headscope.engine.tokens import TokenBatch, tokenize
+from headscope.engine.unembed import center_for_norm, final_norm_weight
+from headscope.errors import InputError
+from headscope.results import HeadScores
+from headscope.tasks.succession import ITEMS, SuccessionTask, succession_tasks
+
+EMBEDDINGS = ("mlp0_residual", "mlp0", "raw")
+FINAL_SCALE = "ln_final.hook_scale"
+
+
+@dataclass
+class SuccessorConfig(DetectorConfig):
+    tasks: tuple[str, ...] = tuple(ITEMS)
+    forms: tuple[str, ...] = ("space", "bare")
+    embedding: str = "mlp0_residual"  # effective embedding: "mlp0_residual", "mlp0" (the paper's) or "raw"
+    head_input_norm: bool = True  # pass the effective embedding through the head's layer's RMSNorm
+    unembed_norm: bool = True  # weight the unembedding by the final norm's weights
+    context_items: int = 3  # items shown before the one whose successor is asked for
+    separator: str = ","
+
+
+@dataclass
+class SuccessionPrompt:
+    """An in-context succession prompt: its text, the task it comes from and the expected token."""
+
+    text: str
+    task: SuccessionTask
+    target_index: int  # index (in the task's items) of the expected successor
+
+
+@register_detector
+class SuccessorDetector(Detector):
+    name = "successor"
+    Config = SuccessorConfig
+    summary = "successor top among task tokens: effective OV circuit and in-context direct logits (Gould et al. 2023)"
+
+    def tasks(self, model: Any) -> list[SuccessionTask]:
+        if self.config.embedding not in EMBEDDINGS:
+            raise InputError(f"Unknown effective embedding {self.config.embedding!r}; choose one of {', '.join(EMBEDDINGS)}.")
+        return succession_tasks(model, self.config.tasks, self.config.forms)
+
+    def prompts(self, model: Any, split: str = "dev") -> list[SuccessionPrompt]:
+        """Succession prompts of every task, the pairs split in halves by ``seed`` (dev / test)."""
+        prompts = [p for task in self.tasks(model) for p in succession_prompts(task, self.config.context_items,
+                                                                               self.config.separator)]
+        random.Random(self.config.seed).shuffle(prompts)
+        half = len(prompts) // 2
+        return prompts[:half] if split == "dev" else prompts[half:]
+
+    def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> HeadScores:
+        tasks = self.tasks(model)
+        ov = {task.name + ":" + task.form: effective_ov_success(model, task, self.config) for task in tasks}
+        prompts = self.prompts(model, "dev")
+        contextual = contextual_success(model, prompts, batch_size, progress)  # [prompts, layers, heads]
+        extras = {"contextual": contextual.float().mean(dim=0)}
+        extras.update({f"ov:{key}": success.float().mean(dim=0) for key, success in ov.items()})
+        by_task = {}
+        for prompt, success in zip(prompts, contextual, strict=True):
+            by_task.setdefault(f"{prompt.task.name}:{prompt.task.form}", []).append(success)
+        extras.update({f"context:{key}": torch.stack(rows).float().mean(dim=0) for key, rows in by_task.items()})
+        metadata = {
+            "tasks": {f"{t.name}:{t.form}": {"items": len(t.token_ids), "of": len(t.texts), "pairs": len(t.pairs),
+                                             "dropped_pairs": t.dropped_pairs} for t in tasks},
+            "n_prompts": len(prompts),
+            "chance": float(torch.tensor([1 / len(t.token_ids) for t in tasks for _ in t.pairs]).mean()),
+        }
+        return self.result(model, _pooled(ov), extras, metadata)
+
+    def validation_task(self, model: Any) -> ValidationTask:
+        prompts = self.prompts(model, "test")
+        return ValidationTask(
+            data=tokenize(model, [p.text for p in prompts]),
+            metric=SuccessorAccuracy(model, prompts),
+            metric_name="top-1 next token is the successor (held-out succession prompts)",
+            ablation_hurts_when="decreases",
+            default_method="zero",
+        )
+
+
+def succession_prompts(task: SuccessionTask, context_items: int = 3, separator: str = ",") -> list[SuccessionPrompt]:
+    """One prompt per kept pair with ``context_items`` items up to its first (wrapping where the task wraps)."""
+    n = len(task.texts)
+    return [
+        SuccessionPrompt(separator.join(task.texts[(first - k) % n] for k in reversed(range(context_items))) + separator,
+                         task, second)
+        for first, second in task.pairs
+        if task.wraps or first >= context_items - 1
+    ]
+
+
+def _pooled(success: dict[str, Tensor]) -> Tensor:
+    return torch.cat([s for s in success.values()], dim=0).float().mean(dim=0)
+
+
+def effective_embeddings(model: Any, token_ids: list[int], embedding: str) -> Float[Tensor, "n d_model"]:
+    """The residual a token leaves for later layers, by the chosen convention (no attention, no position)."""
+    with torch.no_grad():
+        raw = model.W_E[torch.tensor(token_ids, device=model.W_E.device)].detach().float()
+        if embedding == "raw":
+            return raw
+        block = model.blocks[0]
+        mlp_out = block.mlp(block.ln2(raw[None]))[0].float()
+        return mlp_out if embedding == "mlp0" else raw + mlp_out
+
+
+def effective_ov_success(model: Any, task: SuccessionTask, config: SuccessorConfig) -> Float[Tensor, "pairs n_layers n_heads"]:
+    """For each pair and head: is the successor the top task token of the head's effective OV logits?"""
+    shape = model_shape(model)
+    order = sorted(task.token_ids)
+    position = {item: i for i, item in enumerate(order)}
+    ids = [task.token_ids[i] for i in order]
+    embedded = effective_embeddings(model, ids, config.embedding)  # [n, d_model]
+    unembed = model.W_U.detach().float()[:, torch.tensor(ids, device=model.W_U.device)]
+    if config.unembed_norm:
+        unembed = final_norm_weight(model).float()[:, None] * unembed
+    sources = torch.tensor([position[a] for a, _ in task.pairs])
+    targets = torch.tensor([position[b] for _, b in task.pairs])
+    success = torch.zeros(len(task.pairs), shape.n_layers, shape.n_heads, dtype=torch.bool)
+    with torch.no_grad():
+        for layer in range(shape.n_layers):
+            attn = model.blocks[layer].attn
+            x = model.blocks[layer].ln1(embedded[None])[0].float() if config.head_input_norm else embedded
+            values = torch.einsum("nd,kde->kne", x, attn.W_V.detach().float())  # [kv, n, d_head]
+            for head in range(shape.n_heads):
+                out = values[head // shape.group_size] @ attn.W_O[head].detach().float()  # [n, d_model]
+                logits = center_for_norm(model, out) @ unembed  # [n, n_task]
+                success[:, layer, head] = (logits[sources].argmax(dim=-1) == targets.to(logits.device)).cpu()
+    return success
+
+
+def contextual_success(
+    model: Any, prompts: list[SuccessionPrompt], batch_size: Optional[int] = None, progress: Optional[bool] = None
+) -> Float[Tensor, "prompts n_layers n_heads"]:
+    """Per prompt and head: is the correct successor the top task token of the head's direct logits
+    at the final position?"""
+    shape = model_shape(model)
+    unembed = final_norm_weight(model).float()[:, None] * model.W_U.detach().float()
+    w_o = [model.blocks[layer].attn.W_O.detach().float() for layer in range(shape.n_layers)]
+    names = [hook_name(layer, "z") for layer in range(shape.n_layers)]
+    done = [0]
+
+    def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> Tensor:
+        rows = torch.arange(len(chunk), device=logits.device)
+        last = chunk.last_positions.to(logits.device)
+        outputs = torch.stack([
+            torch.einsum("bhd,hdm->bhm", cache[name][rows, last].float(), w_o[layer])
+            for layer, name in enumerate(names)
+        ], dim=1)  # [batch, layers, heads, d_model]
+        outputs = center_for_norm(model, outputs)
+        success = []
+        for row in range(len(chunk)):
+            prompt = prompts[done[0] + row]
+            ids = prompt.task.task_token_ids
+            target = sorted(prompt.task.token_ids).index(prompt.target_index)
+            head_logits = outputs[row] @ unembed[:, torch.tensor(ids, device=logits.device)]  # [layers, heads, n_task]
+            success.append(head_logits.argmax(dim=-1) == target)
+        done[0] += len(chunk)
+        return torch.stack(success).cpu()
+
+    return run_batched(model, tokenize(model, [p.text for p in prompts]), reduce, names, batch_size, progress,
+                       desc="successor")
+
+
+class SuccessorAccuracy:
+    """``metric(logits, chunk)``: 1 where the top next token at the last position is the successor.
+    Rows are matched to prompts by their tokens, so chunked batches work."""
+
+    def __init__(self, model: Any, prompts: list[SuccessionPrompt]) -> None:
+        batch = tokenize(model, [p.text for p in prompts])
+        self.targets = {
+            tuple(batch.tokens[row, : int(batch.lengths[row])].tolist()): p.task.token_ids[p.target_index]
+            for row, p in enumerate(prompts)
+        }
+
+    def __call__(self, logits: Tensor, chunk: TokenBatch) -> Tensor:
+        rows = torch.arange(len(chunk), device=logits.device)
+        final = logits[rows, chunk.last_positions.to(logits.device)]
+        keys = [tuple(chunk.tokens[row, : int(chunk.lengths[row])].tolist()) for row in range(len(chunk))]
+        targets = torch.tensor([self.targets[key] for key in keys], device=logits.device)
+        return (final.argmax(dim=-1) == targets).float()

@@ -1,0 +1,31 @@
+"""Gould et al. 2023 on the bundled model: successor heads (first part of issue 6).
+
+Claim checked: a successor head exists, and the paper's weight-based effective-OV score finds
+it. On held-out in-context succession prompts (" Monday, Tuesday, Wednesday,", "1,2,3,", ...),
+zero-ablating the head the score ranks first lowers top-1 successor accuracy far more than
+ablating one random head (6 draws, 95% bootstrap CI). What we also see: the contextual score
+(direct logits at the final position) ranks first a last-layer head (L29H1) that writes the
+successor logit directly yet matters far less when ablated — it reads out what the successor
+head computed upstream.
+"""
+
+import pytest
+
+import headscope as hs
+
+pytestmark = pytest.mark.repro
+
+
+def test_the_top_effective_ov_head_is_a_causal_successor_head_unlike_the_top_direct_logit_head(smollm):
+    scores = hs.detect(smollm, "successor", progress=False)
+    chance = scores.metadata["chance"]
+    print(f"effective OV top {[(str(h[:2]), round(h.score, 3)) for h in scores.top(5)]}, chance {chance:.3f}")
+    print(f"contextual top {[(str(h[:2]), round(h.score, 3)) for h in scores.top(5, extra='contextual')]}")
+    ov_result = hs.validate(smollm, scores, k=1, n_random=6, progress=False)
+    print(ov_result)
+    contextual = hs.HeadScores(scores.extras["contextual"], "successor", scores.model, scores.config)
+    contextual_result = hs.validate(smollm, contextual, k=1, n_random=6, progress=False)
+    print(contextual_result)
+    assert scores.top(1)[0].score > 1.5 * chance
+    assert ov_result.ci_high < 0 and ov_result.clean - ov_result.top_k > 0.2
+    assert ov_result.difference < 3 * contextual_result.difference  # both negative: OV's head matters 3x more
