@@ -35,10 +35,12 @@ from headscope.interventions import (
     ablate,
     ablate_per_row,
     add_vector,
+    edit,
     mask_at_decode,
     scale_output,
     scale_query,
     scale_values,
+    swap_feature,
     uniform_attention,
 )
 from headscope.models import DEFAULT_MODEL, load_model
@@ -70,6 +72,7 @@ __all__ = [
     "attribution_scan",
     "add_vector",
     "detect",
+    "edit",
     "get_detector",
     "list_detectors",
     "load_model",
@@ -82,6 +85,7 @@ __all__ = [
     "scale_query",
     "scale_values",
     "scan",
+    "swap_feature",
     "tokenize",
     "uniform_attention",
     "unregister_detector",

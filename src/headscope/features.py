@@ -9,6 +9,13 @@ classified by its largest cosine with the features. Accuracy is measured leave-o
 token's own class mean is recomputed without it) and leave-one-family-out (the features are
 fitted without the token's whole family, e.g. digits classified by features fitted on words),
 against the chance of guessing the most common class.
+
+``mod10_edits(model, head)`` is the paper's vector arithmetic: in a numeral's effective embedding,
+swap its mod-10 feature ``f_a`` for ``f_b`` (``e - f_a + f_b``; features are the class means minus
+the grand mean, fitted without the edited token) and pass it through the successor head's OV
+circuit. An edit succeeds when the head's top output among the token's family becomes the
+successor of the edited value (units digit a → b); the control adds a random direction of the
+same norm as ``f_b - f_a`` and is scored against the same target.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headscope.detectors.successor import effective_embeddings
+from headscope.detectors.successor import effective_embeddings, head_ov_logits, task_unembed
+from headscope.engine.heads import check_head
+from headscope.interventions import swap_feature
 from headscope.tasks.succession import make_task
 
 NUMERIC_FAMILIES = {
@@ -112,3 +121,82 @@ def mod10_probe(model: Any, embedding: str = "mlp0_residual") -> ProbeResult:
         chance=max(counts.values()) / len(tokens), features=features, per_class_counts=dict(sorted(counts.items())),
     )
 
+
+
+@dataclass
+class EditResult:
+    """How often swapping mod-10 features moves a head's top output to the edited value's successor."""
+
+    head: str
+    n_edits: int
+    success_rate: float  # top output = successor of the edited value
+    control_rate: float  # same target, a random direction of equal norm added instead
+    unedited_rate: float  # the head's top output on unedited tokens is their successor
+    difference_ci: tuple[float, float] = (float("nan"), float("nan"))  # 95% CI of success - control, paired
+    per_family: dict[str, float] = field(default_factory=dict)
+
+
+def mod10_edits(model: Any, head: Any, embedding: str = "mlp0_residual", seed: int = 0) -> EditResult:
+    """Swap each numeral's mod-10 feature for every other class where the edited value's successor
+    exists in its family; score through ``head``'s OV circuit against a random-direction control."""
+    target_head = check_head(model, head)
+    tokens = numeric_tokens(model)
+    embedded = effective_embeddings(model, [t.token_id for t in tokens], embedding).cpu()
+    classes = torch.tensor([t.value % 10 for t in tokens])
+    generator = torch.Generator().manual_seed(seed)
+    by_family: dict[str, dict[int, int]] = {}
+    for index, token in enumerate(tokens):
+        by_family.setdefault(token.family, {})[token.value] = index
+    outcomes: dict[str, list[tuple[bool, bool]]] = {}
+    unedited = []
+    for family, members in by_family.items():
+        column = {value: c for c, value in enumerate(members)}
+        unembed = task_unembed(model, [tokens[i].token_id for i in members.values()]).cpu()
+
+        def top_is(vectors: list[Tensor], values: list[int], unembed=unembed, column=column) -> list[bool]:
+            logits = head_ov_logits(model, target_head.layer, [target_head.head], torch.stack(vectors), unembed)[0]
+            return [int(top) == column[v] for top, v in zip(logits.argmax(dim=-1).tolist(), values, strict=True)]
+
+        for value, index in members.items():
+            if value + 1 in members:
+                unedited += top_is([embedded[index]], [value + 1])
+            edits = _feature_swaps(embedded, classes, index, value, set(members), generator)
+            if edits:
+                edited, controls, targets = (list(part) for part in zip(*edits, strict=True))
+                pairs = zip(top_is(edited, targets), top_is(controls, targets), strict=True)
+                outcomes.setdefault(family, []).extend(pairs)
+    pairs = [pair for family_pairs in outcomes.values() for pair in family_pairs]
+    return EditResult(
+        head=str(target_head), n_edits=len(pairs), success_rate=_mean([p[0] for p in pairs]),
+        control_rate=_mean([p[1] for p in pairs]), unedited_rate=_mean(unedited),
+        difference_ci=_paired_bootstrap_ci(pairs, seed),
+        per_family={family: _mean([p[0] for p in family_pairs]) for family, family_pairs in outcomes.items()},
+    )
+
+
+def _feature_swaps(embedded, classes, index, value, values_present, generator) -> list[tuple[Tensor, Tensor, int]]:
+    """(edited vector, control vector, edited value's successor) for each other units digit whose
+    edited value has a successor in the family; features fitted without the edited token."""
+    keep = torch.ones(len(classes), dtype=torch.bool)
+    keep[index] = False
+    center = embedded[keep].mean(dim=0)
+    means = {k: embedded[keep & (classes == k)].mean(dim=0) - center for k in range(10) if (keep & (classes == k)).any()}
+    a, swaps = value % 10, []
+    for b in sorted(means):
+        new_value = value - a + b
+        if b == a or a not in means or new_value < 1 or new_value + 1 not in values_present:
+            continue
+        shift = means[b] - means[a]
+        direction = torch.randn(shift.shape, generator=generator)
+        control = embedded[index] + direction / direction.norm() * shift.norm()
+        swaps.append((swap_feature(embedded[index], means[a], means[b]), control, new_value + 1))
+    return swaps
+
+
+def _paired_bootstrap_ci(pairs: list[tuple[bool, bool]], seed: int, n_bootstrap: int = 2000) -> tuple[float, float]:
+    if not pairs:
+        return float("nan"), float("nan")
+    differences = torch.tensor([float(a) - float(b) for a, b in pairs])
+    generator = torch.Generator().manual_seed(seed + 1)
+    samples = differences[torch.randint(len(pairs), (n_bootstrap, len(pairs)), generator=generator)].mean(dim=1)
+    return float(torch.quantile(samples, 0.025)), float(torch.quantile(samples, 0.975))

@@ -261,6 +261,27 @@ def add_vector(
     return hooked(model, [(name, add)])
 
 
+def swap_feature(
+    vector: Float[Tensor, "... d"], remove: Float[Tensor, " d"], add: Float[Tensor, " d"], scale: float = 1.0
+) -> Float[Tensor, "... d"]:
+    """Vector arithmetic on a representation: ``vector - scale * remove + scale * add`` (e.g. a
+    number's effective embedding with its mod-10 feature ``f_a`` swapped for ``f_b``)."""
+    return vector - scale * remove.to(vector) + scale * add.to(vector)
+
+
+def edit(
+    model: Any,
+    remove: Float[Tensor, " d_model"],
+    add: Float[Tensor, " d_model"],
+    layer: int,
+    positions: Optional[Union[int, Sequence[int]]] = None,
+    scale: float = 1.0,
+) -> contextlib.AbstractContextManager:
+    """Swap feature ``remove`` for ``add`` in the residual stream entering ``layer`` at ``positions``
+    (the in-prompt form of :func:`swap_feature`)."""
+    return add_vector(model, add.detach().float() - remove.detach().float(), layer, "resid_pre", positions, scale=scale)
+
+
 def _check_vector(vector: Tensor, size: int, where: str) -> None:
     if not isinstance(vector, Tensor) or vector.ndim != 1 or vector.shape[0] != size:
         got = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.repro
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
-@pytest.mark.parametrize("name", ["memory_context_heads.ipynb", "retrieval_heads.ipynb"])
+@pytest.mark.parametrize("name", ["memory_context_heads.ipynb", "retrieval_heads.ipynb", "successor_heads.ipynb"])
 def test_notebook_runs_without_errors(name, tmp_path):
     import nbformat
     from nbclient import NotebookClient
@@ -21,5 +21,6 @@ def test_notebook_runs_without_errors(name, tmp_path):
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     print(text)
     expected = {"memory_context_heads.ipynb": ["memory heads", "steer to context"],
-                "retrieval_heads.ipynb": ["retrieval head L", "top-10 retrieval vs top-10 induction", "random-5 masked"]}
+                "retrieval_heads.ipynb": ["retrieval head L", "top-10 retrieval vs top-10 induction", "random-5 masked"],
+                "successor_heads.ipynb": ["effective OV", "zero ablation of k=1", "numerals: leave-one-out", "edits succeed"]}
     assert all(phrase in text for phrase in expected[name])

@@ -92,7 +92,7 @@ class SuccessorDetector(Detector):
 
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> HeadScores:
         tasks = self.tasks(model)
-        ov = {task.name + ":" + task.form: effective_ov_success(model, task, self.config) for task in tasks}
+        ov = ov_success_by_task(model, tasks, self.config)
         prompts = self.prompts(model, "dev")
         contextual = contextual_success(model, prompts, batch_size, progress)  # [prompts, layers, heads]
         extras = {"contextual": contextual.float().mean(dim=0)}
@@ -131,6 +131,17 @@ def succession_prompts(task: SuccessionTask, context_items: int = 3, separator: 
     ]
 
 
+def ov_success_by_task(model: Any, tasks: list[SuccessionTask], config: SuccessorConfig) -> dict[str, Tensor]:
+    """Effective-OV success ``[pairs, n_layers, n_heads]`` per ``"task:form"``."""
+    return {f"{task.name}:{task.form}": effective_ov_success(model, task, config) for task in tasks}
+
+
+def ov_scores(model: Any, config: Optional[SuccessorConfig] = None) -> Float[Tensor, "n_layers n_heads"]:
+    """The pooled effective-OV score alone (no forward runs), e.g. to compare conventions."""
+    detector = SuccessorDetector(config)
+    return _pooled(ov_success_by_task(model, detector.tasks(model), detector.config))
+
+
 def _pooled(success: dict[str, Tensor]) -> Tensor:
     return torch.cat([s for s in success.values()], dim=0).float().mean(dim=0)
 
@@ -146,6 +157,27 @@ def effective_embeddings(model: Any, token_ids: list[int], embedding: str) -> Fl
         return mlp_out if embedding == "mlp0" else raw + mlp_out
 
 
+def task_unembed(model: Any, token_ids: list[int], unembed_norm: bool = True) -> Float[Tensor, "d_model n"]:
+    """Unembedding columns of ``token_ids``, weighted by the final norm's weights when ``unembed_norm``."""
+    unembed = model.W_U.detach().float()[:, torch.tensor(token_ids, device=model.W_U.device)]
+    return final_norm_weight(model).float()[:, None] * unembed if unembed_norm else unembed
+
+
+def head_ov_logits(
+    model: Any, layer: int, heads: list[int], embedded: Float[Tensor, "n d_model"], unembed: Tensor,
+    head_input_norm: bool = True,
+) -> Float[Tensor, "heads n n_out"]:
+    """``RMSNorm_layer(embedded) W_V W_O^h`` through ``unembed``, for each listed head of ``layer``."""
+    attn = model.blocks[layer].attn
+    group = model_shape(model).group_size
+    with torch.no_grad():
+        x = model.blocks[layer].ln1(embedded[None])[0].float() if head_input_norm else embedded.float()
+        values = torch.einsum("nd,kde->kne", x, attn.W_V.detach().float())  # [kv, n, d_head]
+        return torch.stack([
+            center_for_norm(model, values[head // group] @ attn.W_O[head].detach().float()) @ unembed for head in heads
+        ])
+
+
 def effective_ov_success(model: Any, task: SuccessionTask, config: SuccessorConfig) -> Float[Tensor, "pairs n_layers n_heads"]:
     """For each pair and head: is the successor the top task token of the head's effective OV logits?"""
     shape = model_shape(model)
@@ -153,21 +185,13 @@ def effective_ov_success(model: Any, task: SuccessionTask, config: SuccessorConf
     position = {item: i for i, item in enumerate(order)}
     ids = [task.token_ids[i] for i in order]
     embedded = effective_embeddings(model, ids, config.embedding)  # [n, d_model]
-    unembed = model.W_U.detach().float()[:, torch.tensor(ids, device=model.W_U.device)]
-    if config.unembed_norm:
-        unembed = final_norm_weight(model).float()[:, None] * unembed
+    unembed = task_unembed(model, ids, config.unembed_norm)
     sources = torch.tensor([position[a] for a, _ in task.pairs])
     targets = torch.tensor([position[b] for _, b in task.pairs])
     success = torch.zeros(len(task.pairs), shape.n_layers, shape.n_heads, dtype=torch.bool)
-    with torch.no_grad():
-        for layer in range(shape.n_layers):
-            attn = model.blocks[layer].attn
-            x = model.blocks[layer].ln1(embedded[None])[0].float() if config.head_input_norm else embedded
-            values = torch.einsum("nd,kde->kne", x, attn.W_V.detach().float())  # [kv, n, d_head]
-            for head in range(shape.n_heads):
-                out = values[head // shape.group_size] @ attn.W_O[head].detach().float()  # [n, d_model]
-                logits = center_for_norm(model, out) @ unembed  # [n, n_task]
-                success[:, layer, head] = (logits[sources].argmax(dim=-1) == targets.to(logits.device)).cpu()
+    for layer in range(shape.n_layers):
+        logits = head_ov_logits(model, layer, list(range(shape.n_heads)), embedded, unembed, config.head_input_norm)
+        success[:, layer] = (logits[:, sources].argmax(dim=-1) == targets.to(logits.device)).T.cpu()
     return success
 
 
