@@ -41,7 +41,7 @@ from torch import Tensor
 from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
 from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.runner import run_batched
-from headscope.engine.tokens import TokenBatch, tokenize
+from headscope.engine.tokens import TokenBatch, row_tokens, tokenize
 from headscope.engine.unembed import center_for_norm, final_norm_weight
 from headscope.results import HeadScores, ranking_agreement  # noqa: F401  (ranking_agreement re-exported)
 from headscope.tasks.conflicts import ConflictItem, conflict_items, conflict_prompt
@@ -144,17 +144,13 @@ class LogitDifference:
 
     def __init__(self, model: Any, items: list[ConflictItem]) -> None:
         batch = tokenize(model, [i.prompt for i in items])
-        self.answers = {_key(batch, row): (i.context_token, i.memory_token) for row, i in enumerate(items)}
+        self.answers = {row_tokens(batch, row): (i.context_token, i.memory_token) for row, i in enumerate(items)}
 
     def __call__(self, logits: Tensor, chunk: TokenBatch) -> Tensor:
         rows = torch.arange(len(chunk), device=logits.device)
         final = logits[rows, chunk.last_positions.to(logits.device)]
-        pairs = torch.tensor([self.answers[_key(chunk, row)] for row in range(len(chunk))], device=logits.device)
+        pairs = torch.tensor([self.answers[row_tokens(chunk, row)] for row in range(len(chunk))], device=logits.device)
         return final[rows, pairs[:, 0]] - final[rows, pairs[:, 1]]
-
-
-def _key(batch: TokenBatch, row: int) -> tuple[int, ...]:
-    return tuple(batch.tokens[row, : int(batch.lengths[row])].tolist())
 
 
 @dataclass

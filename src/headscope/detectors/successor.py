@@ -41,7 +41,7 @@ from torch import Tensor
 from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
 from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.runner import run_batched
-from headscope.engine.tokens import TokenBatch, tokenize
+from headscope.engine.tokens import TokenBatch, row_tokens, tokenize
 from headscope.engine.unembed import center_for_norm, final_norm_weight
 from headscope.errors import InputError
 from headscope.results import HeadScores
@@ -235,13 +235,12 @@ class SuccessorAccuracy:
     def __init__(self, model: Any, prompts: list[SuccessionPrompt]) -> None:
         batch = tokenize(model, [p.text for p in prompts])
         self.targets = {
-            tuple(batch.tokens[row, : int(batch.lengths[row])].tolist()): p.task.token_ids[p.target_index]
+            row_tokens(batch, row): p.task.token_ids[p.target_index]
             for row, p in enumerate(prompts)
         }
 
     def __call__(self, logits: Tensor, chunk: TokenBatch) -> Tensor:
         rows = torch.arange(len(chunk), device=logits.device)
         final = logits[rows, chunk.last_positions.to(logits.device)]
-        keys = [tuple(chunk.tokens[row, : int(chunk.lengths[row])].tolist()) for row in range(len(chunk))]
-        targets = torch.tensor([self.targets[key] for key in keys], device=logits.device)
+        targets = torch.tensor([self.targets[row_tokens(chunk, row)] for row in range(len(chunk))], device=logits.device)
         return (final.argmax(dim=-1) == targets).float()

@@ -178,6 +178,11 @@ def check_batch(model: Any, batch: TokenBatch) -> TokenBatch:
     return batch
 
 
+def row_tokens(batch: TokenBatch, row: int) -> tuple[int, ...]:
+    """The real tokens of one row, as a hashable key (metrics match chunk rows to items by it)."""
+    return tuple(batch.tokens[row, : int(batch.lengths[row])].tolist())
+
+
 def iter_batches(batch: TokenBatch, batch_size: int) -> Iterator[tuple[slice, TokenBatch]]:
     """Yield ``(rows, sub-batch)`` chunks of at most ``batch_size`` rows, each trimmed."""
     if batch_size < 1:
