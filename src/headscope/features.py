@@ -75,14 +75,20 @@ def numeric_tokens(model: Any) -> list[NumericToken]:
     return tokens
 
 
-def _centroid_features(embedded: Tensor, classes: Tensor, keep: Tensor) -> Tensor:
-    """Unit-normed class means minus the grand mean, over the rows in ``keep``."""
+def _class_offsets(embedded: Tensor, classes: Tensor, keep: Tensor) -> tuple[dict[int, Tensor], Tensor]:
+    """Per mod-10 class present among the rows in ``keep``: its mean minus the grand mean (the
+    feature f_k), and the grand mean."""
     center = embedded[keep].mean(dim=0)
+    offsets = {k: embedded[keep & (classes == k)].mean(dim=0) - center for k in range(10) if (keep & (classes == k)).any()}
+    return offsets, center
+
+
+def _centroid_features(embedded: Tensor, classes: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Unit-normed features ``[10, d_model]`` (zero rows for absent classes), and the grand mean."""
+    offsets, center = _class_offsets(embedded, classes, keep)
     features = torch.zeros(10, embedded.shape[1])
-    for k in range(10):
-        rows = keep & (classes == k)
-        if rows.any():
-            features[k] = embedded[rows].mean(dim=0) - center
+    for k, offset in offsets.items():
+        features[k] = offset
     return torch.nn.functional.normalize(features, dim=1), center
 
 
@@ -179,8 +185,7 @@ def _feature_swaps(embedded, classes, index, value, values_present, generator) -
     edited value has a successor in the family; features fitted without the edited token."""
     keep = torch.ones(len(classes), dtype=torch.bool)
     keep[index] = False
-    center = embedded[keep].mean(dim=0)
-    means = {k: embedded[keep & (classes == k)].mean(dim=0) - center for k in range(10) if (keep & (classes == k)).any()}
+    means, _ = _class_offsets(embedded, classes, keep)
     a, swaps = value % 10, []
     for b in sorted(means):
         new_value = value - a + b

@@ -42,7 +42,7 @@ from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, r
 from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, row_tokens, tokenize
-from headscope.engine.unembed import center_for_norm, final_norm_weight
+from headscope.engine.unembed import final_norm_weight, head_output_weights, last_position_head_outputs
 from headscope.results import HeadScores, ranking_agreement  # noqa: F401  (ranking_agreement re-exported)
 from headscope.tasks.conflicts import ConflictItem, conflict_items, conflict_prompt
 
@@ -111,7 +111,7 @@ def final_head_attributions(
     run's scale, for direct-path patching)."""
     shape = model_shape(model)
     directions = answer_directions(model, items)
-    w_o = [model.blocks[layer].attn.W_O.detach().float() for layer in range(shape.n_layers)]
+    w_o = head_output_weights(model)
     names = [hook_name(layer, "z") for layer in range(shape.n_layers)] + [FINAL_SCALE]
     offset = [0]
 
@@ -124,8 +124,7 @@ def final_head_attributions(
         direction = directions[index].to(logits.device)
         per_layer = []
         for layer in range(shape.n_layers):
-            z = cache[hook_name(layer, "z")][rows, last].float()  # [batch, heads, d_head]
-            outputs = center_for_norm(model, torch.einsum("bhd,hdm->bhm", z, w_o[layer]))
+            outputs = last_position_head_outputs(model, cache[hook_name(layer, "z")], last, w_o[layer])
             per_layer.append(torch.einsum("bhm,bm->bh", outputs, direction) / scale[:, None])
         context = torch.tensor([i.context_token for i in items[index]], device=logits.device)
         memory = torch.tensor([i.memory_token for i in items[index]], device=logits.device)

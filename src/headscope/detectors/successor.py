@@ -19,8 +19,9 @@ Scores, each pooled over every pair of every task (per-task breakdowns in ``extr
   A pair (t_i → t_{i+1}) succeeds when t_{i+1} has the highest logit among ``T``; the score is
   the share of pairs that succeed.
 * ``extras["contextual"]``, the *contextual* score: on prompts such as ``" Monday, Tuesday, Wednesday,"`` the
-  head's direct logit contribution at the final position (its output through the final norm,
-  with the run's own RMS scale) restricted to the task's tokens; success when the correct
+  head's direct logit contribution at the final position (its output through the final norm's
+  weights; the run's RMS scale is a positive factor per prompt and cannot change the top token)
+  restricted to the task's tokens; success when the correct
   successor is its top task token. Computed on a dev half of the pairs; the other half is
   held out for validation.
 
@@ -42,13 +43,12 @@ from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, r
 from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, row_tokens, tokenize
-from headscope.engine.unembed import center_for_norm, final_norm_weight
+from headscope.engine.unembed import center_for_norm, final_norm_weight, head_output_weights, last_position_head_outputs
 from headscope.errors import InputError
 from headscope.results import HeadScores
 from headscope.tasks.succession import ITEMS, SuccessionTask, succession_tasks
 
 EMBEDDINGS = ("mlp0_residual", "mlp0", "raw")
-FINAL_SCALE = "ln_final.hook_scale"
 
 
 @dataclass
@@ -202,18 +202,15 @@ def contextual_success(
     at the final position?"""
     shape = model_shape(model)
     unembed = final_norm_weight(model).float()[:, None] * model.W_U.detach().float()
-    w_o = [model.blocks[layer].attn.W_O.detach().float() for layer in range(shape.n_layers)]
+    w_o = head_output_weights(model)
     names = [hook_name(layer, "z") for layer in range(shape.n_layers)]
     done = [0]
 
     def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> Tensor:
-        rows = torch.arange(len(chunk), device=logits.device)
-        last = chunk.last_positions.to(logits.device)
         outputs = torch.stack([
-            torch.einsum("bhd,hdm->bhm", cache[name][rows, last].float(), w_o[layer])
+            last_position_head_outputs(model, cache[name], chunk.last_positions, w_o[layer])
             for layer, name in enumerate(names)
         ], dim=1)  # [batch, layers, heads, d_model]
-        outputs = center_for_norm(model, outputs)
         success = []
         for row in range(len(chunk)):
             prompt = prompts[done[0] + row]

@@ -44,3 +44,16 @@ def direct_logits(
 ) -> Float[Tensor, "... d_vocab"]:
     """Logits written by ``contribution`` along the direct path (up to the per-position RMS scale)."""
     return center_for_norm(model, contribution) @ (unembed if unembed is not None else direct_unembed(model))
+
+
+def head_output_weights(model: Any) -> list[Float[Tensor, "n_heads d_head d_model"]]:
+    """Every layer's ``W_O`` as float tensors, fetched once per run."""
+    return [block.attn.W_O.detach().float() for block in model.blocks]
+
+
+def last_position_head_outputs(
+    model: Any, z: Float[Tensor, "batch pos n_heads d_head"], last: Tensor, w_o: Float[Tensor, "n_heads d_head d_model"]
+) -> Float[Tensor, "batch n_heads d_model"]:
+    """Each head's output ``z W_O^h`` at each row's ``last`` position, centred for the final norm."""
+    rows = torch.arange(z.shape[0], device=z.device)
+    return center_for_norm(model, torch.einsum("bhd,hdm->bhm", z[rows, last.to(z.device)].float(), w_o))
