@@ -153,8 +153,9 @@ def as_token_batch(model: Any, data: Any, prepend_bos: bool = True) -> TokenBatc
     )
 
 
-def check_batch(model: Any, batch: TokenBatch) -> TokenBatch:
-    """Raise on empty batches, over-long rows and ids outside the vocabulary."""
+def check_batch(model: Any, batch: TokenBatch, extra_tokens: int = 0) -> TokenBatch:
+    """Raise on empty batches, over-long rows (``extra_tokens`` more will be generated) and ids
+    outside the vocabulary."""
     shape = model_shape(model)
     if len(batch) == 0 or batch.tokens.shape[1] == 0:
         raise InputError("The batch is empty; give at least one sequence with at least one token.")
@@ -162,10 +163,11 @@ def check_batch(model: Any, batch: TokenBatch) -> TokenBatch:
         row = int(torch.nonzero(batch.lengths == 0)[0, 0])
         raise InputError(f"Sequence {row} has no real tokens (its attention mask is all zero).")
     longest = int(batch.lengths.max())
-    if longest > shape.n_ctx:
+    if longest + extra_tokens > shape.n_ctx:
         row = int(batch.lengths.argmax())
+        more = f" plus {extra_tokens} to generate" if extra_tokens else ""
         raise PromptTooLongError(
-            f"Sequence {row} has {longest} tokens, more than the model's context of {shape.n_ctx}. "
+            f"Sequence {row} has {longest} tokens{more}, more than the model's context of {shape.n_ctx}. "
             f"headscope never truncates silently: shorten the prompt or split it into windows of at "
             f"most {shape.n_ctx} tokens."
         )
