@@ -94,6 +94,8 @@ def load_model(
     if text in BUNDLED_MODELS:
         bundled = BUNDLED_MODELS[text]
         return _load_gguf(bundled_gguf_path(bundled), torch_device, torch_dtype, cache_dir, text)
+    if text in _organisms():
+        return _load_organism(text, torch_device, torch_dtype, cache_dir)
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -184,7 +186,41 @@ def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, cache_dir, name: str) -> Any:
+def _organisms() -> dict:
+    from headscope.organisms import ORGANISMS
+
+    return ORGANISMS
+
+
+def bundled_hf_folder(name: str = DEFAULT_MODEL, cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """The Hugging Face folder of a bundled model's dequantised weights (made once, then cached)."""
+    return _gguf_hf_folder(bundled_gguf_path(BUNDLED_MODELS[name]), cache_dir)
+
+
+def _gguf_hf_folder(path: Path, cache_dir) -> Path:
+    _check_gguf_architecture(path)
+    cached = cache_root(cache_dir) / "models" / f"{path.stem}-{file_sha256(path)[:16]}"
+    if not (cached / "config.json").is_file():
+        _dequantise_to_cache(path, cached)
+    return cached
+
+
+def _load_organism(name: str, device: torch.device, dtype: torch.dtype, cache_dir) -> Any:
+    """A bundled base model with an organism's low-rank delta added to its weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from headscope.organisms import ORGANISMS, apply_low_rank_delta, check_organism_file
+
+    delta = check_organism_file(name)
+    folder = bundled_hf_folder(ORGANISMS[name].base, cache_dir)
+    architecture = _check_bridge_architecture(AutoConfig.from_pretrained(str(folder)), source=str(folder))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    apply_low_rank_delta(hf_model, delta)  # in float32, then cast
+    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    return _bridge_from_hf(hf_model, AutoTokenizer.from_pretrained(str(folder)), architecture, name)
+
+
+def _check_gguf_architecture(path: Path) -> None:
     architecture = gguf_architecture(path)
     supported = supported_gguf_architectures()
     if architecture not in supported:
@@ -193,10 +229,10 @@ def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, cache_dir, 
             f"dequantise. Supported GGUF architectures: {', '.join(supported)}. Convert the model to "
             f"a Hugging Face folder and pass that folder instead."
         )
-    cached = cache_root(cache_dir) / "models" / f"{path.stem}-{file_sha256(path)[:16]}"
-    if not (cached / "config.json").is_file():
-        _dequantise_to_cache(path, cached)
-    return _load_hf_folder(cached, device, dtype, name=name)
+
+
+def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, cache_dir, name: str) -> Any:
+    return _load_hf_folder(_gguf_hf_folder(path, cache_dir), device, dtype, name=name)
 
 
 def _dequantise_to_cache(path: Path, target: Path) -> None:
