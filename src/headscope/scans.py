@@ -21,8 +21,10 @@ head under ``hs.ablate`` (tested against that naive loop), with less work:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -41,6 +43,9 @@ from headscope.models import model_name
 from headscope.results import HeadScores
 
 ScanMetric = Callable[[Float[Tensor, "batch pos vocab"], TokenBatch], Float[Tensor, " batch"]]
+# read(run, chunk): what a scan keeps of one run (``run()`` does the forward pass; ``chunk`` is the
+# un-repeated batch, whose rows a run repeats once per ablated head).
+Reader = Callable[[Callable[[], Tensor], TokenBatch], Tensor]
 SCAN_METHODS = ("zero", "mean", "resample", "uniform", "scale")
 
 
@@ -88,8 +93,11 @@ def ablation_scan(
             "every chunk needs at least 2 examples; change batch_size or the number of examples."
         )
     means = _means_for(model, method, selected, batch if reference is None else reference, chunk_size)
+    read = _logits_reader(model, positions)
     signature = _signature(model, batch, metric, method, factor, selected)
-    state = _load_checkpoint(checkpoint, signature, (shape.n_layers, shape.n_heads))
+    fresh = {"signature": signature, "done": [], "sums": torch.zeros(shape.n_layers, shape.n_heads),
+             "counts": torch.zeros(shape.n_layers, shape.n_heads)}
+    state = _load_checkpoint(checkpoint, signature, fresh)
     sums, counts = state["sums"].to(device), state["counts"].to(device)
     layer_heads = heads_by_layer(selected)
     done = {tuple(unit) for unit in state["done"]}
@@ -101,14 +109,14 @@ def ablation_scan(
             if not layers:
                 continue
             chunk = chunk.to(device)
-            clean, residuals = _clean_run(model, chunk, layers, skip_layers, positions)
+            clean, residuals = _clean_run(model, chunk, layers, skip_layers, read)
             for layer in layers:
                 effects = _layer_effects(model, chunk, clean, residuals.get(layer), layer, layer_heads[layer], metric,
-                                         method, factor, means, skip_layers, positions)
+                                         method, factor, means, skip_layers, read)
                 sums[layer, layer_heads[layer]] += effects.sum(dim=1)
                 counts[layer, layer_heads[layer]] += effects.shape[1]
                 state["done"].append([index, layer])
-                _save_checkpoint(checkpoint, state, sums, counts)
+                _save_checkpoint(checkpoint, dict(state, sums=sums.cpu(), counts=counts.cpu()))
                 bar.update(1)
     values = (sums / counts).float().cpu()
     return HeadScores(
@@ -118,6 +126,105 @@ def ablation_scan(
         config={"method": method, "factor": factor, "metric": _metric_name(metric), "n_heads_scanned": len(selected)},
         metadata={"n_examples": len(batch), "nan": "heads not scanned" if len(selected) < shape.n_total_heads else None},
     )
+
+
+@dataclass
+class ReadoutScan:
+    """Final normalised hidden states at each example's last position, clean and per ablated head.
+
+    ``clean[n]`` is example ``n``'s state (the unembedding's input); ``ablated[l, h, n]`` the same
+    with head ``(l, h)`` ablated (NaN for heads not scanned). ``logits()`` maps states through the
+    unembedding.
+    """
+
+    clean: Float[Tensor, "examples d_model"]
+    ablated: Float[Tensor, "layers heads examples d_model"]
+    heads: list[Head]
+    method: str
+    factor: Optional[float]
+
+    def logits(self, model: Any, states: Tensor) -> Tensor:
+        """Logits of states of shape ``[..., d_model]`` (the unembedding, chunked)."""
+        flat = states.reshape(-1, states.shape[-1])
+        with torch.no_grad():
+            out = torch.cat([model.unembed(part.to(model_device(model))[:, None])[:, 0].float().cpu()
+                             for part in flat.split(256)])
+        return out.view(*states.shape[:-1], -1)
+
+
+def readout_scan(
+    model: Any,
+    tokens: Any,
+    method: str = "uniform",
+    heads: Optional[Sequence[Any]] = None,
+    factor: Optional[float] = None,
+    batch_size: Optional[int] = None,
+    background: Optional[Callable[[Any], Any]] = None,
+    skip_layers: bool = True,
+    checkpoint: Optional[Union[str, Path]] = None,
+    progress: Optional[bool] = None,
+) -> ReadoutScan:
+    """Every example's last-position final state with each head ablated in turn: the raw material
+    of the sweeps that compare distributions or subspaces rather than average a per-example
+    metric (Ships' KL, dataset-level Ships, Sahara).
+
+    Same engine as ``ablation_scan`` (clean run once per chunk, each head's layer onwards only,
+    several heads per batched run, checkpointing). ``background``: a context-manager factory
+    entered around the whole scan (clean runs included), e.g. the heads a greedy search already
+    chose; the clean states are then those of the background alone.
+    """
+    _check_method(method, factor)
+    batch = as_token_batch(model, tokens)
+    selected = check_heads(model, heads) if heads is not None else all_heads(model)
+    shape = model_shape(model)
+    chunk_size = batch_size or auto_batch_size(model, batch.tokens.shape[1])
+    means = _means_for(model, method, selected, batch, chunk_size)
+    signature = _signature(model, batch, "readout", method, factor, selected)
+    fresh = {"signature": signature, "done": [], "clean": torch.zeros(len(batch), shape.d_model),
+             "ablated": torch.full((shape.n_layers, shape.n_heads, len(batch), shape.d_model), math.nan)}
+    state = _load_checkpoint(checkpoint, signature, fresh)
+    if background is not None and checkpoint is not None:
+        raise InputError("readout_scan cannot checkpoint a scan with a background intervention; drop one of them.")
+    layer_heads = heads_by_layer(selected)
+    done = {tuple(unit) for unit in state["done"]}
+    read = lambda run, chunk: _last_states(model, run, chunk)  # noqa: E731
+    disable = None if progress is None else not progress
+    n_units = -(-len(batch) // chunk_size) * len(layer_heads)
+    outer = background(model) if background is not None else contextlib.nullcontext()
+    with torch.no_grad(), outer, tqdm(total=n_units - len(done), desc="readout scan", unit="layer", disable=disable) as bar:
+        for index, (rows, chunk) in enumerate(iter_batches(batch, chunk_size)):
+            layers = [layer for layer in layer_heads if (index, layer) not in done]
+            if not layers:
+                continue
+            chunk = chunk.to(model_device(model))
+            clean, residuals = _clean_run(model, chunk, layers, skip_layers, read)
+            state["clean"][rows] = clean.float().cpu()
+            for layer in layers:
+                head_index = torch.tensor(layer_heads[layer])
+                state["ablated"][layer, head_index, rows] = _layer_states(
+                    model, chunk, residuals.get(layer), layer, layer_heads[layer], method, factor, means, skip_layers, read)
+                state["done"].append([index, layer])
+                _save_checkpoint(checkpoint, state)
+                bar.update(1)
+    return ReadoutScan(state["clean"], state["ablated"], selected, method, factor)
+
+
+def _layer_states(
+    model, chunk, residual, layer, layer_heads, method, factor, means, skip_layers, read
+) -> Float[Tensor, "n_heads_in_layer batch d_model"]:
+    """Last-position final states of the chunk with each listed head of one layer ablated."""
+
+    def states(heads: list[int]) -> Tensor:
+        out, _ = _run_group(model, chunk, residual, layer, heads, method, factor, means, skip_layers, read)
+        return out.float().cpu().view(len(heads), len(chunk), -1)
+
+    return torch.cat(_in_groups(model, chunk, layer_heads, states))
+
+
+def _last_states(model: Any, run: Callable[[], Tensor], chunk: TokenBatch) -> Tensor:
+    from headscope.engine.generation import last_position_run
+
+    return last_position_run(model, chunk, run, logits=False)
 
 
 def _check_method(method: str, factor: Optional[float]) -> None:
@@ -134,9 +241,9 @@ def _means_for(model, method, heads, reference, batch_size) -> dict[int, Tensor]
 
 
 def _clean_run(
-    model: Any, chunk: TokenBatch, layers: list[int], skip_layers: bool, positions: Optional[Sequence[int]]
+    model: Any, chunk: TokenBatch, layers: list[int], skip_layers: bool, read: Reader
 ) -> tuple[Tensor, dict[int, Tensor]]:
-    """Clean logits of a chunk and the residual stream entering each listed layer."""
+    """``read(run)`` of the chunk's clean forward, and the residual stream entering each listed layer."""
     mask = chunk.attention_mask if chunk.is_padded else None
     if skip_layers:
         check_forward_from_layer(model, chunk.tokens, mask)
@@ -148,8 +255,12 @@ def _clean_run(
         cache.update(found)
         return logits
 
-    logits = _logits_at(model, run, positions, chunk.tokens.shape[1])
-    return logits, {layer: cache[resid_pre_name(layer)] for layer in layers if skip_layers}
+    output = read(run, chunk)
+    return output, {layer: cache[resid_pre_name(layer)] for layer in layers if skip_layers}
+
+
+def _logits_reader(model: Any, positions: Optional[Sequence[int]]) -> Reader:
+    return lambda run, chunk: _logits_at(model, run, positions, chunk.tokens.shape[1])
 
 
 def _logits_at(model: Any, run: Callable[[], Tensor], positions: Optional[Sequence[int]], width: int) -> Tensor:
@@ -165,27 +276,37 @@ def _logits_at(model: Any, run: Callable[[], Tensor], positions: Optional[Sequen
 
 
 def _layer_effects(
-    model, chunk, clean_logits, residual, layer, layer_heads, metric, method, factor, means, skip_layers, positions
+    model, chunk, clean_logits, residual, layer, layer_heads, metric, method, factor, means, skip_layers, read
 ) -> Float[Tensor, "n_heads_in_layer batch"]:
     """metric(ablated) - metric(clean) for each listed head of one layer, per example."""
     clean_metric = metric(clean_logits, chunk).float()
-    rows, width = chunk.tokens.shape
-    group = _group_size(model, rows, width)
+    rows = chunk.tokens.shape[0]
+
+    def effects(heads: list[int]) -> Tensor:
+        logits, repeated = _run_group(model, chunk, residual, layer, heads, method, factor, means, skip_layers, read)
+        return metric(logits, repeated).float().view(len(heads), rows) - clean_metric[None]
+
+    return torch.cat(_in_groups(model, chunk, layer_heads, effects))
+
+
+def _in_groups(model: Any, chunk: TokenBatch, layer_heads: list[int], run: Callable[[list[int]], Tensor]) -> list[Tensor]:
+    """``run(heads)`` over groups of heads sized to the memory budget; a group that runs out of
+    CUDA memory is retried at half the size, keeping every finished group."""
+    group = _group_size(model, *chunk.tokens.shape)
     results: list[Tensor] = []
     start = 0
     while start < len(layer_heads):
         heads = layer_heads[start : start + group]
         try:
-            ablated = _run_group(model, chunk, residual, layer, heads, metric, method, factor, means, skip_layers, positions)
+            results.append(run(heads))
         except torch.cuda.OutOfMemoryError:
             if group == 1:
                 raise
-            group = max(1, group // 2)  # finished groups are kept; retry this one smaller
+            group = max(1, group // 2)
             torch.cuda.empty_cache()
             continue
-        results.append(ablated - clean_metric[None])
         start += len(heads)
-    return torch.cat(results)
+    return results
 
 
 def _group_size(model: Any, rows: int, width: int) -> int:
@@ -193,12 +314,13 @@ def _group_size(model: Any, rows: int, width: int) -> int:
     return max(1, auto_batch_size(model, width) // rows)
 
 
-def _run_group(model, chunk, residual, layer, heads, metric, method, factor, means, skip_layers, positions) -> Tensor:
-    """One batched run: copy g of the chunk ablates ``heads[g]``; returns metric per [copy, example]."""
-    copies, rows = len(heads), chunk.tokens.shape[0]
+def _run_group(model, chunk, residual, layer, heads, method, factor, means, skip_layers, read) -> tuple[Tensor, TokenBatch]:
+    """One batched run where copy g of the chunk ablates ``heads[g]``: ``read``'s output (rows in
+    copy-major order) and the repeated batch it came from."""
+    copies = len(heads)
     repeated = TokenBatch(chunk.tokens.repeat(copies, 1), chunk.attention_mask.repeat(copies, 1))
     mask = repeated.attention_mask if chunk.is_padded else None
-    hook = _batched_ablation_hook(heads, rows, method, factor, means.get(layer), chunk.tokens.device)
+    hook = _batched_ablation_hook(heads, chunk.tokens.shape[0], method, factor, means.get(layer), chunk.tokens.device)
     kind = "q" if method == "uniform" else "z"
 
     def run() -> Tensor:
@@ -207,8 +329,7 @@ def _run_group(model, chunk, residual, layer, heads, metric, method, factor, mea
         return model(repeated.tokens, attention_mask=mask)
 
     with model.hooks(fwd_hooks=[(hook_name(layer, kind), hook)]):
-        logits = _logits_at(model, run, positions, chunk.tokens.shape[1])
-    return metric(logits, repeated).float().view(copies, rows)
+        return read(run, chunk), repeated
 
 
 def _batched_ablation_hook(
@@ -355,19 +476,18 @@ def _signature(model, batch: TokenBatch, metric, method, factor, heads: list[Hea
     return digest.hexdigest()
 
 
-def _load_checkpoint(path: Optional[Union[str, Path]], signature: str, shape: tuple[int, int]) -> dict:
-    """The saved state when ``path`` holds one for this very scan, else a fresh one."""
+def _load_checkpoint(path: Optional[Union[str, Path]], signature: str, fresh: dict) -> dict:
+    """The saved state when ``path`` holds one for this very scan, else ``fresh``."""
     if path is not None and Path(path).is_file():
         saved = torch.load(path, weights_only=False)
         if saved.get("signature") == signature:
             return saved
-    return {"signature": signature, "done": [], "sums": torch.zeros(shape), "counts": torch.zeros(shape)}
+    return fresh
 
 
-def _save_checkpoint(path: Optional[Union[str, Path]], state: dict, sums: Tensor, counts: Tensor) -> None:
+def _save_checkpoint(path: Optional[Union[str, Path]], state: dict) -> None:
     if path is None:
         return
-    state = dict(state, sums=sums.cpu(), counts=counts.cpu())
     tmp = Path(str(path) + ".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # never half-written

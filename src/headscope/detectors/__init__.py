@@ -15,6 +15,7 @@ from headscope.detectors import (  # noqa: F401  (registers)
     memory_context,
     previous_token,
     retrieval,
+    safety,
     successor,
 )
 

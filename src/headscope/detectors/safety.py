@@ -1,0 +1,258 @@
+"""Safety heads — Zhou et al. 2024, "On the Role of Attention Heads in Large Language Model
+Safety" (arXiv 2410.13708; code: ydyjya/SafetyHeadAttribution).
+
+Data: harmful requests (``headscope.tasks.refusal``, train split by default, ``n_queries`` of them
+drawn with ``seed``), each as a chat user turn without a system turn. Ablation: *uniform
+attention*, the head's pre-RoPE query × ε (``epsilon``, default 1e-5 as in Sahara's code; their
+Ships script uses 1e-4), which makes its pattern uniform over the causal prefix.
+
+Scores (all from one :func:`headscope.scans.readout_scan`, the last-position final hidden states
+``s_n`` of every query with each head ablated in turn):
+
+* ``values`` = **Ships**: ``mean_n KL(p(·|q_n) ‖ p_h(·|q_n))``, the next-token distribution at
+  the last position, clean vs head ``h`` ablated.
+* ``extras["dataset_ships"]`` = **dataset-level Ships**: stack the ``s_n`` into ``S`` [queries ×
+  d_model], clean and ablated; the principal angle (degrees) between the spans of their top
+  ``subspace_rank`` *left* singular vectors (the code's ``u[:, :1]``; the largest angle when the
+  rank is above 1). A head whose removal rotates the dominant direction of the harmful queries'
+  final states.
+* ``extras["refusal_drop"]``: mean over queries of ``log P(refusal opening)`` clean minus ablated
+  (the first-token proxy of ``refusal.first_token_refusal_probability``; not in the paper), from
+  the same scan.
+* **Sahara** (``sahara_steps`` > 0, metadata ``sahara``): greedy group search — step 1 takes the
+  head with the largest dataset-level Ships; each later step rescans with the chosen group
+  ablated and adds the head whose removal *together with the group* moves the subspace most;
+  the angle after each step is reported. ``sahara_candidates`` = k restricts steps ≥ 2 to the k
+  best heads of step 1 (the paper searches all heads).
+
+Validation: attack success rate on held-out harmful requests (test split): greedy generation of
+``max_new_tokens`` (≥ 32) tokens with the heads ablated throughout; a response *complied* unless
+it contains a refusal phrase, is shorter than 32 tokens or degenerates (``refusal.is_refusal``).
+Ablating safety heads raises it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
+from headscope.engine.generation import generate
+from headscope.engine.heads import Head, all_heads, model_shape
+from headscope.errors import InputError
+from headscope.interventions import scale_query
+from headscope.results import HeadScores
+from headscope.scans import ReadoutScan, readout_scan
+from headscope.tasks import refusal
+
+MIN_NEW_TOKENS = refusal.MIN_COMPLIANT_TOKENS
+DECODE_ROWS = 128  # rows per batched decode: a decode step's cost is mostly per call on a CPU
+
+
+@dataclass
+class SafetyConfig(DetectorConfig):
+    n_queries: Optional[int] = 32  # harmful requests scored (None: the whole split)
+    split: str = "train"  # split the queries come from; validation uses the other ("test")
+    epsilon: float = 1e-5  # query scale of the uniform-attention ablation
+    subspace_rank: int = 1  # top left singular vectors compared by dataset-level Ships
+    sahara_steps: int = 0  # greedy Sahara steps run by score() (0: none)
+    sahara_candidates: Optional[int] = None  # steps >= 2 search only the best k heads of step 1
+    n_eval: Optional[int] = None  # held-out harmful requests for the attack success rate (None: all)
+    max_new_tokens: int = 32  # greedy tokens per response (at least 32)
+    prompt_format: str = "chatml"  # "chatml" (no system turn), "template", "plain", "query_answer"
+    requests_file: Optional[str] = None  # your own harmful requests (.txt/.csv/.jsonl) instead of the shipped ones
+
+
+@dataclass
+class SaharaResult:
+    """The group Sahara chose, in order, and the dataset-level Ships angle after each step."""
+
+    group: list[Head]
+    angles: list[float]
+    candidates_per_step: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"group": [str(h) for h in self.group], "angles": self.angles,
+                "candidates_per_step": self.candidates_per_step}
+
+
+@register_detector
+class SafetyDetector(Detector):
+    """Ships, dataset-level Ships and Sahara on harmful requests (Zhou et al. 2024)."""
+
+    name = "safety"
+    Config = SafetyConfig
+    summary = "KL of the next-token distribution on harmful requests when a head attends uniformly (Ships)"
+
+    def queries(self) -> list[refusal.Request]:
+        config = self.config
+        requests = self._requests(config.split)
+        if config.n_queries is not None:
+            if config.n_queries < 2:
+                raise InputError("n_queries must be at least 2: dataset-level Ships compares subspaces of several queries.")
+            requests = random.Random(config.seed).sample(requests, min(config.n_queries, len(requests)))
+        return requests
+
+    def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> HeadScores:
+        config = self.config
+        if config.subspace_rank < 1:
+            raise InputError(f"subspace_rank must be at least 1, got {config.subspace_rank}.")
+        queries = self.queries()
+        prompts = refusal.request_prompts(queries, config.prompt_format, model.tokenizer)
+        scan = readout_scan(model, prompts, method="uniform", factor=config.epsilon, batch_size=batch_size,
+                            progress=progress)
+        ships = ships_scores(model, scan)
+        angles = dataset_ships_scores(scan, config.subspace_rank)
+        drops = refusal_drop_scores(model, scan)
+        metadata: dict[str, Any] = {"n_queries": len(queries), "queries": [q.text for q in queries],
+                                    "refusal_tokens": refusal.refusal_start_token_ids(model.tokenizer)}
+        if config.sahara_steps > 0:
+            result = sahara(model, prompts, config.sahara_steps, config.epsilon, config.subspace_rank,
+                            config.sahara_candidates, first_scan=scan, batch_size=batch_size, progress=progress)
+            metadata["sahara"] = result.to_dict()
+        return self.result(model, ships, extras={"dataset_ships": angles, "refusal_drop": drops}, metadata=metadata)
+
+    def validation_task(self, model: Any) -> ValidationTask:
+        config = self.config
+        if config.max_new_tokens < MIN_NEW_TOKENS:
+            raise InputError(f"max_new_tokens must be at least {MIN_NEW_TOKENS}: shorter responses count as refusals.")
+        held_out = "test" if config.split == "train" else "train"
+        requests = self._requests(held_out)[: config.n_eval]
+        where = f"{held_out} split" if config.requests_file is None else config.requests_file
+
+        def measure(model: Any, head_sets: list, method: str) -> Tensor:
+            return attack_success(model, requests, head_sets, method, config.epsilon, config.max_new_tokens,
+                                  prompt_format=config.prompt_format)[0]
+
+        return ValidationTask(requests, None, f"attack success rate ({where}, {config.max_new_tokens} greedy tokens)",
+                              ablation_hurts_when="increases", measure=measure, default_method="uniform")
+
+
+    def _requests(self, split: str) -> list[refusal.Request]:
+        """The shipped harmful requests of a split, or all of ``requests_file`` (the paper measured
+        attack success on the very queries it scored)."""
+        if self.config.requests_file is not None:
+            return refusal.read_requests(self.config.requests_file)
+        return refusal.load_requests("harmful", split)
+
+
+def ships_scores(model: Any, scan: ReadoutScan) -> Float[Tensor, "layers heads"]:
+    """Mean over queries of KL(clean ‖ ablated) of the last-position next-token distribution."""
+    clean = torch.log_softmax(scan.logits(model, scan.clean), dim=-1)  # [queries, vocab]
+    shape = model_shape(model)
+    values = torch.full((shape.n_layers, shape.n_heads), float("nan"))
+    for layer in range(shape.n_layers):
+        scanned = [h.head for h in scan.heads if h.layer == layer]
+        if not scanned:
+            continue
+        ablated = torch.log_softmax(scan.logits(model, scan.ablated[layer, scanned]), dim=-1)  # [heads, queries, vocab]
+        kl = (clean.exp()[None] * (clean[None] - ablated)).sum(dim=-1)
+        values[layer, scanned] = kl.mean(dim=-1)
+    return values
+
+
+def refusal_drop_scores(model: Any, scan: ReadoutScan) -> Float[Tensor, "layers heads"]:
+    """Mean over queries of log P(refusal opening) clean minus ablated, at the last position: how
+    much removing the head lowers the first-token refusal probability (the cheap proxy of
+    ``refusal.first_token_refusal_probability``). Same scan as Ships, no extra forward pass."""
+    ids = refusal.refusal_start_token_ids(model.tokenizer)
+    clean = torch.logsumexp(torch.log_softmax(scan.logits(model, scan.clean), dim=-1)[:, ids], dim=-1)
+    shape = model_shape(model)
+    values = torch.full((shape.n_layers, shape.n_heads), float("nan"))
+    for layer in range(shape.n_layers):
+        scanned = [h.head for h in scan.heads if h.layer == layer]
+        if scanned:
+            ablated = torch.log_softmax(scan.logits(model, scan.ablated[layer, scanned]), dim=-1)[..., ids]
+            values[layer, scanned] = (clean[None] - torch.logsumexp(ablated, dim=-1)).mean(dim=-1)
+    return values
+
+
+def subspace_angle(
+    clean: Float[Tensor, "queries d_model"], ablated: Float[Tensor, "queries d_model"], rank: int = 1
+) -> float:
+    """Largest principal angle (degrees) between the spans of the top ``rank`` left singular
+    vectors of two matrices (Zhou et al.'s ``compute_subspace_similarity`` for rank 1)."""
+    u_clean = torch.linalg.svd(clean.double(), full_matrices=False)[0][:, :rank]
+    u_ablated = torch.linalg.svd(ablated.double(), full_matrices=False)[0][:, :rank]
+    cosines = torch.linalg.svdvals(u_clean.T @ u_ablated).clamp(-1, 1)
+    return float(torch.rad2deg(torch.acos(cosines.min())))
+
+
+def dataset_ships_scores(scan: ReadoutScan, rank: int = 1, reference: Optional[Tensor] = None) -> Float[Tensor, "layers heads"]:
+    """Dataset-level Ships of every scanned head: the angle between the reference states (default:
+    the scan's clean states) and the states with that head ablated."""
+    reference = scan.clean if reference is None else reference
+    values = torch.full(scan.ablated.shape[:2], float("nan"))
+    for head in scan.heads:
+        values[head.layer, head.head] = subspace_angle(reference, scan.ablated[head.layer, head.head], rank)
+    return values
+
+
+def sahara(
+    model: Any,
+    prompts: Sequence[str],
+    steps: int = 3,
+    epsilon: float = 1e-5,
+    rank: int = 1,
+    candidates: Optional[int] = None,
+    first_scan: Optional[ReadoutScan] = None,
+    batch_size: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> SaharaResult:
+    """Greedy Sahara search for a group of safety heads (see the module docstring).
+
+    Each step is one :func:`readout_scan` with the group chosen so far ablated in the background;
+    angles are always measured against the fully clean states. ``first_scan``: a scan of these
+    prompts without background (the detector's own), reused as step 1.
+    """
+    if steps < 1:
+        raise InputError(f"Sahara needs at least one step, got {steps}.")
+    scan = first_scan or readout_scan(model, prompts, method="uniform", factor=epsilon, batch_size=batch_size,
+                                      progress=progress)
+    reference = scan.clean
+    angles = dataset_ships_scores(scan, rank, reference)
+    pool = all_heads(model)
+    if candidates is not None:
+        order = torch.argsort(torch.nan_to_num(angles.flatten(), nan=-1.0), descending=True)[:candidates]
+        pool = [Head(int(i) // angles.shape[1], int(i) % angles.shape[1]) for i in order]
+    group: list[Head] = []
+    result = SaharaResult([], [], [len(scan.heads)])
+    for step in range(steps):
+        if step > 0:
+            heads = [h for h in pool if h not in group]
+            chosen = list(group)
+            scan = readout_scan(model, prompts, method="uniform", factor=epsilon, heads=heads, batch_size=batch_size,
+                                background=lambda m, chosen=chosen: scale_query(m, chosen, epsilon), progress=progress)
+            angles = dataset_ships_scores(scan, rank, reference)
+            result.candidates_per_step.append(len(heads))
+        best = int(torch.argmax(torch.nan_to_num(angles.flatten(), nan=-1.0)))
+        group.append(Head(best // angles.shape[1], best % angles.shape[1]))
+        result.group = list(group)
+        result.angles.append(float(angles.flatten()[best]))
+    return result
+
+
+def attack_success(
+    model: Any,
+    requests: Sequence[Any],
+    head_sets: Sequence[Optional[Sequence[Any]]],
+    method: str = "uniform",
+    epsilon: float = 1e-5,
+    max_new_tokens: int = 32,
+    batch_size: Optional[int] = None,
+    prompt_format: str = "chatml",
+) -> tuple[Float[Tensor, "sets requests"], list[list[Any]]]:
+    """Whether each request's greedy response complied (1) or not (0) under each head set
+    (None = clean), and the generations; all sets run as rows of the same batched decode."""
+    prompts = refusal.request_prompts(requests, prompt_format, model.tokenizer)
+    outputs = generate(model, prompts * len(head_sets), max_new_tokens,
+                       head_sets=[heads for heads in head_sets for _ in prompts], method=method, epsilon=epsilon,
+                       batch_size=batch_size or DECODE_ROWS)
+    complied = torch.tensor([0.0 if refusal.is_refusal(o.text, o.token_ids) else 1.0 for o in outputs])
+    per_set = [outputs[i * len(prompts) : (i + 1) * len(prompts)] for i in range(len(head_sets))]
+    return complied.view(len(head_sets), len(prompts)), per_set
