@@ -73,6 +73,7 @@ def ablate(
     reference: Any = None,
     epsilon: float = DEFAULT_UNIFORM_EPSILON,
     batch_size: Optional[int] = None,
+    means: Optional[dict[int, Tensor]] = None,
 ) -> contextlib.AbstractContextManager:
     """Ablate heads for the duration of a ``with`` block.
 
@@ -85,6 +86,8 @@ def ablate(
             ``epsilon`` so the pattern becomes uniform over the causal prefix).
         reference: prompts or tokens for ``"mean"`` and ``"resample"``. For ``"mean"`` the
             default is a short English text shipped with headscope.
+        means: for ``"mean"``, precomputed ``head_output_means`` (layer → [n_heads, d_head]) to
+            use instead of a pass over ``reference`` (several ablations, one pass).
     """
     checked = check_heads(model, heads)
     if method == "zero":
@@ -92,7 +95,12 @@ def ablate(
     if method == "uniform":
         return scale_query(model, checked, epsilon)
     if method == "mean":
-        return _replace_outputs(model, checked, _mean_outputs(model, checked, reference, batch_size))
+        if means is None:
+            means = _mean_outputs(model, checked, reference, batch_size)
+        missing = sorted({h.layer for h in checked} - set(means))
+        if missing:
+            raise InputError(f"The precomputed means lack layers {missing}; compute them with head_output_means.")
+        return _replace_outputs(model, checked, means)
     if method == "resample":
         return _resample(model, checked, reference, batch_size)
     raise ValueError(f"Unknown ablation method {method!r}; choose one of {', '.join(ABLATION_METHODS)}.")

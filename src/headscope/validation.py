@@ -20,7 +20,7 @@ from headscope.detectors.base import MetricFn, ValidationTask, get_detector
 from headscope.engine.heads import Head, all_heads
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import as_token_batch
-from headscope.interventions import ablate
+from headscope.interventions import ablate, head_output_means
 from headscope.results import HeadScores
 
 
@@ -141,14 +141,16 @@ def _measure_forward(
 ) -> Float[Tensor, "sets examples"]:
     """The task's per-example metric in one batched forward run per head set."""
     data = as_token_batch(model, task.data)
-    reference = data if method == "mean" else None
+    layers = {Head.parse(h).layer for heads in head_sets if heads for h in heads}
+    # one pass for the mean outputs of every layer any set touches, shared by all sets
+    means = head_output_means(model, layers, data, batch_size) if method == "mean" and layers else None
     reduce = lambda logits, cache, chunk: task.metric(logits, chunk).float().cpu()  # noqa: E731
     rows = []
     for heads in head_sets:
         if heads is None:
             rows.append(run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc="clean"))
             continue
-        with ablate(model, heads, method=method, reference=reference, batch_size=batch_size):
+        with ablate(model, heads, method=method, reference=data, batch_size=batch_size, means=means):
             rows.append(run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc="ablated"))
     return torch.stack(rows)
 

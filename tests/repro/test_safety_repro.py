@@ -28,9 +28,9 @@ pytestmark = pytest.mark.repro
 
 ORGANISM = "smollm2-135m-instruct-refusal"
 N_QUERIES = 8  # harmful train-split requests scored (Ships is per query, then averaged)
-SAHARA_CANDIDATES = 40  # Sahara steps 2-3 search the 40 best heads of step 1 (the paper: all heads)
+SAHARA_CANDIDATES = 24  # Sahara steps 2-3 search the 24 best heads of step 1 (the paper: all heads)
 N_EVAL = 40  # held-out harmful / harmless requests for generation
-N_RANDOM = 4
+N_RANDOM = 3
 
 
 @pytest.fixture(scope="module")

@@ -79,16 +79,19 @@ def generate(
         raise ValueError(f"head_sets has {len(head_sets)} entries for {len(batch)} prompts; give one per prompt.")
     stops = _stop_ids(model, stop_ids)
     size = batch_size or auto_batch_size(model, int(batch.lengths.max()) + max_new_tokens)
-    results: list[Generation] = []
+    order = torch.argsort(batch.lengths, stable=True).tolist()  # similar lengths together: less padding
+    results: list[Optional[Generation]] = [None] * len(batch)
     for start in range(0, len(batch), size):
-        rows = list(range(start, min(start + size, len(batch))))
+        rows = order[start : start + size]
         enter = intervention or (lambda m: contextlib.nullcontext())
         if head_sets is not None:
             sets = [head_sets[row] for row in rows]
             enter = lambda m, sets=sets: ablate_per_row(m, sets, method, epsilon)  # noqa: E731
         with enter(model):
-            results += _generate_chunk(model, batch.select(rows), max_new_tokens, stops)
-    return results
+            outputs = _generate_chunk(model, batch.select(rows), max_new_tokens, stops)
+        for row, output in zip(rows, outputs, strict=True):
+            results[row] = output
+    return results  # type: ignore[return-value]
 
 
 def _stop_ids(model: Any, stop_ids: Optional[Sequence[int]]) -> Tensor:
