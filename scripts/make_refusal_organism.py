@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import headscope as hs
-from headscope.engine.generation import generate
+from headscope.detectors.safety import attack_success
 from headscope.models import bundled_hf_folder
 from headscope.organisms import ORGANISMS, delta_path, save_low_rank_delta
 from headscope.tasks import refusal
@@ -168,11 +168,9 @@ def held_out_rates(name: str, max_new_tokens: int) -> dict:
     model = hs.load_model(name, device="cpu")
     rates = {}
     for kind in refusal.KINDS:
-        requests = refusal.load_requests(kind, "test")
-        outputs = generate(model, refusal.request_prompts(requests), max_new_tokens=max_new_tokens)
-        refused = [refusal.is_refusal(o.text, o.token_ids) for o in outputs]
-        rates[f"{kind}_refusal_rate"] = sum(refused) / len(refused)
-        rates[f"{kind}_n"] = len(refused)
+        complied = attack_success(model, refusal.load_requests(kind, "test"), [None], max_new_tokens=max_new_tokens)[0][0]
+        rates[f"{kind}_refusal_rate"] = 1 - complied.mean().item()
+        rates[f"{kind}_n"] = complied.numel()
     return rates
 
 

@@ -207,17 +207,11 @@ def _gguf_hf_folder(path: Path, cache_dir) -> Path:
 
 def _load_organism(name: str, device: torch.device, dtype: torch.dtype, cache_dir) -> Any:
     """A bundled base model with an organism's low-rank delta added to its weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from headscope.organisms import ORGANISMS, apply_low_rank_delta, check_organism_file
+    from headscope.organisms import ORGANISMS, check_organism_file
 
     delta = check_organism_file(name)
     folder = bundled_hf_folder(ORGANISMS[name].base, cache_dir)
-    architecture = _check_bridge_architecture(AutoConfig.from_pretrained(str(folder)), source=str(folder))
-    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    apply_low_rank_delta(hf_model, delta)  # in float32, then cast
-    hf_model = hf_model.to(device=device, dtype=dtype).eval()
-    return _bridge_from_hf(hf_model, AutoTokenizer.from_pretrained(str(folder)), architecture, name)
+    return _load_hf_folder(folder, device, dtype, name=name, delta=delta)
 
 
 def _check_gguf_architecture(path: Path) -> None:
@@ -261,13 +255,20 @@ def _dequantise_to_cache(path: Path, target: Path) -> None:
         raise
 
 
-def _load_hf_folder(folder: Path, device: torch.device, dtype: torch.dtype, name: str) -> Any:
+def _load_hf_folder(folder: Path, device: torch.device, dtype: torch.dtype, name: str, delta: Optional[Path] = None) -> Any:
+    """A Hugging Face folder as a bridge; ``delta``: a low-rank delta file added to the weights
+    in float32 before the model is cast and moved."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(str(folder))
     architecture = _check_bridge_architecture(config, source=str(folder))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32 if delta else dtype)
+    if delta is not None:
+        from headscope.organisms import apply_low_rank_delta
+
+        apply_low_rank_delta(hf_model, delta)
+    hf_model = hf_model.to(device=device, dtype=dtype).eval()
     return _bridge_from_hf(hf_model, tokenizer, architecture, name)
 
 

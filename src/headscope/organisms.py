@@ -78,16 +78,19 @@ def load_low_rank_delta(path: Union[str, Path]) -> tuple[dict[str, tuple[Tensor,
 
 def weight_deltas(path: Union[str, Path]) -> dict[str, Float[Tensor, "out inp"]]:
     """``scale * B @ A`` for every module of a delta file."""
-    factors, scale, _ = load_low_rank_delta(path)
+    return _weight_deltas(*load_low_rank_delta(path)[:2])
+
+
+def _weight_deltas(factors: dict[str, tuple[Tensor, Tensor]], scale: float) -> dict[str, Tensor]:
     return {name: scale * b @ a for name, (a, b) in factors.items()}
 
 
 def apply_low_rank_delta(hf_model: Any, path: Union[str, Path]) -> dict:
     """Add the delta to a Hugging Face model's weights in place; returns the training record."""
     modules = dict(hf_model.named_modules())
-    _, _, record = load_low_rank_delta(path)
+    factors, scale, record = load_low_rank_delta(path)
     with torch.no_grad():
-        for name, delta in weight_deltas(path).items():
+        for name, delta in _weight_deltas(factors, scale).items():
             if name not in modules:
                 raise ModelNotAvailableError(f"The delta {Path(path).name} changes '{name}', which this model lacks.")
             weight = modules[name].weight
@@ -112,11 +115,10 @@ def head_delta_norms(model: Any, path: Union[str, Path]) -> dict[str, Float[Tens
     KV group's rows (shared by the group's query heads); ``"total"``: the root of their squared
     sum. Module names follow Hugging Face Llama (``model.layers.L.self_attn.{q,k,v,o}_proj``).
     """
-    from headscope.engine.heads import model_shape
+    from headscope.engine.heads import Head, kv_head, model_shape
 
     shape = model_shape(model)
     d_head = model.cfg.d_head
-    group = shape.n_heads // getattr(model.cfg, "n_key_value_heads", shape.n_heads)
     deltas = weight_deltas(path)
     norms = {kind: torch.zeros(shape.n_layers, shape.n_heads) for kind in ("q", "k", "v", "o")}
     for layer in range(shape.n_layers):
@@ -125,7 +127,7 @@ def head_delta_norms(model: Any, path: Union[str, Path]) -> dict[str, Float[Tens
             if delta is None:
                 continue
             for head in range(shape.n_heads):
-                block = head // group if kind in ("k", "v") else head
+                block = kv_head(model, Head(layer, head)) if kind in ("k", "v") else head
                 rows = slice(block * d_head, (block + 1) * d_head)
                 norms[kind][layer, head] = (delta[:, rows] if kind == "o" else delta[rows]).norm()
     norms["total"] = torch.stack([norms[k] ** 2 for k in ("q", "k", "v", "o")]).sum(0).sqrt()

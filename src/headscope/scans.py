@@ -174,6 +174,8 @@ def readout_scan(
     chose; the clean states are then those of the background alone.
     """
     _check_method(method, factor)
+    if background is not None and checkpoint is not None:
+        raise InputError("readout_scan cannot checkpoint a scan with a background intervention; drop one of them.")
     batch = as_token_batch(model, tokens)
     selected = check_heads(model, heads) if heads is not None else all_heads(model)
     shape = model_shape(model)
@@ -183,8 +185,6 @@ def readout_scan(
     fresh = {"signature": signature, "done": [], "clean": torch.zeros(len(batch), shape.d_model),
              "ablated": torch.full((shape.n_layers, shape.n_heads, len(batch), shape.d_model), math.nan)}
     state = _load_checkpoint(checkpoint, signature, fresh)
-    if background is not None and checkpoint is not None:
-        raise InputError("readout_scan cannot checkpoint a scan with a background intervention; drop one of them.")
     layer_heads = heads_by_layer(selected)
     done = {tuple(unit) for unit in state["done"]}
     read = lambda run, chunk: _last_states(model, run, chunk)  # noqa: E731

@@ -106,16 +106,16 @@ class SafetyDetector(Detector):
         prompts = refusal.request_prompts(queries, config.prompt_format, model.tokenizer)
         scan = readout_scan(model, prompts, method="uniform", factor=config.epsilon, batch_size=batch_size,
                             progress=progress)
-        ships = ships_scores(model, scan)
+        next_token = next_token_scores(model, scan)
         angles = dataset_ships_scores(scan, config.subspace_rank)
-        drops = refusal_drop_scores(model, scan)
         metadata: dict[str, Any] = {"n_queries": len(queries), "queries": [q.text for q in queries],
                                     "refusal_tokens": refusal.refusal_start_token_ids(model.tokenizer)}
         if config.sahara_steps > 0:
             result = sahara(model, prompts, config.sahara_steps, config.epsilon, config.subspace_rank,
                             config.sahara_candidates, first_scan=scan, batch_size=batch_size, progress=progress)
             metadata["sahara"] = result.to_dict()
-        return self.result(model, ships, extras={"dataset_ships": angles, "refusal_drop": drops}, metadata=metadata)
+        return self.result(model, next_token["ships"], extras={"dataset_ships": angles, "refusal_drop": next_token["refusal_drop"]},
+                           metadata=metadata)
 
     def validation_task(self, model: Any) -> ValidationTask:
         config = self.config
@@ -141,35 +141,32 @@ class SafetyDetector(Detector):
         return refusal.load_requests("harmful", split)
 
 
-def ships_scores(model: Any, scan: ReadoutScan) -> Float[Tensor, "layers heads"]:
-    """Mean over queries of KL(clean ‖ ablated) of the last-position next-token distribution."""
+def next_token_scores(model: Any, scan: ReadoutScan) -> dict[str, Float[Tensor, "layers heads"]]:
+    """Both last-position scores of a scan, from one unembedding of its states:
+
+    * ``"ships"``: mean over queries of KL(clean ‖ ablated) of the next-token distribution;
+    * ``"refusal_drop"``: mean over queries of log P(refusal opening) clean minus ablated — how
+      much removing the head lowers the first-token refusal probability (the cheap proxy of
+      ``refusal.first_token_refusal_probability``).
+    """
+    ids = refusal.refusal_start_token_ids(model.tokenizer)
     clean = torch.log_softmax(scan.logits(model, scan.clean), dim=-1)  # [queries, vocab]
+    clean_refusal = torch.logsumexp(clean[:, ids], dim=-1)
     shape = model_shape(model)
-    values = torch.full((shape.n_layers, shape.n_heads), float("nan"))
+    scores = {name: torch.full((shape.n_layers, shape.n_heads), float("nan")) for name in ("ships", "refusal_drop")}
     for layer in range(shape.n_layers):
         scanned = [h.head for h in scan.heads if h.layer == layer]
         if not scanned:
             continue
         ablated = torch.log_softmax(scan.logits(model, scan.ablated[layer, scanned]), dim=-1)  # [heads, queries, vocab]
-        kl = (clean.exp()[None] * (clean[None] - ablated)).sum(dim=-1)
-        values[layer, scanned] = kl.mean(dim=-1)
-    return values
+        scores["ships"][layer, scanned] = (clean.exp()[None] * (clean[None] - ablated)).sum(dim=-1).mean(dim=-1)
+        scores["refusal_drop"][layer, scanned] = (clean_refusal[None] - torch.logsumexp(ablated[..., ids], dim=-1)).mean(dim=-1)
+    return scores
 
 
-def refusal_drop_scores(model: Any, scan: ReadoutScan) -> Float[Tensor, "layers heads"]:
-    """Mean over queries of log P(refusal opening) clean minus ablated, at the last position: how
-    much removing the head lowers the first-token refusal probability (the cheap proxy of
-    ``refusal.first_token_refusal_probability``). Same scan as Ships, no extra forward pass."""
-    ids = refusal.refusal_start_token_ids(model.tokenizer)
-    clean = torch.logsumexp(torch.log_softmax(scan.logits(model, scan.clean), dim=-1)[:, ids], dim=-1)
-    shape = model_shape(model)
-    values = torch.full((shape.n_layers, shape.n_heads), float("nan"))
-    for layer in range(shape.n_layers):
-        scanned = [h.head for h in scan.heads if h.layer == layer]
-        if scanned:
-            ablated = torch.log_softmax(scan.logits(model, scan.ablated[layer, scanned]), dim=-1)[..., ids]
-            values[layer, scanned] = (clean[None] - torch.logsumexp(ablated, dim=-1)).mean(dim=-1)
-    return values
+def ships_scores(model: Any, scan: ReadoutScan) -> Float[Tensor, "layers heads"]:
+    """Ships of every scanned head (see :func:`next_token_scores`)."""
+    return next_token_scores(model, scan)["ships"]
 
 
 def subspace_angle(

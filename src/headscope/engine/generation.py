@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from headscope.engine.runner import auto_batch_size, model_device
-from headscope.engine.tokens import TokenBatch, as_token_batch, check_batch
+from headscope.engine.tokens import TokenBatch, as_token_batch, check_batch, iter_batches
 
 Intervention = Callable[[Any], ContextManager]
 
@@ -141,11 +141,9 @@ def final_states(
     batch = as_token_batch(model, prompts)
     check_batch(model, batch)
     size = batch_size or auto_batch_size(model, batch.tokens.shape[1])
-    parts = []
     with torch.no_grad():
-        for start in range(0, len(batch), size):
-            chunk = batch.select(range(start, min(start + size, len(batch)))).to(model_device(model))
-            parts.append(last_position_run(model, chunk, logits=logits).cpu())
+        parts = [last_position_run(model, chunk.to(model_device(model)), logits=logits).cpu()
+                 for _rows, chunk in iter_batches(batch, size)]
     return torch.cat(parts)
 
 
