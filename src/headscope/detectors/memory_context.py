@@ -39,14 +39,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
+from headscope.engine.generation import final_states
 from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, row_tokens, tokenize
-from headscope.engine.unembed import final_norm_weight, head_output_weights, last_position_head_outputs
+from headscope.engine.unembed import FINAL_SCALE, final_norm_weight, final_position_attributions, head_output_weights
 from headscope.results import HeadScores, ranking_agreement  # noqa: F401  (ranking_agreement re-exported)
 from headscope.tasks.conflicts import ConflictItem, conflict_items, conflict_prompt
-
-FINAL_SCALE = "ln_final.hook_scale"
 
 
 @dataclass
@@ -121,15 +120,11 @@ def final_head_attributions(
         index = slice(offset[0], offset[0] + len(chunk))
         offset[0] += len(chunk)
         scale = cache[FINAL_SCALE][rows, last, 0].float() if scale_from is None else scale_from["scale"][index]
-        direction = directions[index].to(logits.device)
-        per_layer = []
-        for layer in range(shape.n_layers):
-            outputs = last_position_head_outputs(model, cache[hook_name(layer, "z")], last, w_o[layer])
-            per_layer.append(torch.einsum("bhm,bm->bh", outputs, direction) / scale[:, None])
+        attribution = final_position_attributions(model, cache, last, directions[index].to(logits.device), scale, w_o)
         context = torch.tensor([i.context_token for i in items[index]], device=logits.device)
         memory = torch.tensor([i.memory_token for i in items[index]], device=logits.device)
         final = logits[rows, last]
-        return {"attribution": torch.stack(per_layer, dim=1), "scale": scale,
+        return {"attribution": attribution, "scale": scale,
                 "logit_diff": final[rows, context] - final[rows, memory]}
 
     return run_batched(model, tokenize(model, prompts), reduce, names, batch_size, progress, desc="memory_context")
@@ -176,15 +171,12 @@ def answer_rates(
     context = torch.tensor([i.context_token for i in items])
     memory = torch.tensor([i.memory_token for i in items])
 
-    def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> Tensor:
-        return logits[torch.arange(len(chunk), device=logits.device), chunk.last_positions].float().cpu()
-
     batch = tokenize(model, [i.prompt for i in items])
     if heads is None:
-        final = run_batched(model, batch, reduce, batch_size=batch_size)
+        final = final_states(model, batch, batch_size).float()  # unembeds the last position only
     else:
         with {"values": scale_values, "output": scale_output}[kind](model, heads, scale):
-            final = run_batched(model, batch, reduce, batch_size=batch_size)
+            final = final_states(model, batch, batch_size).float()
     top = final.argmax(dim=-1)
     rows = torch.arange(len(items))
     return {"context": (top == context).float(), "memory": (top == memory).float(),

@@ -151,7 +151,8 @@ def last_position_run(
     model: Any, chunk: TokenBatch, run: Optional[Callable[[], Any]] = None, logits: bool = True
 ) -> Float[Tensor, "batch dim"]:
     """``run()`` (default: the plain forward of ``chunk``) reading out only each row's last real
-    position: logits there, or the unembedding's input when ``logits=False``."""
+    position: logits there, or the unembedding's input when ``logits=False``. A ``run`` that
+    returns ``(logits, cache)`` (``runner.forward_with_cache``) gives ``(last logits, cache)``."""
     last = chunk.last_positions.to(chunk.tokens.device)
     captured: dict[str, Tensor] = {}
 
@@ -165,4 +166,6 @@ def last_position_run(
     run = run or (lambda: model(chunk.tokens, attention_mask=mask))
     with model.hooks(fwd_hooks=[("unembed.hook_in", keep_last)]):
         output = run()
+    if isinstance(output, tuple):
+        return output[0][:, -1], output[1]
     return output[:, -1] if logits else captured["states"]

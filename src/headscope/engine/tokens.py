@@ -180,6 +180,34 @@ def check_batch(model: Any, batch: TokenBatch, extra_tokens: int = 0) -> TokenBa
     return batch
 
 
+def encode_with_offsets(
+    model_or_tokenizer: Any, text: str, prepend_bos: bool = True
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` and each token's character span ``(start, end)`` in it, with BOS in
+    front as :func:`tokenize` puts it (BOS gets the empty span ``(0, 0)``). Positions found from
+    these spans match the rows of ``tokenize(model, [text])``."""
+    tokenizer = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    if not prepend_bos:
+        bos = None
+    elif hasattr(model_or_tokenizer, "cfg"):
+        bos = bos_token_id(model_or_tokenizer)
+    else:
+        bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids, offsets = [bos] + ids, [(0, 0)] + offsets
+    return ids, offsets
+
+
+def token_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+    """Positions [first, last + 1) of every token whose characters overlap ``[start, end)``."""
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    if not inside:
+        raise InputError(f"No token covers characters {start}..{end}; the tokenizer gave no offsets there.")
+    return inside[0], inside[-1] + 1
+
+
 def row_tokens(batch: TokenBatch, row: int) -> tuple[int, ...]:
     """The real tokens of one row, as a hashable key (metrics match chunk rows to items by it)."""
     return tuple(batch.tokens[row, : int(batch.lengths[row])].tolist())

@@ -15,6 +15,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from headscope.engine.heads import hook_name
+
+FINAL_SCALE = "ln_final.hook_scale"  # the final norm's per-position scale (cache it for attributions)
+
 
 def final_norm_weight(model: Any) -> Float[Tensor, " d_model"]:
     norm = model.ln_final
@@ -57,3 +61,21 @@ def last_position_head_outputs(
     """Each head's output ``z W_O^h`` at each row's ``last`` position, centred for the final norm."""
     rows = torch.arange(z.shape[0], device=z.device)
     return center_for_norm(model, torch.einsum("bhd,hdm->bhm", z[rows, last.to(z.device)].float(), w_o))
+
+
+def final_position_attributions(
+    model: Any,
+    cache: dict,
+    last: Tensor,
+    directions: Float[Tensor, "batch d_model"],
+    scale: Float[Tensor, " batch"],
+    w_o: list[Tensor],
+) -> Float[Tensor, "batch n_layers n_heads"]:
+    """Direct logit attribution of every head at each row's ``last`` position: its output
+    ``z W_O^h`` (centred for the norm) divided by the final norm's ``scale`` and projected on the
+    row's direction (``diag(w_norm) (W_U[:, good] - ...)``). Needs every layer's ``hook_z``."""
+    per_layer = []
+    for layer, weights in enumerate(w_o):
+        outputs = last_position_head_outputs(model, cache[hook_name(layer, "z")], last, weights)
+        per_layer.append(torch.einsum("bhm,bm->bh", outputs, directions) / scale[:, None])
+    return torch.stack(per_layer, dim=1)

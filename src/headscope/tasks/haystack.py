@@ -36,6 +36,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from headscope.engine.heads import model_shape
+from headscope.engine.tokens import encode_with_offsets, token_span  # noqa: F401  (token_span re-exported)
 from headscope.errors import InputError, PromptTooLongError
 
 FORMATS = ("plain", "chat")
@@ -134,20 +135,7 @@ def _wrap(tokenizer: Any, haystack: str, question: str, format: str) -> str:
 
 def _encode(tokenizer: Any, text: str, format: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and character offsets; the plain format gets the tokenizer's BOS in front."""
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if format == "plain" and bos is not None and (not ids or ids[0] != bos):
-        ids, offsets = [bos] + ids, [(0, 0)] + offsets
-    return ids, offsets
-
-
-def token_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
-    """Positions [first, last + 1) of every token whose characters overlap ``[start, end)``."""
-    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
-    if not inside:
-        raise InputError(f"No token covers characters {start}..{end}; the tokenizer gave no offsets there.")
-    return inside[0], inside[-1] + 1
+    return encode_with_offsets(tokenizer, text, prepend_bos=format == "plain")
 
 
 def _sentence_lengths(tokenizer: Any, sentences: Sequence[str]) -> list[int]:
