@@ -16,6 +16,7 @@ from headscope.detectors import (  # noqa: F401  (registers)
     previous_token,
     retrieval,
     safety,
+    select_copy,
     successor,
 )
 

@@ -1,0 +1,417 @@
+"""Select-and-copy heads — Tulchinskii et al. 2024, "Listening to the Wise Few: Select-and-Copy
+Attention Heads for Multiple-Choice QA" (arXiv 2410.02343); correct-letter heads — Lieberum et
+al. 2023, "Does Circuit Analysis Interpretability Scale?".
+
+Data: multiple-choice questions (``headscope.tasks.multiple_choice``; by default the synthetic set
+whose answer the prompt states), optionally only those the model answers correctly in free form
+(the knowledge check), split into a dev part (head selection) and a held-out part.
+
+Per question ``q``, head ``h`` and option ``o`` (``t`` = the last prompt token, ``p_o`` = the
+option's position: the token ending its text, ``"end"``, or its letter, ``"letter"``):
+
+    QK-score       s_qk(h, o)  = q_h(t) . k_g(h)(p_o)      pre-RoPE query and key; with grouped-query
+                                                          attention the key of the head's KV group g(h)
+    attention      s_att(h, o) = A_h[t, p_o]               post-softmax weight
+    prediction     argmax_o s(h, o)
+    head accuracy  mean over questions of [prediction == correct option]
+
+``values`` = dev accuracy of the score named by ``score`` ("qk" | "attention") at ``position``
+("end" | "letter"); ``extras`` hold the dev and held-out accuracy of all four, named
+``"{score}_{position}"`` and ``"{score}_{position}_test"``, and ``"correct_letter"``:
+
+    correct-letter DLA(h) = mean over dev questions of (z_h(t) W_O^h / rms_final(t)) . diag(w_norm)
+                            . (W_U[correct letter] - mean_wrong W_U[wrong letter])
+
+The baseline is the model's own answer: the highest letter logit among the options' letters.
+``metadata`` holds its dev and held-out accuracy, the knowledge-check rate, and the best head of
+each score chosen on dev with its held-out accuracy. :func:`compare` adds CIs and a paired
+permutation test; :func:`split_stability` reselects on random dev splits.
+
+Validation metric: the correct letter's logit minus the mean of the wrong letters' logits at the
+last position (what correct-letter heads write; ablating them should lower it).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Optional, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
+from headscope.engine.generation import final_states, last_position_run
+from headscope.engine.heads import Head, hook_name, model_shape
+from headscope.engine.runner import auto_batch_size, forward_with_cache, model_device
+from headscope.engine.tokens import TokenBatch, encode_with_offsets, iter_batches, pad_rows, row_tokens
+from headscope.engine.unembed import FINAL_SCALE, final_norm_weight, final_position_attributions, head_output_weights
+from headscope.errors import InputError
+from headscope.results import HeadScores
+from headscope.tasks import multiple_choice as mc
+
+SCORES = ("qk", "attention")
+POSITIONS = ("end", "letter")
+METHODS = tuple(f"{score}_{position}" for score in SCORES for position in POSITIONS)
+
+
+@dataclass
+class SelectCopyConfig(DetectorConfig):
+    questions: str = "synthetic"  # "synthetic", "world", or a path to your JSONL
+    n_questions: int = 340  # synthetic set size (~330 known: 120 dev, >= 200 held out)
+    templates: tuple[str, ...] = tuple(mc.TEMPLATES)
+    n_options: int = 4
+    distractor_facts: int = 0  # facts about other people/things whose values are options (harder)
+    extra_options: tuple[str, ...] = ()  # "none", "unknown"
+    format: str = "plain"  # "plain", "fewshot", "chat"
+    n_shots: int = 3  # answered examples in the "fewshot" format
+    knowledge_shots: int = 2  # answered examples before the free-form knowledge check
+    only_known: bool = True  # score only questions the model answers in free form
+    n_dev: int = 120  # questions used to select heads; the rest are held out
+    score: str = "qk"  # which score is ``values``: "qk" or "attention"
+    position: str = "end"  # at the option's "end" token or its "letter"
+
+
+@dataclass
+class OptionReadout:
+    """Per question: every head's QK-score and attention to each option's end and letter, the
+    letter logits, and every head's correct-letter attribution. Options beyond a question's
+    count are masked out (``option_mask``)."""
+
+    qk: dict[str, Float[Tensor, "n_questions n_layers n_heads n_options"]]
+    attention: dict[str, Float[Tensor, "n_questions n_layers n_heads n_options"]]
+    letter_logits: Float[Tensor, "n_questions n_options"]
+    correct_letter: Float[Tensor, "n_questions n_layers n_heads"]
+    answers: Int[Tensor, " n_questions"]
+    option_mask: Bool[Tensor, "n_questions n_options"]
+
+    def __len__(self) -> int:
+        return int(self.answers.numel())
+
+    def head_correct(self, method: str = "qk_end") -> Float[Tensor, "n_questions n_layers n_heads"]:
+        """1 where the head's highest-scoring option is the correct one."""
+        score, position = _split_method(method)
+        values = getattr(self, score)[position].masked_fill(~self.option_mask[:, None, None, :], -math.inf)
+        return (values.argmax(dim=-1) == self.answers[:, None, None]).float()
+
+    def letter_correct(self) -> Float[Tensor, " n_questions"]:
+        """1 where the correct option's letter has the highest logit among the options' letters."""
+        logits = self.letter_logits.masked_fill(~self.option_mask, -math.inf)
+        return (logits.argmax(dim=-1) == self.answers).float()
+
+    def letter_choices(self) -> Int[Tensor, " n_questions"]:
+        return self.letter_logits.masked_fill(~self.option_mask, -math.inf).argmax(dim=-1)
+
+
+def _split_method(method: str) -> tuple[str, str]:
+    if method not in METHODS:
+        raise ValueError(f"Unknown select-and-copy score {method!r}; choose one of {', '.join(METHODS)}.")
+    score, position = method.split("_")
+    return score, position
+
+
+@dataclass
+class EncodedPrompts:
+    """Prompts as a token batch with each option's letter and end positions (padded options: 0)."""
+
+    batch: TokenBatch
+    letters: Int[Tensor, "n n_options"]
+    ends: Int[Tensor, "n n_options"]
+    letter_ids: Int[Tensor, "n n_options"]
+    answers: Int[Tensor, " n"]
+    option_mask: Bool[Tensor, "n n_options"]
+
+
+def encode_prompts(model: Any, prompts: Sequence[mc.MCPrompt]) -> EncodedPrompts:
+    """Tokenize with offsets and locate every option's letter and end token."""
+    width = max(len(p.question.options) for p in prompts)
+    rows, letters, ends, letter_ids = [], [], [], []
+    for prompt in prompts:
+        ids, offsets = encode_with_offsets(model, prompt.text)
+        letter_at, end_at = mc.option_positions(offsets, prompt)
+        pad = [0] * (width - len(letter_at))
+        rows.append(ids)
+        letters.append(letter_at + pad)
+        ends.append(end_at + pad)
+        letter_ids.append(mc.letter_token_ids(model.tokenizer, len(letter_at), prompt.letter_prefix) + pad)
+    counts = torch.tensor([len(p.question.options) for p in prompts])
+    return EncodedPrompts(
+        batch=pad_rows(model, rows),
+        letters=torch.tensor(letters), ends=torch.tensor(ends), letter_ids=torch.tensor(letter_ids),
+        answers=torch.tensor([p.question.answer for p in prompts]),
+        option_mask=torch.arange(width)[None, :] < counts[:, None],
+    )
+
+
+def option_readout(
+    model: Any, prompts: Sequence[mc.MCPrompt], batch_size: Optional[int] = None, progress: Optional[bool] = None
+) -> OptionReadout:
+    """One forward pass per prompt, caching each layer's ``q``, ``k``, ``pattern`` and ``z``; the
+    unembedding runs at each row's last position only."""
+    if not prompts:
+        raise InputError("No questions to score; give at least one prompt.")
+    encoded = encode_prompts(model, prompts)
+    shape = model_shape(model)
+    kinds = ("q", "k", "pattern", "z")
+    names = [hook_name(layer, kind) for layer in range(shape.n_layers) for kind in kinds] + [FINAL_SCALE]
+    letter_rows = model.W_U.detach().float().T[encoded.letter_ids]  # [n, options, d_model]
+    w_norm, w_o = final_norm_weight(model).float(), head_output_weights(model)
+    def reduce(last_logits: Tensor, cache: dict, chunk: TokenBatch, index: Tensor) -> dict[str, Tensor]:
+        device = last_logits.device
+        rows, last = torch.arange(len(chunk), device=device), chunk.last_positions
+        out: dict[str, Tensor] = {}
+        for position, at in (("end", encoded.ends[index].to(device)), ("letter", encoded.letters[index].to(device))):
+            out[f"qk_{position}"] = _stack_layers([_qk_scores(cache, layer, rows, last, at, shape.group_size)
+                                                   for layer in range(shape.n_layers)])
+            out[f"attention_{position}"] = _stack_layers([_attention(cache, layer, rows, last, at)
+                                                          for layer in range(shape.n_layers)])
+        out["letter_logits"] = last_logits.float().gather(1, encoded.letter_ids[index].to(device)).cpu()
+        scale = cache[FINAL_SCALE][rows, last, 0].float()
+        directions = w_norm * _correct_minus_wrong(letter_rows[index], encoded.answers[index], encoded.option_mask[index]).to(device)
+        out["correct_letter"] = final_position_attributions(model, cache, last, directions, scale, w_o).cpu()
+        return out
+
+    size = batch_size or auto_batch_size(model, encoded.batch.tokens.shape[1], n_cached=1)
+    parts = []
+    with torch.no_grad():
+        for rows, chunk in tqdm(iter_batches(encoded.batch, size), total=-(-len(prompts) // size), desc="select_copy",
+                                disable=None if progress is None else not progress, leave=False):
+            chunk = chunk.to(model_device(model))
+            last_logits, cache = last_position_run(model, chunk, run=partial(forward_with_cache, model, chunk, names))
+            parts.append(reduce(last_logits, cache, chunk, torch.arange(rows.start, rows.stop)))
+            del cache
+    parts = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    return OptionReadout(
+        qk={p: parts[f"qk_{p}"] for p in POSITIONS}, attention={p: parts[f"attention_{p}"] for p in POSITIONS},
+        letter_logits=parts["letter_logits"], correct_letter=parts["correct_letter"],
+        answers=encoded.answers, option_mask=encoded.option_mask,
+    )
+
+
+def _stack_layers(per_layer: list[Tensor]) -> Float[Tensor, "batch n_layers n_heads n_options"]:
+    return torch.stack([scores.float().cpu() for scores in per_layer], dim=1)
+
+
+def _attention(
+    cache: dict, layer: int, rows: Tensor, last: Tensor, at: Int[Tensor, "batch n_options"]
+) -> Float[Tensor, "batch n_heads n_options"]:
+    """Post-softmax attention from the last token to each option's position."""
+    from_last = cache[hook_name(layer, "pattern")][rows, :, last]  # [batch, heads, key_pos]
+    return from_last.gather(2, at[:, None, :].expand(-1, from_last.shape[1], -1))
+
+
+def _qk_scores(
+    cache: dict, layer: int, rows: Tensor, last: Tensor, at: Int[Tensor, "batch n_options"], group_size: int
+) -> Float[Tensor, "batch n_heads n_options"]:
+    """Pre-RoPE query at the last token · pre-RoPE key (of the head's KV group) at each option."""
+    query = cache[hook_name(layer, "q")][rows, last].float()  # [batch, heads, d_head]
+    keys = cache[hook_name(layer, "k")][rows[:, None], at].float()  # [batch, options, kv_heads, d_head]
+    keys = keys.repeat_interleave(group_size, dim=2)  # [batch, options, heads, d_head]
+    return torch.einsum("bhd,bohd->bho", query, keys)
+
+
+def _correct_minus_wrong(
+    letter_rows: Float[Tensor, "batch n_options d_model"], answers: Int[Tensor, " batch"], mask: Bool[Tensor, "batch n_options"]
+) -> Float[Tensor, "batch d_model"]:
+    """``W_U[correct letter] - mean of W_U[wrong letters]`` per row."""
+    correct = torch.nn.functional.one_hot(answers, letter_rows.shape[1]).bool()
+    wrong = mask & ~correct
+    wrong_mean = (letter_rows * wrong[..., None]).sum(dim=1) / wrong.sum(dim=1, keepdim=True)
+    return letter_rows[torch.arange(len(answers)), answers] - wrong_mean
+
+
+def load_questions(config: SelectCopyConfig) -> list[mc.MCQuestion]:
+    if config.questions == "synthetic":
+        return mc.synthetic_questions(config.n_questions, config.n_options, config.templates, config.distractor_facts,
+                                      config.extra_options, config.seed)
+    if config.questions == "world":
+        return mc.world_questions(config.n_options, config.extra_options, config.seed)
+    return mc.read_questions(config.questions)
+
+
+def knows_answer(
+    model: Any, questions: Sequence[mc.MCQuestion], n_shots: int = 2, seed: int = 0, batch_size: Optional[int] = None
+) -> Bool[Tensor, " n_questions"]:
+    """True where the model's top next token after the free-form question (``n_shots`` answered
+    examples first) is the first token of ``" " + answer``."""
+    tokenizer = model.tokenizer
+    targets = torch.tensor([tokenizer(" " + q.answer_text, add_special_tokens=False)["input_ids"][0] for q in questions])
+    prompts = mc.knowledge_prompts(questions, n_shots, seed)
+    batch = pad_rows(model, [encode_with_offsets(model, p)[0] for p in prompts])
+    return final_states(model, batch, batch_size).argmax(dim=-1) == targets  # unembeds the last position only
+
+
+@register_detector
+class SelectCopyDetector(Detector):
+    name = "select_copy"
+    Config = SelectCopyConfig
+    summary = "accuracy of each head's QK-score / attention to the correct option (Tulchinskii et al. 2024)"
+
+    def prompts(self, model: Any, batch_size: Optional[int] = None) -> tuple[list[mc.MCPrompt], dict[str, Any]]:
+        """The prompts to score (known questions only, when ``only_known``) and the knowledge check."""
+        config: SelectCopyConfig = self.config
+        questions = load_questions(config)
+        known = knows_answer(model, questions, config.knowledge_shots, config.seed, batch_size)
+        check = {"n_questions": len(questions), "known_rate": float(known.float().mean())}
+        if config.only_known:
+            questions = [q for q, k in zip(questions, known.tolist(), strict=True) if k]
+        if len(questions) <= config.n_dev:
+            raise InputError(
+                f"Only {len(questions)} questions are left to score, not more than n_dev={config.n_dev}; "
+                f"ask for more questions or a smaller n_dev."
+            )
+        return mc.mc_prompts(questions, config.format, config.n_shots, config.seed), check
+
+    def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None,
+              prompts: Optional[Sequence[mc.MCPrompt]] = None) -> HeadScores:
+        config: SelectCopyConfig = self.config
+        _split_method(f"{config.score}_{config.position}")
+        check: dict[str, Any] = {}
+        if prompts is None:
+            prompts, check = self.prompts(model, batch_size)
+        readout = option_readout(model, prompts, batch_size, progress)
+        return self.scores_from(model, readout, check)
+
+    def scores_from(self, model: Any, readout: OptionReadout, check: Optional[dict[str, Any]] = None) -> HeadScores:
+        """``HeadScores`` from a computed readout: first ``n_dev`` questions = dev, the rest held out."""
+        config: SelectCopyConfig = self.config
+        dev, test = slice(0, config.n_dev), slice(config.n_dev, len(readout))
+        extras: dict[str, Tensor] = {"correct_letter": readout.correct_letter[dev].mean(dim=0)}
+        metadata: dict[str, Any] = dict(check or {}, n_dev=config.n_dev, n_test=len(readout) - config.n_dev)
+        letters = readout.letter_correct()
+        metadata["letter_accuracy_dev"], metadata["letter_accuracy_test"] = float(letters[dev].mean()), float(letters[test].mean())
+        for method in METHODS:
+            correct = readout.head_correct(method)
+            extras[method], extras[f"{method}_test"] = correct[dev].mean(dim=0), correct[test].mean(dim=0)
+            best = _best_head(extras[method])
+            metadata[f"best_{method}"] = {"head": str(best), "dev": float(extras[method][best.layer, best.head]),
+                                          "test": float(extras[f"{method}_test"][best.layer, best.head])}
+        values = extras[f"{config.score}_{config.position}"]
+        return self.result(model, values, extras, metadata)
+
+    def validation_task(self, model: Any) -> ValidationTask:
+        prompts, _check = self.prompts(model)
+        held_out = prompts[self.config.n_dev:]
+        return ValidationTask(
+            data=encode_prompts(model, held_out).batch,
+            metric=CorrectLetterMargin(model, held_out),
+            metric_name="correct letter's logit - mean of the wrong letters' logits at the last position",
+            ablation_hurts_when="decreases",
+        )
+
+
+def _best_head(accuracy: Float[Tensor, "n_layers n_heads"]) -> Head:
+    index = int(accuracy.flatten().argmax())
+    return Head(*divmod(index, accuracy.shape[1]))
+
+
+class CorrectLetterMargin:
+    """``metric(logits, chunk)``: the correct letter's logit minus the mean wrong letter's, at each
+    row's last position; rows are matched to questions by their tokens."""
+
+    def __init__(self, model: Any, prompts: Sequence[mc.MCPrompt]) -> None:
+        encoded = encode_prompts(model, prompts)
+        self.letters = {
+            row_tokens(encoded.batch, row): (encoded.letter_ids[row], encoded.answers[row], encoded.option_mask[row])
+            for row in range(len(prompts))
+        }
+
+    def __call__(self, logits: Tensor, chunk: TokenBatch) -> Tensor:
+        rows = torch.arange(len(chunk), device=logits.device)
+        final = logits[rows, chunk.last_positions.to(logits.device)].float()
+        margins = []
+        for row in range(len(chunk)):
+            ids, answer, mask = self.letters[row_tokens(chunk, row)]
+            letter_logits = final[row, ids.to(final.device)]
+            wrong = mask.clone()
+            wrong[answer] = False
+            margins.append(letter_logits[answer] - letter_logits[wrong.to(final.device)].mean())
+        return torch.stack(margins)
+
+
+@dataclass
+class MethodComparison:
+    """Held-out accuracy of a head chosen on dev against the letter logits, on the same questions."""
+
+    method: str
+    head: str
+    dev_accuracy: float
+    test_accuracy: float
+    letter_accuracy: float
+    difference: float  # test_accuracy - letter_accuracy
+    ci_low: float
+    ci_high: float
+    p_value: float  # paired permutation test of the difference
+    random_head_accuracy: float  # mean held-out accuracy over every head (the random-head control)
+    n_test: int
+
+
+def compare(
+    readout: OptionReadout, dev: Sequence[int], test: Sequence[int], methods: Sequence[str] = ("qk_end", "attention_end"),
+    n_bootstrap: int = 2000, n_permutations: int = 5000, seed: int = 0,
+) -> list[MethodComparison]:
+    """For each method: the head with the best dev accuracy, its held-out accuracy against the
+    letter logits (paired bootstrap CI of the difference, sign-flip permutation p-value) and the
+    mean held-out accuracy of all heads."""
+    dev_rows, test_rows = torch.as_tensor(list(dev)), torch.as_tensor(list(test))
+    letters = readout.letter_correct()[test_rows]
+    results = []
+    for method in methods:
+        correct = readout.head_correct(method)
+        head = _best_head(correct[dev_rows].mean(dim=0))
+        chosen = correct[test_rows, head.layer, head.head]
+        low, high = paired_bootstrap_ci(chosen - letters, n_bootstrap, seed)
+        results.append(MethodComparison(
+            method=method, head=str(head), dev_accuracy=float(correct[dev_rows, head.layer, head.head].mean()),
+            test_accuracy=float(chosen.mean()), letter_accuracy=float(letters.mean()),
+            difference=float((chosen - letters).mean()), ci_low=low, ci_high=high,
+            p_value=paired_permutation_p(chosen - letters, n_permutations, seed),
+            random_head_accuracy=float(correct[test_rows].mean()), n_test=len(test_rows),
+        ))
+    return results
+
+
+def paired_bootstrap_ci(differences: Float[Tensor, " n"], n_bootstrap: int = 2000, seed: int = 0,
+                        level: float = 0.95) -> tuple[float, float]:
+    """Percentile CI of the mean of paired per-question differences."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = torch.randint(len(differences), (n_bootstrap, len(differences)), generator=generator)
+    means = differences.float()[samples].mean(dim=1)
+    tail = (1 - level) / 2
+    return float(torch.quantile(means, tail)), float(torch.quantile(means, 1 - tail))
+
+
+def paired_permutation_p(differences: Float[Tensor, " n"], n_permutations: int = 5000, seed: int = 0) -> float:
+    """Two-sided sign-flip permutation test of mean(differences) = 0 (swapping the two methods'
+    results within each question)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    signs = torch.randint(0, 2, (n_permutations, len(differences)), generator=generator).float() * 2 - 1
+    observed = differences.float().mean().abs()
+    permuted = (signs * differences.float()).mean(dim=1).abs()
+    return float(((permuted >= observed - 1e-12).sum() + 1) / (n_permutations + 1))
+
+
+def split_stability(
+    readout: OptionReadout, n_dev: int, n_splits: int = 20, method: str = "qk_end", seed: int = 0
+) -> dict[str, Any]:
+    """Reselect the best head on ``n_splits`` random dev splits of ``n_dev`` questions: how often
+    each head is chosen and its accuracy on the rest of that split."""
+    correct = readout.head_correct(method)
+    rng = random.Random(seed)
+    chosen: Counter[str] = Counter()
+    held_out = []
+    for _ in range(n_splits):
+        order = list(range(len(readout)))
+        rng.shuffle(order)
+        dev, test = torch.tensor(order[:n_dev]), torch.tensor(order[n_dev:])
+        head = _best_head(correct[dev].mean(dim=0))
+        chosen[str(head)] += 1
+        held_out.append(float(correct[test, head.layer, head.head].mean()))
+    return {"method": method, "n_splits": n_splits, "chosen": dict(chosen.most_common()),
+            "most_chosen_share": chosen.most_common(1)[0][1] / n_splits,
+            "test_accuracy_mean": sum(held_out) / n_splits, "test_accuracy_min": min(held_out)}
