@@ -10,7 +10,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 @pytest.mark.parametrize("name", ["memory_context_heads.ipynb", "retrieval_heads.ipynb", "successor_heads.ipynb",
-                                  "safety_heads.ipynb"])
+                                  "safety_heads.ipynb", "select_and_copy.ipynb"])
 def test_notebook_runs_without_errors(name, tmp_path):
     import nbformat
     from nbclient import NotebookClient
@@ -24,5 +24,6 @@ def test_notebook_runs_without_errors(name, tmp_path):
     expected = {"memory_context_heads.ipynb": ["memory heads", "steer to context"],
                 "retrieval_heads.ipynb": ["retrieval head L", "top-10 retrieval vs top-10 induction", "random-5 masked"],
                 "successor_heads.ipynb": ["effective OV", "zero ablation of k=1", "numerals: leave-one-out", "edits succeed"],
-                "safety_heads.ipynb": ["organism refuses", "top Ships heads", "attack success: clean", "changed-by-tuning rank"]}
+                "safety_heads.ipynb": ["organism refuses", "top Ships heads", "attack success: clean", "changed-by-tuning rank"],
+                "select_and_copy.ipynb": ["option-end token", "the model knows", "qk_end: L", "world qk_end"]}
     assert all(phrase in text for phrase in expected[name])
