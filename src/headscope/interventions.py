@@ -341,7 +341,7 @@ def head_output_means(
             out[name] = torch.einsum("bp,bphd->bhd", weight, cache[name].float())
         return out
 
-    totals = run_batched(model, batch, sums, names=names, batch_size=batch_size, desc="mean head outputs")
+    totals = run_batched(model, batch, sums, names=names, batch_size=batch_size, desc="mean head outputs", logits="last")
     count = totals["count"].sum()
     if float(count) < 1:
         raise InputError("The reference for mean ablation has no tokens after the first; give longer prompts.")
@@ -381,7 +381,7 @@ def _resample(model: Any, heads: Sequence[Head], reference: Any, batch_size: Opt
                 out[names[layer]] = torch.nn.functional.pad(z, (0, 0, 0, 0, 0, width - z.shape[1]))
             return out
 
-        cached = run_batched(model, batch, keep, names=list(names.values()), batch_size=batch_size)
+        cached = run_batched(model, batch, keep, names=list(names.values()), batch_size=batch_size, logits="last")
         donors = {layer: cached[names[layer]] for layer in grouped}
 
     hooks: HookList = []

@@ -94,3 +94,16 @@ def test_token_batch_select_trims_to_longest_row(tiny):
     batch = pad_rows(tiny, [[1, 2], [3, 4, 5, 6]])
     assert batch.select(slice(0, 1)).tokens.shape == (1, 2)
     assert isinstance(batch.select([1]), TokenBatch)
+
+
+def test_run_batched_with_last_logits_unembeds_each_rows_last_position_only(tiny_llama):
+    batch = pad_rows(tiny_llama, [[1, 5, 6, 7, 8], [1, 9, 10], [1, 11, 12, 13]])
+
+    def at_last(logits, cache, chunk):
+        return logits[torch.arange(len(chunk)), chunk.last_positions]
+
+    full = run_batched(tiny_llama, batch, at_last, batch_size=2)
+    last = run_batched(tiny_llama, batch, lambda logits, cache, chunk: logits, batch_size=2, logits="last")
+    assert last.shape == full.shape and torch.allclose(last, full, atol=1e-5)
+    with pytest.raises(ValueError, match="'all' or 'last'"):
+        run_batched(tiny_llama, batch, at_last, logits="first")

@@ -141,7 +141,7 @@ class AttentionTemplateDetector(Detector):
             return out
 
         names = pattern_hooks(model) + extra_names
-        per_example = run_batched(model, task.tokens, reduce, names, batch_size, progress, desc=self.name)
+        per_example = run_batched(model, task.tokens, reduce, names, batch_size, progress, desc=self.name, logits="last")
         means = {name: values.mean(dim=0) for name, values in per_example.items()}
         return self.result(
             model,

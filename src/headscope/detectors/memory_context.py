@@ -123,11 +123,12 @@ def final_head_attributions(
         attribution = final_position_attributions(model, cache, last, directions[index].to(logits.device), scale, w_o)
         context = torch.tensor([i.context_token for i in items[index]], device=logits.device)
         memory = torch.tensor([i.memory_token for i in items[index]], device=logits.device)
-        final = logits[rows, last]
+        final = logits  # [batch, vocab] at each row's last position
         return {"attribution": attribution, "scale": scale,
                 "logit_diff": final[rows, context] - final[rows, memory]}
 
-    return run_batched(model, tokenize(model, prompts), reduce, names, batch_size, progress, desc="memory_context")
+    return run_batched(model, tokenize(model, prompts), reduce, names, batch_size, progress, desc="memory_context",
+                       logits="last")
 
 
 class LogitDifference:

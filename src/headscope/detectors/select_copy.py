@@ -37,19 +37,17 @@ import math
 import random
 from collections import Counter
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Optional, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
-from headscope.engine.generation import final_states, last_position_run
+from headscope.engine.generation import final_states
 from headscope.engine.heads import Head, hook_name, model_shape
-from headscope.engine.runner import auto_batch_size, forward_with_cache, model_device
-from headscope.engine.tokens import TokenBatch, encode_with_offsets, iter_batches, pad_rows, row_tokens
+from headscope.engine.runner import run_batched
+from headscope.engine.tokens import TokenBatch, encode_with_offsets, pad_rows, row_tokens
 from headscope.engine.unembed import FINAL_SCALE, final_norm_weight, final_position_attributions, head_output_weights
 from headscope.errors import InputError
 from headscope.results import HeadScores
@@ -161,7 +159,11 @@ def option_readout(
     names = [hook_name(layer, kind) for layer in range(shape.n_layers) for kind in kinds] + [FINAL_SCALE]
     letter_rows = model.W_U.detach().float().T[encoded.letter_ids]  # [n, options, d_model]
     w_norm, w_o = final_norm_weight(model).float(), head_output_weights(model)
-    def reduce(last_logits: Tensor, cache: dict, chunk: TokenBatch, index: Tensor) -> dict[str, Tensor]:
+    done = [0]  # rows of earlier chunks (run_batched keeps the order)
+
+    def reduce(last_logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
+        index = torch.arange(done[0], done[0] + len(chunk))
+        done[0] += len(chunk)
         device = last_logits.device
         rows, last = torch.arange(len(chunk), device=device), chunk.last_positions
         out: dict[str, Tensor] = {}
@@ -176,16 +178,7 @@ def option_readout(
         out["correct_letter"] = final_position_attributions(model, cache, last, directions, scale, w_o).cpu()
         return out
 
-    size = batch_size or auto_batch_size(model, encoded.batch.tokens.shape[1], n_cached=1)
-    parts = []
-    with torch.no_grad():
-        for rows, chunk in tqdm(iter_batches(encoded.batch, size), total=-(-len(prompts) // size), desc="select_copy",
-                                disable=None if progress is None else not progress, leave=False):
-            chunk = chunk.to(model_device(model))
-            last_logits, cache = last_position_run(model, chunk, run=partial(forward_with_cache, model, chunk, names))
-            parts.append(reduce(last_logits, cache, chunk, torch.arange(rows.start, rows.stop)))
-            del cache
-    parts = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    parts = run_batched(model, encoded.batch, reduce, names, batch_size, progress, desc="select_copy", logits="last")
     return OptionReadout(
         qk={p: parts[f"qk_{p}"] for p in POSITIONS}, attention={p: parts[f"attention_{p}"] for p in POSITIONS},
         letter_logits=parts["letter_logits"], correct_letter=parts["correct_letter"],

@@ -222,7 +222,7 @@ def contextual_success(
         return torch.stack(success).cpu()
 
     return run_batched(model, tokenize(model, [p.text for p in prompts]), reduce, names, batch_size, progress,
-                       desc="successor")
+                       desc="successor", logits="last")
 
 
 class SuccessorAccuracy:

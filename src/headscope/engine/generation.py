@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from headscope.engine.runner import auto_batch_size, model_device
+from headscope.engine.runner import auto_batch_size, model_device, unembed_last_position_only
 from headscope.engine.tokens import TokenBatch, as_token_batch, check_batch, iter_batches
 
 Intervention = Callable[[Any], ContextManager]
@@ -151,21 +151,10 @@ def last_position_run(
     model: Any, chunk: TokenBatch, run: Optional[Callable[[], Any]] = None, logits: bool = True
 ) -> Float[Tensor, "batch dim"]:
     """``run()`` (default: the plain forward of ``chunk``) reading out only each row's last real
-    position: logits there, or the unembedding's input when ``logits=False``. A ``run`` that
-    returns ``(logits, cache)`` (``runner.forward_with_cache``) gives ``(last logits, cache)``."""
-    last = chunk.last_positions.to(chunk.tokens.device)
+    position: logits there, or the unembedding's input when ``logits=False``."""
     captured: dict[str, Tensor] = {}
-
-    def keep_last(residual: Tensor, hook: Any) -> Tensor:
-        rows = torch.arange(residual.shape[0], device=residual.device)  # the chunk, maybe repeated
-        selected = residual[rows, last[rows % len(chunk)]][:, None]
-        captured["states"] = selected[:, 0]
-        return selected
-
     mask = chunk.attention_mask if chunk.is_padded else None
     run = run or (lambda: model(chunk.tokens, attention_mask=mask))
-    with model.hooks(fwd_hooks=[("unembed.hook_in", keep_last)]):
+    with unembed_last_position_only(model, chunk, captured):
         output = run()
-    if isinstance(output, tuple):
-        return output[0][:, -1], output[1]
     return output[:, -1] if logits else captured["states"]

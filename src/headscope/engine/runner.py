@@ -4,11 +4,16 @@
 its attention mask, hands ``reduce(logits, cache, chunk)`` the logits and the requested
 activations, and concatenates what ``reduce`` returns along the batch dimension. Nothing but the
 reduced values outlives a chunk, so memory stays bounded by one chunk.
+
+``logits="last"`` runs the unembedding at each row's last real position only and hands ``reduce``
+``[batch, vocab]`` logits: for a 49k vocabulary that is a third or more of a forward's time saved
+when a reduce needs the last position or no logits at all.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+import contextlib
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
@@ -81,6 +86,23 @@ def forward_with_cache(model: Any, batch: TokenBatch, names: Sequence[str]) -> t
     return logits, dict(cache)
 
 
+@contextlib.contextmanager
+def unembed_last_position_only(model: Any, chunk: TokenBatch, captured: Optional[dict] = None) -> Iterator[None]:
+    """Inside, the model unembeds only each row's last real position (logits ``[batch, 1, vocab]``);
+    ``captured["states"]`` receives the unembedding's input there ``[batch, d_model]``."""
+    last = chunk.last_positions.to(chunk.tokens.device)
+    captured = {} if captured is None else captured
+
+    def keep_last(residual: Tensor, hook: Any) -> Tensor:
+        rows = torch.arange(residual.shape[0], device=residual.device)  # the chunk, maybe repeated
+        selected = residual[rows, last.to(residual.device)[rows % len(chunk)]][:, None]
+        captured["states"] = selected[:, 0]
+        return selected
+
+    with model.hooks(fwd_hooks=[("unembed.hook_in", keep_last)]):
+        yield
+
+
 def run_batched(
     model: Any,
     data: Any,
@@ -89,12 +111,17 @@ def run_batched(
     batch_size: Optional[int] = None,
     progress: Optional[bool] = None,
     desc: str = "running",
+    logits: str = "all",
 ) -> Reduced:
     """Run ``data`` in chunks and concatenate ``reduce(logits, cache, chunk)`` over chunks.
 
     ``reduce`` must return a tensor (or a dict of tensors) whose first dimension is the chunk's
-    rows. Runs without gradients; the model is not changed.
+    rows. ``logits="all"``: ``[batch, pos, vocab]``; ``"last"``: ``[batch, vocab]`` at each row's
+    last real position, the unembedding computed there only. Runs without gradients; the model
+    is not changed.
     """
+    if logits not in ("all", "last"):
+        raise ValueError(f"logits must be 'all' or 'last', got {logits!r}.")
     batch = as_token_batch(model, data)
     size = batch_size or auto_batch_size(model, batch.tokens.shape[1], n_cached=len(names))
     parts: list[Reduced] = []
@@ -102,9 +129,14 @@ def run_batched(
     n_chunks = -(-len(batch) // size)
     with torch.no_grad():
         for _rows, chunk in tqdm(chunks, total=n_chunks, desc=desc, disable=_disable(progress), leave=False):
-            logits, cache = forward_with_cache(model, chunk, names)
-            parts.append(reduce(logits, cache, chunk.to(logits.device)))
-            del logits, cache
+            if logits == "last":
+                with unembed_last_position_only(model, chunk.to(model_device(model))):
+                    chunk_logits, cache = forward_with_cache(model, chunk, names)
+                chunk_logits = chunk_logits[:, -1]
+            else:
+                chunk_logits, cache = forward_with_cache(model, chunk, names)
+            parts.append(reduce(chunk_logits, cache, chunk.to(chunk_logits.device)))
+            del chunk_logits, cache
     return _concatenate(parts)
 
 
