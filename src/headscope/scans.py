@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from headscope.engine.heads import Head, all_heads, check_heads, heads_by_layer, hook_name, model_shape
 from headscope.engine.partial import check_forward_from_layer, forward_from_layer, resid_pre_name
-from headscope.engine.runner import auto_batch_size, model_device, run_batched
+from headscope.engine.runner import auto_batch_size, last_position_states, model_device, run_batched
 from headscope.engine.tokens import TokenBatch, as_token_batch, iter_batches
 from headscope.errors import InputError
 from headscope.interventions import DEFAULT_UNIFORM_EPSILON, ablate, head_output_means
@@ -187,7 +187,7 @@ def readout_scan(
     state = _load_checkpoint(checkpoint, signature, fresh)
     layer_heads = heads_by_layer(selected)
     done = {tuple(unit) for unit in state["done"]}
-    read = lambda run, chunk: _last_states(model, run, chunk)  # noqa: E731
+    read = lambda run, chunk: last_position_states(model, chunk, run)  # noqa: E731
     disable = None if progress is None else not progress
     n_units = -(-len(batch) // chunk_size) * len(layer_heads)
     outer = background(model) if background is not None else contextlib.nullcontext()
@@ -219,12 +219,6 @@ def _layer_states(
         return out.float().cpu().view(len(heads), len(chunk), -1)
 
     return torch.cat(_in_groups(model, chunk, layer_heads, states))
-
-
-def _last_states(model: Any, run: Callable[[], Tensor], chunk: TokenBatch) -> Tensor:
-    from headscope.engine.generation import last_position_run
-
-    return last_position_run(model, chunk, run, logits=False)
 
 
 def _check_method(method: str, factor: Optional[float]) -> None:

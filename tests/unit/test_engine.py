@@ -105,5 +105,5 @@ def test_run_batched_with_last_logits_unembeds_each_rows_last_position_only(tiny
     full = run_batched(tiny_llama, batch, at_last, batch_size=2)
     last = run_batched(tiny_llama, batch, lambda logits, cache, chunk: logits, batch_size=2, logits="last")
     assert last.shape == full.shape and torch.allclose(last, full, atol=1e-5)
-    with pytest.raises(ValueError, match="'all' or 'last'"):
+    with pytest.raises(ValueError, match="'all', 'last' or 'last_states'"):
         run_batched(tiny_llama, batch, at_last, logits="first")

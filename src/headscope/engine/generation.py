@@ -19,8 +19,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from headscope.engine.runner import auto_batch_size, model_device, unembed_last_position_only
-from headscope.engine.tokens import TokenBatch, as_token_batch, check_batch, iter_batches
+from headscope.engine.runner import auto_batch_size, model_device, run_batched
+from headscope.engine.tokens import TokenBatch, as_token_batch, check_batch
 
 Intervention = Callable[[Any], ContextManager]
 
@@ -133,28 +133,10 @@ def _generate_chunk(model: Any, chunk: TokenBatch, max_new_tokens: int, stops: T
 
 
 def final_states(
-    model: Any, prompts: Any, batch_size: Optional[int] = None, logits: bool = True
+    model: Any, prompts: Any, batch_size: Optional[int] = None, logits: bool = True, progress: Optional[bool] = None
 ) -> Float[Tensor, "batch dim"]:
     """Last-position logits (``logits=True``) or final normalised hidden states (the input of the
     unembedding, what Hugging Face calls ``hidden_states[-1]``) of each prompt. The unembedding is
     computed at the last real position of each row only."""
-    batch = as_token_batch(model, prompts)
-    check_batch(model, batch)
-    size = batch_size or auto_batch_size(model, batch.tokens.shape[1])
-    with torch.no_grad():
-        parts = [last_position_run(model, chunk.to(model_device(model)), logits=logits).cpu()
-                 for _rows, chunk in iter_batches(batch, size)]
-    return torch.cat(parts)
-
-
-def last_position_run(
-    model: Any, chunk: TokenBatch, run: Optional[Callable[[], Any]] = None, logits: bool = True
-) -> Float[Tensor, "batch dim"]:
-    """``run()`` (default: the plain forward of ``chunk``) reading out only each row's last real
-    position: logits there, or the unembedding's input when ``logits=False``."""
-    captured: dict[str, Tensor] = {}
-    mask = chunk.attention_mask if chunk.is_padded else None
-    run = run or (lambda: model(chunk.tokens, attention_mask=mask))
-    with unembed_last_position_only(model, chunk, captured):
-        output = run()
-    return output[:, -1] if logits else captured["states"]
+    return run_batched(model, prompts, lambda values, cache, chunk: values.cpu(), batch_size=batch_size,
+                       progress=progress, desc="final states", logits="last" if logits else "last_states")
