@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from headscope.detectors import select_copy as sc
+from headscope.engine.heads import Head
 from headscope.tasks import multiple_choice as mc
 
 pytestmark = pytest.mark.repro
@@ -99,7 +100,8 @@ def test_best_select_and_copy_heads_sit_in_middle_layers(smollm, study):
     top = torch.topk(accuracy.flatten(), 5).indices
     layers = [int(i) // accuracy.shape[1] for i in top]
     depth = [layer / (accuracy.shape[0] - 1) for layer in layers]
-    print("top-5 QK heads (dev):", [f"L{int(i) // 9}H{int(i) % 9} {accuracy.flatten()[i]:.2f}" for i in top])
+    n_heads = accuracy.shape[1]
+    print("top-5 QK heads (dev):", [f"L{int(i) // n_heads}H{int(i) % n_heads} {accuracy.flatten()[i]:.2f}" for i in top])
     assert all(0.25 <= d <= 0.75 for d in depth)
 
 
@@ -114,7 +116,7 @@ def test_the_selected_head_is_the_same_on_random_dev_splits(study):
 def test_the_selected_head_keeps_its_accuracy_when_options_are_reshuffled(smollm, study):
     """Robustness: the held-out questions with their options in a new order."""
     best = study["comparisons"]["qk_end"]
-    layer, head = (int(x) for x in best.head[1:].split("H"))
+    layer, head = Head.parse(best.head)
     held_out = [study["questions"][i] for i in study["test"]]
     shuffled = sc.option_readout(smollm, mc.mc_prompts(mc.shuffle_options(held_out, seed=1), FORMAT))
     head_accuracy = shuffled.head_correct("qk_end")[:, layer, head].mean().item()

@@ -47,7 +47,7 @@ from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, r
 from headscope.engine.generation import final_states
 from headscope.engine.heads import Head, hook_name, model_shape
 from headscope.engine.runner import run_batched
-from headscope.engine.tokens import TokenBatch, encode_with_offsets, pad_rows, row_tokens
+from headscope.engine.tokens import TokenBatch, encode_with_offsets, pad_rows, row_tokens, tokenize
 from headscope.engine.unembed import FINAL_SCALE, final_norm_weight, final_position_attributions, head_output_weights
 from headscope.errors import InputError
 from headscope.results import HeadScores
@@ -128,6 +128,8 @@ class EncodedPrompts:
 def encode_prompts(model: Any, prompts: Sequence[mc.MCPrompt]) -> EncodedPrompts:
     """Tokenize with offsets and locate every option's letter and end token."""
     width = max(len(p.question.options) for p in prompts)
+    letter_sets = {(n, prefix): mc.letter_token_ids(model.tokenizer, n, prefix)
+                   for n, prefix in {(len(p.question.options), p.letter_prefix) for p in prompts}}
     rows, letters, ends, letter_ids = [], [], [], []
     for prompt in prompts:
         ids, offsets = encode_with_offsets(model, prompt.text)
@@ -136,7 +138,7 @@ def encode_prompts(model: Any, prompts: Sequence[mc.MCPrompt]) -> EncodedPrompts
         rows.append(ids)
         letters.append(letter_at + pad)
         ends.append(end_at + pad)
-        letter_ids.append(mc.letter_token_ids(model.tokenizer, len(letter_at), prompt.letter_prefix) + pad)
+        letter_ids.append(letter_sets[len(letter_at), prompt.letter_prefix] + pad)
     counts = torch.tensor([len(p.question.options) for p in prompts])
     return EncodedPrompts(
         batch=pad_rows(model, rows),
@@ -235,8 +237,7 @@ def knows_answer(
     tokenizer = model.tokenizer
     targets = torch.tensor([tokenizer(" " + q.answer_text, add_special_tokens=False)["input_ids"][0] for q in questions])
     prompts = mc.knowledge_prompts(questions, n_shots, seed)
-    batch = pad_rows(model, [encode_with_offsets(model, p)[0] for p in prompts])
-    return final_states(model, batch, batch_size).argmax(dim=-1) == targets  # unembeds the last position only
+    return final_states(model, tokenize(model, prompts), batch_size).argmax(dim=-1) == targets
 
 
 @register_detector

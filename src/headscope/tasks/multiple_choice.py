@@ -49,7 +49,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
+from headscope.engine.tokens import token_span
 from headscope.errors import InputError
+from headscope.tasks.refusal import chat_prompt
 
 LETTERS = "ABCDEFGH"
 FORMATS = ("plain", "fewshot", "chat")
@@ -272,16 +274,15 @@ def mc_prompt(question: MCQuestion, format: str = "plain", shots: Sequence[MCQue
         raise InputError(f"Unknown multiple-choice format {format!r}; choose one of {', '.join(FORMATS)}.")
     if format == "fewshot" and not shots:
         raise InputError("The 'fewshot' format needs at least one shot; give n_shots >= 1.")
-    prefix = ""
-    if format == "fewshot":
-        prefix = "".join(_body(shot)[0] + f"Answer: {LETTERS[shot.answer]}\n\n" for shot in shots)
-    elif format == "chat":
-        prefix = "<|im_start|>user\n"
     body, letters, spans = _body(question)
-    suffix = f"{CHAT_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n" if format == "chat" else "Answer:"
-    shift = len(prefix)
+    if format == "chat":
+        text = chat_prompt(body + CHAT_INSTRUCTION)
+    else:
+        shown = "".join(_body(shot)[0] + f"Answer: {LETTERS[shot.answer]}\n\n" for shot in shots) if format == "fewshot" else ""
+        text = shown + body + "Answer:"
+    shift = text.rindex(body)  # the question itself comes last (a shot may repeat its text)
     return MCPrompt(
-        text=prefix + body + suffix,
+        text=text,
         question=question,
         letter_chars=tuple(shift + c for c in letters),
         option_spans=tuple((shift + a, shift + b) for a, b in spans),
@@ -331,16 +332,9 @@ def option_positions(
 ) -> tuple[list[int], list[int]]:
     """Token positions of each option's letter and of the token ending each option's text, from
     the offsets of the prompt's tokens (``engine.tokens.encode_with_offsets``)."""
-    return ([_token_at(offsets, char) for char in prompt.letter_chars],
-            [_token_at(offsets, end - 1) for _start, end in prompt.option_spans])
-
-
-def _token_at(offsets: Sequence[tuple[int, int]], char: int) -> int:
-    """The last token whose characters include ``char``."""
-    covering = [i for i, (a, b) in enumerate(offsets) if a <= char < b]
-    if not covering:
-        raise InputError(f"No token covers character {char}; the tokenizer gave no offsets there.")
-    return covering[-1]
+    last_token = lambda char: token_span(offsets, char, char + 1)[1] - 1  # noqa: E731  (the last token covering it)
+    return ([last_token(char) for char in prompt.letter_chars],
+            [last_token(end - 1) for _start, end in prompt.option_spans])
 
 
 def letter_token_ids(tokenizer: Any, n_options: int, prefix: str) -> list[int]:
