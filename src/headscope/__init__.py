@@ -11,6 +11,8 @@
 __version__ = "0.1.0"
 
 from headscope.api import detect, scan
+from headscope.atlas import Atlas, AtlasSettings, atlas
+from headscope.compare import AtlasComparison, compare
 from headscope.detectors import (
     Detector,
     DetectorConfig,
@@ -46,9 +48,16 @@ from headscope.interventions import (
 from headscope.models import DEFAULT_MODEL, load_model
 from headscope.results import HeadScores, role_overlap
 from headscope.scans import ablation_scan, attribution_scan, naive_ablation_scan
+from headscope.significance import Significance
 from headscope.validation import ValidationResult, validate
 
 __all__ = [
+    "Atlas",
+    "AtlasComparison",
+    "AtlasSettings",
+    "Significance",
+    "atlas",
+    "compare",
     "DEFAULT_MODEL",
     "DecodeMask",
     "Detector",

@@ -1,4 +1,5 @@
-"""The ``headscope`` command: ``scan``, ``validate`` and ``info``. All logic lives in the library."""
+"""The ``headscope`` command: ``atlas``, ``compare``, ``scan``, ``validate`` and ``info``. All logic
+lives in the library."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from tqdm.auto import tqdm
 
 from headscope import __version__
 from headscope.api import scan
+from headscope.atlas import atlas
+from headscope.compare import compare
 from headscope.detectors.base import get_detector, list_detectors
 from headscope.engine.heads import model_shape
 from headscope.engine.runner import model_device, model_dtype
@@ -39,6 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headscope", description="Score, validate and inspect attention heads.")
     parser.add_argument("--version", action="version", version=f"headscope {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    atlas_cmd = commands.add_parser("atlas", help="every detector, validated, as a report (report.html in --out)")
+    _model_args(atlas_cmd)
+    atlas_cmd.add_argument("--detectors", default="all", help="'all' (default) or comma-separated names")
+    atlas_cmd.add_argument("--out", default="atlas", help="folder for report.html, atlas.json, CSV files and parts/")
+    atlas_cmd.add_argument("-k", type=int, default=5, help="heads ablated by each validation (default 5)")
+    atlas_cmd.add_argument("--n-random", type=int, default=3, help="random k-sets each validation compares with")
+    atlas_cmd.add_argument("--seed", type=int, default=0)
+    atlas_cmd.add_argument("--no-validate", action="store_true", help="skip the causal validations")
+    atlas_cmd.add_argument("--no-resume", action="store_true", help="recompute stages already saved in --out/parts")
+    atlas_cmd.add_argument("--config", help='JSON file of settings per detector, e.g. {"retrieval": {"lengths": [300]}}')
+    atlas_cmd.set_defaults(run=run_atlas)
+
+    compare_cmd = commands.add_parser("compare", help="which roles moved, appeared or vanished between two atlases")
+    compare_cmd.add_argument("a", help="atlas folder A (written by 'headscope atlas')")
+    compare_cmd.add_argument("b", help="atlas folder B")
+    compare_cmd.add_argument("--out", help="write the comparison as JSON to this file")
+    compare_cmd.set_defaults(run=run_compare)
 
     scan_cmd = commands.add_parser("scan", help="score every head with one or more detectors")
     _model_args(scan_cmd)
@@ -92,6 +113,29 @@ def run_scan(args: argparse.Namespace) -> int:
         scores.plot(path=out / f"{name}.png")
         tqdm.write(_top_table(scores, args.top, time.time() - started))
     print(f"wrote {', '.join(f'{n}.json/.png' for n in names)} to {out}/")
+    return 0
+
+
+def run_atlas(args: argparse.Namespace) -> int:
+    detectors = "all" if args.detectors == "all" else [n.strip() for n in args.detectors.split(",") if n.strip()]
+    settings = json.loads(Path(args.config).read_text()) if args.config else None
+    for name in list_detectors() if detectors == "all" else detectors:
+        get_detector(name, **(settings or {}).get(name, {}))  # fail on a bad name or setting before loading
+    model = _load(args)
+    started = time.time()
+    result = atlas(model, detectors, validate=not args.no_validate, k=args.k, n_random=args.n_random, settings=settings,
+                   out=args.out, resume=not args.no_resume, seed=args.seed, batch_size=args.batch_size, progress=True)
+    report = result.save(args.out)
+    print(result)
+    print(f"atlas of {len(result.scores)} detectors in {time.time() - started:.0f} s; report: {report}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    comparison = compare(args.a, args.b)
+    print(comparison)
+    if args.out:
+        comparison.save(args.out)
     return 0
 
 

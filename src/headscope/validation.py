@@ -9,7 +9,8 @@ bootstrap interval that resamples both the examples and the random draws.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import hashlib
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 import torch
@@ -17,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.detectors.base import MetricFn, ValidationTask, get_detector
-from headscope.engine.heads import Head, all_heads
+from headscope.engine.heads import Head, all_heads, model_shape
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import as_token_batch
 from headscope.interventions import ablate, head_output_means
@@ -58,6 +59,12 @@ class ValidationResult:
         out["significant"] = self.significant
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ValidationResult":
+        """Inverse of ``to_dict`` (derived keys such as ``significant`` are recomputed)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
     def __str__(self) -> str:
         return (
             f"{self.detector} on {self.model}: {self.metric_name}, {self.method} ablation of k={self.k}\n"
@@ -83,6 +90,7 @@ def validate(
     n_bootstrap: int = 2000,
     batch_size: Optional[int] = None,
     progress: Optional[bool] = None,
+    cache: Optional[dict] = None,
 ) -> ValidationResult:
     """Ablate the top-``k`` heads of ``scores`` vs ``n_random`` draws of ``k`` other heads.
 
@@ -92,13 +100,16 @@ def validate(
         task: a ``ValidationTask`` replacing the detector's data and metric.
         method: ablation method of ``hs.ablate`` (the mean is taken over the task's own data);
             by default the task's ``default_method`` (``"mean"`` for the forward-pass detectors).
+        cache: a dict shared by several ``validate`` calls on the same, unchanged model (the atlas
+            passes one): tasks with the same tokens and metric then share the clean run and the
+            head-output means instead of recomputing them.
     """
     if task is None:
         task = get_detector(scores.detector, config=scores.config).validation_task(model)
     if metric is not None:
         if task.measure is not None:
             raise ValueError(f"The {scores.detector} task measures by decoding; pass a ValidationTask, not a metric.")
-        task = ValidationTask(task.data, metric, getattr(metric, "__name__", "custom metric"), task.ablation_hurts_when)
+        task = ValidationTask(task.data, metric, getattr(metric, "__name__", "custom metric"), task.ablation_hurts_when)  # all positions
     method = method or task.default_method
     top = scores.top_heads(k)
     if len(top) < k:
@@ -107,7 +118,7 @@ def validate(
     if task.measure is not None:
         values = task.measure(model, [None, top, *draws], method).float().cpu()
     else:
-        values = _measure_forward(model, task, [None, top, *draws], method, batch_size, progress)
+        values = _measure_forward(model, task, [None, top, *draws], method, batch_size, progress, cache)
     clean, top_values, random_values = values[0], values[1], values[2:]  # random: [draws, examples]
     low, high = bootstrap_difference_ci(clean, top_values, random_values, n_bootstrap, seed)
     random_means = (random_values.mean(dim=1)).tolist()
@@ -138,21 +149,42 @@ def _measure_forward(
     method: str,
     batch_size: Optional[int],
     progress: Optional[bool],
+    cache: Optional[dict] = None,
 ) -> Float[Tensor, "sets examples"]:
     """The task's per-example metric in one batched forward run per head set."""
     data = as_token_batch(model, task.data)
     layers = {Head.parse(h).layer for heads in head_sets if heads for h in heads}
-    # one pass for the mean outputs of every layer any set touches, shared by all sets
-    means = head_output_means(model, layers, data, batch_size) if method == "mean" and layers else None
+    data_key = _tokens_key(data)
+    if cache is not None and method == "mean":  # every layer's means, for any later task on these tokens
+        if ("means", data_key) not in cache:
+            cache[("means", data_key)] = head_output_means(model, set(range(model_shape(model).n_layers)), data, batch_size)
+        means = cache[("means", data_key)]
+    else:  # one pass for the mean outputs of every layer any set touches, shared by all sets
+        means = head_output_means(model, layers, data, batch_size) if method == "mean" and layers else None
     reduce = lambda logits, cache, chunk: task.metric(logits, chunk).float().cpu()  # noqa: E731
+    logits = "last" if task.last_position else "all"
     rows = []
     for heads in head_sets:
         if heads is None:
-            rows.append(run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc="clean"))
+            clean_key = ("clean", data_key, task.metric_name)
+            if cache is not None and clean_key in cache:
+                rows.append(cache[clean_key])
+                continue
+            rows.append(run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc="clean", logits=logits))
+            if cache is not None:
+                cache[clean_key] = rows[-1]
             continue
         with ablate(model, heads, method=method, reference=data, batch_size=batch_size, means=means):
-            rows.append(run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc="ablated"))
+            rows.append(run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc="ablated",
+                                    logits=logits))
     return torch.stack(rows)
+
+
+def _tokens_key(data: Any) -> str:
+    """A digest of a batch's tokens and mask (tasks on the same tokens share runs)."""
+    digest = hashlib.sha1(data.tokens.cpu().numpy().tobytes())
+    digest.update(data.attention_mask.cpu().numpy().tobytes())
+    return f"{tuple(data.tokens.shape)}:{digest.hexdigest()}"
 
 
 def random_head_sets(model: Any, exclude: list[Head], k: int, n_draws: int, seed: int) -> list[list[Head]]:

@@ -9,7 +9,8 @@ not TransformerLens ``detect_head``'s "mul" measure, which caps near 0.5 on two 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional
 
 import torch
@@ -17,12 +18,13 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from headscope.detectors.base import Detector, DetectorConfig, ValidationTask
-from headscope.engine.heads import hook_name, model_shape
+from headscope.engine.heads import Head, hook_name, model_shape
 from headscope.engine.metrics import masked_mean, next_token_losses
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, bos_token_id
 from headscope.results import HeadScores
-from headscope.tasks.repeated_tokens import RepeatedTokens, repeated_random_tokens
+from headscope.significance import Significance
+from headscope.tasks.repeated_tokens import RepeatedTokens, repeated_random_tokens, unrepeated_like
 
 
 @dataclass
@@ -34,6 +36,11 @@ class RepeatedTokensConfig(DetectorConfig):
     n_repeats: int = 4
     token_range: Optional[tuple[int, int]] = None
     n_validation_sequences: int = 32
+
+
+def task_settings(config: RepeatedTokensConfig) -> dict[str, Any]:
+    """The settings that make the task (detectors that agree on them can share its runs)."""
+    return {f.name: getattr(config, f.name) for f in fields(RepeatedTokensConfig)}
 
 
 def make_task(model: Any, config: RepeatedTokensConfig, validation: bool = False) -> RepeatedTokens:
@@ -129,32 +136,99 @@ class AttentionTemplateDetector(Detector):
         return [], None
 
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> HeadScores:
-        task = make_task(model, self.config)
-        template, queries = self.template(task)
-        n_layers = model_shape(model).n_layers
-        extra_names, extra_fn = self.extra_scores(model, task)
+        return score_together(model, [self], batch_size, progress)[self.name]
 
-        def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
-            out = {self.score_name: template_scores(cache, n_layers, template, queries, chunk)}
-            if extra_fn is not None:
-                out.update(extra_fn(cache, chunk))
-            return out
+    def significance(
+        self, model: Any, scores: HeadScores, batch_size: Optional[int] = None, progress: Optional[bool] = None
+    ) -> list[Significance]:
+        """Null distribution from random-token inputs: a head is significant when its score exceeds
+        the largest share of attention *any* head puts on a fixed offset (the earlier copy, or the
+        token after it) in random tokens of the same shape that never repeat — where no token
+        gives a head a reason to look there. The maximum over all heads makes the rule
+        family-wise. The null run is shared by every template detector with the same settings."""
+        null = template_null(model, self.config, batch_size, progress)
+        peak = int(torch.argmax(null))
+        n_heads = null.shape[1]
+        return [Significance(
+            detector=self.name, role=self.name, statistic=scores.values, threshold=float(null.max()),
+            statistic_name=f"{scores.metadata.get('score', self.score_name)} (share of attention on the template keys)",
+            rule=("null from random-token inputs: above the largest share any head puts on a fixed offset "
+                  "(n or n-1 tokens back) in random tokens that never repeat (max over all heads: family-wise)"),
+            details={"null_max": float(null.max()), "null_max_head": str(Head(peak // n_heads, peak % n_heads)),
+                     "null_median": float(null.median()), "n_sequences": self.config.n_sequences},
+        )]
 
-        names = pattern_hooks(model) + extra_names
-        per_example = run_batched(model, task.tokens, reduce, names, batch_size, progress, desc=self.name, logits="last")
-        means = {name: values.mean(dim=0) for name, values in per_example.items()}
-        return self.result(
+    def validation_task(self, model: Any) -> ValidationTask:
+        return repeated_loss_task(model, self.config)
+
+
+def score_together(
+    model: Any, detectors: list[AttentionTemplateDetector], batch_size: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> dict[str, HeadScores]:
+    """Score several template detectors with the same settings in one pass over their shared
+    repeated-token task (one forward run caching every layer's pattern)."""
+    config = detectors[0].config
+    if any(task_settings(d.config) != task_settings(config) for d in detectors):
+        raise ValueError("score_together needs detectors with the same task settings (they share one task).")
+    task = make_task(model, config)
+    n_layers = model_shape(model).n_layers
+    templates = {d.name: d.template(task) for d in detectors}
+    extras = {d.name: d.extra_scores(model, task) for d in detectors}
+
+    def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
+        out = {}
+        for name, (template, queries) in templates.items():
+            out[name] = template_scores(cache, n_layers, template, queries, chunk)
+            extra_fn = extras[name][1]
+            out.update({f"{name}.{key}": value for key, value in (extra_fn(cache, chunk) if extra_fn else {}).items()})
+        return out
+
+    names = pattern_hooks(model) + sorted({hook for hooks, _ in extras.values() for hook in hooks})
+    desc = "+".join(d.name for d in detectors)
+    per_example = run_batched(model, task.tokens, reduce, names, batch_size, progress, desc=desc, logits="last")
+    means = {name: values.mean(dim=0) for name, values in per_example.items()}
+    results = {}
+    for detector in detectors:
+        own = {detector.score_name: means[detector.name]}
+        own.update({key.split(".", 1)[1]: v for key, v in means.items() if key.startswith(detector.name + ".")})
+        results[detector.name] = detector.result(
             model,
-            values=means[self.score_name],
-            extras=means,
+            values=own[detector.score_name],
+            extras=own,
             metadata={
-                "score": self.score_name,
+                "score": detector.score_name,
                 "measure": "mean over query positions of the attention on the template keys (0..1)",
                 "n_sequences": len(task.tokens),
                 "sequence_length": int(task.tokens.shape[1]),
                 "bos_token_id": int(task.tokens[0, 0]) if task.has_bos else None,
             },
         )
+    return results
 
-    def validation_task(self, model: Any) -> ValidationTask:
-        return repeated_loss_task(model, self.config)
+
+_NULLS: "weakref.WeakKeyDictionary[Any, dict[str, Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def template_null(
+    model: Any, config: RepeatedTokensConfig, batch_size: Optional[int] = None, progress: Optional[bool] = None
+) -> Float[Tensor, "n_layers n_heads"]:
+    """Each head's larger mean share of attention on the duplicate (i - n) and induction
+    (i - n + 1) template keys, measured on :func:`unrepeated_like` tokens (fresh seed). Kept per
+    model and settings, so the template detectors of one atlas share one run."""
+    key = repr(task_settings(config))
+    cached = _NULLS.setdefault(model, {})
+    if key not in cached:
+        task = make_task(model, config)
+        token_range = tuple(config.token_range) if config.token_range else None
+        null_task = unrepeated_like(task, model_shape(model).d_vocab, token_range, seed=config.seed + 2_000_003)
+        n_layers = model_shape(model).n_layers
+        templates = [repeat_template(task, shift) for shift in (0, 1)]
+
+        def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> Tensor:
+            return torch.stack([template_scores(cache, n_layers, t, q, chunk) for t, q in templates], dim=1)
+
+        per_example = run_batched(model, null_task.tokens, reduce, pattern_hooks(model), batch_size, progress,
+                                  desc="template null", logits="last")  # [batch, 2, L, H]
+        cached[key] = per_example.mean(dim=0).amax(dim=0)
+    return cached[key]

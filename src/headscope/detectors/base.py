@@ -30,6 +30,7 @@ from headscope.engine.tokens import TokenBatch
 from headscope.errors import UnknownDetectorError
 from headscope.models import model_name
 from headscope.results import HeadScores
+from headscope.significance import Significance
 
 MetricFn = Callable[[Float[Tensor, "batch pos vocab"], TokenBatch], Float[Tensor, " batch"]]
 MeasureFn = Callable[[Any, list, str], Float[Tensor, "sets examples"]]
@@ -46,7 +47,9 @@ class ValidationTask:
     A task whose metric is not one forward pass (a greedy decode, a decode-only ablation) gives
     ``measure(model, head_sets, method) -> [len(head_sets), n_examples]`` instead: row ``i`` is
     the metric with ``head_sets[i]`` ablated (``None`` = clean). ``default_method`` is the
-    ablation ``hs.validate`` uses when the caller names none.
+    ablation ``hs.validate`` uses when the caller names none. ``last_position=True`` says the
+    metric reads only each row's last position: the runs then unembed only there and ``metric``
+    gets ``[batch, vocab]`` logits (``engine.metrics.final_logits`` reads both shapes).
     """
 
     data: Any
@@ -55,6 +58,7 @@ class ValidationTask:
     ablation_hurts_when: str = "increases"
     measure: Optional[MeasureFn] = None
     default_method: str = "mean"
+    last_position: bool = False
 
 
 @dataclass
@@ -90,6 +94,14 @@ class Detector(ABC):
     @abstractmethod
     def validation_task(self, model: Any) -> ValidationTask:
         """The data and behavioural metric used to validate this detector's top heads."""
+
+    def significance(
+        self, model: Any, scores: HeadScores, batch_size: Optional[int] = None, progress: Optional[bool] = None
+    ) -> list["Significance"]:
+        """The heads this detector calls significant in ``scores``, with the rule used (one
+        :class:`~headscope.significance.Significance` per role). A detector without a rule
+        returns ``[]``: the atlas shows its scores but puts none of its heads on the role map."""
+        return []
 
     def result(
         self,

@@ -41,10 +41,13 @@ from torch import Tensor
 from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
 from headscope.engine.generation import final_states
 from headscope.engine.heads import hook_name, model_shape
+from headscope.engine.metrics import final_logits
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, row_tokens, tokenize
 from headscope.engine.unembed import FINAL_SCALE, final_norm_weight, final_position_attributions, head_output_weights
+from headscope.errors import InputError
 from headscope.results import HeadScores, ranking_agreement  # noqa: F401  (ranking_agreement re-exported)
+from headscope.significance import DEFAULT_ALPHA, Significance, bonferroni_z
 from headscope.tasks.conflicts import ConflictItem, conflict_items, conflict_prompt
 
 
@@ -71,7 +74,9 @@ class MemoryContextDetector(Detector):
         agreeing = [conflict_prompt(i.relation, i.format, i.subject, i.memory_answer) for i in items]
         patched = final_head_attributions(model, items, agreeing, batch_size, progress, scale_from=conflict)
         values = conflict["attribution"].mean(dim=0)
+        n_items = conflict["attribution"].shape[0]
         extras = {
+            "standard_error": conflict["attribution"].std(dim=0) / max(n_items, 1) ** 0.5,
             "positive_share": (conflict["attribution"] > 0).float().mean(dim=0),
             "patched_direct": (patched["attribution"] - conflict["attribution"]).mean(dim=0),
         }
@@ -83,6 +88,26 @@ class MemoryContextDetector(Detector):
         result.metadata["patching_vs_attribution"] = ranking_agreement(extras["patched_direct"].abs(), values.abs(), k)
         return result
 
+    def significance(
+        self, model: Any, scores: HeadScores, batch_size: Optional[int] = None, progress: Optional[bool] = None
+    ) -> list[Significance]:
+        """Two roles from one test: ``z = mean attribution / its standard error over items``;
+        context heads have ``z`` above, memory heads below, the two-sided normal critical value at
+        family-wise 5% over all heads (Bonferroni)."""
+        if "standard_error" not in scores.extras:
+            raise InputError("These memory_context scores have no standard errors (saved by an older headscope); rescore them.")
+        z = scores.values / scores.extras["standard_error"].clamp(min=1e-12)
+        critical = bonferroni_z(scores.values.numel())
+        details = {"z_critical": critical, "n_items": scores.metadata.get("n_items"), "alpha": DEFAULT_ALPHA}
+        rule = ("one-sample z-test of the mean attribution over items, two-sided, Bonferroni over all heads "
+                f"(family-wise {DEFAULT_ALPHA})")
+        return [
+            Significance(self.name, "context", z, critical, "z of the attribution onto context minus memorised answer",
+                         rule, details),
+            Significance(self.name, "memory", -z, critical, "-z of the attribution onto context minus memorised answer",
+                         rule, details),
+        ]
+
     def validation_task(self, model: Any) -> ValidationTask:
         items = self.items(model)
         return ValidationTask(
@@ -90,6 +115,7 @@ class MemoryContextDetector(Detector):
             metric=LogitDifference(model, items),
             metric_name="logit(context answer) - logit(memorised answer) at the final position",
             ablation_hurts_when="decreases",
+            last_position=True,
         )
 
 
@@ -143,7 +169,7 @@ class LogitDifference:
 
     def __call__(self, logits: Tensor, chunk: TokenBatch) -> Tensor:
         rows = torch.arange(len(chunk), device=logits.device)
-        final = logits[rows, chunk.last_positions.to(logits.device)]
+        final = final_logits(logits, chunk)
         pairs = torch.tensor([self.answers[row_tokens(chunk, row)] for row in range(len(chunk))], device=logits.device)
         return final[rows, pairs[:, 0]] - final[rows, pairs[:, 1]]
 

@@ -57,6 +57,7 @@ from headscope.engine.heads import Head, check_heads
 from headscope.errors import InputError
 from headscope.interventions import DEFAULT_UNIFORM_EPSILON, ablate_per_row
 from headscope.results import HeadScores
+from headscope.significance import Significance
 from headscope.tasks.haystack import HaystackSample, code_needles, needle_grid, shipped_needles
 
 NEEDLE_SOURCES = ("facts", "codes")
@@ -136,6 +137,16 @@ class RetrievalDetector(Detector):
         result.metadata["n_above_threshold"] = n_above
         result.metadata["fraction_above_threshold"] = n_above / values.numel()
         return result
+
+    def significance(
+        self, model: Any, scores: HeadScores, batch_size: Optional[int] = None, progress: Optional[bool] = None
+    ) -> list[Significance]:
+        """The paper's threshold (Wu et al. 2024): a retrieval head scores above ``score_threshold``
+        (0.1) — it copies the needle token it attends to on more than a tenth of the decode steps."""
+        details = {"n_samples": scores.metadata.get("n_samples"), "n_retrieved": scores.metadata.get("n_retrieved")}
+        return [Significance(self.name, self.name, scores.values, self.config.score_threshold,
+                             "retrieval score (share of needle tokens copied by top-1 attention)",
+                             f"paper threshold: retrieval score > {self.config.score_threshold} (Wu et al. 2024)", details)]
 
     def validation_task(self, model: Any) -> ValidationTask:
         config = self.config

@@ -47,6 +47,7 @@ from headscope.engine.heads import Head, all_heads, model_shape
 from headscope.errors import InputError
 from headscope.interventions import scale_query
 from headscope.results import HeadScores
+from headscope.significance import DEFAULT_ALPHA, Significance, bonferroni_z
 from headscope.scans import ReadoutScan, readout_scan
 from headscope.tasks import refusal
 
@@ -114,8 +115,39 @@ class SafetyDetector(Detector):
             result = sahara(model, prompts, config.sahara_steps, config.epsilon, config.subspace_rank,
                             config.sahara_candidates, first_scan=scan, batch_size=batch_size, progress=progress)
             metadata["sahara"] = result.to_dict()
-        return self.result(model, next_token["ships"], extras={"dataset_ships": angles, "refusal_drop": next_token["refusal_drop"]},
-                           metadata=metadata)
+        extras = {"dataset_ships": angles, "refusal_drop": next_token["refusal_drop"], "ships_sd": next_token["ships_sd"]}
+        return self.result(model, next_token["ships"], extras=extras, metadata=metadata)
+
+    def significance(
+        self, model: Any, scores: HeadScores, batch_size: Optional[int] = None, progress: Optional[bool] = None
+    ) -> list[Significance]:
+        """Control: Ships of every head on as many *harmless* requests (same split, same sentence
+        forms, same seed). A safety head disturbs the next token on harmful requests more than on
+        harmless ones: Welch z of (harmful mean KL - harmless mean KL) above the one-sided normal
+        critical value at family-wise 5% over all heads (Bonferroni). A head that disturbs every
+        request alike (a general-purpose head) is not called a safety head, however large its Ships.
+        Costs one more uniform-attention scan (of the harmless requests)."""
+        if "ships_sd" not in scores.extras:
+            raise InputError("These safety scores have no per-query spread (saved by an older headscope); rescore them.")
+        harmful_n = int(scores.metadata["n_queries"])
+        harmless = self._harmless(harmful_n)
+        prompts = refusal.request_prompts(harmless, self.config.prompt_format, model.tokenizer)
+        scan = readout_scan(model, prompts, method="uniform", factor=self.config.epsilon, batch_size=batch_size,
+                            progress=progress)
+        control = next_token_scores(model, scan)
+        spread = (scores.extras["ships_sd"] ** 2 / harmful_n + control["ships_sd"] ** 2 / len(harmless)).sqrt()
+        z = (scores.values - control["ships"]) / spread.clamp(min=1e-12)
+        critical = bonferroni_z(scores.values.numel(), two_sided=False)
+        details = {"z_critical": critical, "n_harmful": harmful_n, "n_harmless": len(harmless), "alpha": DEFAULT_ALPHA,
+                   "harmless_ships": [[round(x, 6) for x in row] for row in control["ships"].tolist()]}
+        return [Significance(self.name, self.name, z, critical, "Welch z of Ships, harmful minus harmless requests",
+                             "control: Ships on as many harmless requests; one-sided Welch z-test, Bonferroni over "
+                             f"all heads (family-wise {DEFAULT_ALPHA})", details)]
+
+    def _harmless(self, n: int) -> list[refusal.Request]:
+        """``n`` harmless requests of the scored split, drawn with the detector's seed."""
+        requests = refusal.load_requests("harmless", self.config.split)
+        return random.Random(self.config.seed).sample(requests, min(n, len(requests)))
 
     def validation_task(self, model: Any) -> ValidationTask:
         config = self.config
@@ -144,7 +176,8 @@ class SafetyDetector(Detector):
 def next_token_scores(model: Any, scan: ReadoutScan) -> dict[str, Float[Tensor, "layers heads"]]:
     """Both last-position scores of a scan, from one unembedding of its states:
 
-    * ``"ships"``: mean over queries of KL(clean ‖ ablated) of the next-token distribution;
+    * ``"ships"``: mean over queries of KL(clean ‖ ablated) of the next-token distribution
+      (``"ships_sd"``: its standard deviation over queries);
     * ``"refusal_drop"``: mean over queries of log P(refusal opening) clean minus ablated — how
       much removing the head lowers the first-token refusal probability (the cheap proxy of
       ``refusal.first_token_refusal_probability``).
@@ -153,13 +186,15 @@ def next_token_scores(model: Any, scan: ReadoutScan) -> dict[str, Float[Tensor, 
     clean = torch.log_softmax(scan.logits(model, scan.clean), dim=-1)  # [queries, vocab]
     clean_refusal = torch.logsumexp(clean[:, ids], dim=-1)
     shape = model_shape(model)
-    scores = {name: torch.full((shape.n_layers, shape.n_heads), float("nan")) for name in ("ships", "refusal_drop")}
+    scores = {name: torch.full((shape.n_layers, shape.n_heads), float("nan"))
+              for name in ("ships", "ships_sd", "refusal_drop")}
     for layer in range(shape.n_layers):
         scanned = [h.head for h in scan.heads if h.layer == layer]
         if not scanned:
             continue
         ablated = torch.log_softmax(scan.logits(model, scan.ablated[layer, scanned]), dim=-1)  # [heads, queries, vocab]
-        scores["ships"][layer, scanned] = (clean.exp()[None] * (clean[None] - ablated)).sum(dim=-1).mean(dim=-1)
+        kl = (clean.exp()[None] * (clean[None] - ablated)).sum(dim=-1)  # [heads, queries]
+        scores["ships"][layer, scanned], scores["ships_sd"][layer, scanned] = kl.mean(dim=-1), kl.std(dim=-1)
         scores["refusal_drop"][layer, scanned] = (clean_refusal[None] - torch.logsumexp(ablated[..., ids], dim=-1)).mean(dim=-1)
     return scores
 

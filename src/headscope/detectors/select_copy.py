@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import random
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -46,11 +47,13 @@ from torch import Tensor
 from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
 from headscope.engine.generation import final_states
 from headscope.engine.heads import Head, hook_name, model_shape
+from headscope.engine.metrics import final_logits
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, encode_with_offsets, pad_rows, row_tokens, tokenize
 from headscope.engine.unembed import FINAL_SCALE, final_norm_weight, final_position_attributions, head_output_weights
 from headscope.errors import InputError
 from headscope.results import HeadScores
+from headscope.significance import DEFAULT_ALPHA, Significance, binomial_critical_accuracy
 from headscope.tasks import multiple_choice as mc
 
 SCORES = ("qk", "attention")
@@ -247,10 +250,12 @@ class SelectCopyDetector(Detector):
     summary = "accuracy of each head's QK-score / attention to the correct option (Tulchinskii et al. 2024)"
 
     def prompts(self, model: Any, batch_size: Optional[int] = None) -> tuple[list[mc.MCPrompt], dict[str, Any]]:
-        """The prompts to score (known questions only, when ``only_known``) and the knowledge check."""
+        """The prompts to score (known questions only, when ``only_known``) and the knowledge check.
+        The check runs once per model for this detector instance (``score`` and
+        ``validation_task`` of one instance share it)."""
         config: SelectCopyConfig = self.config
         questions = load_questions(config)
-        known = knows_answer(model, questions, config.knowledge_shots, config.seed, batch_size)
+        known = self._known(model, questions, batch_size)
         check = {"n_questions": len(questions), "known_rate": float(known.float().mean())}
         if config.only_known:
             questions = [q for q, k in zip(questions, known.tolist(), strict=True) if k]
@@ -260,6 +265,15 @@ class SelectCopyDetector(Detector):
                 f"ask for more questions or a smaller n_dev."
             )
         return mc.mc_prompts(questions, config.format, config.n_shots, config.seed), check
+
+    def _known(self, model: Any, questions: list[mc.MCQuestion], batch_size: Optional[int]) -> Tensor:
+        config: SelectCopyConfig = self.config
+        key = (id(model), repr(config))
+        cached = getattr(self, "_known_cache", None)
+        if cached is None or cached[0] != key or cached[1]() is not model:
+            known = knows_answer(model, questions, config.knowledge_shots, config.seed, batch_size)
+            self._known_cache = (key, weakref.ref(model), known)
+        return self._known_cache[2]
 
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None,
               prompts: Optional[Sequence[mc.MCPrompt]] = None) -> HeadScores:
@@ -288,6 +302,25 @@ class SelectCopyDetector(Detector):
         values = extras[f"{config.score}_{config.position}"]
         return self.result(model, values, extras, metadata)
 
+    def significance(
+        self, model: Any, scores: HeadScores, batch_size: Optional[int] = None, progress: Optional[bool] = None
+    ) -> list[Significance]:
+        """Held-out accuracy of the chosen score (``values`` is the dev accuracy the heads are chosen
+        by; the test uses only the held-out questions): an exact one-sided binomial test against
+        guessing (1 / options shown) at family-wise 5% over all heads (Bonferroni). The letters'
+        own held-out accuracy is in the details, for comparison."""
+        config: SelectCopyConfig = self.config
+        method = f"{config.score}_{config.position}"
+        n_test = int(scores.metadata["n_test"])
+        chance = 1 / (config.n_options + len(config.extra_options))
+        critical = binomial_critical_accuracy(n_test, chance, scores.values.numel())
+        details = {"n_test": n_test, "chance": chance, "critical_accuracy": critical, "alpha": DEFAULT_ALPHA,
+                   "letter_accuracy_test": scores.metadata.get("letter_accuracy_test")}
+        return [Significance(self.name, self.name, scores.extras[f"{method}_test"], critical,
+                             f"held-out accuracy of the {config.score} score at the option {config.position}",
+                             f"exact binomial test vs guessing (1/{round(1 / chance)}) on {n_test} held-out questions, "
+                             f"Bonferroni over all heads (family-wise {DEFAULT_ALPHA})", details)]
+
     def validation_task(self, model: Any) -> ValidationTask:
         prompts, _check = self.prompts(model)
         held_out = prompts[self.config.n_dev:]
@@ -296,6 +329,7 @@ class SelectCopyDetector(Detector):
             metric=CorrectLetterMargin(model, held_out),
             metric_name="correct letter's logit - mean of the wrong letters' logits at the last position",
             ablation_hurts_when="decreases",
+            last_position=True,
         )
 
 
@@ -316,8 +350,7 @@ class CorrectLetterMargin:
         }
 
     def __call__(self, logits: Tensor, chunk: TokenBatch) -> Tensor:
-        rows = torch.arange(len(chunk), device=logits.device)
-        final = logits[rows, chunk.last_positions.to(logits.device)].float()
+        final = final_logits(logits, chunk).float()
         margins = []
         for row in range(len(chunk)):
             ids, answer, mask = self.letters[row_tokens(chunk, row)]

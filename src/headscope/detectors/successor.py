@@ -36,19 +36,24 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
 from headscope.engine.heads import hook_name, model_shape
+from headscope.engine.metrics import final_logits
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, row_tokens, tokenize
 from headscope.engine.unembed import center_for_norm, final_norm_weight, head_output_weights, last_position_head_outputs
 from headscope.errors import InputError
 from headscope.results import HeadScores
+from headscope.significance import DEFAULT_ALPHA, Significance
 from headscope.tasks.succession import ITEMS, SuccessionTask, succession_tasks
 
 EMBEDDINGS = ("mlp0_residual", "mlp0", "raw")
+
+SUCCESSOR_THRESHOLD = 0.4  # curt-tigges/circuits-over-time calls a head a successor head above this
+N_PERMUTATIONS = 200  # random successor maps of the significance rule's null
 
 
 @dataclass
@@ -109,6 +114,27 @@ class SuccessorDetector(Detector):
         }
         return self.result(model, _pooled(ov), extras, metadata)
 
+    def significance(
+        self, model: Any, scores: HeadScores, batch_size: Optional[int] = None, progress: Optional[bool] = None
+    ) -> list[Significance]:
+        """Permutation null: each head's pooled effective-OV accuracy against the same accuracy for
+        a *random* successor map of each task (its tokens permuted; 200 permutations). A head is
+        significant above the 95th percentile of the best head's null accuracy (family-wise 5%).
+        Chance (``metadata["chance"]``) is a few percent; a reimplementation's fixed threshold of
+        0.4 (circuits-over-time) is in the details for comparison."""
+        tasks = self.tasks(model)
+        predictions = [effective_ov_predictions(model, task, self.config) for task in tasks]
+        maxima = permutation_null_maxima(predictions, [len(t.token_ids) for t in tasks], N_PERMUTATIONS, self.config.seed)
+        threshold = float(torch.quantile(maxima, 1 - DEFAULT_ALPHA))
+        details = {"chance": scores.metadata.get("chance"), "n_permutations": N_PERMUTATIONS,
+                   "null_max_median": float(maxima.median()), "alpha": DEFAULT_ALPHA,
+                   "fixed_threshold_elsewhere": {"value": SUCCESSOR_THRESHOLD, "source": "curt-tigges/circuits-over-time"}}
+        return [Significance(self.name, self.name, scores.values, threshold,
+                             "effective-OV successor accuracy, pooled over tasks",
+                             f"permutation null: above the {100 * (1 - DEFAULT_ALPHA):.0f}th percentile of the best "
+                             f"head's accuracy for random successor maps ({N_PERMUTATIONS} permutations; family-wise)",
+                             details)]
+
     def validation_task(self, model: Any) -> ValidationTask:
         prompts = self.prompts(model, "test")
         return ValidationTask(
@@ -116,6 +142,7 @@ class SuccessorDetector(Detector):
             metric=SuccessorAccuracy(model, prompts),
             metric_name="top-1 next token is the successor (held-out succession prompts)",
             ablation_hurts_when="decreases",
+            last_position=True,
             default_method="zero",
         )
 
@@ -180,6 +207,15 @@ def head_ov_logits(
 
 def effective_ov_success(model: Any, task: SuccessionTask, config: SuccessorConfig) -> Float[Tensor, "pairs n_layers n_heads"]:
     """For each pair and head: is the successor the top task token of the head's effective OV logits?"""
+    predictions, targets = effective_ov_predictions(model, task, config)
+    return predictions == targets[:, None, None]
+
+
+def effective_ov_predictions(
+    model: Any, task: SuccessionTask, config: SuccessorConfig
+) -> tuple[Int[Tensor, "pairs n_layers n_heads"], Int[Tensor, " pairs"]]:
+    """For each pair's first item and each head: the task token (its index among the task's
+    tokens, sorted by id) with the highest effective OV logit; and each pair's successor index."""
     shape = model_shape(model)
     order = sorted(task.token_ids)
     position = {item: i for i, item in enumerate(order)}
@@ -188,11 +224,25 @@ def effective_ov_success(model: Any, task: SuccessionTask, config: SuccessorConf
     unembed = task_unembed(model, ids, config.unembed_norm)
     sources = torch.tensor([position[a] for a, _ in task.pairs])
     targets = torch.tensor([position[b] for _, b in task.pairs])
-    success = torch.zeros(len(task.pairs), shape.n_layers, shape.n_heads, dtype=torch.bool)
+    predictions = torch.zeros(len(task.pairs), shape.n_layers, shape.n_heads, dtype=torch.long)
     for layer in range(shape.n_layers):
         logits = head_ov_logits(model, layer, list(range(shape.n_heads)), embedded, unembed, config.head_input_norm)
-        success[:, layer] = (logits[:, sources].argmax(dim=-1) == targets.to(logits.device)).T.cpu()
-    return success
+        predictions[:, layer] = logits[:, sources].argmax(dim=-1).T.cpu()
+    return predictions, targets
+
+
+def permutation_null_maxima(
+    predictions: list[tuple[Tensor, Tensor]], n_items: list[int], n_permutations: int = 200, seed: int = 0
+) -> Float[Tensor, " permutations"]:
+    """The best pooled accuracy any head reaches when each task's successor map is replaced by a
+    random permutation of its tokens (targets ``t -> sigma(t)``), once per permutation."""
+    generator = torch.Generator().manual_seed(seed)
+    maxima = []
+    for _ in range(n_permutations):
+        hits = [pred == torch.randperm(n, generator=generator)[targets][:, None, None]
+                for (pred, targets), n in zip(predictions, n_items, strict=True)]
+        maxima.append(torch.cat(hits).float().mean(dim=0).max())
+    return torch.stack(maxima)
 
 
 def contextual_success(
@@ -237,7 +287,6 @@ class SuccessorAccuracy:
         }
 
     def __call__(self, logits: Tensor, chunk: TokenBatch) -> Tensor:
-        rows = torch.arange(len(chunk), device=logits.device)
-        final = logits[rows, chunk.last_positions.to(logits.device)]
+        final = final_logits(logits, chunk)
         targets = torch.tensor([self.targets[row_tokens(chunk, row)] for row in range(len(chunk))], device=logits.device)
         return (final.argmax(dim=-1) == targets).float()

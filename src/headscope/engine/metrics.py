@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+
+def final_logits(logits: Tensor, chunk: Any) -> Float[Tensor, "batch vocab"]:
+    """Each row's logits at its last real position, from a full ``[batch, pos, vocab]`` run or from a
+    ``run_batched(..., logits="last")`` run that already gives ``[batch, vocab]``."""
+    if logits.ndim == 2:
+        return logits
+    rows = torch.arange(len(chunk), device=logits.device)
+    return logits[rows, chunk.last_positions.to(logits.device)]
 
 
 def next_token_losses(

@@ -85,3 +85,28 @@ def default_token_range(d_vocab: int) -> tuple[int, int]:
     low = max(1, int(0.02 * d_vocab))
     high = max(low + 1, int(0.5 * d_vocab))
     return low, high
+
+
+def unrepeated_like(
+    task: RepeatedTokens, d_vocab: int, token_range: Optional[tuple[int, int]] = None, seed: int = 0
+) -> RepeatedTokens:
+    """Random tokens of ``task``'s shape (same BOS, block length and count) that never repeat:
+    every block is a fresh draw, so the template positions of ``task`` (an earlier copy, the token
+    after it) hold tokens with no relation to the query. The null input of the attention-template
+    detectors. Ids are distinct within a sequence when the token range has enough of them."""
+    low, high = token_range or default_token_range(d_vocab)
+    generator = torch.Generator().manual_seed(seed)
+    candidates = torch.arange(low, high)
+    if task.has_bos:
+        candidates = candidates[candidates != int(task.tokens[0, 0])]
+    n_sequences = task.tokens.shape[0]
+    length = task.block_len * task.n_repeats
+    if len(candidates) >= length:
+        rows = [candidates[torch.randperm(len(candidates), generator=generator)[:length]] for _ in range(n_sequences)]
+    else:  # a tiny vocabulary: distinct within each block only
+        rows = [torch.cat([candidates[torch.randperm(len(candidates), generator=generator)[: task.block_len]]
+                           for _ in range(task.n_repeats)]) for _ in range(n_sequences)]
+    tokens = torch.stack(rows)
+    if task.has_bos:
+        tokens = torch.cat([task.tokens[:, :1], tokens], dim=1)
+    return RepeatedTokens(tokens=tokens, block_len=task.block_len, n_repeats=task.n_repeats, has_bos=task.has_bos)

@@ -1,0 +1,481 @@
+"""The head atlas: every detector on one model in one run, validated, with significant heads,
+role overlaps and a role map — the library's main job.
+
+    atlas = hs.atlas(model)                 # all registered detectors
+    atlas.significant_heads("induction")    # [Head(18, 6), ...]
+    atlas.overlap()                         # Jaccard matrix of the roles' significant heads
+    atlas.save("atlas/")                    # report.html, atlas.json, CSV files, role_map.svg
+
+With ``out``, each detector's scores, significance and validation are written to
+``<out>/parts/`` as soon as each is done; a rerun with ``resume=True`` (the default) loads every
+part whose model and settings match and computes only what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from headscope.detectors.attention_templates import AttentionTemplateDetector, score_together, task_settings
+from headscope.detectors.base import Detector, get_detector, list_detectors
+from headscope.engine.heads import Head, check_head_hooks
+from headscope.models import model_name
+from headscope.results import HeadScores, role_overlap
+from headscope.significance import Significance
+from headscope.validation import ValidationResult, validate
+
+ATLAS_FORMAT_VERSION = 1
+# The order of the report: the induction circuit first, then the roles that build on it
+ATLAS_ORDER = ("induction", "previous_token", "duplicate_token", "successor", "retrieval", "memory_context",
+               "select_copy", "safety")
+STAGES = ("scores", "significance", "validation")
+
+
+@dataclass
+class AtlasSettings:
+    """How an atlas was made (recorded in the report; part files are reused only when equal).
+
+    Attributes:
+        detectors: detector names, in the order they ran.
+        validate: whether each detector's top-``k`` heads were validated causally.
+        k: heads ablated by the validation; n_random: random ``k``-sets it compares against.
+        seed: seed of the random head sets.
+        settings: config overrides per detector, e.g. ``{"retrieval": {"lengths": [300]}}``.
+        overlap_k: top-``k`` used for the score-map overlaps beside the significant-set overlaps.
+    """
+
+    detectors: list[str]
+    validate: bool = True
+    k: int = 5
+    n_random: int = 3
+    seed: int = 0
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    overlap_k: int = 10
+
+
+@dataclass
+class Atlas:
+    """Every detector's scores, significant heads (with rules) and validation on one model.
+
+    Attributes:
+        model: the model's name; shape: ``(n_layers, n_heads)``.
+        scores: ``HeadScores`` per detector.
+        significance: per detector, one :class:`Significance` per role it defines.
+        validations: per detector, its top-k vs random-k ``ValidationResult`` (None if not run).
+        settings: the :class:`AtlasSettings`; environment: library versions, device, date.
+        timings: seconds per detector and stage; a resumed stage keeps the time it first took.
+    """
+
+    model: str
+    shape: tuple[int, int]
+    scores: dict[str, HeadScores]
+    significance: dict[str, list[Significance]]
+    validations: dict[str, Optional[ValidationResult]]
+    settings: AtlasSettings
+    environment: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    # ----- reading the atlas -------------------------------------------------------------
+    @property
+    def roles(self) -> dict[str, Significance]:
+        """Every role with its significance, in detector order (a detector may define several)."""
+        return {sig.role: sig for name in self.scores for sig in self.significance.get(name, [])}
+
+    def significant_heads(self, role: str) -> list[Head]:
+        """Heads called significant for ``role``, strongest first."""
+        roles = self.roles
+        if role not in roles:
+            raise KeyError(f"No role {role!r} in this atlas; its roles are {', '.join(roles)}.")
+        return roles[role].heads
+
+    def overlap(self) -> tuple[list[str], Float[Tensor, "roles roles"]]:
+        """Role names and the Jaccard index of every pair's significant head sets (NaN when both
+        sets are empty)."""
+        names = list(self.roles)
+        sets = [set(self.roles[name].heads) for name in names]
+        matrix = torch.full((len(names), len(names)), math.nan)
+        for i, a in enumerate(sets):
+            for j, b in enumerate(sets):
+                if a or b:
+                    matrix[i, j] = len(a & b) / len(a | b)
+        return names, matrix
+
+    def overlap_table(self) -> list[dict[str, Any]]:
+        """One row per pair of roles: significant heads in each, shared heads, Jaccard, and the
+        top-``overlap_k`` overlap of the two statistic maps with what random sets would share."""
+        roles = self.roles
+        names = list(roles)
+        rows = []
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                set_a, set_b = set(roles[a].heads), set(roles[b].heads)
+                union = set_a | set_b
+                top = role_overlap(_as_scores(roles[a], self.model), _as_scores(roles[b], self.model), self.settings.overlap_k)
+                rows.append({
+                    "role_a": a, "role_b": b, "n_a": len(set_a), "n_b": len(set_b),
+                    "shared": [str(h) for h in sorted(set_a & set_b)], "n_shared": len(set_a & set_b),
+                    "jaccard": len(set_a & set_b) / len(union) if union else None,
+                    f"top{self.settings.overlap_k}_shared": top["n_shared"],
+                    f"top{self.settings.overlap_k}_expected_at_random": top["expected_shared_at_random"],
+                    "spearman": top["spearman"],
+                })
+        return rows
+
+    def role_map(self) -> tuple[list[str], Int[Tensor, "n_layers n_heads"], Float[Tensor, "n_layers n_heads"]]:
+        """Each head's strongest significant role: role names, ``index[layer, head]`` into them
+        (-1: no significant role) and the strength (0..1, see ``Significance.strength``)."""
+        names = list(self.roles)
+        if not names:
+            return names, torch.full(self.shape, -1, dtype=torch.long), torch.zeros(self.shape)
+        strengths = torch.stack([self.roles[name].strength() for name in names])  # [roles, L, H]
+        best, index = strengths.max(dim=0)
+        index = torch.where(best > 0, index, torch.full_like(index, -1))
+        return names, index, best
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per role: detector, number of significant heads, the strongest ones, the rule,
+        and the detector's validation (difference and CI)."""
+        rows = []
+        for role, sig in self.roles.items():
+            check = self.validations.get(sig.detector)
+            rows.append({
+                "role": role, "detector": sig.detector, "n_significant": len(sig.heads),
+                "top": [str(h) for h in sig.heads[:5]], "rule": sig.rule,
+                "validated": None if check is None else check.significant,
+                "difference": None if check is None else check.difference,
+                "ci": None if check is None else [check.ci_low, check.ci_high],
+            })
+        return rows
+
+    def to_frame(self):
+        """A pandas DataFrame, one row per head: every detector's score, every role's statistic and
+        significance, and the role map's role."""
+        import pandas as pd
+
+        return pd.DataFrame(self._head_rows())
+
+    def _head_rows(self) -> list[dict[str, Any]]:
+        names, index, strength = self.role_map()
+        roles = self.roles
+        rows = []
+        for layer in range(self.shape[0]):
+            for head in range(self.shape[1]):
+                row: dict[str, Any] = {"layer": layer, "head": head, "name": str(Head(layer, head))}
+                row.update({name: _number(s.values[layer, head]) for name, s in self.scores.items()})
+                for role, sig in roles.items():
+                    row[f"{role}:statistic"] = _number(sig.statistic[layer, head])
+                    row[f"{role}:significant"] = bool(sig.mask[layer, head])
+                role_index = int(index[layer, head])
+                row["role"] = names[role_index] if role_index >= 0 else ""
+                row["role_strength"] = round(float(strength[layer, head]), 4)
+                rows.append(row)
+        return rows
+
+    # ----- saving and loading -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        names, matrix = self.overlap()
+        return {
+            "format_version": ATLAS_FORMAT_VERSION,
+            "model": self.model,
+            "shape": list(self.shape),
+            "settings": dataclasses.asdict(self.settings),
+            "environment": self.environment,
+            "timings": self.timings,
+            "summary": self.summary(),
+            "scores": {name: s.to_dict() for name, s in self.scores.items()},
+            "significance": {name: [sig.to_dict() for sig in sigs] for name, sigs in self.significance.items()},
+            "validations": {name: (v.to_dict() if v is not None else None) for name, v in self.validations.items()},
+            "overlap": {"roles": names, "jaccard": [[_number(x) for x in row] for row in matrix.tolist()],
+                        "pairs": self.overlap_table()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Atlas":
+        return cls(
+            model=data["model"],
+            shape=tuple(data["shape"]),
+            scores={name: HeadScores.from_dict(s) for name, s in data["scores"].items()},
+            significance={name: [Significance.from_dict(s) for s in sigs] for name, sigs in data["significance"].items()},
+            validations={name: (ValidationResult.from_dict(v) if v else None) for name, v in data["validations"].items()},
+            settings=AtlasSettings(**data["settings"]),
+            environment=data.get("environment", {}),
+            timings=data.get("timings", {}),
+        )
+
+    def save(self, directory: Union[str, Path]) -> Path:
+        """Write ``report.html`` (self-contained), ``role_map.svg``, ``atlas.json`` and CSV files
+        (``heads.csv``, ``validation.csv``, ``significance.csv``, ``overlap.csv``) to ``directory``;
+        returns the report's path."""
+        from headscope.report import write_csv_files, write_report
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomic(directory / "atlas.json", json.dumps(self.to_dict(), indent=1))
+        write_csv_files(self, directory)
+        return write_report(self, directory)
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Atlas":
+        """An atlas from a folder written by ``save`` (or its ``atlas.json``)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "atlas.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"No atlas at {path}: pass a folder written by Atlas.save or its atlas.json.")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def __repr__(self) -> str:
+        parts = [f"{role}={len(sig.heads)}" for role, sig in self.roles.items()]
+        return f"Atlas(model={self.model!r}, detectors={list(self.scores)}, significant heads: {', '.join(parts)})"
+
+    def __str__(self) -> str:
+        lines = [f"Head atlas of {self.model} ({self.shape[0]} layers x {self.shape[1]} heads)"]
+        for row in self.summary():
+            check = "not validated" if row["validated"] is None else (
+                f"validation {row['difference']:+.3f} [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]"
+                f"{' significant' if row['validated'] else ' not significant'}")
+            lines.append(f"  {row['role']:<16} {row['n_significant']:>3} heads  {', '.join(row['top']):<34} {check}")
+        return "\n".join(lines)
+
+
+def atlas(
+    model: Any,
+    detectors: Union[str, Sequence[str]] = "all",
+    validate: bool = True,
+    k: int = 5,
+    n_random: int = 3,
+    settings: Optional[dict[str, dict[str, Any]]] = None,
+    out: Optional[Union[str, Path]] = None,
+    resume: bool = True,
+    seed: int = 0,
+    batch_size: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> Atlas:
+    """Run every detector (``"all"`` or a list of names) on ``model``: scores, the heads each
+    calls significant (its own rule, see ``Detector.significance``), and, with ``validate``, the
+    causal check of its top-``k`` heads against ``n_random`` random ``k``-sets.
+
+    Detectors that share forward runs share them (the attention-template detectors score in one
+    pass over their repeated-token task and share one null run). With ``out``, each stage of each
+    detector is saved under ``<out>/parts/`` when done; with ``resume``, saved stages whose model
+    and settings match are loaded instead of recomputed. ``progress`` shows a bar per detector.
+    """
+    check_head_hooks(model)
+    names = all_detectors() if detectors == "all" else ([detectors] if isinstance(detectors, str) else list(detectors))
+    settings = {name: dict(values) for name, values in (settings or {}).items()}
+    unknown_settings = sorted(set(settings) - set(names))
+    if unknown_settings:
+        raise ValueError(f"settings given for {', '.join(unknown_settings)}, which this atlas does not run ({', '.join(names)}).")
+    instances = [get_detector(name, **settings.get(name, {})) for name in names]  # fail before any work
+    config = AtlasSettings(detectors=[d.name for d in instances], validate=validate, k=k, n_random=n_random,
+                           seed=seed, settings=settings)
+    store = _PartStore(Path(out) / "parts", model_name(model), read=resume) if out is not None else None
+    builder = _Builder(model, instances, config, store, batch_size, progress)
+    return builder.run()
+
+
+def all_detectors() -> list[str]:
+    """Every registered detector, the library's own in ``ATLAS_ORDER`` and then the rest by name."""
+    registered = list_detectors()
+    return [n for n in ATLAS_ORDER if n in registered] + [n for n in registered if n not in ATLAS_ORDER]
+
+
+class _Builder:
+    """Runs the stages of each detector in turn, with a progress bar per detector."""
+
+    def __init__(self, model: Any, detectors: list[Detector], config: AtlasSettings, store: Optional["_PartStore"],
+                 batch_size: Optional[int], progress: Optional[bool]) -> None:
+        self.model, self.detectors, self.config, self.store = model, detectors, config, store
+        self.batch_size, self.progress = batch_size, progress
+        self.scores: dict[str, HeadScores] = {}
+        self.significance: dict[str, list[Significance]] = {}
+        self.validations: dict[str, Optional[ValidationResult]] = {}
+        self.timings: dict[str, dict[str, Any]] = {}
+        self.shared_scores: dict[str, HeadScores] = {}  # scored in another detector's shared pass
+        self.shared_scores_owner = ""
+        self.validation_cache: dict = {}  # clean runs and head means shared by validations on the same tokens
+
+    def run(self) -> Atlas:
+        for detector in self.detectors:
+            self._run_detector(detector)
+        first = next(iter(self.scores.values()))
+        return Atlas(model_name(self.model), (first.n_layers, first.n_heads), self.scores, self.significance,
+                     self.validations, self.config, environment(self.model), self.timings)
+
+    def _run_detector(self, detector: Detector) -> None:
+        name = detector.name
+        self.timings[name] = {}
+        stages = STAGES if self.config.validate else STAGES[:2]
+        show = self.progress is not False
+        with tqdm(total=len(stages), desc=f"{name:>16}", unit="stage", disable=not show,
+                  bar_format="{desc} {bar:12} {n_fmt}/{total_fmt} stages [{elapsed}]{postfix}") as bar:
+            for stage in stages:
+                bar.set_postfix_str(stage)
+                self._stage(detector, stage)
+                bar.update(1)
+            spent = sum(t for t in self.timings[name].values() if isinstance(t, float))
+            bar.set_postfix_str(f"done ({spent:.0f} s{', resumed' if self.timings[name].get('resumed') else ''})")
+
+    def _stage(self, detector: Detector, stage: str) -> None:
+        name = detector.name
+        key = self._key(detector, stage)
+        if stage == "scores" and name in self.shared_scores:  # scored (and saved) in another detector's pass
+            self._keep(name, stage, self.shared_scores.pop(name))
+            self.timings[name].update(scores=0.0, scored_with=self.shared_scores_owner)
+            return
+        saved = self.store.read(name, stage, key) if self.store is not None else None
+        if saved is not None:
+            self._keep(name, stage, _decode(stage, saved["value"]))
+            self.timings[name][stage] = saved.get("seconds")
+            self.timings[name]["resumed"] = True
+            return
+        started = time.time()
+        value = self._compute(detector, stage)
+        seconds = round(time.time() - started, 2)
+        self._keep(name, stage, value)
+        self.timings[name][stage] = seconds
+        if self.store is not None:
+            self.store.write(name, stage, key, _encode(stage, value), seconds)
+
+    def _compute(self, detector: Detector, stage: str) -> Any:
+        name = detector.name
+        if stage == "scores":
+            return self._score(detector)
+        if stage == "significance":
+            return detector.significance(self.model, self.scores[name], self.batch_size, self.progress)
+        return validate(self.model, self.scores[name], k=self.config.k, n_random=self.config.n_random,
+                        seed=self.config.seed, task=detector.validation_task(self.model), batch_size=self.batch_size,
+                        progress=self.progress, cache=self.validation_cache)
+
+    def _score(self, detector: Detector) -> HeadScores:
+        """One detector's scores; an attention-template detector scores every not-yet-scored
+        template detector with the same settings in the same pass."""
+        if isinstance(detector, AttentionTemplateDetector):
+            shared = task_settings(detector.config)
+            group = [d for d in self.detectors if isinstance(d, AttentionTemplateDetector) and task_settings(d.config) == shared
+                     and d.name not in self.scores and not self._saved(d, "scores")]
+            results = score_together(self.model, group, self.batch_size, self.progress)
+            self.shared_scores_owner = detector.name
+            for other in group:  # kept, and saved at once: an interrupt loses none of the shared pass
+                if other.name != detector.name:
+                    self.shared_scores[other.name] = results[other.name]
+                    if self.store is not None:
+                        self.store.write(other.name, "scores", self._key(other, "scores"), _encode("scores", results[other.name]), 0.0)
+            return results[detector.name]
+        return detector.score(self.model, batch_size=self.batch_size, progress=self.progress)
+
+    def _saved(self, detector: Detector, stage: str) -> bool:
+        return self.store is not None and self.store.read(detector.name, stage, self._key(detector, stage)) is not None
+
+    def _keep(self, name: str, stage: str, value: Any) -> None:
+        {"scores": self.scores, "significance": self.significance, "validation": self.validations}[stage][name] = value
+
+    def _key(self, detector: Detector, stage: str) -> dict[str, Any]:
+        """What a saved stage must match to be reused: the detector's settings, and for the
+        validation the atlas's k, n_random and seed."""
+        key: dict[str, Any] = {"config": _plain(dataclasses.asdict(detector.config))}
+        if stage == "validation":
+            key.update(k=self.config.k, n_random=self.config.n_random, seed=self.config.seed)
+        return key
+
+
+class _PartStore:
+    """``<parts>/<detector>.<stage>.json``, each written atomically when its stage finishes."""
+
+    def __init__(self, folder: Path, model: str, read: bool = True) -> None:
+        self.folder, self.model, self.reading = folder, model, read
+
+    def path(self, name: str, stage: str) -> Path:
+        return self.folder / f"{name}.{stage}.json"
+
+    def read(self, name: str, stage: str, key: dict[str, Any]) -> Optional[dict[str, Any]]:
+        path = self.path(name, stage)
+        if not self.reading or not path.is_file():
+            return None
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None  # a damaged part is recomputed
+        return saved if saved.get("model") == self.model and saved.get("key") == key else None
+
+    def write(self, name: str, stage: str, key: dict[str, Any], value: Any, seconds: float) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = {"model": self.model, "key": key, "seconds": seconds, "value": value}
+        _write_atomic(self.path(name, stage), json.dumps(record))
+
+
+def _encode(stage: str, value: Any) -> Any:
+    if stage == "scores":
+        return value.to_dict()
+    if stage == "significance":
+        return [sig.to_dict() for sig in value]
+    return value.to_dict() if value is not None else None
+
+
+def _decode(stage: str, value: Any) -> Any:
+    decoders: dict[str, Callable[[Any], Any]] = {
+        "scores": HeadScores.from_dict,
+        "significance": lambda sigs: [Significance.from_dict(s) for s in sigs],
+        "validation": lambda v: ValidationResult.from_dict(v) if v is not None else None,
+    }
+    return decoders[stage](value)
+
+
+def environment(model: Any) -> dict[str, Any]:
+    """Versions and device an atlas was made with."""
+    from headscope import __version__
+    from headscope.engine.runner import model_device, model_dtype
+
+    device = model_device(model)
+    return {
+        "headscope": __version__,
+        "torch": torch.__version__,
+        **{package: _version(package) for package in ("transformer-lens", "transformers")},
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(model_dtype(model)),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _as_scores(sig: Significance, model: str) -> HeadScores:
+    return HeadScores(sig.statistic, sig.role, model)
+
+
+def _number(value: Any) -> Optional[float]:
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _plain(value: Any) -> Any:
+    """As it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

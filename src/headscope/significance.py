@@ -1,0 +1,123 @@
+"""Which heads a detector calls significant, and by what rule.
+
+A :class:`Significance` is one role's per-head *statistic* (a score, a held-out accuracy, a
+z-value), the *threshold* a head must exceed, and the *rule* that set the threshold, in words: a
+threshold from the paper, or a null distribution (scores on inputs without the role's
+structure, a family-wise test over all heads). Detectors give theirs with
+``Detector.significance(model, scores)``; the atlas collects them.
+
+Helpers for family-wise thresholds (Bonferroni over the model's heads) live here so every
+detector states its rule the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from headscope.engine.heads import Head
+
+DEFAULT_ALPHA = 0.05  # family-wise error rate over all heads of the model
+
+
+@dataclass
+class Significance:
+    """One role's significant heads: ``statistic[layer, head] > threshold``.
+
+    Attributes:
+        detector: the detector that gave the statistic.
+        role: the role's name (a detector may define several, e.g. memory and context heads).
+        statistic: per-head value the rule thresholds (higher = more of the role).
+        threshold: heads strictly above it are significant.
+        statistic_name: what ``statistic`` holds, in words.
+        rule: how the threshold was set, in words (paper, null distribution, test and level).
+        details: numbers behind the rule (null maximum, critical values, sample sizes).
+    """
+
+    detector: str
+    role: str
+    statistic: Float[Tensor, "n_layers n_heads"]
+    threshold: float
+    statistic_name: str
+    rule: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.statistic = torch.as_tensor(self.statistic, dtype=torch.float32).detach().cpu()
+        self.threshold = float(self.threshold)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """``[n_layers, n_heads]`` booleans: True where the head is significant (NaN never is)."""
+        return torch.nan_to_num(self.statistic, nan=-math.inf) > self.threshold
+
+    @property
+    def heads(self) -> list[Head]:
+        """Significant heads, strongest first."""
+        n_heads = self.statistic.shape[1]
+        flat = self.statistic.flatten()
+        chosen = torch.nonzero(self.mask.flatten()).flatten()
+        order = chosen[torch.argsort(flat[chosen], descending=True, stable=True)]
+        return [Head(int(i) // n_heads, int(i) % n_heads) for i in order]
+
+    def strength(self) -> Float[Tensor, "n_layers n_heads"]:
+        """Where each significant head sits between the threshold (0) and the role's strongest
+        head (1); 0 for heads that are not significant. Comparable across roles whose statistics
+        have different units — the role map colours a head by its largest strength."""
+        top = float(torch.nan_to_num(self.statistic, nan=-math.inf).max())
+        span = top - self.threshold
+        if not math.isfinite(span) or span <= 0:
+            return torch.zeros_like(self.statistic)
+        relative = ((self.statistic - self.threshold) / span).clamp(min=0.0, max=1.0)
+        # a head exactly at the top has strength 1; the least significant one just above 0
+        return torch.where(self.mask, relative.clamp(min=1e-6), torch.zeros_like(relative))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "detector": self.detector,
+            "role": self.role,
+            "statistic": [[None if math.isnan(x) else x for x in row] for row in self.statistic.tolist()],
+            "threshold": self.threshold,
+            "statistic_name": self.statistic_name,
+            "rule": self.rule,
+            "details": self.details,
+            "heads": [str(h) for h in self.heads],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Significance":
+        rows = [[math.nan if x is None else x for x in row] for row in data["statistic"]]
+        return cls(data["detector"], data["role"], torch.tensor(rows), data["threshold"], data["statistic_name"],
+                   data["rule"], data.get("details", {}))
+
+    def __repr__(self) -> str:
+        heads = ", ".join(str(h) for h in self.heads[:8]) + (" …" if len(self.heads) > 8 else "")
+        return f"Significance({self.role}: {len(self.heads)} heads [{heads}], {self.statistic_name} > {self.threshold:.3g})"
+
+
+def bonferroni_z(n_tests: int, alpha: float = DEFAULT_ALPHA, two_sided: bool = True) -> float:
+    """Critical |z| of a normal test at family-wise level ``alpha`` over ``n_tests`` tests."""
+    tail = alpha / n_tests / (2 if two_sided else 1)
+    return float(-torch.special.ndtri(torch.tensor(tail, dtype=torch.float64)))
+
+
+def binomial_critical_accuracy(n: int, chance: float, n_tests: int, alpha: float = DEFAULT_ALPHA) -> float:
+    """The accuracy a head must *exceed* on ``n`` questions so that getting more right by guessing
+    (success probability ``chance``) has probability at most ``alpha / n_tests`` (exact one-sided
+    binomial test, Bonferroni over ``n_tests`` heads). Returns ``(c - 1) / n`` where ``c`` is the
+    smallest count with ``P(X >= c) <= alpha / n_tests``."""
+    if n < 1:
+        raise ValueError("A binomial test needs at least one question.")
+    level = alpha / n_tests
+    tail = 0.0  # P(X >= c), summed from c = n down
+    for count in range(n, -1, -1):
+        with_count = tail + math.comb(n, count) * chance**count * (1 - chance) ** (n - count)
+        if with_count > level:
+            return count / n  # c = count + 1 is the smallest significant count
+        tail = with_count
+    return -1.0  # every count is significant (only when alpha / n_tests >= 1)

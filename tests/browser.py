@@ -1,0 +1,66 @@
+"""Open a report in headless Chromium (Debian's package) through Playwright and report what a
+reader would see: which sections are visible, console messages, page errors and requests.
+
+Chromium is at ``/usr/bin/chromium`` (``apt-get install chromium``; ``scripts/install.sh`` installs
+it when it can). Without it the browser tests skip locally and fail under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import pytest
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def chromium_path() -> str:
+    """The Chromium binary, or skip (fail under CI, where install.sh must have provided it)."""
+    path = os.environ.get("HEADSCOPE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    missing = []
+    if path is None:
+        missing.append("Chromium (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("playwright (pip install playwright; no browser download needed)")
+    if missing:
+        message = f"the browser test needs {' and '.join(missing)}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + ": scripts/install.sh should have installed it.")
+        pytest.skip(message)
+    return path
+
+
+def open_report(path: Path, sections: Sequence[str], screenshot: Optional[Path] = None) -> dict[str, Any]:
+    """Load ``path`` and describe it: ``visible[section]``, ``figures[section]`` (SVG count),
+    ``tables[section]``, ``console`` ([type, text]), ``errors`` (uncaught page errors), ``requests``
+    (every URL the page asked for) and the page's height."""
+    from playwright.sync_api import sync_playwright
+
+    seen: dict[str, Any] = {"console": [], "errors": [], "requests": [], "visible": {}, "figures": {}, "tables": {}}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda message: seen["console"].append([message.type, message.text]))
+            page.on("pageerror", lambda error: seen["errors"].append(str(error)))
+            page.on("request", lambda request: seen["requests"].append(request.url))
+            page.goto(Path(path).resolve().as_uri(), wait_until="load")
+            for section in sections:
+                locator = page.locator(f"section#{section}")
+                seen["visible"][section] = locator.count() == 1 and locator.is_visible()
+                box = locator.bounding_box() if locator.count() == 1 else None
+                seen["visible"][section] = seen["visible"][section] and box is not None and box["height"] > 40
+                seen["figures"][section] = page.locator(f"section#{section} svg").count()
+                seen["tables"][section] = page.locator(f"section#{section} table").count()
+            seen["height"] = page.evaluate("document.body.scrollHeight")
+            if screenshot is not None:
+                page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return seen

@@ -1,0 +1,277 @@
+"""The atlas on tiny models: shared passes, significance, overlaps, role map, save/load, resume
+after an interrupt, comparison, the CLI, and the significance helpers."""
+
+import importlib
+import json
+import math
+
+import pytest
+import torch
+
+import headscope as hs
+from headscope.cli import main
+
+atlas_module = importlib.import_module("headscope.atlas")  # hs.atlas is the function
+from headscope.significance import Significance, binomial_critical_accuracy, bonferroni_z
+from tests.conftest import tiny_llama_folder, tiny_model
+
+TEMPLATES = ["induction", "previous_token", "duplicate_token"]
+SMALL = {"n_sequences": 4, "n_validation_sequences": 4, "block_len": 10, "n_repeats": 3}
+SETTINGS = {name: dict(SMALL) for name in TEMPLATES}
+
+
+def small_atlas(model, out=None, **kwargs):
+    options = dict(k=2, n_random=2, settings=SETTINGS, progress=False)
+    options.update(kwargs)
+    return hs.atlas(model, TEMPLATES, out=out, **options)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(n_layers=3, n_heads=4, d_vocab=128, n_ctx=64)
+
+
+@pytest.fixture(scope="module")
+def built(model):
+    return small_atlas(model)
+
+
+def test_template_detectors_share_one_scoring_pass_and_match_detect(model, built):
+    assert built.timings["previous_token"]["scored_with"] == "induction"
+    assert built.timings["duplicate_token"]["scored_with"] == "induction"
+    for name in TEMPLATES:
+        alone = hs.detect(model, name, progress=False, **SMALL)
+        assert torch.allclose(alone.values, built.scores[name].values, atol=1e-6), name
+        assert alone.extras.keys() == built.scores[name].extras.keys()
+
+
+def test_template_significance_is_above_the_null_of_unrepeated_tokens(model, built):
+    from headscope.detectors.attention_templates import template_null
+
+    config = hs.get_detector("induction", **SMALL).config
+    null = template_null(model, config)
+    for name in TEMPLATES:
+        (sig,) = built.significance[name]
+        assert sig.threshold == pytest.approx(float(null.max()))
+        assert "random-token" in sig.rule and sig.details["null_max_head"]
+        expected = {hs.Head(l, h) for l in range(3) for h in range(4) if built.scores[name].values[l, h] > null.max()}  # noqa: E741
+        assert set(sig.heads) == expected
+
+
+def test_every_detector_gets_validated_with_the_atlas_k(built):
+    for name in TEMPLATES:
+        result = built.validations[name]
+        assert result.k == 2 and len(result.random_heads) == 2 and result.detector == name
+
+
+def test_overlap_matrix_and_table_agree_with_the_significant_sets(built):
+    names, matrix = built.overlap()
+    assert names == TEMPLATES
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            set_a, set_b = set(built.significant_heads(a)), set(built.significant_heads(b))
+            if set_a or set_b:
+                assert matrix[i, j] == pytest.approx(len(set_a & set_b) / len(set_a | set_b))
+            else:
+                assert math.isnan(matrix[i, j])
+    rows = built.overlap_table()
+    assert len(rows) == 3 and {r["role_a"] + "/" + r["role_b"] for r in rows} >= {"induction/previous_token"}
+
+
+def test_role_map_picks_each_heads_strongest_significant_role(built):
+    names, index, strength = built.role_map()
+    roles = built.roles
+    for layer in range(3):
+        for head in range(4):
+            held = [n for n in names if roles[n].mask[layer, head]]
+            if not held:
+                assert index[layer, head] == -1 and strength[layer, head] == 0
+                continue
+            best = max(held, key=lambda n: float(roles[n].strength()[layer, head]))
+            assert names[int(index[layer, head])] == best
+
+
+def test_save_writes_report_csv_json_and_loads_back(built, tmp_path):
+    report = built.save(tmp_path)
+    assert report == tmp_path / "report.html"
+    html = report.read_text()
+    for section in ("summary", "role-map", "heatmaps", "validation", "significance", "overlap", "configs"):
+        assert f"<section id='{section}'>" in html
+    assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
+    assert "<script" not in html and built.environment["torch"] in html
+    header = (tmp_path / "heads.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["layer", "head", "name"] and "induction:significant" in header and "role" in header
+    assert len((tmp_path / "heads.csv").read_text().splitlines()) == 1 + 12
+    loaded = hs.Atlas.load(tmp_path)
+    assert loaded.model == built.model and loaded.settings == built.settings
+    for name in TEMPLATES:
+        assert torch.equal(loaded.scores[name].values, built.scores[name].values)
+        assert loaded.significant_heads(name) == built.significant_heads(name)
+        assert loaded.validations[name] == built.validations[name]
+
+
+def test_report_escapes_names(built, tmp_path):
+    data = built.to_dict()
+    data["model"] = "<script>alert(1)</script>"
+    hs.Atlas.from_dict(data).save(tmp_path)
+    assert "<script>alert" not in (tmp_path / "report.html").read_text()
+
+
+def test_interrupted_atlas_recomputes_only_what_is_missing(model, tmp_path, monkeypatch):
+    calls = []
+    real_validate = atlas_module.validate
+
+    def validate_until_interrupted(model, scores, **kwargs):
+        calls.append(scores.detector)
+        if scores.detector == "previous_token":
+            raise KeyboardInterrupt
+        return real_validate(model, scores, **kwargs)
+
+    monkeypatch.setattr(atlas_module, "validate", validate_until_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        small_atlas(model, out=tmp_path)
+    saved = sorted(p.name for p in (tmp_path / "parts").iterdir())
+    # induction finished, and its shared pass saved the scores of previous_token and duplicate_token
+    assert "induction.validation.json" in saved and "previous_token.significance.json" in saved
+    assert "duplicate_token.scores.json" in saved
+    assert "previous_token.validation.json" not in saved and "duplicate_token.significance.json" not in saved
+
+    scored, calls[:] = [], []
+    real_score_together = atlas_module.score_together
+
+    def counting_score_together(model, detectors, *args):
+        scored.extend(d.name for d in detectors)
+        return real_score_together(model, detectors, *args)
+
+    monkeypatch.setattr(atlas_module, "validate", lambda model, scores, **kw: (calls.append(scores.detector),
+                                                                                 real_validate(model, scores, **kw))[1])
+    monkeypatch.setattr(atlas_module, "score_together", counting_score_together)
+    calls_significance = []
+    real_significance = hs.get_detector("duplicate_token").significance.__func__
+
+    def counting_significance(self, model, scores, *args):
+        calls_significance.append(self.name)
+        return real_significance(self, model, scores, *args)
+
+    from headscope.detectors.attention_templates import AttentionTemplateDetector
+    monkeypatch.setattr(AttentionTemplateDetector, "significance", counting_significance)
+    resumed = small_atlas(model, out=tmp_path)
+    assert scored == []  # every score was on disk
+    assert calls_significance == ["duplicate_token"]
+    assert calls == ["previous_token", "duplicate_token"]
+    assert resumed.timings["induction"]["resumed"] and set(resumed.validations) == set(TEMPLATES)
+
+
+def test_changed_settings_are_recomputed(model, tmp_path, monkeypatch):
+    small_atlas(model, out=tmp_path)
+    calls = []
+    real_validate = atlas_module.validate
+    monkeypatch.setattr(atlas_module, "validate", lambda model, scores, **kw: (calls.append(kw["k"]),
+                                                                                 real_validate(model, scores, **kw))[1])
+    small_atlas(model, out=tmp_path, k=3)  # scores reused, validations redone with k=3
+    assert calls == [3, 3, 3]
+    calls.clear()
+    small_atlas(model, out=tmp_path, k=3, resume=False)
+    assert calls == [3, 3, 3]
+
+
+def test_bad_requests_fail_before_any_work(model):
+    with pytest.raises(hs.UnknownDetectorError, match="Did you mean 'induction'"):
+        hs.atlas(model, ["inductoin"], progress=False)
+    with pytest.raises(ValueError, match="settings given for retrieval"):
+        hs.atlas(model, ["induction"], settings={"retrieval": {}}, progress=False)
+    with pytest.raises(TypeError, match="no setting blok_len"):
+        hs.atlas(model, ["induction"], settings={"induction": {"blok_len": 3}}, progress=False)
+
+
+def test_compare_reports_appeared_vanished_and_role_map_changes(built):
+    other = hs.Atlas.from_dict(json.loads(json.dumps(built.to_dict())))
+    sig = other.significance["previous_token"][0]
+    sig.statistic = torch.full_like(sig.statistic, sig.threshold - 1.0)
+    chosen = [hs.Head(0, 0), hs.Head(2, 3)]
+    for head in chosen:
+        sig.statistic[head.layer, head.head] = sig.threshold + 1.0
+    before = set(built.significant_heads("previous_token"))
+    change = {r.role: r for r in hs.compare(built, other).roles}["previous_token"]
+    assert set(change.appeared) == {str(h) for h in set(chosen) - before}
+    assert set(change.vanished) == {str(h) for h in before - set(chosen)}
+    assert set(change.kept) == {str(h) for h in before & set(chosen)}
+    assert change.n_b == 2
+    comparison = hs.compare(built, other)
+    assert {r.role: r for r in comparison.roles}["induction"].verdict == "unchanged"
+    _, index_a, _ = built.role_map()
+    names_b, index_b, _ = other.role_map()
+    changed = {h for h, _a, _b in comparison.role_map_changes}
+    assert changed == {f"L{l}H{h}" for l in range(3) for h in range(4) if index_a[l, h] != index_b[l, h]}  # noqa: E741
+    assert "previous_token" in str(comparison)
+
+
+def test_compare_of_different_shapes_compares_roles_not_heads(built):
+    small = tiny_model(n_layers=2, n_heads=4, d_vocab=128, n_ctx=64)
+    other = small_atlas(small, validate=False)
+    comparison = hs.compare(built, other)
+    assert not comparison.same_shape and comparison.role_map_changes == []
+    assert all(r.appeared == [] and r.vanished == [] for r in comparison.roles)
+
+
+def test_cli_atlas_resumes_and_compare_prints(tmp_path, capsys):
+    folder = str(tiny_llama_folder(tmp_path / "llama"))
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({"induction": SMALL, "previous_token": SMALL}))
+    args = ["atlas", "--model", folder, "--detectors", "induction,previous_token", "--out", str(tmp_path / "a"),
+            "--config", str(config), "-k", "2", "--n-random", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Head atlas of" in out and (tmp_path / "a" / "report.html").is_file()
+    assert main(args) == 0  # everything resumed from parts/
+    data = json.loads((tmp_path / "a" / "atlas.json").read_text())
+    assert all(t.get("resumed") for t in data["timings"].values())
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(tmp_path / "c.json")]) == 0
+    assert "unchanged" in capsys.readouterr().out
+    assert json.loads((tmp_path / "c.json").read_text())["roles"][0]["verdict"] == "unchanged"
+
+
+def test_significance_round_trips_and_orders_heads():
+    statistic = torch.tensor([[0.1, 0.9], [0.5, float("nan")]])
+    sig = Significance("d", "role", statistic, 0.3, "score", "rule", {"n": 1})
+    assert sig.heads == [hs.Head(0, 1), hs.Head(1, 0)]
+    assert sig.strength()[0, 1] == 1 and 0 < sig.strength()[1, 0] < 1 and sig.strength()[0, 0] == 0
+    again = Significance.from_dict(json.loads(json.dumps(sig.to_dict())))
+    assert again.heads == sig.heads and math.isnan(again.statistic[1, 1])
+
+
+def test_binomial_critical_accuracy_matches_brute_force():
+    n, chance, tests = 40, 0.25, 270
+    level = 0.05 / tests
+    tail = lambda c: sum(math.comb(n, x) * chance**x * (1 - chance) ** (n - x) for x in range(c, n + 1))  # noqa: E731
+    smallest = min(c for c in range(n + 1) if tail(c) <= level)
+    assert binomial_critical_accuracy(n, chance, tests) == pytest.approx((smallest - 1) / n)
+
+
+def test_bonferroni_z_values():
+    assert bonferroni_z(1, 0.05) == pytest.approx(1.95996, abs=1e-4)
+    assert bonferroni_z(1, 0.05, two_sided=False) == pytest.approx(1.64485, abs=1e-4)
+    assert bonferroni_z(250) == pytest.approx(3.71902, abs=1e-4)  # a normal tail of 1e-4
+
+
+def test_validation_shares_clean_runs_through_a_cache_and_reads_last_positions_only(model):
+    """A cache shared by validations of tasks on the same tokens gives the same results as
+    separate runs; a last-position task (logits only at each row's last token) gives the same
+    result as the full logits."""
+    from headscope.engine.metrics import final_logits
+
+    scores = {name: hs.detect(model, name, progress=False, **SMALL) for name in ("induction", "previous_token")}
+    cache = {}
+    for result in scores.values():
+        shared = hs.validate(model, result, k=2, n_random=2, cache=cache)
+        alone = hs.validate(model, result, k=2, n_random=2)
+        assert shared == alone
+    assert len([key for key in cache if key[0] == "clean"]) == 1
+
+    tokens = hs.get_detector("induction", **SMALL).validation_task(model).data
+    metric = lambda logits, chunk: final_logits(logits, chunk).logsumexp(dim=-1)  # noqa: E731
+    results = [hs.validate(model, scores["induction"], k=2, n_random=2,
+                           task=hs.ValidationTask(tokens, metric, "lse", "increases", last_position=last))
+               for last in (False, True)]
+    assert results[0].top_k == pytest.approx(results[1].top_k, abs=1e-5)
+    assert results[0].difference == pytest.approx(results[1].difference, abs=1e-5)
