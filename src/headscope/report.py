@@ -8,6 +8,7 @@ significance rules, overlaps, configs and versions.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import html
 import json
 import math
@@ -176,8 +177,6 @@ def _configs_html(atlas: "Atlas") -> str:
     configs = {name: scores.config for name, scores in atlas.scores.items()}
     timing_rows = [[_e(name)] + [_num(t.get(stage)) for stage in ("scores", "significance", "validation")]
                    + ["yes" if t.get("resumed") else ""] for name, t in atlas.timings.items()]
-    import dataclasses
-
     return (
         "<h3>Versions and device</h3>" + _pre(atlas.environment)
         + "<h3>Atlas settings</h3>" + _pre(dataclasses.asdict(atlas.settings))
@@ -228,7 +227,7 @@ def role_map_svg(atlas: "Atlas") -> str:
     counts = {name: int((index == i).sum()) for i, name in enumerate(names)}
     legend = [(colours[name], f"{name} ({counts[name]})") for name in names] + [(NO_ROLE, "none")]
     return _grid_svg(grid, lambda v: "", tooltip, None, f"Role map — {atlas.model}", "", cells=cells, key=legend,
-                     scale=1.6)
+                     scale=2.2)
 
 
 def jaccard_svg(names: Sequence[str], matrix: Float[Tensor, "roles roles"]) -> str:
