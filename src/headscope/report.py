@@ -112,7 +112,8 @@ def _pair_sentences(atlas: "Atlas") -> str:
 def _role_map_html(atlas: "Atlas", role_svg: str) -> str:
     return (f"<figure>{role_svg}<figcaption>Each head coloured by its strongest significant role (the role in which it "
             "sits nearest that role's best head, relative to the threshold); lighter = weaker; grey = no significant "
-            "role. Hover a head for its roles.</figcaption></figure>")
+            "role; the legend counts the heads whose strongest role it is. Hover a head for all its roles."
+            "</figcaption></figure>")
 
 
 def _heatmaps_html(atlas: "Atlas") -> str:
