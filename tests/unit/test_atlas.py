@@ -275,3 +275,16 @@ def test_validation_shares_clean_runs_through_a_cache_and_reads_last_positions_o
                for last in (False, True)]
     assert results[0].top_k == pytest.approx(results[1].top_k, abs=1e-5)
     assert results[0].difference == pytest.approx(results[1].difference, abs=1e-5)
+
+
+def test_the_shared_template_null_is_recomputed_when_the_weights_change():
+    from headscope.detectors.attention_templates import template_null
+
+    model = tiny_model(n_layers=2, n_heads=4, d_vocab=128, n_ctx=64)
+    config = hs.get_detector("induction", **SMALL).config
+    before = template_null(model, config)
+    assert template_null(model, config) is before  # shared while the weights stay the same
+    with torch.no_grad():
+        for parameter in model.blocks[0].attn.parameters():
+            parameter.mul_(3.0)
+    assert not torch.equal(template_null(model, config), before)

@@ -22,6 +22,7 @@ from headscope.engine.heads import Head, hook_name, model_shape
 from headscope.engine.metrics import masked_mean, next_token_losses
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, bos_token_id
+from headscope.models import weights_fingerprint
 from headscope.results import HeadScores
 from headscope.significance import Significance
 from headscope.tasks.repeated_tokens import RepeatedTokens, repeated_random_tokens, unrepeated_like
@@ -215,8 +216,9 @@ def template_null(
 ) -> Float[Tensor, "n_layers n_heads"]:
     """Each head's larger mean share of attention on the duplicate (i - n) and induction
     (i - n + 1) template keys, measured on :func:`unrepeated_like` tokens (fresh seed). Kept per
-    model and settings, so the template detectors of one atlas share one run."""
-    key = repr(task_settings(config))
+    model, settings and weights (any in-place change to a parameter makes a new key), so the
+    template detectors of one atlas share one run."""
+    key = repr((task_settings(config), weights_fingerprint(model)))
     cached = _NULLS.setdefault(model, {})
     if key not in cached:
         task = make_task(model, config)

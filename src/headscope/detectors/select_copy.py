@@ -52,6 +52,7 @@ from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, encode_with_offsets, pad_rows, row_tokens, tokenize
 from headscope.engine.unembed import FINAL_SCALE, final_norm_weight, final_position_attributions, head_output_weights
 from headscope.errors import InputError
+from headscope.models import weights_fingerprint
 from headscope.results import HeadScores
 from headscope.significance import DEFAULT_ALPHA, Significance, binomial_critical_accuracy
 from headscope.tasks import multiple_choice as mc
@@ -251,7 +252,7 @@ class SelectCopyDetector(Detector):
 
     def prompts(self, model: Any, batch_size: Optional[int] = None) -> tuple[list[mc.MCPrompt], dict[str, Any]]:
         """The prompts to score (known questions only, when ``only_known``) and the knowledge check.
-        The check runs once per model for this detector instance (``score`` and
+        The check runs once per model (and weights) for this detector instance (``score`` and
         ``validation_task`` of one instance share it)."""
         config: SelectCopyConfig = self.config
         questions = load_questions(config)
@@ -268,7 +269,7 @@ class SelectCopyDetector(Detector):
 
     def _known(self, model: Any, questions: list[mc.MCQuestion], batch_size: Optional[int]) -> Tensor:
         config: SelectCopyConfig = self.config
-        key = (id(model), repr(config))
+        key = (id(model), weights_fingerprint(model), repr(config))
         cached = getattr(self, "_known_cache", None)
         if cached is None or cached[0] != key or cached[1]() is not model:
             known = knows_answer(model, questions, config.knowledge_shots, config.seed, batch_size)
