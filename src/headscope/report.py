@@ -176,7 +176,8 @@ def _overlap_html(atlas: "Atlas") -> str:
 
 def _configs_html(atlas: "Atlas") -> str:
     configs = {name: scores.config for name, scores in atlas.scores.items()}
-    timing_rows = [[_e(name)] + [_num(t.get(stage)) for stage in ("scores", "significance", "validation")]
+    timing_rows = [[_e(name)] + [_e(f"in {t['scored_with']}'s pass") if stage == "scores" and t.get("scored_with")
+                                 else _num(t.get(stage)) for stage in ("scores", "significance", "validation")]
                    + ["yes" if t.get("resumed") else ""] for name, t in atlas.timings.items()]
     return (
         "<h3>Versions and device</h3>" + _pre(atlas.environment)
