@@ -309,8 +309,7 @@ class _Builder:
         self.significance: dict[str, list[Significance]] = {}
         self.validations: dict[str, Optional[ValidationResult]] = {}
         self.timings: dict[str, dict[str, Any]] = {}
-        self.shared_scores: dict[str, HeadScores] = {}  # scored in another detector's shared pass
-        self.shared_scores_owner = ""
+        self.shared_scores: dict[str, tuple[HeadScores, str]] = {}  # scored in another detector's pass: (scores, its name)
         self.validation_cache: dict = {}  # clean runs and head means shared by validations on the same tokens
 
     def run(self) -> Atlas:
@@ -338,8 +337,9 @@ class _Builder:
         name = detector.name
         key = self._key(detector, stage)
         if stage == "scores" and name in self.shared_scores:  # scored (and saved) in another detector's pass
-            self._keep(name, stage, self.shared_scores.pop(name))
-            self.timings[name].update(scores=0.0, scored_with=self.shared_scores_owner)
+            scores, owner = self.shared_scores.pop(name)
+            self._keep(name, stage, scores)
+            self.timings[name].update(scores=0.0, scored_with=owner)
             return
         saved = self.store.read(name, stage, key) if self.store is not None else None
         if saved is not None:
@@ -373,10 +373,9 @@ class _Builder:
             group = [d for d in self.detectors if isinstance(d, AttentionTemplateDetector) and task_settings(d.config) == shared
                      and d.name not in self.scores and not self._saved(d, "scores")]
             results = score_together(self.model, group, self.batch_size, self.progress)
-            self.shared_scores_owner = detector.name
             for other in group:  # kept, and saved at once: an interrupt loses none of the shared pass
                 if other.name != detector.name:
-                    self.shared_scores[other.name] = results[other.name]
+                    self.shared_scores[other.name] = (results[other.name], detector.name)
                     if self.store is not None:
                         self.store.write(other.name, "scores", self._key(other, "scores"), _encode("scores", results[other.name]), 0.0)
             return results[detector.name]
