@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-from headscope.detectors.base import Detector, get_detector
+from headscope.detectors.base import Detector, get_detector, plain_config
 from headscope.engine.heads import check_head_hooks
 from headscope.models import model_name
 from headscope.results import HeadScores
@@ -50,7 +48,7 @@ def scan(
         path = Path(out) / f"{detector.name}.json" if out is not None else None
         if path is not None and resume and path.is_file():
             saved = HeadScores.load(path)
-            if saved.model == model_name(model) and saved.config == _plain_config(detector):
+            if saved.model == model_name(model) and saved.config == plain_config(detector):
                 results[detector.name] = saved
                 continue
         scores = detector.score(model, batch_size=batch_size, progress=progress)
@@ -58,8 +56,3 @@ def scan(
             scores.save(path, top_k=top_k)
         results[detector.name] = scores
     return results
-
-
-def _plain_config(detector: Detector) -> dict:
-    """The config as it reads back from JSON (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(detector.config)))

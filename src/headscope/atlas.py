@@ -29,10 +29,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from headscope.detectors.attention_templates import AttentionTemplateDetector, score_together, task_settings
-from headscope.detectors.base import Detector, get_detector, list_detectors
+from headscope.detectors.base import Detector, get_detector, list_detectors, plain_config
 from headscope.engine.heads import Head, check_head_hooks
 from headscope.models import model_name
-from headscope.results import HeadScores, role_overlap
+from headscope.results import HeadScores, role_overlap, write_text_atomic
 from headscope.significance import Significance
 from headscope.validation import ValidationResult, validate
 
@@ -127,7 +127,7 @@ class Atlas:
             for b in names[i + 1:]:
                 set_a, set_b = set(roles[a].heads), set(roles[b].heads)
                 union = set_a | set_b
-                top = role_overlap(_as_scores(roles[a], self.model), _as_scores(roles[b], self.model), self.settings.overlap_k)
+                top = role_overlap(roles[a].as_scores(self.model), roles[b].as_scores(self.model), self.settings.overlap_k)
                 rows.append({
                     "role_a": a, "role_b": b, "n_a": len(set_a), "n_b": len(set_b),
                     "shared": [str(h) for h in sorted(set_a & set_b)], "n_shared": len(set_a & set_b),
@@ -174,6 +174,7 @@ class Atlas:
     def _head_rows(self) -> list[dict[str, Any]]:
         names, index, strength = self.role_map()
         roles = self.roles
+        masks = {role: sig.mask for role, sig in roles.items()}  # each computed once, not per head
         rows = []
         for layer in range(self.shape[0]):
             for head in range(self.shape[1]):
@@ -181,7 +182,7 @@ class Atlas:
                 row.update({name: _number(s.values[layer, head]) for name, s in self.scores.items()})
                 for role, sig in roles.items():
                     row[f"{role}:statistic"] = _number(sig.statistic[layer, head])
-                    row[f"{role}:significant"] = bool(sig.mask[layer, head])
+                    row[f"{role}:significant"] = bool(masks[role][layer, head])
                 role_index = int(index[layer, head])
                 row["role"] = names[role_index] if role_index >= 0 else ""
                 row["role_strength"] = round(float(strength[layer, head]), 4)
@@ -227,7 +228,7 @@ class Atlas:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / "atlas.json", json.dumps(self.to_dict(), indent=1))
+        write_text_atomic(directory / "atlas.json", json.dumps(self.to_dict(), indent=1))
         write_csv_files(self, directory)
         return write_report(self, directory)
 
@@ -390,7 +391,7 @@ class _Builder:
     def _key(self, detector: Detector, stage: str) -> dict[str, Any]:
         """What a saved stage must match to be reused: the detector's settings, and for the
         validation the atlas's k, n_random and seed."""
-        key: dict[str, Any] = {"config": _plain(dataclasses.asdict(detector.config))}
+        key: dict[str, Any] = {"config": plain_config(detector)}
         if stage == "validation":
             key.update(k=self.config.k, n_random=self.config.n_random, seed=self.config.seed)
         return key
@@ -418,7 +419,7 @@ class _PartStore:
     def write(self, name: str, stage: str, key: dict[str, Any], value: Any, seconds: float) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         record = {"model": self.model, "key": key, "seconds": seconds, "value": value}
-        _write_atomic(self.path(name, stage), json.dumps(record))
+        write_text_atomic(self.path(name, stage), json.dumps(record))
 
 
 def _encode(stage: str, value: Any) -> Any:
@@ -466,21 +467,8 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _as_scores(sig: Significance, model: str) -> HeadScores:
-    return HeadScores(sig.statistic, sig.role, model)
-
-
 def _number(value: Any) -> Optional[float]:
     value = float(value)
     return None if math.isnan(value) else value
 
 
-def _plain(value: Any) -> Any:
-    """As it reads back from JSON (tuples become lists)."""
-    return json.loads(json.dumps(value))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

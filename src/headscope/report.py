@@ -20,6 +20,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from headscope.engine.heads import Head
+from headscope.results import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from headscope.atlas import Atlas
@@ -55,9 +56,7 @@ def write_report(atlas: "Atlas", directory: Path) -> Path:
     role_svg = role_map_svg(atlas)
     (directory / "role_map.svg").write_text(role_svg)
     path = directory / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(render_html(atlas, role_svg))
-    tmp.replace(path)
+    write_text_atomic(path, render_html(atlas, role_svg))
     return path
 
 
@@ -220,8 +219,10 @@ def role_map_svg(atlas: "Atlas") -> str:
             return NO_ROLE
         return _blend(colours[names[role]], 0.35 + 0.65 * float(strength[layer, head]))
 
+    masks = {role: sig.mask for role, sig in roles.items()}  # each computed once, not per head
+
     def tooltip(layer: int, head: int, _value: float) -> str:
-        held = [f"{r} ({sig.statistic[layer, head]:.3g})" for r, sig in roles.items() if sig.mask[layer, head]]
+        held = [f"{r} ({sig.statistic[layer, head]:.3g})" for r, sig in roles.items() if masks[r][layer, head]]
         return f"{Head(layer, head)}: " + (", ".join(held) if held else "no significant role")
 
     grid = torch.zeros(atlas.shape)

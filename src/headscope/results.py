@@ -96,21 +96,21 @@ class HeadScores:
             "detector": self.detector,
             "model": self.model,
             "shape": [self.n_layers, self.n_heads],
-            "values": _to_json_matrix(self.values),
+            "values": to_json_matrix(self.values),
             "top_heads": [row._asdict() for row in self.top(top_k)],
             "config": self.config,
-            "extras": {name: _to_json_matrix(extra) for name, extra in self.extras.items()},
+            "extras": {name: to_json_matrix(extra) for name, extra in self.extras.items()},
             "metadata": self.metadata,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HeadScores":
         return cls(
-            values=_from_json_matrix(data["values"]),
+            values=from_json_matrix(data["values"]),
             detector=data["detector"],
             model=data["model"],
             config=data.get("config", {}),
-            extras={name: _from_json_matrix(v) for name, v in data.get("extras", {}).items()},
+            extras={name: from_json_matrix(v) for name, v in data.get("extras", {}).items()},
             metadata=data.get("metadata", {}),
         )
 
@@ -118,9 +118,7 @@ class HeadScores:
         """Write JSON (values, top heads, config, model, version). NaN is written as null."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(top_k), indent=1))
-        tmp.replace(path)  # never a half-written file
+        write_text_atomic(path, json.dumps(self.to_dict(top_k), indent=1))
         return path
 
     @classmethod
@@ -163,11 +161,20 @@ class HeadScores:
         )
 
 
-def _to_json_matrix(values: Tensor) -> list[list[Optional[float]]]:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename it: never a half-written file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def to_json_matrix(values: Tensor) -> list[list[Optional[float]]]:
+    """A ``[rows, cols]`` tensor as nested lists, NaN as ``None`` (JSON null)."""
     return [[None if math.isnan(x) else float(x) for x in row] for row in values.tolist()]
 
 
-def _from_json_matrix(rows: list[list[Optional[float]]]) -> Tensor:
+def from_json_matrix(rows: list[list[Optional[float]]]) -> Tensor:
+    """Inverse of :func:`to_json_matrix`."""
     return torch.tensor([[math.nan if x is None else x for x in row] for row in rows], dtype=torch.float32)
 
 

@@ -21,6 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.engine.heads import Head
+from headscope.results import HeadScores, from_json_matrix, to_json_matrix
 
 DEFAULT_ALPHA = 0.05  # family-wise error rate over all heads of the model
 
@@ -59,11 +60,11 @@ class Significance:
     @property
     def heads(self) -> list[Head]:
         """Significant heads, strongest first."""
-        n_heads = self.statistic.shape[1]
-        flat = self.statistic.flatten()
-        chosen = torch.nonzero(self.mask.flatten()).flatten()
-        order = chosen[torch.argsort(flat[chosen], descending=True, stable=True)]
-        return [Head(int(i) // n_heads, int(i) % n_heads) for i in order]
+        return self.as_scores().above(self.threshold)
+
+    def as_scores(self, model: str = "") -> HeadScores:
+        """The statistic as a ``HeadScores`` of this role (for top-k, overlaps, plots)."""
+        return HeadScores(self.statistic, self.role, model)
 
     def strength(self) -> Float[Tensor, "n_layers n_heads"]:
         """Where each significant head sits between the threshold (0) and the role's strongest
@@ -81,7 +82,7 @@ class Significance:
         return {
             "detector": self.detector,
             "role": self.role,
-            "statistic": [[None if math.isnan(x) else x for x in row] for row in self.statistic.tolist()],
+            "statistic": to_json_matrix(self.statistic),
             "threshold": self.threshold,
             "statistic_name": self.statistic_name,
             "rule": self.rule,
@@ -91,8 +92,7 @@ class Significance:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Significance":
-        rows = [[math.nan if x is None else x for x in row] for row in data["statistic"]]
-        return cls(data["detector"], data["role"], torch.tensor(rows), data["threshold"], data["statistic_name"],
+        return cls(data["detector"], data["role"], from_json_matrix(data["statistic"]), data["threshold"], data["statistic_name"],
                    data["rule"], data.get("details", {}))
 
     def __repr__(self) -> str:

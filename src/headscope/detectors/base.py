@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Union
@@ -126,6 +127,12 @@ class Detector(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+def plain_config(detector: Detector) -> dict[str, Any]:
+    """The detector's config as it reads back from JSON (tuples become lists): what saved results
+    are matched against."""
+    return json.loads(json.dumps(dataclasses.asdict(detector.config)))
 
 
 _REGISTRY: dict[str, type[Detector]] = {}

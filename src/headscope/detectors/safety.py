@@ -96,7 +96,7 @@ class SafetyDetector(Detector):
         if config.n_queries is not None:
             if config.n_queries < 2:
                 raise InputError("n_queries must be at least 2: dataset-level Ships compares subspaces of several queries.")
-            requests = random.Random(config.seed).sample(requests, min(config.n_queries, len(requests)))
+            requests = self._sample(requests, config.n_queries)
         return requests
 
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> HeadScores:
@@ -146,7 +146,10 @@ class SafetyDetector(Detector):
 
     def _harmless(self, n: int) -> list[refusal.Request]:
         """``n`` harmless requests of the scored split, drawn with the detector's seed."""
-        requests = refusal.load_requests("harmless", self.config.split)
+        return self._sample(refusal.load_requests("harmless", self.config.split), n)
+
+    def _sample(self, requests: list[refusal.Request], n: int) -> list[refusal.Request]:
+        """``n`` of ``requests`` (all if fewer), drawn with the detector's seed."""
         return random.Random(self.config.seed).sample(requests, min(n, len(requests)))
 
     def validation_task(self, model: Any) -> ValidationTask:
