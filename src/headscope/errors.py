@@ -32,3 +32,12 @@ class UnsupportedModelError(HeadscopeError, ValueError):
 
 class ModelNotAvailableError(HeadscopeError, RuntimeError):
     """The model needs a download or a package that is not installed."""
+
+
+class CacheMismatchError(HeadscopeError, RuntimeError):
+    """A KV cache that does not hold, or does not give back, what a plain forward computes:
+    usually a combination of library versions that headscope's engine cannot handle."""
+
+
+class EmptyResultError(HeadscopeError, RuntimeError):
+    """A detector whose scores carry no information (all NaN, or nothing retrieved)."""

@@ -7,6 +7,7 @@ import torch
 
 import headscope as hs
 from headscope.engine.decoding import Prefix, continuation_logprobs, greedy_decode, greedy_decode_rows
+from headscope.engine.kv_cache import cache_kwarg_alias
 from headscope.engine.memory import peak_memory
 from headscope.errors import InputError, PromptTooLongError
 from tests.conftest import active_hooks
@@ -67,7 +68,7 @@ def test_decode_mask_leaves_the_prefill_clean_and_acts_at_decode_steps(tiny_llam
     # Prefill untouched: the cached keys are the clean ones, also after the masked pass.
     assert all(torch.equal(a, layer.keys) for a, layer in zip(clean_keys, prefix.cache.layers, strict=True))
     # Same numbers as masking every position of the decode-step forward by hand.
-    with torch.no_grad(), mask(tiny_llama):
+    with torch.no_grad(), cache_kwarg_alias(tiny_llama), mask(tiny_llama):
         logits, _ = tiny_llama(torch.cat([PROMPT[-1:], continuation[:-1]])[None], return_type="logits_and_cache",
                                past_key_values=prefix.cache)
     prefix.rewind()

@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from headscope.engine.heads import hook_name, model_shape
+from headscope.engine.kv_cache import cache_kwarg_alias, check_filled, verify_once
 from headscope.engine.runner import model_device
 from headscope.engine.tokens import TokenBatch, check_batch
 from headscope.errors import InputError, PromptTooLongError
@@ -77,7 +78,7 @@ class Prefix:
         self.cache = DynamicCache()
         self.rows = 1
         body = prompt[:-1].to(model_device(model))
-        with torch.no_grad():
+        with torch.no_grad(), cache_kwarg_alias(model):
             for start in range(0, body.numel(), chunk_size):
                 model(
                     body[None, start : start + chunk_size],
@@ -85,6 +86,19 @@ class Prefix:
                     past_key_values=self.cache,
                     logits_to_keep=1,
                 )
+        check_filled(self.cache, body.numel(), f"a {prompt.numel()}-token prompt")
+        self._verify_reads()
+
+    def _verify_reads(self) -> None:
+        """The first prefix of a model: its cached last-token step must equal a plain forward."""
+        prompt = self.prompt.to(model_device(self.model))[None]
+        verify_once(self.model, "prefix", self._cached_last_step, lambda: self.model(prompt)[:, -1])
+
+    def _cached_last_step(self) -> Float[Tensor, "1 d_vocab"]:
+        with cache_kwarg_alias(self.model):
+            logits, _ = self.model(self.last_tokens(1), return_type="logits_and_cache", past_key_values=self.cache)
+        self.rewind()
+        return logits[:, -1]
 
     @property
     def length(self) -> int:
@@ -181,7 +195,8 @@ def greedy_decode_rows(
     length = torch.full((rows,), max_new_tokens)
     prefix.expand(rows)
     try:
-        with torch.no_grad(), enter(model), _top_key_recorder(model, record_top_keys) as recorded:
+        with torch.no_grad(), cache_kwarg_alias(model), enter(model), \
+                _top_key_recorder(model, record_top_keys) as recorded:
             for step in range(max_new_tokens):
                 logits, _ = model(current, return_type="logits_and_cache", past_key_values=prefix.cache)
                 logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)
@@ -242,7 +257,7 @@ def continuation_logprobs(
     enter = intervention or _no_intervention
     prefix.expand(rows)
     try:
-        with torch.no_grad(), enter(model):
+        with torch.no_grad(), cache_kwarg_alias(model), enter(model):
             logits, _ = model(inputs, return_type="logits_and_cache", past_key_values=prefix.cache)
     finally:
         prefix.rewind()

@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from headscope.engine.kv_cache import cache_kwarg_alias, check_filled, verify_once
 from headscope.engine.runner import auto_batch_size, model_device, run_batched
 from headscope.engine.tokens import TokenBatch, as_token_batch, check_batch
 
@@ -110,10 +111,14 @@ def _generate_chunk(model: Any, chunk: TokenBatch, max_new_tokens: int, stops: T
     generated, finished = [], torch.zeros(len(chunk), dtype=torch.bool)
     lengths = torch.full((len(chunk),), max_new_tokens)
     current, positions = tokens, _positions(mask)
-    with torch.no_grad():
+    with torch.no_grad(), cache_kwarg_alias(model):
         for step in range(max_new_tokens):
-            logits, _ = model(current, return_type="logits_and_cache", past_key_values=cache,
-                              attention_mask=mask, position_ids=positions, logits_to_keep=1)
+            step_kwargs = dict(attention_mask=mask, position_ids=positions, logits_to_keep=1)
+            logits, _ = model(current, return_type="logits_and_cache", past_key_values=cache, **step_kwargs)
+            if step == 0:
+                check_filled(cache, tokens.shape[1], f"{len(chunk)} left-padded prompts")
+            elif step == 1:
+                _verify_padded_step(model, torch.cat([tokens, current], dim=1), mask, logits[:, -1])
             next_tokens = logits[:, -1].argmax(dim=-1)
             stopping = torch.isin(next_tokens.cpu(), stops) & ~finished
             lengths[stopping] = step
@@ -130,6 +135,18 @@ def _generate_chunk(model: Any, chunk: TokenBatch, max_new_tokens: int, stops: T
         ids = steps[row, : int(lengths[row])].tolist()
         outputs.append(Generation(ids, model.tokenizer.decode(ids), bool(finished[row])))
     return outputs
+
+
+def _verify_padded_step(
+    model: Any, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"], cached: Float[Tensor, "batch d_vocab"]
+) -> None:
+    """The first cached step of a left-padded batch must equal a plain forward over the same tokens
+    (once per model; :func:`headscope.engine.kv_cache.verify_once`)."""
+
+    def plain() -> Tensor:
+        return model(tokens, attention_mask=mask, position_ids=_positions(mask))[:, -1]
+
+    verify_once(model, "padded", lambda: cached, plain)
 
 
 def final_states(
