@@ -19,6 +19,7 @@ import json
 import math
 import platform
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from headscope.detectors.attention_templates import AttentionTemplateDetector, score_together, task_settings
 from headscope.detectors.base import Detector, get_detector, list_detectors, plain_config
-from headscope.engine.heads import Head, check_head_hooks
+from headscope.engine.heads import Head, check_head_hooks, model_shape
 from headscope.models import model_name
 from headscope.results import HeadScores, role_overlap, write_text_atomic
 from headscope.significance import Significance
@@ -81,6 +82,8 @@ class Atlas:
         validations: per detector, its top-k vs random-k ``ValidationResult`` (None if not run).
         settings: the :class:`AtlasSettings`; environment: library versions, device, date.
         timings: seconds per detector and stage; a resumed stage keeps the time it first took.
+        failures: per detector that raised, ``{"stage", "error", "message"}``; its stages before the
+            failing one are kept, the rest are missing. Empty when every detector finished.
     """
 
     model: str
@@ -91,6 +94,7 @@ class Atlas:
     settings: AtlasSettings
     environment: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: dict[str, dict[str, str]] = field(default_factory=dict)
 
     # ----- reading the atlas -------------------------------------------------------------
     @property
@@ -203,6 +207,7 @@ class Atlas:
             "scores": {name: s.to_dict() for name, s in self.scores.items()},
             "significance": {name: [sig.to_dict() for sig in sigs] for name, sigs in self.significance.items()},
             "validations": {name: (v.to_dict() if v is not None else None) for name, v in self.validations.items()},
+            "failures": self.failures,
             "overlap": {"roles": names, "jaccard": [[_number(x) for x in row] for row in matrix.tolist()],
                         "pairs": self.overlap_table()},
         }
@@ -218,6 +223,7 @@ class Atlas:
             settings=AtlasSettings(**data["settings"]),
             environment=data.get("environment", {}),
             timings=data.get("timings", {}),
+            failures=data.get("failures", {}),
         )
 
     def save(self, directory: Union[str, Path]) -> Path:
@@ -242,9 +248,19 @@ class Atlas:
             raise FileNotFoundError(f"No atlas at {path}: pass a folder written by Atlas.save or its atlas.json.")
         return cls.from_dict(json.loads(path.read_text()))
 
+    def failure_summary(self) -> str:
+        """One line naming each failed detector, its stage and error ('' when none failed)."""
+        if not self.failures:
+            return ""
+        failed = "; ".join(f"{name} in {f['stage']}: {f['error']}: {_first_line(f['message'])}"
+                           for name, f in self.failures.items())
+        return f"{len(self.failures)} of {len(self.settings.detectors)} detectors failed ({failed})"
+
     def __repr__(self) -> str:
         parts = [f"{role}={len(sig.heads)}" for role, sig in self.roles.items()]
-        return f"Atlas(model={self.model!r}, detectors={list(self.scores)}, significant heads: {', '.join(parts)})"
+        failed = f", failed: {list(self.failures)}" if self.failures else ""
+        return (f"Atlas(model={self.model!r}, detectors={list(self.scores)}, significant heads: "
+                f"{', '.join(parts)}{failed})")
 
     def __str__(self) -> str:
         lines = [f"Head atlas of {self.model} ({self.shape[0]} layers x {self.shape[1]} heads)"]
@@ -253,6 +269,8 @@ class Atlas:
                 f"validation {row['difference']:+.3f} [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]"
                 f"{' significant' if row['validated'] else ' not significant'}")
             lines.append(f"  {row['role']:<16} {row['n_significant']:>3} heads  {', '.join(row['top']):<34} {check}")
+        for name, failure in self.failures.items():
+            lines.append(f"  {name:<16} FAILED in {failure['stage']}: {failure['error']}: {_first_line(failure['message'])}")
         return "\n".join(lines)
 
 
@@ -268,6 +286,7 @@ def atlas(
     seed: int = 0,
     batch_size: Optional[int] = None,
     progress: Optional[bool] = None,
+    on_error: str = "record",
 ) -> Atlas:
     """Run every detector (``"all"`` or a list of names) on ``model``: scores, the heads each
     calls significant (its own rule, see ``Detector.significance``), and, with ``validate``, the
@@ -277,7 +296,14 @@ def atlas(
     pass over their repeated-token task and share one null run). With ``out``, each stage of each
     detector is saved under ``<out>/parts/`` when done; with ``resume``, saved stages whose model
     and settings match are loaded instead of recomputed. ``progress`` shows a bar per detector.
+
+    A detector that raises does not stop the atlas (``on_error="record"``, the default): its
+    failure (stage, error, message) is kept in ``Atlas.failures`` and, with ``out``, saved as
+    ``<out>/parts/<detector>.failed.json``; the other detectors run, and a rerun computes only
+    what failed or is missing. ``on_error="raise"`` re-raises at once.
     """
+    if on_error not in ("record", "raise"):
+        raise ValueError(f"on_error must be 'record' or 'raise', got {on_error!r}.")
     check_head_hooks(model)
     names = all_detectors() if detectors == "all" else ([detectors] if isinstance(detectors, str) else list(detectors))
     unknown_settings = sorted(set(settings or {}) - set(names))
@@ -289,7 +315,7 @@ def atlas(
     config = AtlasSettings(detectors=[d.name for d in instances], validate=validate, k=k, n_random=n_random,
                            seed=seed, settings=settings)
     store = _PartStore(Path(out) / "parts", model_name(model), read=resume) if out is not None else None
-    builder = _Builder(model, instances, config, store, batch_size, progress)
+    builder = _Builder(model, instances, config, store, batch_size, progress, on_error == "raise")
     return builder.run()
 
 
@@ -303,9 +329,10 @@ class _Builder:
     """Runs the stages of each detector in turn, with a progress bar per detector."""
 
     def __init__(self, model: Any, detectors: list[Detector], config: AtlasSettings, store: Optional["_PartStore"],
-                 batch_size: Optional[int], progress: Optional[bool]) -> None:
+                 batch_size: Optional[int], progress: Optional[bool], raise_errors: bool = False) -> None:
         self.model, self.detectors, self.config, self.store = model, detectors, config, store
-        self.batch_size, self.progress = batch_size, progress
+        self.batch_size, self.progress, self.raise_errors = batch_size, progress, raise_errors
+        self.failures: dict[str, dict[str, str]] = {}
         self.scores: dict[str, HeadScores] = {}
         self.significance: dict[str, list[Significance]] = {}
         self.validations: dict[str, Optional[ValidationResult]] = {}
@@ -316,9 +343,9 @@ class _Builder:
     def run(self) -> Atlas:
         for detector in self.detectors:
             self._run_detector(detector)
-        first = next(iter(self.scores.values()))
-        return Atlas(model_name(self.model), (first.n_layers, first.n_heads), self.scores, self.significance,
-                     self.validations, self.config, environment(self.model), self.timings)
+        shape = model_shape(self.model)
+        return Atlas(model_name(self.model), (shape.n_layers, shape.n_heads), self.scores, self.significance,
+                     self.validations, self.config, environment(self.model), self.timings, self.failures)
 
     def _run_detector(self, detector: Detector) -> None:
         name = detector.name
@@ -329,10 +356,28 @@ class _Builder:
                   bar_format="{desc} {bar:12} {n_fmt}/{total_fmt} stages [{elapsed}]{postfix}") as bar:
             for stage in stages:
                 bar.set_postfix_str(stage)
-                self._stage(detector, stage)
+                try:
+                    self._stage(detector, stage)
+                except Exception as error:  # noqa: BLE001 - one detector's failure must not end the atlas
+                    self._fail(detector, stage, error)
+                    bar.set_postfix_str(f"FAILED in {stage}: {type(error).__name__}")
+                    return
                 bar.update(1)
+            if self.store is not None:
+                self.store.clear_failure(name)
             spent = sum(t for t in self.timings[name].values() if isinstance(t, float))
             bar.set_postfix_str(f"done ({spent:.0f} s{', resumed' if self.timings[name].get('resumed') else ''})")
+
+    def _fail(self, detector: Detector, stage: str, error: Exception) -> None:
+        """Record a detector's failure (and save it as a part); re-raise when asked to."""
+        if self.raise_errors:
+            raise error
+        failure = {"stage": stage, "error": type(error).__name__, "message": str(error)}
+        self.failures[detector.name] = failure
+        self.timings[detector.name]["failed"] = stage
+        if self.store is not None:
+            self.store.write_failure(detector.name, self._key(detector, stage), failure,
+                                     "".join(traceback.format_exception(error)))
 
     def _stage(self, detector: Detector, stage: str) -> None:
         name = detector.name
@@ -421,6 +466,19 @@ class _PartStore:
         record = {"model": self.model, "key": key, "seconds": seconds, "value": value}
         write_text_atomic(self.path(name, stage), json.dumps(record))
 
+    def failure_path(self, name: str) -> Path:
+        return self.folder / f"{name}.failed.json"
+
+    def write_failure(self, name: str, key: dict[str, Any], failure: dict[str, str], trace: str) -> None:
+        """``<name>.failed.json``: the failed stage, the error and its traceback (never read back as
+        a result: a rerun recomputes the stage)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = {"model": self.model, "key": key, **failure, "traceback": trace}
+        write_text_atomic(self.failure_path(name), json.dumps(record, indent=1))
+
+    def clear_failure(self, name: str) -> None:
+        self.failure_path(name).unlink(missing_ok=True)
+
 
 def _encode(stage: str, value: Any) -> Any:
     if stage == "scores":
@@ -465,6 +523,10 @@ def _version(package: str) -> str:
         return version(package)
     except PackageNotFoundError:
         return "not installed"
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 def _number(value: Any) -> Optional[float]:

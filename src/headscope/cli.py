@@ -23,6 +23,7 @@ from headscope.errors import HeadscopeError
 from headscope.models import DEFAULT_MODEL, load_model
 from headscope.results import HeadScores
 from headscope.validation import validate
+from headscope.versions import package_versions, untested
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -84,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate_cmd.add_argument("--out", help="write the result as JSON to this file")
     validate_cmd.set_defaults(run=run_validate)
 
-    info_cmd = commands.add_parser("info", help="model shape, heads, KV groups, device, detectors")
+    info_cmd = commands.add_parser("info", help="library versions, model shape, heads, KV groups, device, detectors")
     _model_args(info_cmd)
+    info_cmd.add_argument("--versions-only", action="store_true",
+                          help="print the library versions and tested ranges, load no model (exit 1 if outside)")
     info_cmd.set_defaults(run=run_info)
     return parser
 
@@ -128,6 +131,10 @@ def run_atlas(args: argparse.Namespace) -> int:
     report = result.save(args.out)
     print(result)
     print(f"atlas of {len(result.scores)} detectors in {time.time() - started:.0f} s; report: {report}")
+    if result.failures:
+        print(f"headscope: error: {result.failure_summary()}. The report marks them; rerun the same command to "
+              f"retry only what failed (details in {Path(args.out) / 'parts'}/<detector>.failed.json).", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -157,6 +164,9 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    print(_versions_table())
+    if args.versions_only:
+        return 0 if not untested() else 1
     model = _load(args)
     shape = model_shape(model)
     groups = ", ".join(
@@ -170,6 +180,14 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"device       {model_device(model)}, dtype {model_dtype(model)}")
     print(f"detectors    {', '.join(list_detectors())}")
     return 0
+
+
+def _versions_table() -> str:
+    rows = ["library           installed      tested"]
+    for row in package_versions():
+        flag = "" if row.in_range else "   <- outside the tested range: results may be wrong without an error"
+        rows.append(f"{row.name:<17} {row.installed or 'missing':<14} {row.tested or '?'}{flag}")
+    return "\n".join(rows)
 
 
 def _load(args: argparse.Namespace):

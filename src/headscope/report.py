@@ -43,6 +43,7 @@ table { border-collapse: collapse; font-size: 0.88em; margin: 8px 0; }
 th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .yes { color: #1a7f37; font-weight: 600; } .no { color: #a40e26; }
+.failed { color: #fff; background: #a40e26; padding: 1px 5px; font-weight: 600; }
 .grid { display: flex; flex-wrap: wrap; gap: 18px; }
 figure { margin: 0; } figcaption { font-size: 0.8em; color: #555; max-width: 300px; }
 pre { background: #f7f7f7; padding: 10px; overflow-x: auto; font-size: 0.8em; }
@@ -92,9 +93,24 @@ def _summary_html(atlas: "Atlas") -> str:
             f"<span class='{'yes' if row['validated'] else 'no'}'>{row['difference']:+.3g} "
             f"[{row['ci'][0]:+.3g}, {row['ci'][1]:+.3g}]</span>")
         rows.append([_e(row["role"]), _e(row["detector"]), _num(row["n_significant"]), _e(", ".join(row["top"]) or "—"), check])
-    text = [_table(["role", "detector", "significant heads", "strongest", "validation: top-k minus random-k [95% CI]"], rows)]
+    rows.extend(_failed_rows(atlas))
+    text = [_failure_banner(atlas), _table(["role", "detector", "significant heads", "strongest", "validation: top-k minus random-k [95% CI]"], rows)]
     text.append(_pair_sentences(atlas))
     return "\n".join(text)
+
+
+def _failed_rows(atlas: "Atlas") -> list[list[str]]:
+    return [[_e(name), _e(name), "—", "—",
+             f"<span class='failed'>FAILED in {_e(f['stage'])}: {_e(f['error'])}: {_e(_short(f['message'], 160))}</span>"]
+            for name, f in atlas.failures.items()]
+
+
+def _failure_banner(atlas: "Atlas") -> str:
+    if not atlas.failures:
+        return ""
+    return (f"<p class='failed'>{_e(atlas.failure_summary())}. Their finished stages are kept; rerun the same "
+            "command to retry only what failed (each failure and its traceback is in parts/&lt;detector&gt;.failed.json)."
+            "</p>")
 
 
 def _pair_sentences(atlas: "Atlas") -> str:
@@ -328,7 +344,8 @@ def _blend(hex_colour: str, amount: float) -> str:
 
 # ----- CSV -----------------------------------------------------------------------------------
 def write_csv_files(atlas: "Atlas", directory: Path) -> None:
-    """``heads.csv`` (one row per head), ``validation.csv``, ``significance.csv``, ``overlap.csv``."""
+    """``heads.csv`` (one row per head), ``validation.csv``, ``significance.csv``, ``overlap.csv``,
+    and ``failures.csv`` when a detector failed."""
     _write_csv(directory / "heads.csv", atlas._head_rows())
     _write_csv(directory / "validation.csv", [
         {key: (json.dumps(value) if isinstance(value, (list, dict)) else value) for key, value in v.to_dict().items()}
@@ -341,6 +358,11 @@ def write_csv_files(atlas: "Atlas", directory: Path) -> None:
     _write_csv(directory / "overlap.csv", [
         {key: (" ".join(value) if isinstance(value, list) else value) for key, value in row.items()}
         for row in atlas.overlap_table()])
+    failures = directory / "failures.csv"
+    if atlas.failures:
+        _write_csv(failures, [{"detector": name, **failure} for name, failure in atlas.failures.items()])
+    else:
+        failures.unlink(missing_ok=True)  # a rerun that succeeded leaves no stale list
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -288,3 +288,82 @@ def test_the_shared_template_null_is_recomputed_when_the_weights_change():
         for parameter in model.blocks[0].attn.parameters():
             parameter.mul_(3.0)
     assert not torch.equal(template_null(model, config), before)
+
+
+def _validate_failing_for(name, real_validate, calls):
+    def validate(model, scores, **kwargs):
+        calls.append(scores.detector)
+        if scores.detector == name:
+            raise hs.EmptyResultError(f"{name} made to fail\nsecond line")
+        return real_validate(model, scores, **kwargs)
+
+    return validate
+
+
+def test_a_failing_detector_is_recorded_and_the_others_finish(model, tmp_path, monkeypatch):
+    calls, real_validate = [], atlas_module.validate
+    monkeypatch.setattr(atlas_module, "validate", _validate_failing_for("previous_token", real_validate, calls))
+    result = small_atlas(model, out=tmp_path)
+    assert calls == TEMPLATES  # the failure did not stop duplicate_token
+    assert result.failures == {"previous_token": {"stage": "validation", "error": "EmptyResultError",
+                                                  "message": "previous_token made to fail\nsecond line"}}
+    assert set(result.validations) == {"induction", "duplicate_token"}
+    assert "previous_token" in result.scores and result.significance["previous_token"]  # finished stages kept
+    assert result.failure_summary() == ("1 of 3 detectors failed (previous_token in validation: EmptyResultError: "
+                                        "previous_token made to fail)")
+    failed = json.loads((tmp_path / "parts" / "previous_token.failed.json").read_text())
+    assert failed["stage"] == "validation" and "Traceback" in failed["traceback"]
+    result.save(tmp_path)
+    report = (tmp_path / "report.html").read_text()
+    assert "FAILED in validation: EmptyResultError" in report and "1 of 3 detectors failed" in report
+    assert "previous_token" in (tmp_path / "failures.csv").read_text()
+    assert hs.Atlas.load(tmp_path).failures == result.failures
+
+    calls.clear()
+    monkeypatch.setattr(atlas_module, "validate", _validate_failing_for("nothing", real_validate, calls))
+    rerun = small_atlas(model, out=tmp_path)
+    assert calls == ["previous_token"]  # only the failed stage is recomputed
+    assert rerun.failures == {} and set(rerun.validations) == set(TEMPLATES)
+    assert not (tmp_path / "parts" / "previous_token.failed.json").exists()
+    rerun.save(tmp_path)
+    assert not (tmp_path / "failures.csv").exists() and "FAILED" not in (tmp_path / "report.html").read_text()
+
+
+def test_a_detector_failing_in_its_first_stage_leaves_an_atlas_of_the_others(model, monkeypatch):
+    from headscope.detectors.attention_templates import AttentionTemplateDetector
+
+    def broken_significance(self, model, scores, *args):
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(AttentionTemplateDetector, "significance", broken_significance)
+    result = small_atlas(model, validate=False)
+    assert set(result.failures) == set(TEMPLATES) and result.shape == (3, 4)
+    assert result.roles == {} and "FAILED in significance" in str(result)
+    with pytest.raises(RuntimeError, match="broken"):
+        small_atlas(model, validate=False, on_error="raise")
+    with pytest.raises(ValueError, match="on_error must be"):
+        small_atlas(model, on_error="ignore")
+
+
+def test_cli_atlas_exits_non_zero_on_a_failed_detector_and_a_rerun_retries_it(tmp_path, capsys, monkeypatch):
+    folder = str(tiny_llama_folder(tmp_path / "llama"))
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({"induction": SMALL, "previous_token": SMALL}))
+    args = ["atlas", "--model", folder, "--detectors", "induction,previous_token", "--out", str(tmp_path / "a"),
+            "--config", str(config), "-k", "2", "--n-random", "2"]
+    calls, real_validate = [], atlas_module.validate
+    monkeypatch.setattr(atlas_module, "validate", _validate_failing_for("induction", real_validate, calls))
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "headscope: error: 1 of 2 detectors failed (induction in validation" in err and "Traceback" not in err
+    assert "FAILED" in (tmp_path / "a" / "report.html").read_text()
+    calls.clear()
+    monkeypatch.setattr(atlas_module, "validate", _validate_failing_for("nothing", real_validate, calls))
+    assert main(args) == 0 and calls == ["induction"]
+
+
+def test_a_detector_whose_scores_are_all_nan_raises_instead_of_returning_them(tiny):
+    detector = hs.get_detector("induction")
+    with pytest.raises(hs.EmptyResultError, match="induction detector scored no head: every score is NaN \\(why\\)"):
+        detector.result(tiny, torch.full((2, 4), math.nan), metadata={"nan_reason": "why"})
+    assert detector.result(tiny, torch.tensor([[math.nan, 1.0]])).values.shape == (1, 2)  # some NaN is fine
