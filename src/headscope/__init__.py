@@ -24,6 +24,8 @@ from headscope.detectors import (
 )
 from headscope.engine import Head, TokenBatch, model_shape, tokenize
 from headscope.errors import (
+    CacheMismatchError,
+    EmptyResultError,
     HeadIndexError,
     HeadscopeError,
     InputError,
@@ -64,6 +66,8 @@ __all__ = [
     "DetectorConfig",
     "Head",
     "HeadIndexError",
+    "CacheMismatchError",
+    "EmptyResultError",
     "HeadScores",
     "HeadscopeError",
     "InputError",

@@ -21,6 +21,7 @@ from headscope.detectors.base import MetricFn, ValidationTask, get_detector
 from headscope.engine.heads import Head, all_heads, model_shape
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import as_token_batch
+from headscope.errors import EmptyResultError
 from headscope.interventions import ablate, head_output_means
 from headscope.results import HeadScores
 
@@ -119,6 +120,13 @@ def validate(
         values = task.measure(model, [None, top, *draws], method).float().cpu()
     else:
         values = _measure_forward(model, task, [None, top, *draws], method, batch_size, progress, cache)
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise EmptyResultError(
+            f"Validating {scores.detector}: {bad} of {values.numel()} metric values are NaN or infinite "
+            f"({task.metric_name}); the ablated runs gave no usable measurement. Check the task's data "
+            "and the model's logits (run 'headscope info' for the library versions)."
+        )
     clean, top_values, random_values = values[0], values[1], values[2:]  # random: [draws, examples]
     low, high = bootstrap_difference_ci(clean, top_values, random_values, n_bootstrap, seed)
     random_means = (random_values.mean(dim=1)).tolist()

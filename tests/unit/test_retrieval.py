@@ -96,9 +96,11 @@ def test_needle_scan_resumes_after_an_interruption(tiny_llama, tmp_path, monkeyp
 
 
 def test_retrieval_detector_runs_end_to_end_on_a_tiny_model(tiny_llama):
-    scores = hs.detect(tiny_llama, "retrieval", lengths=(80,), depths=(0, 100), format="plain", max_new_tokens=4,
-                       progress=False)
-    assert scores.values.shape == (2, 4) and scores.detector == "retrieval"
+    settings = dict(lengths=(80,), depths=(0, 100), format="plain", max_new_tokens=4, progress=False)
+    with pytest.raises(hs.EmptyResultError, match="retrieved none of 2 needles"):
+        hs.detect(tiny_llama, "retrieval", **settings)  # a random model retrieves nothing: an error, not NaNs
+    scores = hs.detect(tiny_llama, "retrieval", rouge_threshold=-1.0, **settings)  # every sample counts
+    assert scores.values.shape == (2, 4) and scores.detector == "retrieval" and scores.values.isfinite().all()
     assert scores.metadata["n_samples"] == 2 and len(scores.metadata["samples"]) == 2
     assert "activation_rate" in scores.extras
     with pytest.raises(InputError, match="Unknown needle source"):

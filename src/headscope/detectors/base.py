@@ -24,11 +24,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Union
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from headscope.engine.tokens import TokenBatch
-from headscope.errors import UnknownDetectorError
+from headscope.errors import EmptyResultError, UnknownDetectorError
 from headscope.models import model_name
 from headscope.results import HeadScores
 from headscope.significance import Significance
@@ -111,8 +112,15 @@ class Detector(ABC):
         extras: Optional[dict[str, Tensor]] = None,
         metadata: Optional[dict[str, Any]] = None,
     ) -> HeadScores:
-        """Wrap computed values in a ``HeadScores`` with model name, config and version."""
+        """Wrap computed values in a ``HeadScores`` with model name, config and version.
+
+        Raises:
+            EmptyResultError: every value is NaN (a result that carries nothing is an error, never
+                a grid handed on); ``metadata["nan_reason"]``, if given, says why.
+        """
         from headscope import __version__
+
+        check_not_empty(self.name, values, (metadata or {}).get("nan_reason"))
 
         info = {"headscope_version": __version__, "summary": self.summary}
         info.update(metadata or {})
@@ -127,6 +135,18 @@ class Detector(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+def check_not_empty(name: str, values: Tensor, reason: Optional[str] = None) -> None:
+    """Raise :class:`EmptyResultError` when ``values`` (a detector's scores) are all NaN or empty."""
+    if values.numel() and not bool(torch.isnan(values).all()):
+        return
+    why = f" ({reason})" if reason else ""
+    raise EmptyResultError(
+        f"The {name} detector scored no head: every score is NaN{why}. This is not a result: check the "
+        f"model and its task (a broken KV cache, a model that answers none of the prompts), and run "
+        f"'headscope info' to see the library versions."
+    )
 
 
 def plain_config(detector: Detector) -> dict[str, Any]:

@@ -54,7 +54,7 @@ from headscope.engine.decoding import (
     greedy_decode_rows,
 )
 from headscope.engine.heads import Head, check_heads
-from headscope.errors import InputError
+from headscope.errors import EmptyResultError, InputError
 from headscope.interventions import DEFAULT_UNIFORM_EPSILON, ablate_per_row
 from headscope.results import HeadScores
 from headscope.significance import Significance
@@ -127,6 +127,8 @@ class RetrievalDetector(Detector):
         config = self.config
         outcomes = needle_scan(model, samples, config.max_new_tokens, config.prefill_chunk, config.checkpoint, progress)
         retrieved = [o for o in outcomes if o.rouge > config.rouge_threshold]
+        if not retrieved:
+            raise EmptyResultError(_nothing_retrieved(outcomes, config.rouge_threshold))
         values, activation = retrieval_scores(outcomes, config.rouge_threshold, config.score_threshold)
         result = self.result(model, values, {"activation_rate": activation}, metadata={
             "n_samples": len(outcomes),
@@ -166,6 +168,16 @@ class RetrievalDetector(Detector):
 
         return ValidationTask(samples, None, f"{names[config.validation_metric]}, heads masked at decode steps",
                               ablation_hurts_when="decreases", measure=measure, default_method="uniform")
+
+
+def _nothing_retrieved(outcomes: Sequence[NeedleOutcome], rouge_threshold: float) -> str:
+    answers = "; ".join(repr(o.response[:40]) for o in outcomes[:3])
+    return (
+        f"The retrieval detector retrieved none of {len(outcomes)} needles (ROUGE-1 recall > {rouge_threshold}), "
+        f"so no head can be scored. First answers: {answers}. A model that repeats one token points at a "
+        f"broken KV cache or prompt format (run 'headscope info'); a model too small for the task needs "
+        f"shorter haystacks (lengths=...) or the other prompt format (format=...)."
+    )
 
 
 def grid_size(config: RetrievalConfig) -> int:
