@@ -49,6 +49,7 @@ from typing import Any, Optional, Union
 import torch
 
 from headscope.errors import ModelNotAvailableError, UnsupportedModelError
+from headscope.versions import warn_if_untested
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def load_model(
         cache_dir: where dequantised GGUF weights are cached (default: ``$HEADSCOPE_CACHE_DIR``
             or ``~/.cache/headscope``).
     """
+    warn_if_untested()
     if _is_bridge(spec):  # moved only when asked
         if device is not None:
             spec = spec.to(resolve_device(device))
