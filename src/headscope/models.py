@@ -19,17 +19,22 @@ not the original bf16 release.
 The cache cannot serve damaged weights. A folder is written in a private staging folder, and its
 last file is the manifest ``checksums.json``::
 
-    {"format": 1, "algorithm": "sha256",
-     "files": {"model.safetensors": {"size": 538090408, "sha256": "<64 hex digits>"}, ...}}
+    {"format": 1, "algorithm": "xxh3_128",
+     "files": {"model.safetensors": {"size": 538090408, "digest": "<32 hex digits>"}, ...}}
 
-which lists the size and SHA-256 of every other file; then the staging folder is renamed into
-place in one step. Every load checks the folder against its manifest (the file list, then the
-sizes, then the checksums; hashing the bundled model's 540 MB takes about 0.3 s, and it warms the
-page cache for the load that follows). A folder that fails -- a file truncated, overwritten,
-missing or added, or no manifest at all (caches of older headscope versions, which cannot be
-checked, are rebuilt once rather than trusted) -- is logged as a warning naming the folder and
-the reason, renamed aside in one step (so another process never sees half of it), deleted, and
-rebuilt from the GGUF file. A rebuilt folder that still fails raises ``WeightCacheError``.
+which lists the size and XXH3-128 checksum of every other file; then the staging folder is
+renamed into place in one step. Every load checks the folder against its manifest (the file list,
+then the sizes, then the checksums). XXH3 rather than SHA-256 because the check runs on every
+load: it guards against accidental damage (truncation, a bad disk, a stray write), not against
+someone who can write the cache and so the manifest too. On the bundled model (540 MB, a load of
+about 3 s) XXH3 adds about 0.05 s, 1-5% of a load; SHA-256 added 0.3-0.5 s, 5-20%, the most when
+the page cache was cold.
+
+A folder that fails -- a file truncated, overwritten, missing or added, or no manifest at all
+(caches of older headscope versions cannot be checked, so they are rebuilt once rather than
+trusted) -- is logged as a warning naming the folder and the reason, renamed aside in one step
+(so another process never sees half of it), deleted, and rebuilt from the GGUF file. A rebuilt
+folder that still fails raises ``WeightCacheError``.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ CACHE_ENV_VAR = "HEADSCOPE_CACHE_DIR"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MANIFEST_NAME = "checksums.json"  # written last into each cached folder
 MANIFEST_FORMAT = 1
+CHECKSUM_ALGORITHM = "xxh3_128"
 
 
 class WeightCacheError(ModelNotAvailableError):
@@ -205,8 +211,18 @@ def supported_gguf_architectures() -> list[str]:
 
 
 def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
-    """The SHA-256 of a file, as 64 hex digits (read in 4 MiB chunks)."""
-    digest = hashlib.sha256()
+    """The SHA-256 of a file, as 64 hex digits."""
+    return _file_digest(path, hashlib.sha256(), chunk_size)
+
+
+def file_checksum(path: Path, chunk_size: int = 1 << 22) -> str:
+    """The XXH3-128 of a file, as 32 hex digits: the checksum of the cache manifests."""
+    import xxhash
+
+    return _file_digest(path, xxhash.xxh3_128(), chunk_size)
+
+
+def _file_digest(path: Path, digest: Any, chunk_size: int) -> str:
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
@@ -285,19 +301,19 @@ def _discard(folder: Path, identity: tuple[int, int]) -> None:
 
 
 def write_manifest(folder: Path) -> None:
-    """Record the size and SHA-256 of every file in ``folder`` in its ``checksums.json``."""
+    """Record the size and checksum of every file in ``folder`` in its ``checksums.json``."""
     files = {
-        name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+        name: {"size": (folder / name).stat().st_size, "digest": file_checksum(folder / name)}
         for name in _folder_files(folder)
     }
-    manifest = {"format": MANIFEST_FORMAT, "algorithm": "sha256", "files": files}
+    manifest = {"format": MANIFEST_FORMAT, "algorithm": CHECKSUM_ALGORITHM, "files": files}
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def cache_folder_problem(folder: Path) -> Optional[str]:
     """Why a cached folder cannot be trusted, or None when every file matches its manifest.
 
-    Checks, cheapest first: the manifest, the list of files, their sizes, their SHA-256.
+    Checks, cheapest first: the manifest, the list of files, their sizes, their checksums.
     """
     try:
         files, problem = _read_manifest(folder)
@@ -315,7 +331,7 @@ def _folder_files(folder: Path) -> list[str]:
 
 
 def _read_manifest(folder: Path) -> tuple[dict[str, tuple[int, str]], Optional[str]]:
-    """``({name: (size, sha256)}, None)`` from a folder's manifest, or ``({}, reason)`` when it
+    """``({name: (size, digest)}, None)`` from a folder's manifest, or ``({}, reason)`` when it
     cannot be used."""
     path = folder / MANIFEST_NAME
     if not folder.is_dir():
@@ -327,11 +343,15 @@ def _read_manifest(folder: Path) -> tuple[dict[str, tuple[int, str]], Optional[s
         )
     try:
         manifest = json.loads(path.read_text())
-        files = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+        kind = (manifest.get("format"), manifest.get("algorithm"))
+        if kind != (MANIFEST_FORMAT, CHECKSUM_ALGORITHM):
+            return {}, (
+                f"its {MANIFEST_NAME} has format {kind[0]!r} with {kind[1]!r} checksums, which this "
+                f"headscope does not read (it writes format {MANIFEST_FORMAT} with {CHECKSUM_ALGORITHM!r})"
+            )
+        files = {name: (int(entry["size"]), str(entry["digest"])) for name, entry in manifest["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return {}, f"its {MANIFEST_NAME} is unreadable ({type(exc).__name__}: {exc})"
-    if (manifest.get("format"), manifest.get("algorithm")) != (MANIFEST_FORMAT, "sha256"):
-        return {}, f"its {MANIFEST_NAME} has an unknown format or algorithm"
     return files, None
 
 
@@ -357,10 +377,10 @@ def _size_problem(folder: Path, files: dict[str, tuple[int, str]]) -> Optional[s
 
 
 def _checksum_problem(folder: Path, files: dict[str, tuple[int, str]]) -> Optional[str]:
-    """The first file whose SHA-256 differs from the manifest's."""
+    """The first file whose checksum differs from the manifest's."""
     for name, (_, expected) in sorted(files.items()):
-        if file_sha256(folder / name) != expected:
-            return f"the SHA-256 of {name} differs from {MANIFEST_NAME} (its bytes changed after it was written)"
+        if file_checksum(folder / name) != expected:
+            return f"the checksum of {name} differs from {MANIFEST_NAME} (its bytes changed after it was written)"
     return None
 
 

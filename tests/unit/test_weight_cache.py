@@ -1,4 +1,4 @@
-"""The GGUF weight cache: every cached folder carries a manifest of sizes and SHA-256 checksums,
+"""The GGUF weight cache: every cached folder carries a manifest of sizes and XXH3-128 checksums,
 checked on every load; a damaged folder is rebuilt from the GGUF file, never served.
 
 A tiny 2-layer Llama GGUF (Q8_0 and F32 tensors, a byte-level BPE vocabulary of 58 tokens) is
@@ -8,7 +8,6 @@ no pretrained model is loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -141,26 +140,34 @@ def garble_manifest(folder: Path) -> None:
     (folder / models.MANIFEST_NAME).write_text('{"format": 1, "files": ')
 
 
+def other_algorithm(folder: Path) -> None:  # a manifest this version does not read
+    path = folder / models.MANIFEST_NAME
+    path.write_text(path.read_text().replace('"xxh3_128"', '"sha256"'))
+
+
 DAMAGE = {
     "truncated": (truncate, r"model\.safetensors has \d+ bytes, checksums\.json says \d+"),
-    "same-size-random-bytes": (overwrite_middle, r"SHA-256 of model\.safetensors differs"),
+    "same-size-random-bytes": (overwrite_middle, r"checksum of model\.safetensors differs"),
     "missing-file": (remove_tokenizer, r"missing files: tokenizer\.json"),
     "no-manifest": (remove_manifest, r"no checksums\.json, so it cannot be verified"),
     "stray-file": (add_stray_file, r"does not list .*stray\.txt"),
     "garbled-manifest": (garble_manifest, r"checksums\.json is unreadable"),
+    "other-algorithm": (other_algorithm, r"format 1 with 'sha256' checksums, which this headscope does not read"),
 }
 
 
-def test_a_cached_folder_lists_every_file_with_its_size_and_sha256(reference):
+def test_a_cached_folder_lists_every_file_with_its_size_and_checksum(reference):
+    import xxhash
+
     folder = cached_folder(reference[0])
     manifest = json.loads((folder / models.MANIFEST_NAME).read_text())
-    assert manifest["format"] == 1 and manifest["algorithm"] == "sha256"
+    assert manifest["format"] == 1 and manifest["algorithm"] == "xxh3_128"
     on_disk = sorted(p.name for p in folder.iterdir() if p.name != models.MANIFEST_NAME)
     assert sorted(manifest["files"]) == on_disk
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(on_disk)
     for name, entry in manifest["files"].items():
         data = (folder / name).read_bytes()
-        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        assert entry == {"size": len(data), "digest": xxhash.xxh3_128(data).hexdigest()}
     assert models.cache_folder_problem(folder) is None
 
 
