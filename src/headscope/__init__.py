@@ -33,6 +33,7 @@ from headscope.errors import (
     PromptTooLongError,
     UnknownDetectorError,
     UnsupportedModelError,
+    WeightCacheError,
 )
 from headscope.interventions import (
     DecodeMask,
@@ -76,6 +77,7 @@ __all__ = [
     "TokenBatch",
     "UnknownDetectorError",
     "UnsupportedModelError",
+    "WeightCacheError",
     "ValidationResult",
     "ValidationTask",
     "__version__",

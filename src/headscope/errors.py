@@ -41,3 +41,7 @@ class CacheMismatchError(HeadscopeError, RuntimeError):
 
 class EmptyResultError(HeadscopeError, RuntimeError):
     """A detector whose scores carry no information (all NaN, or nothing retrieved)."""
+
+
+class WeightCacheError(ModelNotAvailableError):
+    """A folder of cached float weights that is still damaged after it was rebuilt."""

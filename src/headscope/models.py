@@ -53,7 +53,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from headscope.errors import ModelNotAvailableError, UnsupportedModelError
+from headscope.errors import ModelNotAvailableError, UnsupportedModelError, WeightCacheError
 from headscope.versions import warn_if_untested
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,6 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 MANIFEST_NAME = "checksums.json"  # written last into each cached folder
 MANIFEST_FORMAT = 1
 CHECKSUM_ALGORITHM = "xxh3_128"
-
-
-class WeightCacheError(ModelNotAvailableError):
-    """A folder of cached float weights that is still damaged after it was rebuilt."""
 
 
 @dataclass(frozen=True)
