@@ -13,15 +13,18 @@ What each acts on (``../shared/PAPERS.md`` explains why the three ablations diff
 function                  hook                   acts on
 ========================  =====================  ==========================================
 ``ablate(zero|mean|...)`` ``hook_z``             one query head's output (before ``W_O``)
-``ablate(uniform)``       ``hook_q`` (pre-RoPE)  one query head's pattern → uniform over prefix
+``ablate(uniform)``       query (pre-RoPE)*      one query head's pattern → uniform over prefix
 ``scale_output``          ``hook_z``             one query head's output
 ``scale_values``          ``hook_z`` or ``hook_v``  one query head (``per="query_head"``, exact:
                                                  z = pattern · V is linear in V) or a whole KV
                                                  group (``per="kv_group"``)
-``scale_query``           ``hook_q`` (pre-RoPE)  one query head's query
+``scale_query``           query (pre-RoPE)*      one query head's query
 ``add_vector``            residual / head hooks  a layer's residual stream or a head's output
 ``DecodeMask``            as ``ablate``          decode steps only (prefill clean): retrieval
 ========================  =====================  ==========================================
+
+(*) ``hook_q``, or ``hook_q_normed`` where the model normalises queries (QK-norm: Gemma 3, Qwen3,
+OLMo-2): scaling before the norm would be undone by it. ``engine.architecture`` decides.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from headscope.engine.architecture import head_hook
 from headscope.engine.heads import (
     Head,
     check_heads,
@@ -167,18 +171,23 @@ def ablate_per_row(
     hooks: HookList = []
     for layer in layers:
         keep = (~ablated[:, layer]).float()  # [rows, heads]
+        name, heads_view = head_hook(model, layer, kind)
 
-        def mix(activation: Tensor, hook: Any, keep=keep, layer=layer) -> Tensor:
+        def mix(activation: Tensor, hook: Any, keep=keep, layer=layer, heads_view=heads_view) -> Tensor:
             if activation.shape[0] != keep.shape[0]:
                 raise InputError(f"ablate_per_row has {keep.shape[0]} head sets but the batch has {activation.shape[0]} rows.")
+            out = activation.clone()
+            view = heads_view(out)  # [rows, pos, heads, d_head]
             weight = keep.to(activation)[:, None, :, None]  # [rows, 1, heads, 1]
             if method == "uniform":
-                return activation * (weight + (1 - weight) * epsilon)
-            if method == "mean":
-                return activation * weight + (1 - weight) * means[layer].to(activation)[None, None]
-            return activation * weight
+                view.mul_(weight + (1 - weight) * epsilon)
+            elif method == "mean":
+                view.copy_(view * weight + (1 - weight) * means[layer].to(activation)[None, None])
+            else:
+                view.mul_(weight)
+            return out
 
-        hooks.append((hook_name(layer, kind), mix))
+        hooks.append((name, mix))
     return hooked(model, hooks)
 
 
@@ -300,13 +309,14 @@ def _scale_slices(model: Any, heads: Sequence[Head], kind: str, factor: float):
     """One hook per layer multiplying the listed head slices of ``hook_{kind}`` by ``factor``."""
     hooks: HookList = []
     for layer, indices in heads_by_layer(heads).items():
+        name, heads_view = head_hook(model, layer, kind)
 
-        def scale(activation: Tensor, hook: Any, indices=indices) -> Tensor:
+        def scale(activation: Tensor, hook: Any, indices=indices, heads_view=heads_view) -> Tensor:
             activation = activation.clone()
-            activation[:, :, indices] *= factor
+            heads_view(activation)[:, :, indices] *= factor  # [batch, pos, heads, d_head] view
             return activation
 
-        hooks.append((hook_name(layer, kind), scale))
+        hooks.append((name, scale))
     return hooked(model, hooks)
 
 

@@ -33,6 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from headscope.engine.architecture import head_hook
 from headscope.engine.heads import Head, all_heads, check_heads, heads_by_layer, hook_name, model_shape
 from headscope.engine.partial import check_forward_from_layer, forward_from_layer, resid_pre_name
 from headscope.engine.runner import auto_batch_size, last_position_states, model_device, run_batched
@@ -314,30 +315,35 @@ def _run_group(model, chunk, residual, layer, heads, method, factor, means, skip
     copies = len(heads)
     repeated = TokenBatch(chunk.tokens.repeat(copies, 1), chunk.attention_mask.repeat(copies, 1))
     mask = repeated.attention_mask if chunk.is_padded else None
-    hook = _batched_ablation_hook(heads, chunk.tokens.shape[0], method, factor, means.get(layer), chunk.tokens.device)
-    kind = "q" if method == "uniform" else "z"
+    name, heads_view = head_hook(model, layer, "q" if method == "uniform" else "z")
+    hook = _batched_ablation_hook(heads, chunk.tokens.shape[0], method, factor, means.get(layer), chunk.tokens.device,
+                                  heads_view)
 
     def run() -> Tensor:
         if skip_layers:
             return forward_from_layer(model, residual.repeat(copies, 1, 1), layer, mask)
         return model(repeated.tokens, attention_mask=mask)
 
-    with model.hooks(fwd_hooks=[(hook_name(layer, kind), hook)]):
+    with model.hooks(fwd_hooks=[(name, hook)]):
         return read(run, chunk), repeated
 
 
 def _batched_ablation_hook(
-    heads: list[int], rows: int, method: str, factor: Optional[float], mean: Optional[Tensor], device: torch.device
+    heads: list[int], rows: int, method: str, factor: Optional[float], mean: Optional[Tensor], device: torch.device,
+    heads_view: Callable[[Tensor], Tensor],
 ):
-    """A hook on ``[copies*rows, pos, n_heads, d_head]`` that edits head ``heads[g]`` in copy ``g``.
-    Index tensors live on the model's device: no host-device copy inside the run."""
+    """A hook that edits head ``heads[g]`` in copy ``g`` of ``[copies*rows, ...]`` (``heads_view``
+    gives the activation's ``[batch, pos, n_heads, d_head]`` view). Index tensors live on the
+    model's device: no host-device copy inside the run."""
     copy_index = torch.arange(len(heads), device=device)
     head_index = torch.tensor(heads, device=device)
     mean = None if mean is None else mean.to(device)
     scale = DEFAULT_UNIFORM_EPSILON if method == "uniform" and factor is None else (0.0 if method == "zero" else factor)
 
     def hook(activation: Tensor, hook: Any) -> Tensor:
-        view = activation.view(len(heads), rows, *activation.shape[1:]).clone()
+        out = activation.clone()
+        per_head = heads_view(out)
+        view = per_head.unflatten(0, (len(heads), rows))  # [copies, rows, pos, n_heads, d_head]
         chosen = view[copy_index, :, :, head_index]  # [copies, rows, pos, d_head]
         if method == "mean":
             replacement = mean[head_index].to(view)[:, None, None, :].expand_as(chosen)
@@ -346,7 +352,7 @@ def _batched_ablation_hook(
         else:  # zero, scale, uniform (query x epsilon)
             replacement = chosen * scale
         view[copy_index, :, :, head_index] = replacement
-        return view.view_as(activation)
+        return out
 
     return hook
 
@@ -436,10 +442,11 @@ def attribution_scan(
 
 
 def _activations_and_gradients(model: Any, chunk: TokenBatch, kind: str, metric: ScanMetric) -> list[tuple[Tensor, Tensor]]:
-    """Per layer: the ``hook_{kind}`` activation and the gradient of ``sum(metric)`` with respect
-    to it. A zero tensor requiring grad is added at each hook, so no path is cut and parameters
-    get no ``.grad``."""
-    names = [hook_name(layer, kind) for layer in range(model_shape(model).n_layers)]
+    """Per layer: the per-head activation of ``kind`` (``engine.architecture.head_hook``) and the
+    gradient of ``sum(metric)`` with respect to it, both ``[batch, pos, n_heads, d_head]``. A zero
+    tensor requiring grad is added at each hook, so no path is cut and parameters get no ``.grad``."""
+    hooks = [head_hook(model, layer, kind) for layer in range(model_shape(model).n_layers)]
+    names = [name for name, _ in hooks]
     activations: dict[str, Tensor] = {}
     deltas: dict[str, Tensor] = {}
 
@@ -455,7 +462,7 @@ def _activations_and_gradients(model: Any, chunk: TokenBatch, kind: str, metric:
     with torch.enable_grad(), model.hooks(fwd_hooks=[(name, capture(name)) for name in names]):
         total = metric(model(chunk.tokens, attention_mask=mask), chunk).float().sum()
         grads = torch.autograd.grad(total, [deltas[name] for name in names])
-    return [(activations[name], grad) for name, grad in zip(names, grads, strict=True)]
+    return [(view(activations[name]), view(grad)) for (name, view), grad in zip(hooks, grads, strict=True)]
 
 
 def _metric_name(metric: Callable) -> str:

@@ -4,30 +4,29 @@ A head's contribution ``c`` to the final residual reaches the logits as
 ``W_U^T (w_norm * norm(c))``. The norm's division by the residual's RMS is a positive number per
 position shared by every component, so scores that are invariant to a positive scale (argmax,
 shares of a ReLU'd distribution) can skip it. LayerNorm models also subtract the mean over
-``d_model``, which is linear and is applied here.
+``d_model``, which is linear and is applied here. What differs between families (the norm's
+``1 + w`` offset, a post-attention norm between a head and the residual, soft-capping) comes from
+:mod:`headscope.engine.architecture`: a head's contribution through a post-attention norm is
+``w_post ⊙ (z W_O) / scale_post`` with the run's own scale (exact for the sum of the heads).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headscope.engine.heads import hook_name
+from headscope.engine.architecture import architecture, final_norm_weight, norm_weight, softcap
+from headscope.engine.heads import hook_name, model_shape
 
 FINAL_SCALE = "ln_final.hook_scale"  # the final norm's per-position scale (cache it for attributions)
 
-
-def final_norm_weight(model: Any) -> Float[Tensor, " d_model"]:
-    norm = model.ln_final
-    weight = getattr(norm, "weight", None)
-    if weight is None and getattr(norm, "original_component", None) is not None:
-        weight = getattr(norm.original_component, "weight", None)
-    if weight is None:
-        return torch.ones(model.cfg.d_model, device=model.W_U.device)
-    return weight.detach()
+__all__ = ["FINAL_SCALE", "final_norm_weight", "direct_unembed", "center_for_norm", "direct_logits",
+           "head_output_weights", "head_output_hooks", "post_attention_weights", "last_position_head_outputs",
+           "final_position_attributions", "head_contributions", "attention_bias_contribution", "logits_from_residual"]
 
 
 def direct_unembed(model: Any) -> Float[Tensor, "d_model d_vocab"]:
@@ -38,7 +37,7 @@ def direct_unembed(model: Any) -> Float[Tensor, "d_model d_vocab"]:
 def center_for_norm(model: Any, contribution: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
     """The linear part of the final norm before its weights: LayerNorm's mean removal (RMSNorm: none)."""
     contribution = contribution.float()
-    if str(getattr(model.cfg, "normalization_type", "")).startswith("LN"):
+    if architecture(model).final_norm == "layernorm":
         contribution = contribution - contribution.mean(dim=-1, keepdim=True)
     return contribution
 
@@ -55,12 +54,41 @@ def head_output_weights(model: Any) -> list[Float[Tensor, "n_heads d_head d_mode
     return [block.attn.W_O.detach().float() for block in model.blocks]
 
 
+def post_attention_weights(model: Any) -> list[Optional[Float[Tensor, " d_model"]]]:
+    """Every layer's post-attention norm weight (offset included), or None where the model adds
+    attention's output to the residual directly."""
+    if not architecture(model).post_attention_norm:
+        return [None] * model_shape(model).n_layers
+    return [norm_weight(model, block.ln1_post).float() for block in model.blocks]
+
+
+def head_output_hooks(model: Any, layer: int) -> list[str]:
+    """The hooks a head's direct contribution in ``layer`` needs: ``hook_z`` and, where the
+    model has one, the post-attention norm's scale."""
+    scale = architecture(model).post_attention_scale_hook(layer)
+    return [hook_name(layer, "z")] + ([scale] if scale else [])
+
+
 def last_position_head_outputs(
-    model: Any, z: Float[Tensor, "batch pos n_heads d_head"], last: Tensor, w_o: Float[Tensor, "n_heads d_head d_model"]
+    model: Any,
+    z: Float[Tensor, "batch pos n_heads d_head"],
+    last: Tensor,
+    w_o: Float[Tensor, "n_heads d_head d_model"],
+    post_weight: Optional[Float[Tensor, " d_model"]] = None,
+    post_scale: Optional[Float[Tensor, "batch pos 1"]] = None,
 ) -> Float[Tensor, "batch n_heads d_model"]:
-    """Each head's output ``z W_O^h`` at each row's ``last`` position, centred for the final norm."""
+    """Each head's contribution to the residual at each row's ``last`` position, centred for the
+    final norm: ``z W_O^h``, or ``w_post ⊙ z W_O^h / scale_post`` through a post-attention norm
+    (``post_weight`` and the run's ``post_scale``)."""
     rows = torch.arange(z.shape[0], device=z.device)
-    return center_for_norm(model, torch.einsum("bhd,hdm->bhm", z[rows, last.to(z.device)].float(), w_o))
+    last = last.to(z.device)
+    outputs = einops.einsum(z[rows, last].float(), w_o,
+                            "batch n_heads d_head, n_heads d_head d_model -> batch n_heads d_model")
+    if post_weight is not None:
+        if post_scale is None:
+            raise ValueError("A model with a post-attention norm needs its scale (cache head_output_hooks).")
+        outputs = outputs * post_weight / post_scale[rows, last].float()[:, :, None]
+    return center_for_norm(model, outputs)
 
 
 def final_position_attributions(
@@ -71,11 +99,64 @@ def final_position_attributions(
     scale: Float[Tensor, " batch"],
     w_o: list[Tensor],
 ) -> Float[Tensor, "batch n_layers n_heads"]:
-    """Direct logit attribution of every head at each row's ``last`` position: its output
-    ``z W_O^h`` (centred for the norm) divided by the final norm's ``scale`` and projected on the
-    row's direction (``diag(w_norm) (W_U[:, good] - ...)``). Needs every layer's ``hook_z``."""
+    """Direct logit attribution of every head at each row's ``last`` position: its contribution
+    to the residual (``last_position_head_outputs``) divided by the final norm's ``scale`` and
+    projected on the row's direction (``diag(w_norm) (W_U[:, good] - ...)``). Needs every layer's
+    :func:`head_output_hooks` in ``cache``. Attributions are in logits before any soft-capping."""
     per_layer = []
+    post_weights = post_attention_weights(model)
     for layer, weights in enumerate(w_o):
-        outputs = last_position_head_outputs(model, cache[hook_name(layer, "z")], last, weights)
-        per_layer.append(torch.einsum("bhm,bm->bh", outputs, directions) / scale[:, None])
+        names = head_output_hooks(model, layer)
+        post_scale = cache[names[1]] if len(names) > 1 else None
+        outputs = last_position_head_outputs(model, cache[names[0]], last, weights, post_weights[layer], post_scale)
+        per_layer.append(einops.einsum(outputs, directions, "batch n_heads d_model, batch d_model -> batch n_heads")
+                         / scale[:, None])
     return torch.stack(per_layer, dim=1)
+
+
+def head_contributions(model: Any, cache: dict, layer: int) -> Float[Tensor, "batch pos n_heads d_model"]:
+    """What each head of ``layer`` adds to the residual stream at every position: ``z W_O^h``, or,
+    through a post-attention norm, ``w_post ⊙ z W_O^h / scale_post`` with the run's own scale
+    (:func:`head_output_hooks` must be in ``cache``). With :func:`attention_bias_contribution` the
+    heads sum to the layer's ``hook_attn_out``."""
+    names = head_output_hooks(model, layer)
+    w_o = model.blocks[layer].attn.W_O.detach().float()
+    outputs = einops.einsum(cache[names[0]].float(), w_o,
+                            "batch pos n_heads d_head, n_heads d_head d_model -> batch pos n_heads d_model")
+    return _through_post_norm(model, layer, outputs, cache, names, head_axis=True)
+
+
+def attention_bias_contribution(model: Any, cache: dict, layer: int) -> Float[Tensor, "batch pos d_model"]:
+    """What the attention output bias of ``layer`` adds to the residual (zeros without one)."""
+    names = head_output_hooks(model, layer)
+    z = cache[names[0]]
+    bias = getattr(model.blocks[layer].attn, "b_O", None)
+    outputs = torch.zeros(*z.shape[:2], model.cfg.d_model, device=z.device)
+    if bias is not None:
+        outputs = outputs + bias.detach().float()
+    return _through_post_norm(model, layer, outputs, cache, names, head_axis=False)
+
+
+def _through_post_norm(model: Any, layer: int, outputs: Tensor, cache: dict, names: list[str], head_axis: bool) -> Tensor:
+    weight = post_attention_weights(model)[layer]
+    if weight is None:
+        return outputs
+    scale = cache[names[1]].float()  # [batch, pos, 1]
+    return outputs * weight / (scale[:, :, None] if head_axis else scale)
+
+
+def logits_from_residual(
+    model: Any, residual: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"]
+) -> Float[Tensor, "... d_vocab"]:
+    """The model's logits from a final residual and the final norm's scale (the run's own):
+    mean removal for LayerNorm, division by ``scale``, the norm's weight (offset included) and
+    bias, the unembedding with its bias, and soft-capping where the model caps."""
+    normalised = center_for_norm(model, residual) / scale.float() * final_norm_weight(model).float()
+    norm_bias = getattr(getattr(model.ln_final, "original_component", model.ln_final), "bias", None)
+    if norm_bias is not None:
+        normalised = normalised + norm_bias.detach().float()
+    logits = normalised @ model.W_U.detach().float()
+    unembed_bias = getattr(model, "b_U", None)
+    if unembed_bias is not None:
+        logits = logits + unembed_bias.detach().float()
+    return softcap(model, logits)
