@@ -45,7 +45,7 @@ from headscope.detectors.attention_templates import (
 from headscope.detectors.base import register_detector
 from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.tokens import TokenBatch
-from headscope.engine.unembed import center_for_norm, direct_logits, direct_unembed
+from headscope.engine.unembed import center_for_norm, direct_logits, direct_unembed, post_attention_weights
 from headscope.tasks.repeated_tokens import RepeatedTokens
 
 
@@ -106,11 +106,14 @@ def copying_scores(
         columns = unembed[:, candidates].permute(1, 0, 2)  # [batch, d_model, n]
         targets = (candidates[:, None, :] == targets[:, :, None]).float().argmax(dim=-1)  # index in row
     shares, top1 = [], []
+    post_weights = post_attention_weights(model)  # a post-attention norm's weights; its scale cancels in the share
     for layer in range(shape.n_layers):
         values = cache[hook_name(layer, "v")][:, sources]  # [batch, P, kv_heads, d_head]
         values = values.repeat_interleave(shape.group_size, dim=2).float()  # [batch, P, heads, d_head]
         w_o = model.blocks[layer].attn.W_O.detach().float()  # [heads, d_head, d_model]
         outputs = torch.einsum("bphd,hdm->bphm", values, w_o)
+        if post_weights[layer] is not None:
+            outputs = outputs * post_weights[layer]
         if candidates is None:
             logits = direct_logits(model, outputs, unembed)  # [batch, P, heads, vocab]
         else:

@@ -44,8 +44,14 @@ from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.metrics import final_logits
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, row_tokens, tokenize
-from headscope.engine.unembed import FINAL_SCALE, final_norm_weight, final_position_attributions, head_output_weights
-from headscope.errors import InputError
+from headscope.engine.unembed import (
+    FINAL_SCALE,
+    final_norm_weight,
+    final_position_attributions,
+    head_output_hooks,
+    head_output_weights,
+)
+from headscope.errors import EmptyResultError, InputError
 from headscope.results import HeadScores, ranking_agreement  # noqa: F401  (ranking_agreement re-exported)
 from headscope.significance import DEFAULT_ALPHA, Significance, bonferroni_z
 from headscope.tasks.conflicts import ConflictItem, conflict_items, conflict_prompt
@@ -70,6 +76,13 @@ class MemoryContextDetector(Detector):
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None,
               items: Optional[list[ConflictItem]] = None) -> HeadScores:
         items = items if items is not None else self.items(model)
+        if not items:
+            raise EmptyResultError(
+                f"The memory_context detector found no conflict items: the model completes none of the "
+                f"{', '.join(self.config.relations)} facts it is asked about (a model too small or not trained "
+                "on them), so there is no memorised answer to set against the context. Pass your own items "
+                "(score(model, items=...)) or other relations (relations=...)."
+            )
         conflict = final_head_attributions(model, items, [i.prompt for i in items], batch_size, progress)
         agreeing = [conflict_prompt(i.relation, i.format, i.subject, i.memory_answer) for i in items]
         patched = final_head_attributions(model, items, agreeing, batch_size, progress, scale_from=conflict)
@@ -137,7 +150,7 @@ def final_head_attributions(
     shape = model_shape(model)
     directions = answer_directions(model, items)
     w_o = head_output_weights(model)
-    names = [hook_name(layer, "z") for layer in range(shape.n_layers)] + [FINAL_SCALE]
+    names = [name for layer in range(shape.n_layers) for name in head_output_hooks(model, layer)] + [FINAL_SCALE]
     offset = [0]
 
     def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:

@@ -71,7 +71,8 @@ class RetrievalConfig(DetectorConfig):
     needles_per_cell: int = 1
     needles: str = "facts"  # "facts": shipped invented facts; "codes": random access codes
     needle_offset: int = 0  # start at this needle (e.g. 9 for needles held out from the default grid)
-    format: str = "chat"  # "chat" or "plain" (the bundled instruct model ends its turn at once in plain)
+    format: str = "auto"  # "chat" with a chat template (the bundled instruct model ends its turn at once in
+    # plain), else "plain" (base models such as Gemma 3 270M); or either by name
     max_new_tokens: int = 50
     rouge_threshold: float = 0.5  # a sample counts when ROUGE-1 recall of the answer exceeds this
     score_threshold: float = 0.1  # the paper's retrieval-head threshold

@@ -40,17 +40,25 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+import einops
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
+from headscope.engine.architecture import head_hook
 from headscope.engine.generation import final_states
 from headscope.engine.heads import Head, hook_name, model_shape
 from headscope.engine.metrics import final_logits
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, encode_with_offsets, pad_rows, row_tokens, tokenize
-from headscope.engine.unembed import FINAL_SCALE, final_norm_weight, final_position_attributions, head_output_weights
+from headscope.engine.unembed import (
+    FINAL_SCALE,
+    final_norm_weight,
+    final_position_attributions,
+    head_output_hooks,
+    head_output_weights,
+)
 from headscope.errors import InputError
 from headscope.models import weights_fingerprint
 from headscope.results import HeadScores
@@ -161,8 +169,9 @@ def option_readout(
         raise InputError("No questions to score; give at least one prompt.")
     encoded = encode_prompts(model, prompts)
     shape = model_shape(model)
-    kinds = ("q", "k", "pattern", "z")
-    names = [hook_name(layer, kind) for layer in range(shape.n_layers) for kind in kinds] + [FINAL_SCALE]
+    query_keys = [(head_hook(model, layer, "q"), head_hook(model, layer, "k")) for layer in range(shape.n_layers)]
+    names = [name for layer, (q, k) in enumerate(query_keys)
+             for name in (q[0], k[0], hook_name(layer, "pattern"), *head_output_hooks(model, layer))] + [FINAL_SCALE]
     letter_rows = model.W_U.detach().float().T[encoded.letter_ids]  # [n, options, d_model]
     w_norm, w_o = final_norm_weight(model).float(), head_output_weights(model)
     done = [0]  # rows of earlier chunks (run_batched keeps the order)
@@ -174,7 +183,7 @@ def option_readout(
         rows, last = torch.arange(len(chunk), device=device), chunk.last_positions
         out: dict[str, Tensor] = {}
         for position, at in (("end", encoded.ends[index].to(device)), ("letter", encoded.letters[index].to(device))):
-            out[f"qk_{position}"] = _stack_layers([_qk_scores(cache, layer, rows, last, at, shape.group_size)
+            out[f"qk_{position}"] = _stack_layers([_qk_scores(cache, query_keys[layer], rows, last, at, shape.group_size)
                                                    for layer in range(shape.n_layers)])
             out[f"attention_{position}"] = _stack_layers([_attention(cache, layer, rows, last, at)
                                                           for layer in range(shape.n_layers)])
@@ -205,13 +214,15 @@ def _attention(
 
 
 def _qk_scores(
-    cache: dict, layer: int, rows: Tensor, last: Tensor, at: Int[Tensor, "batch n_options"], group_size: int
+    cache: dict, hooks: tuple, rows: Tensor, last: Tensor, at: Int[Tensor, "batch n_options"], group_size: int
 ) -> Float[Tensor, "batch n_heads n_options"]:
-    """Pre-RoPE query at the last token · pre-RoPE key (of the head's KV group) at each option."""
-    query = cache[hook_name(layer, "q")][rows, last].float()  # [batch, heads, d_head]
-    keys = cache[hook_name(layer, "k")][rows[:, None], at].float()  # [batch, options, kv_heads, d_head]
-    keys = keys.repeat_interleave(group_size, dim=2)  # [batch, options, heads, d_head]
-    return torch.einsum("bhd,bohd->bho", query, keys)
+    """Pre-RoPE query at the last token · pre-RoPE key (of the head's KV group) at each option, both
+    after any QK-norm (``hooks``: the layer's query and key ``head_hook``)."""
+    (query_name, query_view), (key_name, key_view) = hooks
+    query = query_view(cache[query_name])[rows, last].float()  # [batch, n_heads, d_head]
+    keys = key_view(cache[key_name])[rows[:, None], at].float()  # [batch, n_options, n_kv_heads, d_head]
+    keys = keys.repeat_interleave(group_size, dim=2)  # [batch, n_options, n_heads, d_head]
+    return einops.einsum(query, keys, "batch n_heads d_head, batch n_options n_heads d_head -> batch n_heads n_options")
 
 
 def _correct_minus_wrong(

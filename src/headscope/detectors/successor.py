@@ -9,9 +9,10 @@ Scores, each pooled over every pair of every task (per-task breakdowns in ``extr
 * ``values``, the paper's weight-based *effective OV* score. For task tokens ``T`` and
   head ``h`` of layer ``l``::
 
-      e(t)      = effective embedding of t      (``embedding``: "mlp0_residual" = W_E[t] +
-                  MLP0(RMSNorm_0(W_E[t])), the residual after block 0 without attention;
-                  "mlp0" = MLP0(RMSNorm_0(W_E[t])), the paper's; "raw" = W_E[t])
+      e(t)      = effective embedding of t      (``embedding``: "mlp0_residual" = E[t] +
+                  MLP0(RMSNorm_0(E[t])), the residual after block 0 without attention;
+                  "mlp0" = MLP0(RMSNorm_0(E[t])), the paper's; "raw" = E[t]; E = W_E times the
+                  model's embedding scale, MLP0 through its post-MLP norm where it has one)
       x(t)      = RMSNorm_l(e(t)) if ``head_input_norm`` else e(t)   (the norm the head reads through)
       logits(t) = x(t) W_V^{kv(h)} W_O^h · diag(w_final) W_U[:, T]     (``unembed_norm``: with the
                   final norm's weights, else plain W_U; tied embeddings make W_U = W_E^T)
@@ -35,16 +36,25 @@ import random
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
-from headscope.engine.heads import hook_name, model_shape
+from headscope.engine.heads import model_shape
 from headscope.engine.metrics import final_logits
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, row_tokens, tokenize
-from headscope.engine.unembed import center_for_norm, final_norm_weight, head_output_weights, last_position_head_outputs
+from headscope.engine.architecture import architecture
+from headscope.engine.unembed import (
+    center_for_norm,
+    final_norm_weight,
+    head_output_hooks,
+    head_output_weights,
+    last_position_head_outputs,
+    post_attention_weights,
+)
 from headscope.errors import InputError
 from headscope.results import HeadScores
 from headscope.significance import DEFAULT_ALPHA, Significance
@@ -174,14 +184,26 @@ def _pooled(success: dict[str, Tensor]) -> Tensor:
 
 
 def effective_embeddings(model: Any, token_ids: list[int], embedding: str) -> Float[Tensor, "n d_model"]:
-    """The residual a token leaves for later layers, by the chosen convention (no attention, no position)."""
+    """The residual a token leaves for later layers, by the chosen convention (no attention, no
+    position): the embedding as the model scales it (√d_model for Gemma), and MLP0's output through
+    the block's own norms (pre-MLP norm, and the post-MLP norm where the model has one)."""
+    arch = architecture(model)
     with torch.no_grad():
-        raw = model.W_E[torch.tensor(token_ids, device=model.W_E.device)].detach().float()
+        raw = model.W_E[torch.tensor(token_ids, device=model.W_E.device)].detach().float() * arch.embedding_scale
         if embedding == "raw":
             return raw
         block = model.blocks[0]
-        mlp_out = block.mlp(block.ln2(raw[None]))[0].float()
+        hidden = _apply(getattr(block, "ln2", None), raw[None])
+        mlp_out = _apply(getattr(block, "ln2_post", None) if arch.post_mlp_norm else None, block.mlp(hidden))[0].float()
         return mlp_out if embedding == "mlp0" else raw + mlp_out
+
+
+def _apply(norm: Any, x: Tensor) -> Tensor:
+    """``norm(x)`` in the norm's dtype, or ``x`` where the block has no such norm."""
+    if norm is None:
+        return x
+    dtype = next(norm.parameters(), x).dtype
+    return norm(x.to(dtype)).float()
 
 
 def task_unembed(model: Any, token_ids: list[int], unembed_norm: bool = True) -> Float[Tensor, "d_model n"]:
@@ -194,15 +216,20 @@ def head_ov_logits(
     model: Any, layer: int, heads: list[int], embedded: Float[Tensor, "n d_model"], unembed: Tensor,
     head_input_norm: bool = True,
 ) -> Float[Tensor, "heads n n_out"]:
-    """``RMSNorm_layer(embedded) W_V W_O^h`` through ``unembed``, for each listed head of ``layer``."""
+    """``RMSNorm_layer(embedded) W_V W_O^h`` through ``unembed``, for each listed head of ``layer``;
+    through a post-attention norm, its weights apply (its scale is positive and cannot change
+    which task token is on top)."""
     attn = model.blocks[layer].attn
     group = model_shape(model).group_size
+    post_weight = post_attention_weights(model)[layer]
     with torch.no_grad():
-        x = model.blocks[layer].ln1(embedded[None])[0].float() if head_input_norm else embedded.float()
-        values = torch.einsum("nd,kde->kne", x, attn.W_V.detach().float())  # [kv, n, d_head]
-        return torch.stack([
-            center_for_norm(model, values[head // group] @ attn.W_O[head].detach().float()) @ unembed for head in heads
-        ])
+        norm = getattr(model.blocks[layer], "ln1", None) if head_input_norm else None
+        x = _apply(norm, embedded[None])[0]
+        values = einops.einsum(x, attn.W_V.detach().float(), "n d_model, n_kv_heads d_model d_head -> n_kv_heads n d_head")
+        outputs = [values[head // group] @ attn.W_O[head].detach().float() for head in heads]  # [n, d_model] each
+        if post_weight is not None:
+            outputs = [output * post_weight for output in outputs]
+        return torch.stack([center_for_norm(model, output) @ unembed for output in outputs])
 
 
 def effective_ov_success(model: Any, task: SuccessionTask, config: SuccessorConfig) -> Float[Tensor, "pairs n_layers n_heads"]:
@@ -252,15 +279,17 @@ def contextual_success(
     at the final position?"""
     shape = model_shape(model)
     unembed = final_norm_weight(model).float()[:, None] * model.W_U.detach().float()
-    w_o = head_output_weights(model)
-    names = [hook_name(layer, "z") for layer in range(shape.n_layers)]
+    w_o, post_weights = head_output_weights(model), post_attention_weights(model)
+    hooks = [head_output_hooks(model, layer) for layer in range(shape.n_layers)]
+    names = [name for layer_hooks in hooks for name in layer_hooks]
     done = [0]
 
     def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> Tensor:
         outputs = torch.stack([
-            last_position_head_outputs(model, cache[name], chunk.last_positions, w_o[layer])
-            for layer, name in enumerate(names)
-        ], dim=1)  # [batch, layers, heads, d_model]
+            last_position_head_outputs(model, cache[z], chunk.last_positions, w_o[layer], post_weights[layer],
+                                       cache[scale[0]] if scale else None)
+            for layer, (z, *scale) in enumerate(hooks)
+        ], dim=1)  # [batch, n_layers, n_heads, d_model]
         success = []
         for row in range(len(chunk)):
             prompt = prompts[done[0] + row]

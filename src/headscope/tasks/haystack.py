@@ -11,7 +11,8 @@ Formats:
 * ``"plain"``, the paper's base-model prompt:
   ``"{haystack}\\n\\nBased on the content of the text, Question: {question}\\nAnswer:"``;
 * ``"chat"``: the same text as one user turn through the tokenizer's chat template, with the
-  assistant turn opened (the paper's form for chat models).
+  assistant turn opened (the paper's form for chat models);
+* ``"auto"``: ``"chat"`` where the tokenizer has a chat template, else ``"plain"`` (base models).
 
 ``length`` is the prompt's total length in tokens; the filler is cut at sentence breaks so the
 prompt lands within one sentence of it (``HaystackSample.n_tokens`` is exact). The answer's
@@ -39,7 +40,7 @@ from headscope.engine.heads import model_shape
 from headscope.engine.tokens import encode_with_offsets, token_span  # noqa: F401  (token_span re-exported)
 from headscope.errors import InputError, PromptTooLongError
 
-FORMATS = ("plain", "chat")
+FORMATS = ("plain", "chat", "auto")
 QUESTION_TEMPLATE = "Based on the content of the text, Question: {question}\nAnswer:"
 
 
@@ -121,6 +122,13 @@ def _context_limit(model_or_tokenizer: Any) -> Optional[int]:
     return None
 
 
+def resolve_format(tokenizer: Any, format: str) -> str:
+    """``"auto"`` → ``"chat"`` with a chat template, else ``"plain"``; other formats unchanged."""
+    if format == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    return format
+
+
 def _wrap(tokenizer: Any, haystack: str, question: str, format: str) -> str:
     user = f"{haystack}\n\n{QUESTION_TEMPLATE.format(question=question)}"
     if format == "plain":
@@ -171,6 +179,7 @@ def make_haystack(
     if not 0 <= depth <= 100:
         raise InputError(f"depth is a percentage of the haystack and must lie in 0..100, got {depth}.")
     tokenizer = _tokenizer(model_or_tokenizer)
+    format = resolve_format(tokenizer, format)
     overhead = len(_encode(tokenizer, _wrap(tokenizer, needle.needle, needle.question, format), format)[0])
     if length <= overhead:
         raise InputError(f"length={length} leaves no room for filler: needle, question and template take {overhead} tokens.")
