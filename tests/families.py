@@ -3,38 +3,82 @@ and bridged like a real checkpoint (no download, well under a second each)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
 
-# Every family: 2 layers, d_model 64, 4 query heads; KV heads as the family usually groups them.
+# Every family: 2 layers, d_model 64, 4 query heads of 16; KV heads as the family usually groups
+# them. A wide initialisation makes attention patterns and logits far from uniform, so the checks
+# below have something to detect.
 _COMMON = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=128)
+               max_position_embeddings=128, initializer_range=0.2)
 
 
 def _configs() -> dict[str, Callable[[], Any]]:
     import transformers as tf
 
     return {
-        "GPT2LMHeadModel": lambda: tf.GPT2Config(vocab_size=64, n_positions=128, n_embd=64, n_layer=2, n_head=4),
+        "GPT2LMHeadModel": lambda: tf.GPT2Config(vocab_size=64, n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                                                 initializer_range=0.2),
         "GPTNeoXForCausalLM": lambda: tf.GPTNeoXConfig(**_COMMON),
         "LlamaForCausalLM": lambda: tf.LlamaConfig(num_key_value_heads=2, **_COMMON),
+        "MistralForCausalLM": lambda: tf.MistralConfig(num_key_value_heads=2, **_COMMON),
         "Qwen2ForCausalLM": lambda: tf.Qwen2Config(num_key_value_heads=2, **_COMMON),
+        "Qwen3ForCausalLM": lambda: tf.Qwen3Config(num_key_value_heads=2, head_dim=16, **_COMMON),
         "Gemma2ForCausalLM": lambda: tf.Gemma2Config(num_key_value_heads=1, head_dim=16, **_COMMON),
         "Gemma3ForCausalLM": lambda: tf.Gemma3TextConfig(num_key_value_heads=1, head_dim=16, **_COMMON),
+        "Phi3ForCausalLM": lambda: tf.Phi3Config(num_key_value_heads=2, pad_token_id=0, **_COMMON),
+        "Olmo2ForCausalLM": lambda: tf.Olmo2Config(num_key_value_heads=2, **_COMMON),
+        "PhiForCausalLM": lambda: tf.PhiConfig(**_COMMON),
     }
 
 
 FAMILIES = list(_configs())
 
 
-def tiny_family_model(architecture: str, seed: int = 0) -> Any:
-    """A random ``architecture`` (a name in :data:`FAMILIES`) as an eval-mode TransformerBridge."""
+def tiny_family_model(architecture: str, seed: int = 0, with_tokenizer: bool = False) -> Any:
+    """A random ``architecture`` (a name in :data:`FAMILIES`) as an eval-mode TransformerBridge;
+    ``with_tokenizer``: with a byte-level tokenizer (every character one token) and its vocabulary,
+    so that text tasks run."""
     import transformers
     from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 
     config = _configs()[architecture]()
+    tokenizer = byte_tokenizer() if with_tokenizer else None
+    if tokenizer is not None:  # characters make long prompts: a longer context too
+        config.vocab_size = len(tokenizer)
+        setattr(config, "n_positions" if architecture == "GPT2LMHeadModel" else "max_position_embeddings", 1024)
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = 0, 1, 1
     torch.manual_seed(seed)
     hf_model = getattr(transformers, architecture)(config).eval()
-    bridge = build_bridge_from_module(hf_model, architecture, hf_config=hf_model.config, tokenizer=None)
+    bridge = build_bridge_from_module(hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer)
     return bridge.eval()
+
+
+@functools.lru_cache(maxsize=1)
+def byte_tokenizer() -> Any:
+    """A byte-level BPE tokenizer: ``<s>``, ``</s>``, the 256 bytes and one merge per capital letter
+    after a space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = [("Ġ", letter) for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]  # " A" is one token, as option letters must be
+    symbols = ["<s>", "</s>", *alphabet, *(a + b for a, b in merges)]
+    tokenizer = Tokenizer(models.BPE(vocab={symbol: i for i, symbol in enumerate(symbols)}, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    return _saved_and_reloaded(fast)
+
+
+def _saved_and_reloaded(tokenizer: Any) -> Any:
+    """TransformerLens 4.3 needs a tokenizer that knows its ``name_or_path``: one read from a folder."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    folder = tempfile.mkdtemp(prefix="headscope-byte-tokenizer-")
+    tokenizer.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)

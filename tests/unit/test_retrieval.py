@@ -127,3 +127,15 @@ def test_validate_uses_a_tasks_own_measure_and_default_method(tiny):
     assert result.difference == pytest.approx(-1.9) and result.significant
     with pytest.raises(ValueError, match="measures by decoding"):
         hs.validate(tiny, scores, k=1, task=task, metric=lambda logits, chunk: logits[:, -1, 0])
+
+
+def test_the_auto_format_is_plain_without_a_chat_template_and_chat_with_one(tiny_llama):
+    needle = shipped_needles()[0]
+    assert make_haystack(tiny_llama, needle, 100, 50, format="auto").format == "plain"
+    assert hs.get_detector("retrieval").config.format == "auto"
+
+    class WithTemplate:
+        chat_template = "{{ messages[0]['content'] }}"
+
+    from headscope.tasks.haystack import resolve_format
+    assert resolve_format(WithTemplate(), "auto") == "chat" and resolve_format(WithTemplate(), "plain") == "plain"
