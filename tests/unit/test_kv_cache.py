@@ -121,3 +121,23 @@ def test_the_alias_hands_the_cache_to_bridges_that_compute_attention_themselves(
         fresh_llama(PROMPT[None], return_type="logits_and_cache", past_key_values=cache)
     assert cache.get_seq_length() == PROMPT.numel()
     assert alias_hooks(fresh_llama) == 0
+
+
+def test_a_prompt_longer_than_a_chunk_is_verified_on_one_chunk(fresh_llama, monkeypatch):
+    from headscope.engine import kv_cache
+
+    verified_lengths = []
+    real_step = Prefix._cached_last_step
+
+    def recording(self):
+        verified_lengths.append(self.prompt.numel())
+        return real_step(self)
+
+    monkeypatch.setattr(Prefix, "_cached_last_step", recording)
+    long_prompt = torch.arange(40) % 60
+    prefix = Prefix(fresh_llama, long_prompt, chunk_size=8)
+    assert verified_lengths == [8] and kv_cache.is_verified(fresh_llama, "prefix")  # one chunk, not 40 tokens
+    assert prefix.cache.get_seq_length() == 39
+    assert greedy_decode(fresh_llama, prefix, 3).tokens.tolist() == rerun_decode(fresh_llama, long_prompt, 3)
+    Prefix(fresh_llama, long_prompt, chunk_size=8)
+    assert verified_lengths == [8]  # once per model

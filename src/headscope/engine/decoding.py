@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from headscope.engine.heads import hook_name, model_shape
-from headscope.engine.kv_cache import cache_kwarg_alias, check_filled, verify_once
+from headscope.engine.kv_cache import cache_kwarg_alias, check_filled, is_verified, verify_once
 from headscope.engine.runner import model_device
 from headscope.engine.tokens import TokenBatch, check_batch
 from headscope.errors import InputError, PromptTooLongError
@@ -75,6 +75,7 @@ class Prefix:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}.")
         self.model = model
         self.prompt = prompt
+        self.chunk_size = chunk_size
         self.cache = DynamicCache()
         self.rows = 1
         body = prompt[:-1].to(model_device(model))
@@ -90,7 +91,15 @@ class Prefix:
         self._verify_reads()
 
     def _verify_reads(self) -> None:
-        """The first prefix of a model: its cached last-token step must equal a plain forward."""
+        """The first prefix of a model: its cached last-token step must equal a plain forward. A
+        prompt longer than one prefill chunk is checked on a prefix of one chunk instead (a plain
+        forward over a long prompt is what the chunked prefill exists to avoid)."""
+        if is_verified(self.model, "prefix"):
+            return
+        short = max(self.chunk_size, 2)
+        if self.prompt.numel() > short:
+            Prefix(self.model, self.prompt[:short], chunk_size=self.chunk_size)  # verifies itself
+            return
         prompt = self.prompt.to(model_device(self.model))[None]
         verify_once(self.model, "prefix", self._cached_last_step, lambda: self.model(prompt)[:, -1])
 

@@ -128,9 +128,13 @@ def verify_once(model: Any, path: str, cached: Callable[[], Tensor], plain: Call
     tokens without a cache); later calls return at once. Whether a cache is read correctly depends
     on the libraries and the code path, not on the prompt, so one check per model and path guards
     every later decode (each prefill's length is checked every time by :func:`check_filled`)."""
-    done = _verified.setdefault(model, set())
-    if path in done:
+    if is_verified(model, path):
         return
     with torch.no_grad():
         check_step(cached(), plain(), next(model.parameters()).dtype)
-    done.add(path)
+    _verified.setdefault(model, set()).add(path)
+
+
+def is_verified(model: Any, path: str) -> bool:
+    """Whether :func:`verify_once` already checked ``model`` along ``path``."""
+    return path in _verified.get(model, set())
