@@ -88,3 +88,14 @@ def tiny_llama(tmp_path_factory):
     import headscope as hs
 
     return hs.load_model(tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama-session")), device="cpu")
+
+
+PRETRAINED_FIXTURES = ("smollm",)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that loads a pretrained model belongs to the slow lane: mark it ``repro`` so that
+    ``pytest -m "not repro"`` (the fast lane) never loads one, wherever the test lives."""
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in PRETRAINED_FIXTURES):
+            item.add_marker(pytest.mark.repro)

@@ -11,6 +11,8 @@ import pytest
 import headscope as hs
 from tests.browser import open_report
 
+pytestmark = pytest.mark.repro
+
 DETECTORS = ["induction", "previous_token", "duplicate_token", "memory_context"]
 SECTIONS = ("summary", "role-map", "heatmaps", "validation", "significance", "overlap", "configs")
 
