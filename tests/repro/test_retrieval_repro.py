@@ -106,8 +106,10 @@ def test_masking_top5_at_decode_breaks_greedy_retrieval_beyond_random(smollm, sc
 
 def test_scan_memory_at_2000_tokens_stays_under_a_tenth_of_the_patterns(smollm):
     shape = hs.model_shape(smollm)
-    answer_needle(smollm, make_haystack(smollm, shipped_needles()[1], 300, 50, "chat"), 4)  # first-call allocations
     sample = make_haystack(smollm, shipped_needles()[1], 2000, 50, "chat")
+    # First-call allocations at this size (the allocator's pools, thread buffers), so the measured
+    # call's peak is the decode's own whatever ran in this process before it.
+    answer_needle(smollm, sample, 2)
     outcome, peak = peak_memory(lambda: answer_needle(smollm, sample, 30))
     if peak is None:
         pytest.skip("peak memory is measured through /proc/self/clear_refs (Linux)")

