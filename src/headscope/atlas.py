@@ -36,6 +36,7 @@ from headscope.models import model_name
 from headscope.results import HeadScores, role_overlap, write_text_atomic
 from headscope.significance import Significance
 from headscope.validation import ValidationResult, validate
+from headscope.versions import installed_version
 
 ATLAS_FORMAT_VERSION = 1
 # The order of the report: the induction circuit first, then the roles that build on it
@@ -506,7 +507,7 @@ def environment(model: Any) -> dict[str, Any]:
     return {
         "headscope": __version__,
         "torch": torch.__version__,
-        **{package: _version(package) for package in ("transformer-lens", "transformers")},
+        **{package: installed_version(package) or "not installed" for package in ("transformer-lens", "transformers")},
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": str(device),
@@ -514,15 +515,6 @@ def environment(model: Any) -> dict[str, Any]:
         "dtype": str(model_dtype(model)),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def _first_line(text: str) -> str:

@@ -227,7 +227,7 @@ def _bundled_gguf(bundled: BundledModel, cache_dir) -> tuple[Path, Optional[str]
     """The GGUF file of a bundled model, and its SHA-256 when it was already computed here."""
     locations = _find_packages(bundled)
     if bundled.chunks is not None:
-        return _assembled_gguf(bundled, cache_dir)
+        return _assembled_gguf(bundled, bundled.chunks, cache_dir)
     for folder in locations:
         candidate = Path(folder) / bundled.filename
         if candidate.is_file():
@@ -261,7 +261,7 @@ def _find_packages(bundled: BundledModel) -> list[str]:
     )
 
 
-def _assembled_gguf(bundled: BundledModel, cache_dir) -> tuple[Path, str]:
+def _assembled_gguf(bundled: BundledModel, chunks: ChunkedGGUF, cache_dir) -> tuple[Path, str]:
     """A chunked GGUF file joined into ``<cache>/gguf/<sha16>/<filename>``, and its SHA-256.
 
     The package's own ``assemble()`` would write to one fixed path in place, where a second
@@ -270,8 +270,6 @@ def _assembled_gguf(bundled: BundledModel, cache_dir) -> tuple[Path, str]:
     processes that both join it publish identical files). A file already there is used when its
     SHA-256 is the package's; otherwise it is logged, moved aside, deleted and joined again.
     """
-    chunks = bundled.chunks
-    assert chunks is not None
     package = importlib.import_module(bundled.module)  # small: hashlib, importlib.resources, pathlib
     expected = str(getattr(package, chunks.sha256_attribute)).lower()
     target = cache_root(cache_dir) / "gguf" / expected[:16] / bundled.filename

@@ -49,17 +49,18 @@ def _lower_bound_first(specifier) -> str:
     return ",".join(sorted((str(s) for s in specifier), key=lambda s: not s.startswith(">")))
 
 
+def installed_version(name: str) -> Optional[str]:
+    """The installed version of the distribution ``name``, or None when it is not installed."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def package_versions() -> list[PackageVersion]:
     """The core libraries as installed, each with the range headscope was tested with."""
     ranges = tested_ranges()
-    rows = []
-    for name in CORE_PACKAGES:
-        try:
-            installed: Optional[str] = version(name)
-        except PackageNotFoundError:
-            installed = None
-        rows.append(PackageVersion(name, installed, ranges.get(name, "")))
-    return rows
+    return [PackageVersion(name, installed_version(name), ranges.get(name, "")) for name in CORE_PACKAGES]
 
 
 def untested() -> list[PackageVersion]:

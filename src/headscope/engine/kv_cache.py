@@ -28,6 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.errors import CacheMismatchError
+from headscope.versions import installed_version
 
 # How far a cached step's logits may sit from a plain forward's, as a share of the plain logits'
 # spread (standard deviation over the vocabulary). Float32 runs agree to ~1e-6 of it; a cache that
@@ -39,15 +40,8 @@ _verified: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionar
 
 def library_versions() -> str:
     """``"transformers X, transformer-lens Y, torch Z"`` as installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return ", ".join(f"{name} {installed(name)}" for name in ("transformers", "transformer-lens", "torch"))
+    return ", ".join(f"{name} {installed_version(name) or 'not installed'}"
+                     for name in ("transformers", "transformer-lens", "torch"))
 
 
 def _attention_bridges(model: Any) -> list[torch.nn.Module]:
