@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare_cmd.add_argument("a", help="atlas folder A (written by 'headscope atlas')")
     compare_cmd.add_argument("b", help="atlas folder B")
     compare_cmd.add_argument("--out", help="write the comparison as JSON to this file")
+    compare_cmd.add_argument("--plot", help="draw each role's share of significant heads by relative depth, A beside B, "
+                                            "to this PNG file")
     compare_cmd.set_defaults(run=run_compare)
 
     scan_cmd = commands.add_parser("scan", help="score every head with one or more detectors")
@@ -143,6 +145,8 @@ def run_compare(args: argparse.Namespace) -> int:
     print(comparison)
     if args.out:
         comparison.save(args.out)
+    if args.plot:
+        comparison.plot(args.plot)
     return 0
 
 

@@ -1,19 +1,35 @@
 """``hs.compare(atlas_a, atlas_b)``: which roles moved, appeared or vanished between two atlases —
 two models, or one model before and after fine-tuning (the bundled model and its refusal
-organism)."""
+organism).
+
+Two atlases of the same shape are compared head by head (kept, appeared, vanished, Spearman of
+the statistics, role-map changes). Models of different shapes (SmolLM2's 30 x 9 heads, Gemma 3's
+18 x 4) have no head in common, so every role is also compared by **relative depth**: a layer
+``l`` of an ``L``-layer model sits at depth ``l / (L - 1)``; the depth axis is cut into
+``depth_bins`` equal bins and each role's *depth profile* is the share of the heads in each bin
+that are significant for it. Two profiles are compared by their peak bin and their correlation
+(``depth_correlation``, Pearson over bins; None when either profile is flat), and
+``AtlasComparison.plot()`` draws them side by side.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from jaxtyping import Bool
+from torch import Tensor
 
 from headscope.atlas import Atlas
 from headscope.engine.heads import Head
+from headscope.errors import InputError
 from headscope.results import ranking_agreement
+
+DEPTH_BINS = 6  # relative-depth bins of the depth profiles (fewer when a model has fewer layers)
 
 
 @dataclass
@@ -41,6 +57,11 @@ class RoleChange:
     validated_b: Optional[bool] = None
     mean_depth_a: Optional[float] = None  # mean relative layer (layer / (n_layers - 1)) of the significant heads
     mean_depth_b: Optional[float] = None
+    share_a: Optional[float] = None  # share of all heads that are significant
+    share_b: Optional[float] = None
+    depth_profile_a: list[float] = field(default_factory=list)  # per depth bin: share of its heads significant
+    depth_profile_b: list[float] = field(default_factory=list)
+    depth_correlation: Optional[float] = None  # Pearson r of the two profiles over bins
 
     @property
     def verdict(self) -> str:
@@ -64,6 +85,9 @@ class AtlasComparison:
     same_shape: bool
     roles: list[RoleChange]
     role_map_changes: list[tuple[str, str, str]]  # (head, role in A, role in B); "" = none
+    shape_a: tuple[int, int] = (0, 0)
+    shape_b: tuple[int, int] = (0, 0)
+    depth_bins: int = 0  # bins of relative depth the profiles use (bin i: depths [i/n, (i+1)/n))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -82,11 +106,67 @@ class AtlasComparison:
 
         return pd.DataFrame([dict(asdict(r), verdict=r.verdict) for r in self.roles])
 
+    def plot(self, path: Optional[Union[str, Path]] = None):
+        """One panel per role computed in both atlases: the share of heads significant at each
+        relative depth, A beside B (heads aligned by depth, so models of any two shapes compare).
+        Saves a PNG if ``path``; returns the figure."""
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        roles = [r for r in self.roles if r.status == "both"]
+        columns = min(4, max(len(roles), 1))
+        rows = max(1, math.ceil(len(roles) / columns))
+        figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows), squeeze=False, sharex=True)
+        centres = [(i + 0.5) / self.depth_bins for i in range(self.depth_bins)]
+        width = 0.4 / self.depth_bins
+        for ax, change in zip(axes.flat, roles):
+            ax.bar([c - width / 2 for c in centres], change.depth_profile_a, width, label=self.model_a)
+            ax.bar([c + width / 2 for c in centres], change.depth_profile_b, width, label=self.model_b)
+            r = "" if change.depth_correlation is None else f", r = {change.depth_correlation:.2f}"
+            ax.set_title(f"{change.role}: {change.n_a} vs {change.n_b} heads{r}", fontsize=9)
+            ax.set_xlim(0, 1)
+        for ax in list(axes.flat)[len(roles):]:
+            ax.axis("off")
+        for ax in axes[-1]:
+            ax.set_xlabel("relative depth (layer / last layer)")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("share of heads significant")
+        if roles:
+            axes.flat[0].legend(fontsize=7)
+        figure.tight_layout()
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            figure.savefig(path, dpi=120)
+            plt.close(figure)
+        return figure
+
+    def depth_table(self) -> str:
+        """Each role's depth profile in A and B as text, one row per role."""
+        edges = " ".join(f"{i / self.depth_bins:.2f}+" for i in range(self.depth_bins))
+        lines = [f"  {'share significant by depth':<28} {edges}   r"]
+        for r in self.roles:
+            if r.status != "both":
+                continue
+            for label, profile in (("A", r.depth_profile_a), ("B", r.depth_profile_b)):
+                cells = " ".join(f"{v:>5.2f}" for v in profile)
+                corr = "" if label == "A" or r.depth_correlation is None else f"  {r.depth_correlation:+.2f}"
+                lines.append(f"  {r.role + ' ' + label:<28} {cells}{corr}")
+        return "\n".join(lines)
+
     def __str__(self) -> str:
-        lines = [f"Atlas comparison: A = {self.model_a}, B = {self.model_b}"]
+        lines = [f"Atlas comparison: A = {self.model_a} {_shape_text(self.shape_a)}, "
+                 f"B = {self.model_b} {_shape_text(self.shape_b)}"]
         for r in self.roles:
             lines.append(f"  {r.role:<16} {r.verdict:<18} significant {r.n_a:>3} -> {r.n_b:<3} "
                          f"top {', '.join(r.top_a[:3]) or '-'} -> {', '.join(r.top_b[:3]) or '-'}")
+            if r.status == "both" and not self.same_shape:
+                lines.append(f"  {'':<16}   share of heads {_percent(r.share_a)} -> {_percent(r.share_b)}, "
+                             f"mean depth {_number(r.mean_depth_a)} -> {_number(r.mean_depth_b)}, "
+                             f"peak depth {_peak(r.depth_profile_a, self.depth_bins)} -> "
+                             f"{_peak(r.depth_profile_b, self.depth_bins)}")
             for label, heads in (("appeared", r.appeared), ("vanished", r.vanished)):
                 if heads:
                     lines.append(f"  {'':<16}   {label}: {', '.join(heads[:10])}{' …' if len(heads) > 10 else ''}")
@@ -94,13 +174,23 @@ class AtlasComparison:
             shown = ", ".join(f"{h} {a or 'none'}→{b or 'none'}" for h, a, b in self.role_map_changes[:12])
             lines.append(f"  role map: {len(self.role_map_changes)} heads changed role: {shown}"
                          f"{' …' if len(self.role_map_changes) > 12 else ''}")
+        if not self.same_shape and self.depth_bins:
+            lines.append(self.depth_table())
         return "\n".join(lines)
 
 
-def compare(atlas_a: Union[Atlas, str, Path], atlas_b: Union[Atlas, str, Path], n_moved: int = 5) -> AtlasComparison:
-    """Compare two atlases (objects or folders written by ``Atlas.save``)."""
+def compare(atlas_a: Union[Atlas, str, Path], atlas_b: Union[Atlas, str, Path], n_moved: int = 5,
+            depth_bins: int = DEPTH_BINS) -> AtlasComparison:
+    """Compare two atlases (objects or folders written by ``Atlas.save``).
+
+    Same shape: head by head and by relative depth. Different shapes: role by role and by
+    relative depth (``depth_bins`` bins, at most the smaller model's number of layers, so that
+    no bin is empty)."""
+    if isinstance(depth_bins, bool) or not isinstance(depth_bins, int) or depth_bins < 1:
+        raise InputError(f"depth_bins must be a positive integer, got {depth_bins!r}")
     a = atlas_a if isinstance(atlas_a, Atlas) else Atlas.load(atlas_a)
     b = atlas_b if isinstance(atlas_b, Atlas) else Atlas.load(atlas_b)
+    depth_bins = min(depth_bins, a.shape[0], b.shape[0])
     same_shape = tuple(a.shape) == tuple(b.shape)
     roles_a, roles_b = a.roles, b.roles
     changes = []
@@ -111,16 +201,21 @@ def compare(atlas_a: Union[Atlas, str, Path], atlas_b: Union[Atlas, str, Path], 
                                       n_a=len(present.heads) if role in roles_a else 0,
                                       n_b=len(present.heads) if role in roles_b else 0))
             continue
-        changes.append(_role_change(a, b, role, same_shape, n_moved))
-    return AtlasComparison(a.model, b.model, same_shape, changes, _role_map_changes(a, b) if same_shape else [])
+        changes.append(_role_change(a, b, role, same_shape, n_moved, depth_bins))
+    return AtlasComparison(a.model, b.model, same_shape, changes, _role_map_changes(a, b) if same_shape else [],
+                           tuple(a.shape), tuple(b.shape), depth_bins)
 
 
-def _role_change(a: Atlas, b: Atlas, role: str, same_shape: bool, n_moved: int) -> RoleChange:
+def _role_change(a: Atlas, b: Atlas, role: str, same_shape: bool, n_moved: int, depth_bins: int) -> RoleChange:
     sig_a, sig_b = a.roles[role], b.roles[role]
     heads_a, heads_b = sig_a.heads, sig_b.heads
     change = RoleChange(role, "both", n_a=len(heads_a), n_b=len(heads_b), top_a=[str(h) for h in heads_a[:5]],
                         top_b=[str(h) for h in heads_b[:5]], mean_depth_a=_depth(heads_a, a.shape[0]),
                         mean_depth_b=_depth(heads_b, b.shape[0]))
+    change.share_a, change.share_b = (float(sig.mask.float().mean()) for sig in (sig_a, sig_b))
+    change.depth_profile_a = depth_profile(sig_a.mask, depth_bins)
+    change.depth_profile_b = depth_profile(sig_b.mask, depth_bins)
+    change.depth_correlation = _pearson(change.depth_profile_a, change.depth_profile_b)
     for atlas, attr in ((a, "validated_a"), (b, "validated_b")):
         check = atlas.validations.get(sig_a.detector)
         setattr(change, attr, None if check is None else check.significant)
@@ -161,3 +256,43 @@ def _depth(heads: list[Head], n_layers: int) -> Optional[float]:
     if not heads:
         return None
     return sum(h.layer for h in heads) / len(heads) / max(n_layers - 1, 1)
+
+
+def depth_profile(mask: Bool[Tensor, "n_layers n_heads"], n_bins: int) -> list[float]:
+    """Share of the heads in each relative-depth bin that ``mask`` marks: layer ``l`` of ``L``
+    sits at depth ``l / (L - 1)`` and falls in bin ``floor(depth * n_bins)`` (the last layer in
+    the last bin). ``n_bins`` must not exceed ``L``, so that every bin holds a layer."""
+    n_layers = mask.shape[0]
+    if not 1 <= n_bins <= n_layers:
+        raise InputError(f"depth profile: {n_bins} bins for {n_layers} layers; use 1 to {n_layers} bins")
+    depth = torch.arange(n_layers, dtype=torch.float64) / max(n_layers - 1, 1)
+    bins = (depth * n_bins).long().clamp(max=n_bins - 1)
+    per_layer = mask.float().mean(dim=1).double()
+    counts = torch.bincount(bins, minlength=n_bins).double()
+    return (torch.bincount(bins, weights=per_layer, minlength=n_bins) / counts).tolist()
+
+
+def _pearson(x: list[float], y: list[float]) -> Optional[float]:
+    a, b = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    a, b = a - a.mean(), b - b.mean()
+    norm = float(a.norm() * b.norm())
+    return None if norm == 0 else float((a * b).sum()) / norm
+
+
+def _shape_text(shape: tuple[int, int]) -> str:
+    return f"({shape[0]} x {shape[1]} heads)"
+
+
+def _percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _number(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _peak(profile: list[float], n_bins: int) -> str:
+    if not profile or max(profile) == 0:
+        return "-"
+    best = max(range(len(profile)), key=profile.__getitem__)
+    return f"{best / n_bins:.2f}-{(best + 1) / n_bins:.2f}"

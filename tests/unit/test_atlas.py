@@ -10,6 +10,8 @@ import torch
 
 import headscope as hs
 from headscope.cli import main
+from headscope.compare import depth_profile
+from headscope.errors import InputError
 
 atlas_module = importlib.import_module("headscope.atlas")  # hs.atlas is the function
 from headscope.significance import Significance, binomial_critical_accuracy, bonferroni_z
@@ -212,6 +214,43 @@ def test_compare_of_different_shapes_compares_roles_not_heads(built):
     comparison = hs.compare(built, other)
     assert not comparison.same_shape and comparison.role_map_changes == []
     assert all(r.appeared == [] and r.vanished == [] for r in comparison.roles)
+    assert comparison.depth_bins == 2 and comparison.shape_b == (2, 4)  # no more bins than the smaller model's layers
+    for change in comparison.roles:
+        for sig, profile in ((built.roles[change.role], change.depth_profile_a),
+                             (other.roles[change.role], change.depth_profile_b)):
+            assert profile == pytest.approx(depth_profile(sig.mask, 2))
+    assert "share significant by depth" in str(comparison)
+
+
+def test_depth_profile_is_the_share_of_significant_heads_per_depth_bin():
+    mask = torch.zeros(5, 4, dtype=torch.bool)  # layers at depths 0, .25, .5, .75, 1
+    mask[0, :2] = True  # 2 of 4 heads in layer 0
+    mask[4, :] = True  # the last layer, every head
+    assert depth_profile(mask, 2) == pytest.approx([2 / 8, 4 / 12])  # bins: layers {0, 1} and {2, 3, 4}
+    assert depth_profile(mask, 5) == pytest.approx([0.5, 0, 0, 0, 1])
+    with pytest.raises(InputError, match="6 bins for 5 layers"):
+        depth_profile(mask, 6)
+
+
+def test_compare_aligns_two_shapes_by_relative_depth(built, tmp_path):
+    """A role at the same relative depth in a 3-layer and a 5-layer model has correlated profiles."""
+    shallow, deep = (hs.Atlas.from_dict(json.loads(json.dumps(built.to_dict()))) for _ in range(2))
+    sig = deep.significance["previous_token"][0]
+    sig.statistic = torch.full((5, 2), sig.threshold - 1.0)
+    sig.statistic[4, 0] = sig.threshold + 1.0  # only the last layer of B
+    deep.shape = (5, 2)
+    base = shallow.significance["previous_token"][0]
+    base.statistic = torch.full_like(base.statistic, base.threshold - 1.0)
+    base.statistic[2, 1] = base.threshold + 1.0  # only the last layer of A
+    comparison = hs.compare(shallow, deep, depth_bins=3)
+    change = {r.role: r for r in comparison.roles}["previous_token"]
+    assert change.depth_profile_a == pytest.approx([0, 0, 1 / 4]) and change.depth_profile_b == pytest.approx([0, 0, 1 / 4])
+    assert change.depth_correlation == pytest.approx(1.0) and change.share_b == pytest.approx(0.1)
+    assert "peak depth 0.67-1.00 -> 0.67-1.00" in str(comparison)
+    figure = comparison.plot(tmp_path / "depth.png")
+    assert (tmp_path / "depth.png").stat().st_size > 0 and len([a for a in figure.axes if a.axison]) >= 2
+    with pytest.raises(InputError, match="depth_bins"):
+        hs.compare(built, deep, depth_bins=0)
 
 
 def test_cli_atlas_resumes_and_compare_prints(tmp_path, capsys):
