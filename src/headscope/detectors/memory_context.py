@@ -3,6 +3,12 @@ Factual Recall in Language Models"); Jin et al. 2024 ("Cutting Off the Head Ends
 
 Data: knowledge-conflict prompts (``headscope.tasks.conflicts``): a fact the model knows,
 contradicted in the prompt ("The capital of France is Lima. The capital of France is").
+The items are split by subject (``conflicts.split_by_subject``): the distinct subjects of the
+model's items are sorted and shuffled with ``random.Random(seed)``; the first
+``round(n_subjects * held_out_share)`` (default half) are held out for validation, the rest are
+scored. Every item of a subject (all its relations and formats) is on one side, so validation
+never sees a subject, let alone an item, that chose the heads. ``items(model, split)`` gives
+``"all"``, ``"score"`` or ``"held_out"``.
 
 Score (``values``): direct logit attribution of each head's output at the final position,
 through the final norm (its weights and the run's own RMS scale at that position), onto
@@ -25,8 +31,8 @@ outputs), ``steer`` (heads and scale picked on dev items, applied to held-out it
 random heads with a bootstrap CI), ``transfer_table`` (heads from one relation or format applied
 to others).
 
-Validation metric: the logit difference (context - memorised) at the final position; ablating
-the top (context) heads lowers it.
+Validation metric: the logit difference (context - memorised) at the final position, on the
+held-out subjects' items; ablating the top (context) heads lowers it.
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ from headscope.engine.unembed import (
 from headscope.errors import EmptyResultError, InputError
 from headscope.results import HeadScores, ranking_agreement  # noqa: F401  (ranking_agreement re-exported)
 from headscope.significance import DEFAULT_ALPHA, Significance, bonferroni_z
-from headscope.tasks.conflicts import ConflictItem, conflict_items, conflict_prompt
+from headscope.tasks.conflicts import ConflictItem, conflict_items, conflict_prompt, split_by_subject
+
+ITEM_SPLITS = ("all", "score", "held_out")
 
 
 @dataclass
@@ -62,6 +70,7 @@ class MemoryContextConfig(DetectorConfig):
     relations: tuple[str, ...] = ("capital", "language")
     formats: tuple[str, ...] = ("restate",)
     n_report: int = 5  # memory/context heads listed in the metadata
+    held_out_share: float = 0.5  # share of subjects kept out of scoring, for validation
 
 
 @register_detector
@@ -70,12 +79,24 @@ class MemoryContextDetector(Detector):
     Config = MemoryContextConfig
     summary = "direct logit attribution onto context answer minus memorised answer (Yu et al. 2023)"
 
-    def items(self, model: Any) -> list[ConflictItem]:
-        return conflict_items(model, tuple(self.config.relations), tuple(self.config.formats), seed=self.config.seed)
+    def items(self, model: Any, split: str = "all") -> list[ConflictItem]:
+        """The conflict items of the facts ``model`` knows: ``"all"`` of them, the ``"score"`` part
+        or the ``"held_out"`` part (disjoint by subject; see the module docstring)."""
+        if split not in ITEM_SPLITS:
+            raise InputError(f"The 'split' parameter of items must be one of {', '.join(map(repr, ITEM_SPLITS))}; "
+                             f"got {split!r}.")
+        config = self.config
+        items = conflict_items(model, tuple(config.relations), tuple(config.formats), seed=config.seed)
+        if split == "all":
+            return items
+        scored, held_out = split_by_subject(items, config.held_out_share, config.seed)
+        return scored if split == "score" else held_out
 
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None,
               items: Optional[list[ConflictItem]] = None) -> HeadScores:
-        items = items if items is not None else self.items(model)
+        """Score every head on ``items`` (default: the ``"score"`` part of the detector's items,
+        whose subjects validation never uses)."""
+        items = items if items is not None else self.items(model, "score")
         if not items:
             raise EmptyResultError(
                 f"The memory_context detector found no conflict items: the model completes none of the "
@@ -93,7 +114,8 @@ class MemoryContextDetector(Detector):
             "positive_share": (conflict["attribution"] > 0).float().mean(dim=0),
             "patched_direct": (patched["attribution"] - conflict["attribution"]).mean(dim=0),
         }
-        result = self.result(model, values, extras, metadata={"n_items": len(items)})
+        subjects = sorted({i.subject for i in items})
+        result = self.result(model, values, extras, metadata={"n_items": len(items), "subjects": subjects})
         k = self.config.n_report
         result.metadata["context_heads"] = [str(h) for h in result.top_heads(k)]
         result.metadata["memory_heads"] = [str(h) for h in HeadScores(-values, self.name, result.model).top_heads(k)]
@@ -122,7 +144,14 @@ class MemoryContextDetector(Detector):
         ]
 
     def validation_task(self, model: Any) -> ValidationTask:
-        items = self.items(model)
+        """The logit difference on the held-out subjects' items (none of them scored)."""
+        items = self.items(model, "held_out")
+        if not items:
+            raise EmptyResultError(
+                "The memory_context detector has no held-out conflict items to validate on: the model knows "
+                f"too few of the {', '.join(self.config.relations)} facts for a split by subject. Ask for more "
+                "relations (relations=...) or a larger held_out_share."
+            )
         return ValidationTask(
             data=tokenize(model, [i.prompt for i in items]),
             metric=LogitDifference(model, items),

@@ -11,6 +11,8 @@ Formats (``{s}`` subject, ``{c}`` counterfactual, ``{cloze}`` the relation's clo
 * ``"qa"``: the papers' form, ``"{fact with c}.\\nQ: {question}\\nA:"``;
 * ``"restate"``: ``"{fact with c}. {cloze}"``;
 * ``"according"``: ``"According to the text, {fact with c}. According to the text, {cloze}"``.
+
+:func:`split_by_subject` parts items into scored and held-out sets that share no subject.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from headscope.engine.tokens import tokenize
+from headscope.errors import InputError
 
 FORMATS = ("qa", "restate", "according")
 
@@ -172,6 +175,31 @@ def conflict_items(
                     memory_token=memory_token, context_token=first_token(model, context),
                 ))
     return items
+
+
+def split_by_subject(
+    items: Sequence[ConflictItem], held_out_share: float = 0.5, seed: int = 0
+) -> tuple[list[ConflictItem], list[ConflictItem]]:
+    """``(scored, held_out)``: the items in two parts that share no subject.
+
+    Every item of a subject lands on one side, whatever its relation or format ("France" asked for
+    its capital and its language, in every format, is all scored or all held out), so a held-out
+    prompt never names a subject seen in scoring. The split is deterministic: the items' distinct
+    subjects are sorted, shuffled with ``random.Random(seed)``, and the first
+    ``round(n_subjects * held_out_share)`` are held out. Items keep their order within each part.
+
+    Raises:
+        InputError: ``held_out_share`` is not strictly between 0 and 1.
+    """
+    if not 0 < held_out_share < 1:
+        raise InputError(
+            f"held_out_share is the share of subjects kept out of scoring and must lie strictly between 0 and 1; "
+            f"got {held_out_share!r}. Use 0.5 (the default) to score and validate on halves."
+        )
+    subjects = sorted({item.subject for item in items})
+    random.Random(seed).shuffle(subjects)
+    held_out = set(subjects[: round(len(subjects) * held_out_share)])
+    return [i for i in items if i.subject not in held_out], [i for i in items if i.subject in held_out]
 
 
 def _lower_first(text: str) -> str:
