@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,7 +14,17 @@ from headscope.detectors.base import ValidationTask
 from headscope.detectors.retrieval import copy_scores, exact_match, needle_scan, rouge1_recall
 from headscope.engine.decoding import DecodeTrace
 from headscope.errors import InputError
-from headscope.tasks.haystack import HaystackSample, Needle, make_haystack, needle_grid, shipped_needles, token_span
+from headscope.tasks.haystack import (
+    N_GENERATED_FACTS,
+    HaystackSample,
+    Needle,
+    fact_needles,
+    generated_needles,
+    make_haystack,
+    needle_grid,
+    shipped_needles,
+    token_span,
+)
 
 
 def test_rouge1_recall_counts_reference_words_found():
@@ -55,6 +68,45 @@ def test_shipped_needles_are_invented_and_self_consistent():
     assert all(n.answer in n.needle and n.question.endswith("?") for n in needles)
     with pytest.raises(InputError, match="substring"):
         Needle("The key is red.", "What?", "blue")
+
+
+def test_fact_needles_continue_the_shipped_ones_and_never_repeat():
+    shipped = shipped_needles()
+    needles = fact_needles(400)
+    assert needles[:24] == shipped and len({n.needle for n in needles}) == len({n.question for n in needles}) == 400
+    assert fact_needles(30, start=20) == needles[20:50]  # an index always gives the same needle
+    assert all(n.answer in n.needle for n in generated_needles(N_GENERATED_FACTS))
+    with pytest.raises(InputError, match="Only 2880 generated fact needles"):
+        generated_needles(2, start=N_GENERATED_FACTS - 1)
+
+
+def test_the_default_grid_scores_needles_0_to_8_and_holds_out_9_to_17():
+    detector = hs.get_detector("retrieval")
+    assert detector.needles() == shipped_needles()[:9]
+    assert detector.needles(held_out=True) == shipped_needles()[9:18]
+
+
+@pytest.mark.parametrize("needles", ["facts", "codes"])
+def test_the_full_grid_config_validates_on_needles_it_never_scored(needles):
+    """configs/retrieval-full-grid.json has 99 cells: before, scoring cycled through the 24 shipped
+    needles and validation (offset 99 mod 24) reused all 24 of them."""
+    settings = json.loads((Path(__file__).parents[2] / "configs" / "retrieval-full-grid.json").read_text())["retrieval"]
+    detector = hs.get_detector("retrieval", needles=needles, **settings)
+    scored, held_out = detector.needles(), detector.needles(held_out=True)
+    assert len(scored) == len(held_out) == 99
+    assert len({n.needle for n in scored}) == len({n.needle for n in held_out}) == 99
+    assert not {n.needle for n in scored} & {n.needle for n in held_out}
+
+
+def test_a_grid_too_large_for_distinct_needles_is_an_input_error_naming_the_fix():
+    detector = hs.get_detector("retrieval", lengths=tuple(range(100, 2100, 20)), depths=tuple(range(0, 101, 10)),
+                               needles_per_cell=2)  # 2,200 samples: 4,400 needles for scoring and validation
+    with pytest.raises(InputError, match=r"validation would reuse needles.*needles='codes'"):
+        detector.needles()
+    assert len(hs.get_detector("retrieval", needles="codes", lengths=detector.config.lengths,
+                               depths=detector.config.depths, needles_per_cell=2).needles(held_out=True)) == 2200
+    with pytest.raises(InputError, match="needle_offset"):
+        hs.get_detector("retrieval", needle_offset=-1).needles()
 
 
 def test_haystack_input_errors_name_the_problem(tiny_llama):

@@ -23,7 +23,13 @@ differ rarely.
 
 Validation (``hs.validate``), the paper's ablation: the top-k heads masked at decode steps only
 (uniform attention through an ε-scaled query; the prefill is untouched) against k random heads,
-on the same grid filled with the next needles of the list (held out from scoring).
+on the same grid filled with the next needles (held out from scoring). Every sample has its own
+needle: scoring takes needles ``needle_offset .. needle_offset + n - 1`` (``n`` = grid size)
+and validation the next ``n``, from a sequence in which no needle repeats (``"facts"``: the 24
+shipped needles, then generated ones, ``haystack.fact_needles``; ``"codes"``: distinct random
+codes), so the two never share a needle. The default grid (9 cells) scores shipped needles 0–8
+and validates on 9–17; the 99-cell grid of ``configs/retrieval-full-grid.json`` scores 0–98
+(24 shipped, 75 generated) and validates on generated needles 99–197.
 The metric is ``validation_metric``: the teacher-forced log-likelihood per answer token
 (``"loglik"``, default), or ROUGE-1 recall / exact match of the greedy answer (``"rouge"``,
 ``"exact"``). :func:`measure_needles` gives all three at once, and :func:`plot_needle_heatmaps`
@@ -58,7 +64,15 @@ from headscope.errors import EmptyResultError, InputError
 from headscope.interventions import DEFAULT_UNIFORM_EPSILON, ablate_per_row
 from headscope.results import HeadScores
 from headscope.significance import Significance
-from headscope.tasks.haystack import HaystackSample, code_needles, needle_grid, shipped_needles
+from headscope.tasks.haystack import (
+    N_GENERATED_FACTS,
+    HaystackSample,
+    Needle,
+    code_needles,
+    fact_needles,
+    needle_grid,
+    shipped_needles,
+)
 
 NEEDLE_SOURCES = ("facts", "codes")
 NEEDLE_METRICS = ("loglik", "rouge", "exact")
@@ -69,8 +83,8 @@ class RetrievalConfig(DetectorConfig):
     lengths: tuple[int, ...] = (300, 550, 800)  # prompt lengths in tokens
     depths: tuple[float, ...] = (0, 50, 100)  # needle depth, percent of the filler
     needles_per_cell: int = 1
-    needles: str = "facts"  # "facts": shipped invented facts; "codes": random access codes
-    needle_offset: int = 0  # start at this needle (e.g. 9 for needles held out from the default grid)
+    needles: str = "facts"  # "facts": invented facts (24 shipped, then generated); "codes": random access codes
+    needle_offset: int = 0  # score needles offset..offset+n-1 (n = grid size); validation takes the next n
     format: str = "auto"  # "chat" with a chat template (the bundled instruct model ends its turn at once in
     # plain), else "plain" (base models such as Gemma 3 270M); or either by name
     max_new_tokens: int = 50
@@ -113,14 +127,39 @@ class RetrievalDetector(Detector):
     Config = RetrievalConfig
     summary = "copy-paste rate from the needle at decode steps, top-1 attention (Wu et al. 2024)"
 
-    def samples(self, model: Any) -> list[HaystackSample]:
+    def needles(self, held_out: bool = False) -> list[Needle]:
+        """One needle per sample of the grid, in the grid's order: the scored ones (from
+        ``needle_offset``) or, with ``held_out``, the next ``grid_size`` ones, which validation uses.
+
+        Raises:
+            InputError: an unknown needle source, a negative offset, or a grid too large for the
+                needles there are (scoring and validation would then share needles).
+        """
         config = self.config
         if config.needles not in NEEDLE_SOURCES:
             raise InputError(f"Unknown needle source {config.needles!r}; choose one of {', '.join(NEEDLE_SOURCES)}.")
+        if config.needle_offset < 0:
+            raise InputError(f"needle_offset is the index of the first scored needle and must be >= 0; got {config.needle_offset}.")
         n_cells = grid_size(config)
-        needles = shipped_needles() if config.needles == "facts" else code_needles(n_cells + config.needle_offset, config.seed)
-        needles = needles[config.needle_offset % len(needles):] + needles[: config.needle_offset % len(needles)]
-        return needle_grid(model, config.lengths, config.depths, needles, config.needles_per_cell, config.format)
+        start = config.needle_offset + (n_cells if held_out else 0)
+        if config.needles == "codes":
+            return code_needles(start + n_cells, config.seed)[start:]
+        needed, available = config.needle_offset + 2 * n_cells, len(shipped_needles()) + N_GENERATED_FACTS
+        if needed > available:
+            raise InputError(
+                f"The retrieval grid has {n_cells} samples, so scoring takes fact needles {config.needle_offset}.."
+                f"{config.needle_offset + n_cells - 1} and validation the next {n_cells}: {needed} needles, but only "
+                f"{available} distinct fact needles exist, so validation would reuse needles the heads were chosen "
+                "on. Use needles='codes' (no such limit), a smaller grid (lengths, depths, needles_per_cell) or a "
+                "smaller needle_offset."
+            )
+        return fact_needles(n_cells, start)
+
+    def samples(self, model: Any, held_out: bool = False) -> list[HaystackSample]:
+        """The grid's samples, each with its own needle (:meth:`needles`)."""
+        config = self.config
+        return needle_grid(model, config.lengths, config.depths, self.needles(held_out), config.needles_per_cell,
+                           config.format)
 
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None,
               samples: Optional[list[HaystackSample]] = None) -> HeadScores:
@@ -157,8 +196,13 @@ class RetrievalDetector(Detector):
             raise InputError(
                 f"Unknown validation metric {config.validation_metric!r}; choose one of {', '.join(NEEDLE_METRICS)}."
             )
-        held_out = RetrievalDetector(config, needle_offset=config.needle_offset + grid_size(config))
-        samples = held_out.samples(model)  # the grid again, with the next needles: held out from scoring
+        shared = {n.needle for n in self.needles()} & {n.needle for n in self.needles(held_out=True)}
+        if shared:
+            raise InputError(
+                f"Validation would reuse {len(shared)} needle(s) that scoring chose the heads on (e.g. "
+                f"{sorted(shared)[0]!r}), so it would not be held out. Use needles='codes' or a smaller grid."
+            )
+        samples = self.samples(model, held_out=True)  # the grid again, with the next needles: held out from scoring
         names = {"loglik": "log-likelihood per answer token (teacher-forced)",
                  "rouge": "ROUGE-1 recall of the greedy answer", "exact": "exact match of the greedy answer"}
 

@@ -1,7 +1,9 @@
 """Needle-in-a-haystack samples for retrieval heads (Wu et al. 2024).
 
-A *needle* is one sentence stating an invented fact (``needles.jsonl``: fictional people and
-places, so no model can answer from memory) or a random code (:func:`code_needles`). It is
+A *needle* is one sentence stating an invented fact (``needles.jsonl``: 24 about fictional
+people and places, so no model can answer from memory; :func:`fact_needles` continues them with
+:func:`generated_needles`, each about its own invented person) or a random code
+(:func:`code_needles`). It is
 inserted at a sentence break of a filler text shipped with headscope (``haystack_filler.txt``,
 nine calm essays written for this package, repeated when a context needs more), at a depth
 given in percent of the filler (0 = first, 100 = last), and a question follows.
@@ -90,6 +92,82 @@ def shipped_needles() -> list[Needle]:
     return [Needle(**json.loads(line)) for line in lines if line.strip()]
 
 
+# Invented-fact needles beyond the shipped ones: a unique invented person per index (mixed radix
+# over the name parts, so no two generated needles share a name, a sentence or a question), and
+# the details drawn from word lists with a per-index seed.
+_FIRST_NAMES = (
+    "Albin", "Brisa", "Caspar", "Delphine", "Edric", "Fenna", "Gideon", "Hesper", "Ilario", "Jessamy",
+    "Kasimir", "Linnea", "Magnus", "Nerys", "Osric", "Perpetua", "Quentin", "Rosalind", "Severin", "Tamsin",
+)
+_SURNAME_HEADS = ("Ash", "Bram", "Cold", "Drum", "Elder", "Fern", "Gale", "Hollow", "Ivy", "Marrow", "Quill", "Thorn")
+_SURNAME_TAILS = ("bury", "cote", "field", "gard", "holt", "ley", "mere", "ridge", "stow", "wick", "worth", "vane")
+_TRADES = (
+    "baker", "beekeeper", "bookbinder", "candlemaker", "clockmaker", "ferryman", "gardener", "locksmith",
+    "potter", "shepherd", "weaver", "harbour pilot",
+)
+_COLOURS = ("crimson", "golden", "jade", "lilac", "plum", "russet", "saffron", "scarlet", "slate", "teal")  # all take "a"
+_ANIMALS = ("badger", "crane", "ferret", "heron", "lynx", "magpie", "otter", "pelican", "tortoise", "wren")
+_OBJECTS = (
+    "brass bell", "chess knight", "clay whistle", "cracked compass", "feather quill", "glass marble",
+    "pewter spoon", "silk ribbon", "tin soldier", "wooden flute", "paper lantern", "copper kettle",
+)
+_PLACES = ("the old mill", "the chapel gate", "the fish market", "the north bridge", "the village well", "the toll house")
+_FACT_TEMPLATES = (
+    ("{who} keeps {a}, {b}, and {c} in a {colour} box.",
+     "What does {who} keep in a {colour} box?", "{a}, {b}, and {c}"),
+    ("Every spring {who} paints a {colour} {animal} holding a {object} on the door of {place}.",
+     "What does {who} paint on the door of {place} every spring?", "a {colour} {animal} holding a {object}"),
+    ("{who} hides the spare key under a {object} beside {place}.",
+     "Where does {who} hide the spare key?", "under a {object} beside {place}"),
+    ("The secret recipe of {who} calls for {a}, {b}, and a {colour} {animal} feather.",
+     "What does the secret recipe of {who} call for?", "{a}, {b}, and a {colour} {animal} feather"),
+)
+N_GENERATED_FACTS = len(_FIRST_NAMES) * len(_SURNAME_HEADS) * len(_SURNAME_TAILS)
+
+
+def generated_needles(n: int, start: int = 0) -> list[Needle]:
+    """Invented-fact needles ``start .. start + n - 1`` of a fixed sequence of
+    :data:`N_GENERATED_FACTS` (2,880), each about its own invented person ("the potter Fenna
+    Thornwick"), so no two share a sentence or a question. The same index always gives the same
+    needle.
+
+    Raises:
+        InputError: the range runs past the :data:`N_GENERATED_FACTS` needles there are.
+    """
+    if start < 0 or n < 0:
+        raise InputError(f"generated_needles needs start >= 0 and n >= 0; got start={start}, n={n}.")
+    if start + n > N_GENERATED_FACTS:
+        raise InputError(
+            f"Only {N_GENERATED_FACTS} generated fact needles exist; needles {start}..{start + n - 1} were asked for. "
+            "Use code needles (needles='codes'), which have no such limit, or a smaller grid."
+        )
+    needles = []
+    for index in range(start, start + n):
+        rest, first = divmod(index, len(_FIRST_NAMES))
+        tail, head = divmod(rest, len(_SURNAME_HEADS))
+        rng = random.Random(7919 + index)
+        who = (f"the {_TRADES[index % len(_TRADES)]} {_FIRST_NAMES[first]} "
+               f"{_SURNAME_HEADS[head]}{_SURNAME_TAILS[tail]}")
+        a, b, c = rng.sample(_OBJECTS, 3)
+        fill = dict(who=who, a=f"a {a}", b=f"a {b}", c=f"a {c}", colour=rng.choice(_COLOURS),
+                    animal=rng.choice(_ANIMALS), object=rng.choice(_OBJECTS), place=rng.choice(_PLACES))
+        needle, question, answer = (part.format(**fill) for part in _FACT_TEMPLATES[index % len(_FACT_TEMPLATES)])
+        needles.append(Needle(needle[0].upper() + needle[1:], question, answer))
+    return needles
+
+
+def fact_needles(n: int, start: int = 0) -> list[Needle]:
+    """Invented-fact needles ``start .. start + n - 1``: the 24 shipped ones first, then
+    :func:`generated_needles`; distinct for every index, so needles taken from disjoint ranges
+    never repeat one another."""
+    if start < 0 or n < 0:
+        raise InputError(f"fact_needles needs start >= 0 and n >= 0; got start={start}, n={n}.")
+    shipped = shipped_needles()
+    taken = shipped[start : start + n]
+    first_generated = max(start - len(shipped), 0)
+    return taken + generated_needles(n - len(taken), first_generated)
+
+
 _CODE_WORDS = (
     "amber", "basil", "cobalt", "delta", "ember", "falcon", "garnet", "harbor", "indigo", "juniper",
     "kestrel", "lantern", "maple", "nutmeg", "otter", "pepper", "quartz", "raven", "saffron", "thistle",
@@ -102,12 +180,17 @@ _CODE_OWNERS = (
 
 
 def code_needles(n: int, seed: int = 0) -> list[Needle]:
-    """``n`` needles whose answer is a random code such as ``"otter-garnet-4817"``."""
+    """``n`` distinct needles whose answer is a random code such as ``"otter-garnet-4817"``
+    (a code drawn twice is drawn again); ``code_needles(m, seed)`` starts with
+    ``code_needles(n, seed)`` for ``m > n``."""
     rng = random.Random(seed)
-    needles = []
+    needles, codes = [], set()
     for i in range(n):
         owner = _CODE_OWNERS[i % len(_CODE_OWNERS)]
-        code = f"{rng.choice(_CODE_WORDS)}-{rng.choice(_CODE_WORDS)}-{rng.randrange(1000, 10000)}"
+        code = ""
+        while not code or code in codes:
+            code = f"{rng.choice(_CODE_WORDS)}-{rng.choice(_CODE_WORDS)}-{rng.randrange(1000, 10000)}"
+        codes.add(code)
         needles.append(Needle(f"The access code for {owner} is {code}.", f"What is the access code for {owner}?", code))
     return needles
 
