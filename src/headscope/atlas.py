@@ -180,6 +180,7 @@ class Atlas:
         names, index, strength = self.role_map()
         roles = self.roles
         masks = {role: sig.mask for role, sig in roles.items()}  # each computed once, not per head
+        nulls = {role: sig.above_null for role, sig in roles.items()}
         rows = []
         for layer in range(self.shape[0]):
             for head in range(self.shape[1]):
@@ -187,6 +188,9 @@ class Atlas:
                 row.update({name: _number(s.values[layer, head]) for name, s in self.scores.items()})
                 for role, sig in roles.items():
                     row[f"{role}:statistic"] = _number(sig.statistic[layer, head])
+                    if sig.effect is not None:
+                        row[f"{role}:effect"] = _number(sig.effect[layer, head])
+                    row[f"{role}:above_null"] = bool(nulls[role][layer, head])
                     row[f"{role}:significant"] = bool(masks[role][layer, head])
                 role_index = int(index[layer, head])
                 row["role"] = names[role_index] if role_index >= 0 else ""

@@ -24,6 +24,7 @@ from headscope.results import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from headscope.atlas import Atlas
+    from headscope.significance import Significance
 
 SECTIONS = ("summary", "role-map", "heatmaps", "validation", "significance", "overlap", "configs")
 ROLE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
@@ -168,10 +169,18 @@ def _validation_html(atlas: "Atlas") -> str:
 
 
 def _significance_html(atlas: "Atlas") -> str:
-    rows = [[_e(role), _e(sig.statistic_name), _num(sig.threshold), _e(sig.rule), _num(len(sig.heads)),
+    rows = [[_e(role), _e(sig.statistic_name), _num(sig.threshold), _e(sig.rule), _num(int(sig.above_null.sum())),
+             _e(_floor_text(sig)), _e(sig.floor_rule), _num(len(sig.heads)),
              _e(", ".join(str(h) for h in sig.heads[:12]) + (" …" if len(sig.heads) > 12 else ""))]
             for role, sig in atlas.roles.items()]
-    return _table(["role", "statistic", "threshold", "rule", "heads", "significant heads"], rows)
+    note = ("<p>A head is significant when its statistic beats the null (threshold) <em>and</em> its effect size "
+            "exceeds the role's floor: beyond chance, and large enough to say the head does the role.</p>")
+    return note + _table(["role", "statistic", "threshold (null)", "rule", "above null", "effect floor", "floor from",
+                          "significant", "significant heads"], rows)
+
+
+def _floor_text(sig: "Significance") -> str:
+    return "none" if math.isinf(sig.floor) else f"{sig.effect_name} > {sig.floor:.3g}"
 
 
 def _overlap_html(atlas: "Atlas") -> str:
@@ -352,7 +361,8 @@ def write_csv_files(atlas: "Atlas", directory: Path) -> None:
         for v in atlas.validations.values() if v is not None])
     _write_csv(directory / "significance.csv", [
         {"role": role, "detector": sig.detector, "statistic": sig.statistic_name, "threshold": sig.threshold,
-         "rule": sig.rule, "n_heads": len(sig.heads), "heads": " ".join(str(h) for h in sig.heads),
+         "rule": sig.rule, "n_above_null": int(sig.above_null.sum()), "effect": sig.effect_name,
+         "floor": None if math.isinf(sig.floor) else sig.floor, "floor_rule": sig.floor_rule, "n_heads": len(sig.heads), "heads": " ".join(str(h) for h in sig.heads),
          "details": json.dumps({k: v for k, v in sig.details.items() if not isinstance(v, list)})}
         for role, sig in atlas.roles.items()])
     _write_csv(directory / "overlap.csv", [

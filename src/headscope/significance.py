@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from jaxtyping import Float
@@ -28,7 +28,9 @@ DEFAULT_ALPHA = 0.05  # family-wise error rate over all heads of the model
 
 @dataclass
 class Significance:
-    """One role's significant heads: ``statistic[layer, head] > threshold``.
+    """One role's significant heads: ``statistic[layer, head] > threshold`` (beyond chance) and
+    ``effect[layer, head] > floor`` (large enough to say the head *does* the role, not merely
+    that it is above zero).
 
     Attributes:
         detector: the detector that gave the statistic.
@@ -38,6 +40,12 @@ class Significance:
         statistic_name: what ``statistic`` holds, in words.
         rule: how the threshold was set, in words (paper, null distribution, test and level).
         details: numbers behind the rule (null maximum, critical values, sample sizes).
+        effect: per-head effect size the floor applies to (None: the statistic itself, as for
+            attention shares; a z-test's effect is its mean, not its z); read ``effect_size``.
+        floor: the effect size a head must exceed (``-inf``: no floor).
+        effect_name: what ``effect`` holds, in words.
+        floor_rule: where the floor comes from (a paper's value, the role's definition, or what
+            heads do on inputs without the structure).
     """
 
     detector: str
@@ -47,20 +55,49 @@ class Significance:
     statistic_name: str
     rule: str
     details: dict[str, Any] = field(default_factory=dict)
+    effect: Optional[Float[Tensor, "n_layers n_heads"]] = None
+    floor: float = -math.inf
+    effect_name: str = ""
+    floor_rule: str = "no effect-size floor"
 
     def __post_init__(self) -> None:
         self.statistic = torch.as_tensor(self.statistic, dtype=torch.float32).detach().cpu()
         self.threshold = float(self.threshold)
+        self.floor = float(self.floor)
+        self.effect_name = self.effect_name or self.statistic_name
+        if self.effect is None:
+            return
+        self.effect = torch.as_tensor(self.effect, dtype=torch.float32).detach().cpu()
+        if self.effect.shape != self.statistic.shape:
+            raise ValueError(f"{self.role}: effect shape {tuple(self.effect.shape)} differs from the statistic's "
+                             f"{tuple(self.statistic.shape)}")
 
     @property
-    def mask(self) -> torch.Tensor:
-        """``[n_layers, n_heads]`` booleans: True where the head is significant (NaN never is)."""
+    def effect_size(self) -> Float[Tensor, "n_layers n_heads"]:
+        """The per-head effect the floor applies to: ``effect``, or the statistic when none was given."""
+        return self.statistic if self.effect is None else self.effect
+
+    @property
+    def above_null(self) -> torch.Tensor:
+        """``[n_layers, n_heads]`` booleans: the statistic beats the null (NaN never does)."""
         return torch.nan_to_num(self.statistic, nan=-math.inf) > self.threshold
 
     @property
+    def above_floor(self) -> torch.Tensor:
+        """``[n_layers, n_heads]`` booleans: the effect size exceeds the floor (NaN never does)."""
+        return torch.nan_to_num(self.effect_size, nan=-math.inf) > self.floor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """``[n_layers, n_heads]`` booleans: True where the head is significant — above the null
+        and above the effect-size floor."""
+        return self.above_null & self.above_floor
+
+    @property
     def heads(self) -> list[Head]:
-        """Significant heads, strongest first."""
-        return self.as_scores().above(self.threshold)
+        """Significant heads, strongest statistic first."""
+        mask = self.mask
+        return [head for head in self.as_scores().above(self.threshold) if mask[head.layer, head.head]]
 
     def as_scores(self, model: str = "") -> HeadScores:
         """The statistic as a ``HeadScores`` of this role (for top-k, overlaps, plots)."""
@@ -87,17 +124,28 @@ class Significance:
             "statistic_name": self.statistic_name,
             "rule": self.rule,
             "details": self.details,
+            "effect": None if self.effect is None else to_json_matrix(self.effect),
+            "floor": None if math.isinf(self.floor) else self.floor,
+            "effect_name": self.effect_name,
+            "floor_rule": self.floor_rule,
+            "n_above_null": int(self.above_null.sum()),
             "heads": [str(h) for h in self.heads],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Significance":
+        effect = data.get("effect")
+        floor = data.get("floor")
         return cls(data["detector"], data["role"], from_json_matrix(data["statistic"]), data["threshold"], data["statistic_name"],
-                   data["rule"], data.get("details", {}))
+                   data["rule"], data.get("details", {}), effect=None if effect is None else from_json_matrix(effect),
+                   floor=-math.inf if floor is None else floor, effect_name=data.get("effect_name", ""),
+                   floor_rule=data.get("floor_rule", "no effect-size floor"))
 
     def __repr__(self) -> str:
         heads = ", ".join(str(h) for h in self.heads[:8]) + (" …" if len(self.heads) > 8 else "")
-        return f"Significance({self.role}: {len(self.heads)} heads [{heads}], {self.statistic_name} > {self.threshold:.3g})"
+        floor = "" if math.isinf(self.floor) else f", {self.effect_name} > {self.floor:.3g}"
+        return (f"Significance({self.role}: {len(self.heads)} heads [{heads}], {self.statistic_name} > "
+                f"{self.threshold:.3g}{floor})")
 
 
 def bonferroni_z(n_tests: int, alpha: float = DEFAULT_ALPHA, two_sided: bool = True) -> float:

@@ -47,17 +47,55 @@ def test_template_detectors_share_one_scoring_pass_and_match_detect(model, built
         assert alone.extras.keys() == built.scores[name].extras.keys()
 
 
-def test_template_significance_is_above_the_null_of_unrepeated_tokens(model, built):
-    from headscope.detectors.attention_templates import template_null
+def test_template_significance_is_above_each_roles_own_null_and_the_majority_floor(model, built):
+    """Induction and duplicate-token heads against their own template on unrepeated tokens;
+    previous-token heads against what uniform attention gives at offset 1 (a null measured at
+    other offsets let any recency-biased head pass); every role needs a majority of attention."""
+    from headscope.detectors.attention_templates import MAJORITY, make_task, template_null, uniform_share
 
-    config = hs.get_detector("induction", **SMALL).config
-    null = template_null(model, config)
+    nulls = {}
     for name in TEMPLATES:
+        detector = hs.get_detector(name, **SMALL)
         (sig,) = built.significance[name]
-        assert sig.threshold == pytest.approx(float(null.max()))
-        assert "random-token" in sig.rule and sig.details["null_max_head"]
-        expected = {hs.Head(l, h) for l in range(3) for h in range(4) if built.scores[name].values[l, h] > null.max()}  # noqa: E741
+        if name == "previous_token":
+            nulls[name] = uniform_share(*detector.template(make_task(model, detector.config)))
+            assert "uniform attention" in sig.rule
+        else:
+            nulls[name] = float(template_null(model, detector).max())
+            assert "random tokens that never repeat" in sig.rule and sig.details["null_max_head"]
+        assert sig.threshold == pytest.approx(nulls[name]) and sig.floor == MAJORITY
+        values = built.scores[name].values
+        expected = {hs.Head(l, h) for l in range(3) for h in range(4)  # noqa: E741
+                    if values[l, h] > nulls[name] and values[l, h] > MAJORITY}
         assert set(sig.heads) == expected
+    assert len(set(nulls.values())) == 3  # one null per statistic, not one shared threshold
+
+
+def test_uniform_share_of_the_previous_token_template():
+    detector = hs.get_detector("previous_token", n_sequences=1, block_len=4, n_repeats=2)
+
+    class Task:  # 1 BOS + 8 tokens: queries 2..8 each see i + 1 keys
+        tokens, offset = torch.zeros(1, 9, dtype=torch.long), 1
+
+    template, queries = detector.template(Task)
+    from headscope.detectors.attention_templates import uniform_share
+
+    assert uniform_share(template, queries) == pytest.approx(sum(1 / (i + 1) for i in range(2, 9)) / 7)
+
+
+def test_significance_needs_both_the_null_and_the_floor():
+    statistic = torch.tensor([[0.9, 0.4], [0.05, 0.7]])
+    effect = torch.tensor([[0.1, 2.0], [3.0, 0.6]])
+    sig = Significance("d", "role", statistic, 0.3, "z", "rule", effect=effect, floor=0.5, effect_name="mean")
+    assert sig.above_null.tolist() == [[True, True], [False, True]]
+    assert sig.above_floor.tolist() == [[False, True], [True, True]]
+    assert sig.heads == [hs.Head(1, 1), hs.Head(0, 1)]
+    again = Significance.from_dict(json.loads(json.dumps(sig.to_dict())))
+    assert again.heads == sig.heads and again.floor == 0.5 and torch.equal(again.effect, effect)
+    assert sig.to_dict()["n_above_null"] == 3
+    no_floor = Significance("d", "role", statistic, 0.3, "z", "rule")
+    assert math.isinf(no_floor.floor) and no_floor.heads == [hs.Head(0, 0), hs.Head(1, 1), hs.Head(0, 1)]
+    assert Significance.from_dict(json.loads(json.dumps(no_floor.to_dict()))).heads == no_floor.heads
 
 
 def test_every_detector_gets_validated_with_the_atlas_k(built):
@@ -320,13 +358,13 @@ def test_the_shared_template_null_is_recomputed_when_the_weights_change():
     from headscope.detectors.attention_templates import template_null
 
     model = tiny_model(n_layers=2, n_heads=4, d_vocab=128, n_ctx=64)
-    config = hs.get_detector("induction", **SMALL).config
-    before = template_null(model, config)
-    assert template_null(model, config) is before  # shared while the weights stay the same
+    detector = hs.get_detector("induction", **SMALL)
+    before = template_null(model, detector)
+    assert template_null(model, detector) is before  # shared while the weights stay the same
     with torch.no_grad():
         for parameter in model.blocks[0].attn.parameters():
             parameter.mul_(3.0)
-    assert not torch.equal(template_null(model, config), before)
+    assert not torch.equal(template_null(model, detector), before)
 
 
 def _validate_failing_for(name, real_validate, calls):

@@ -119,6 +119,10 @@ def repeat_template(task: RepeatedTokens, shift: int) -> tuple[Float[Tensor, "q 
 
 ExtraScores = Callable[[dict, TokenBatch], dict[str, Tensor]]
 
+MAJORITY = 0.5  # effect-size floor of every template role: most of the head's attention on the template keys
+MAJORITY_RULE = ("the role's definition (attends primarily to the template keys; Elhage et al. 2021, Olsson et al. "
+                 "2022) read as a majority: more than half of the head's attention on them")
+
 
 class AttentionTemplateDetector(Detector):
     """A detector scored by ``template_scores`` on repeated random tokens.
@@ -142,22 +146,35 @@ class AttentionTemplateDetector(Detector):
     def significance(
         self, model: Any, scores: HeadScores, batch_size: Optional[int] = None, progress: Optional[bool] = None
     ) -> list[Significance]:
-        """Null distribution from random-token inputs: a head is significant when its score exceeds
-        the largest share of attention *any* head puts on a fixed offset (the earlier copy, or the
-        token after it) in random tokens of the same shape that never repeat — where no token
-        gives a head a reason to look there. The maximum over all heads makes the rule
-        family-wise. The null run is shared by every template detector with the same settings."""
-        null = template_null(model, self.config, batch_size, progress)
+        """Significant = above this role's own null *and* above the role's effect-size floor.
+
+        Null (the threshold): :meth:`null` — by default the largest share of attention any head
+        puts on *this* template's keys in random tokens of the same shape that never repeat, where
+        no token gives a head a reason to look there (the maximum over all heads makes the rule
+        family-wise). The null run is shared by every template detector with the same settings.
+        Floor: ``MAJORITY`` — the role's definition (a head that attends *primarily* to the
+        template's keys, Elhage et al. 2021, Olsson et al. 2022) read as: more than half of its
+        attention goes there, so no other key set can take as much.
+        """
+        threshold, rule, details = self.null(model, batch_size, progress)
+        return [Significance(
+            detector=self.name, role=self.name, statistic=scores.values, threshold=threshold,
+            statistic_name=f"{scores.metadata.get('score', self.score_name)} (share of attention on the template keys)",
+            rule=rule, details={**details, "n_sequences": self.config.n_sequences},
+            floor=MAJORITY, floor_rule=MAJORITY_RULE,
+        )]
+
+    def null(self, model: Any, batch_size: Optional[int] = None,
+             progress: Optional[bool] = None) -> tuple[float, str, dict[str, Any]]:
+        """``(threshold, rule, details)``: this template's share measured on random tokens that
+        never repeat (:func:`template_null`), maximum over all heads."""
+        null = template_null(model, self, batch_size, progress)
         peak = int(torch.argmax(null))
         n_heads = null.shape[1]
-        return [Significance(
-            detector=self.name, role=self.name, statistic=scores.values, threshold=float(null.max()),
-            statistic_name=f"{scores.metadata.get('score', self.score_name)} (share of attention on the template keys)",
-            rule=("null from random-token inputs: above the largest share any head puts on a fixed offset "
-                  "(n or n-1 tokens back) in random tokens that never repeat (max over all heads: family-wise)"),
-            details={"null_max": float(null.max()), "null_max_head": str(Head(peak // n_heads, peak % n_heads)),
-                     "null_median": float(null.median()), "n_sequences": self.config.n_sequences},
-        )]
+        rule = ("null from random-token inputs: above the largest share any head puts on this template's keys "
+                "in random tokens that never repeat (max over all heads: family-wise)")
+        return float(null.max()), rule, {"null_max": float(null.max()), "null_median": float(null.median()),
+                                         "null_max_head": str(Head(peak // n_heads, peak % n_heads))}
 
     def validation_task(self, model: Any) -> ValidationTask:
         return repeated_loss_task(model, self.config)
@@ -208,29 +225,48 @@ def score_together(
     return results
 
 
-_NULLS: "weakref.WeakKeyDictionary[Any, dict[str, Tensor]]" = weakref.WeakKeyDictionary()
+_NULLS: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, Tensor]]]" = weakref.WeakKeyDictionary()
 
 
 def template_null(
-    model: Any, config: RepeatedTokensConfig, batch_size: Optional[int] = None, progress: Optional[bool] = None
+    model: Any, detector: "AttentionTemplateDetector", batch_size: Optional[int] = None,
+    progress: Optional[bool] = None,
 ) -> Float[Tensor, "n_layers n_heads"]:
-    """Each head's larger mean share of attention on the duplicate (i - n) and induction
-    (i - n + 1) template keys, measured on :func:`unrepeated_like` tokens (fresh seed). Kept per
-    model, settings and weights (any in-place change to a parameter makes a new key), so the
-    template detectors of one atlas share one run."""
+    """``detector``'s null: its template's mean share of attention per head, measured on
+    :func:`unrepeated_like` tokens (same shape, fresh seed, no token repeats). One forward pass
+    measures the templates of every registered template detector at once, kept per model,
+    settings and weights (any in-place change to a parameter makes a new key), so the template
+    detectors of one atlas share it."""
+    config = detector.config
     key = repr((task_settings(config), weights_fingerprint(model)))
-    cached = _NULLS.setdefault(model, {})
-    if key not in cached:
+    cached = _NULLS.setdefault(model, {}).setdefault(key, {})
+    if detector.name not in cached:
         task = make_task(model, config)
         token_range = tuple(config.token_range) if config.token_range else None
         null_task = unrepeated_like(task, model_shape(model).d_vocab, token_range, seed=config.seed + 2_000_003)
         n_layers = model_shape(model).n_layers
-        templates = [repeat_template(task, shift) for shift in (0, 1)]
+        measured = {d.name: d.template(task) for d in [*_registered_templates(), detector] if d.name not in cached}
 
-        def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> Tensor:
-            return torch.stack([template_scores(cache, n_layers, t, q, chunk) for t, q in templates], dim=1)
+        def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
+            return {name: template_scores(cache, n_layers, t, q, chunk) for name, (t, q) in measured.items()}
 
         per_example = run_batched(model, null_task.tokens, reduce, pattern_hooks(model), batch_size, progress,
-                                  desc="template null", logits="last")  # [batch, 2, L, H]
-        cached[key] = per_example.mean(dim=0).amax(dim=0)
-    return cached[key]
+                                  desc="template null", logits="last")  # {name: [batch, L, H]}
+        cached.update({name: values.mean(dim=0) for name, values in per_example.items()})
+    return cached[detector.name]
+
+
+def _registered_templates() -> list["AttentionTemplateDetector"]:
+    """An instance of every registered template detector (a template depends on the task only)."""
+    from headscope.detectors.base import get_detector, list_detectors
+
+    detectors = [get_detector(name) for name in list_detectors()]
+    return [d for d in detectors if isinstance(d, AttentionTemplateDetector)]
+
+
+def uniform_share(template: Float[Tensor, "q k"], queries: Bool[Tensor, " q"]) -> float:
+    """The share of attention a template's keys get from uniform attention over the causal prefix
+    (query ``i`` spreads ``1 / (i + 1)`` over keys ``0..i``), averaged over the template's queries:
+    what a head that ignores tokens and position would score."""
+    positions = torch.nonzero(queries).flatten()
+    return float((template[positions].sum(dim=-1) / (positions + 1)).mean())

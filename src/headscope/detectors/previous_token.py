@@ -7,16 +7,25 @@ Score: mean over query positions ``i >= 2`` (after the BOS and the first token, 
 earlier key is the BOS) of ``A[i, i - 1]``, the attention to the immediately preceding token;
 mean over sequences. Range 0..1.
 
+Significance: a head must beat what position alone gives — the share uniform attention over the
+causal prefix puts on the previous token, ``mean_i 1 / (i + 1)`` — and the role's floor, a
+majority (> 0.5) of its attention on the previous token. Repetition cannot serve as the null
+here (every token has a previous token, repeated or not), and the template detectors' old shared
+null (attention n tokens back) never measured offset 1: 115 of the bundled model's 270 heads
+passed it.
+
 Validation metric: loss on the repeated tokens (previous-token heads feed induction heads via
 K-composition, so removing them should hurt in-context copying).
 """
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 from torch import Tensor
 
-from headscope.detectors.attention_templates import AttentionTemplateDetector
+from headscope.detectors.attention_templates import AttentionTemplateDetector, make_task, uniform_share
 from headscope.detectors.base import register_detector
 from headscope.tasks.repeated_tokens import RepeatedTokens
 
@@ -34,3 +43,11 @@ class PreviousTokenDetector(AttentionTemplateDetector):
         index = torch.nonzero(queries).flatten()
         template[index, index - 1] = 1.0
         return template, queries
+
+    def null(self, model: Any, batch_size: Optional[int] = None,
+             progress: Optional[bool] = None) -> tuple[float, str, dict[str, Any]]:
+        """Position alone: the previous token's share under uniform attention (no model run)."""
+        share = uniform_share(*self.template(make_task(model, self.config)))
+        rule = ("position alone: above the share uniform attention over the causal prefix puts on the previous "
+                "token (mean over queries of 1/(i+1)); repetition is no null here, every token has a predecessor")
+        return share, rule, {"uniform_share": share}
