@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
+import inspect
 import json
 import math
 import platform
@@ -439,12 +441,36 @@ class _Builder:
         {"scores": self.scores, "significance": self.significance, "validation": self.validations}[stage][name] = value
 
     def _key(self, detector: Detector, stage: str) -> dict[str, Any]:
-        """What a saved stage must match to be reused: the detector's settings, and for the
-        validation the atlas's k, n_random and seed."""
-        key: dict[str, Any] = {"config": plain_config(detector)}
+        """What a saved stage must match to be reused: the detector's settings, the code that
+        computes the stage (:func:`code_fingerprint`), and for the validation the atlas's k,
+        n_random and seed."""
+        key: dict[str, Any] = {"config": plain_config(detector), "code": code_fingerprint(detector, stage)}
         if stage == "validation":
             key.update(k=self.config.k, n_random=self.config.n_random, seed=self.config.seed)
         return key
+
+
+def code_fingerprint(detector: Detector, stage: str) -> str:
+    """A short hash of the source files that compute ``stage`` for ``detector``: the modules of
+    its class and base classes, plus ``significance.py`` or ``validation.py`` for those stages.
+    A saved part made by other code (a new significance rule, a fixed bug) is recomputed."""
+    import headscope.significance
+    import headscope.validation
+
+    sources = [cls for cls in type(detector).__mro__ if cls.__module__.startswith("headscope.") or cls is type(detector)]
+    sources += [{"significance": headscope.significance, "validation": headscope.validation}.get(stage)]
+    digest = hashlib.sha256()
+    for path in sorted({_source_file(source) for source in sources if source is not None} - {None}):
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _source_file(source: Any) -> Optional[str]:
+    try:
+        path = inspect.getsourcefile(source)
+    except TypeError:  # a built-in
+        return None
+    return path if path and Path(path).is_file() else None  # a class typed into a notebook has no file
 
 
 class _PartStore:

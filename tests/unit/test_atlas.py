@@ -444,3 +444,19 @@ def test_a_detector_whose_scores_are_all_nan_raises_instead_of_returning_them(ti
     with pytest.raises(hs.EmptyResultError, match="induction detector scored no head: every score is NaN \\(why\\)"):
         detector.result(tiny, torch.full((2, 4), math.nan), metadata={"nan_reason": "why"})
     assert detector.result(tiny, torch.tensor([[math.nan, 1.0]])).values.shape == (1, 2)  # some NaN is fine
+
+
+def test_a_saved_stage_made_by_other_code_is_recomputed(monkeypatch):
+    """The part key holds a hash of the code that computes the stage: a new significance rule
+    (significance.py, the detector's module) or validation (validation.py) invalidates saved parts."""
+    detector = hs.get_detector("induction", **SMALL)
+    keys = {stage: atlas_module.code_fingerprint(detector, stage) for stage in ("scores", "significance", "validation")}
+    assert len(set(keys.values())) == 3
+    import headscope.significance
+
+    real = atlas_module.Path.read_bytes
+    edited = headscope.significance.__file__
+    monkeypatch.setattr(atlas_module.Path, "read_bytes",
+                        lambda self: real(self) + (b"# new rule" if str(self) == edited else b""))
+    assert atlas_module.code_fingerprint(detector, "significance") != keys["significance"]
+    assert atlas_module.code_fingerprint(detector, "scores") == keys["scores"]
