@@ -68,7 +68,7 @@ class AtlasSettings:
     detectors: list[str]
     validate: bool = True
     k: int = 5
-    n_random: int = 3
+    n_random: int = 5
     seed: int = 0
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     overlap_k: int = 10
@@ -286,7 +286,7 @@ def atlas(
     detectors: Union[str, Sequence[str]] = "all",
     validate: bool = True,
     k: int = 5,
-    n_random: int = 3,
+    n_random: int = 5,
     settings: Optional[dict[str, dict[str, Any]]] = None,
     out: Optional[Union[str, Path]] = None,
     resume: bool = True,

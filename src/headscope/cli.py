@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     atlas_cmd.add_argument("--detectors", default="all", help="'all' (default) or comma-separated names")
     atlas_cmd.add_argument("--out", default="atlas", help="folder for report.html, atlas.json, CSV files and parts/")
     atlas_cmd.add_argument("-k", type=int, default=5, help="heads ablated by each validation (default 5)")
-    atlas_cmd.add_argument("--n-random", type=int, default=3, help="random k-sets each validation compares with")
+    atlas_cmd.add_argument("--n-random", type=int, default=5, help="random k-sets each validation compares with (default 5)")
     atlas_cmd.add_argument("--seed", type=int, default=0)
     atlas_cmd.add_argument("--no-validate", action="store_true", help="skip the causal validations")
     atlas_cmd.add_argument("--no-resume", action="store_true", help="recompute stages already saved in --out/parts")

@@ -4,7 +4,11 @@
 on repeated tokens) per example for the clean model, with the top-k heads ablated, and with
 each of ``n_random`` draws of k other heads ablated. The reported difference is
 ``(top-k - clean) - mean over draws (random-k - clean)``, averaged over examples, with a 95%
-bootstrap interval that resamples both the examples and the random draws.
+interval (:func:`bootstrap_difference_ci`) for the population of random k-sets, not only the
+drawn ones: a t-interval whose variance adds the spread between draws to the example noise, with
+Welch–Satterthwaite degrees of freedom. In a simulation (``tests/unit/test_validation_coverage.py``:
+32 examples, sets that differ more than the noise) it covers 94.3% of the time with 5 draws, 94.8%
+with 10 and 92.2% with 3, where the earlier percentile bootstrap covered 87%, 91% and 77%.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from headscope.detectors.base import MetricFn, ValidationTask, get_detector
 from headscope.engine.heads import Head, all_heads, model_shape
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import as_token_batch
-from headscope.errors import EmptyResultError
+from headscope.errors import EmptyResultError, InputError
 from headscope.interventions import ablate, head_output_means
 from headscope.results import HeadScores
+from headscope.significance import satterthwaite_df, student_t_quantile
 
 
 @dataclass
@@ -211,9 +216,31 @@ def bootstrap_difference_ci(
     n_bootstrap: int = 2000,
     seed: int = 0,
     level: float = 0.95,
+    *,
+    method: str = "t",
 ) -> tuple[float, float]:
-    """Percentile CI of mean_examples[(top - clean) - mean_draws(random - clean)], resampling
-    examples and random draws with replacement."""
+    """Interval for ``mean_n[(top - clean) - mean_draws(random - clean)]``, the top-k effect
+    beyond the effect of a random k-set.
+
+    Args:
+        clean, top: the metric per example, clean and with the top-k heads ablated.
+        random: the metric per random draw and example.
+        method: ``"t"`` (default), :func:`difference_t_interval`: the estimand is the expected
+            effect of a *random* k-set, so the interval counts the spread between draws (with
+            ``draws - 1`` degrees of freedom) as well as the examples' noise; needs 2 draws;
+            covers 92% with 3 draws, 94% with 5, 95% with 10-20 in simulation (nominal 95%).
+            ``"percentile"``: the earlier percentile bootstrap resampling examples and draws
+            (``n_bootstrap`` replicates, ``seed``); it undercovers with few draws (77% with 3,
+            87% with 5, 93% with 20).
+
+    Returns:
+        ``(low, high)`` at ``level``.
+    """
+    if method == "t":
+        low, high = difference_t_interval(clean, top, random, level)
+        return float(low), float(high)
+    if method != "percentile":
+        raise InputError(f"The 'method' parameter of bootstrap_difference_ci must be 't' or 'percentile'; got {method!r}.")
     generator = torch.Generator().manual_seed(seed + 1)
     n_examples, n_draws = clean.numel(), random.shape[0]
     examples = torch.randint(n_examples, (n_bootstrap, n_examples), generator=generator)
@@ -227,3 +254,37 @@ def bootstrap_difference_ci(
     differences = effect_top - random_mean
     tail = (1 - level) / 2
     return float(torch.quantile(differences, tail)), float(torch.quantile(differences, 1 - tail))
+
+
+def difference_t_interval(
+    clean: Float[Tensor, "*batch n"],
+    top: Float[Tensor, "*batch n"],
+    random: Float[Tensor, "*batch draws n"],
+    level: float = 0.95,
+) -> tuple[Float[Tensor, " *batch"], Float[Tensor, " *batch"]]:
+    """t-interval of the top-k effect beyond a random k-set's, for the population of random sets.
+
+    With ``r[d, i] = random[d, i] - clean[i]`` (draw ``d``'s effect on example ``i``),
+    ``y[i] = (top[i] - clean[i]) - mean_d r[d, i]`` and ``R[d] = mean_i r[d, i]``::
+
+        difference = mean_i y[i]
+        variance   = var_i(y) / n  +  var_d(R) / draws      (examples' noise + spread between draws)
+        df         = Welch–Satterthwaite of the two, with n - 1 and draws - 1 degrees of freedom
+        interval   = difference ± t_{df}((1 + level) / 2) · sqrt(variance)
+
+    ``var_d(R)`` also holds the examples' noise of each draw's mean, which ``var_i(y)`` counts
+    already: a small overstatement, kept because the exact split undercovers with few draws.
+    Vectorised over leading ``batch`` dimensions (the coverage simulation computes thousands).
+    """
+    n, draws = clean.shape[-1], random.shape[-2]
+    if draws < 2 or n < 2:
+        raise InputError(f"The t-interval needs at least 2 random draws and 2 examples; got {draws} draws and {n} "
+                         "examples. Draw more random sets (n_random), or pass method='percentile'.")
+    effect_random = random.double() - clean.double()[..., None, :]  # [*batch, draws, n]
+    per_example = (top.double() - clean.double()) - effect_random.mean(dim=-2)  # [*batch, n]
+    difference = per_example.mean(dim=-1)
+    examples_part = per_example.var(dim=-1) / n
+    draws_part = effect_random.mean(dim=-1).var(dim=-1) / draws
+    df = satterthwaite_df([examples_part, draws_part], [n - 1, draws - 1])
+    half = student_t_quantile(torch.full_like(df, (1 + level) / 2), df) * (examples_part + draws_part).sqrt()
+    return difference - half, difference + half
