@@ -173,7 +173,7 @@ def satterthwaite_df(variances: list[float | Tensor], dfs: list[float]) -> Tenso
     parts = [torch.as_tensor(v, dtype=torch.float64) for v in variances]
     total = sum(parts)
     spread = sum(v**2 / df for v, df in zip(parts, dfs, strict=True))
-    return torch.where(spread > 0, total**2 / spread, torch.full_like(total, float(sum(dfs))))
+    return torch.where(spread == 0, float(sum(dfs)), total**2 / spread)  # NaN stays NaN
 
 
 def student_t_quantile(p: float | Tensor, df: float | Tensor, max_steps: int = 100) -> Float[Tensor, "..."]:

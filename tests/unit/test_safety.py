@@ -214,3 +214,43 @@ def tiny_llama_hf(tmp_path):
     from tests.conftest import tiny_llama_folder
 
     return LlamaForCausalLM.from_pretrained(tiny_llama_folder(tmp_path / "hf"))
+
+
+# --- the significance rule ------------------------------------------------------------------------
+
+def test_significance_is_a_welch_t_test_against_the_t_critical_value(monkeypatch):
+    """8 harmful and 8 harmless requests over 8 heads: Welch t against the Bonferroni critical t at
+    each head's Welch–Satterthwaite df. A head at t = 2.78 passed the old normal rule (2.50) but
+    not the t rule (3.02 at its 10.3 df)."""
+    import math
+    import types
+
+    import headscope.detectors.safety as safety
+    from headscope.significance import bonferroni_t, bonferroni_z
+
+    n = 8
+    harmful = torch.tensor([[0.30, 0.32, 0.90, 0.10], [0.20, 0.80, 0.40, float("nan")]])
+    harmful_sd = torch.tensor([[0.10, 0.20, 0.30, 0.10], [0.10, 0.05, 0.40, float("nan")]])
+    control = {"ships": torch.full((2, 4), 0.1), "ships_sd": torch.tensor([[0.10, 0.10, 0.05, 0.10],
+                                                                             [0.10, 0.40, 0.05, 0.10]])}
+    monkeypatch.setattr(safety, "readout_scan", lambda *args, **kwargs: None)
+    monkeypatch.setattr(safety, "next_token_scores", lambda model, scan: control)
+    scores = hs.HeadScores(harmful, "safety", "toy", extras={"ships_sd": harmful_sd}, metadata={"n_queries": n})
+    detector = SafetyDetector(n_queries=n)
+    (rule,) = detector.significance(types.SimpleNamespace(tokenizer=None), scores)
+
+    v1, v2 = harmful_sd.double() ** 2 / n, control["ships_sd"].double() ** 2 / n
+    t = (harmful.double() - 0.1) / (v1 + v2).sqrt()
+    df = (v1 + v2) ** 2 / (v1**2 / (n - 1) + v2**2 / (n - 1))
+    by_hand = torch.zeros(2, 4, dtype=torch.bool)
+    for layer in range(2):
+        for head in range(4):
+            if not math.isnan(float(t[layer, head])):
+                by_hand[layer, head] = float(t[layer, head]) > bonferroni_t(8, float(df[layer, head]), two_sided=False)
+    assert torch.equal(rule.mask, by_hand) and rule.threshold == 1.0
+    assert rule.details["welch_t"][0][1] == pytest.approx(float(t[0, 1]), abs=1e-4)
+    assert float(t[0, 1]) == pytest.approx(2.78, abs=0.01) and float(df[0, 1]) == pytest.approx(10.3, abs=0.1)
+    assert float(t[0, 1]) > bonferroni_z(8, two_sided=False) and not rule.mask[0, 1]  # the normal rule passed it
+    assert rule.mask[0, 2] and rule.mask[1, 1] and not rule.mask[1, 3]  # NaN (not scanned) never significant
+    assert rule.details["t_critical_range"] == [pytest.approx(2.864, abs=1e-3), pytest.approx(3.303, abs=1e-3)]
+    assert rule.statistic[0, 0] == pytest.approx(4.0 / 2.864, abs=1e-3)  # t over its critical t

@@ -147,3 +147,4 @@ def test_bonferroni_t_and_satterthwaite_df():
     assert float(df) == pytest.approx((0.4 + 0.05) ** 2 / (0.4**2 / 9 + 0.05**2 / 19))
     assert float(satterthwaite_df([0.0, 0.0], [9, 19])) == 28.0
     assert float(satterthwaite_df([0.3, 0.0], [9, 19])) == pytest.approx(9.0)
+    assert torch.isnan(satterthwaite_df([float("nan"), 0.1], [9, 19]))

@@ -47,7 +47,7 @@ from headscope.engine.heads import Head, all_heads, model_shape
 from headscope.errors import InputError
 from headscope.interventions import scale_query
 from headscope.results import HeadScores
-from headscope.significance import DEFAULT_ALPHA, Significance, bonferroni_z
+from headscope.significance import DEFAULT_ALPHA, Significance, bonferroni_t, satterthwaite_df
 from headscope.scans import ReadoutScan, readout_scan
 from headscope.tasks import refusal
 
@@ -123,10 +123,16 @@ class SafetyDetector(Detector):
     ) -> list[Significance]:
         """Control: Ships of every head on as many *harmless* requests (same split, same sentence
         forms, same seed). A safety head disturbs the next token on harmful requests more than on
-        harmless ones: Welch z of (harmful mean KL - harmless mean KL) above the one-sided normal
-        critical value at family-wise 5% over all heads (Bonferroni). A head that disturbs every
-        request alike (a general-purpose head) is not called a safety head, however large its Ships.
-        Costs one more uniform-attention scan (of the harmless requests)."""
+        harmless ones: one-sided Welch t-test of harmful mean KL - harmless mean KL, per head::
+
+            t  = (ships_harmful - ships_harmless) / sqrt(sd_harmful^2 / n_harmful + sd_harmless^2 / n_harmless)
+            df = Welch–Satterthwaite (n_harmful - 1 and n_harmless - 1 per part)
+            significant when t > t_crit(df) at family-wise 5% over all heads (Bonferroni)
+
+        The statistic is ``t / t_crit(df)`` (threshold 1), since each head has its own df. With 16
+        queries the critical t is 4.0-4.6 for 270 heads, not the normal 3.56. A head that disturbs
+        every request alike (a general-purpose head) is not called a safety head, however large its
+        Ships. Costs one more uniform-attention scan (of the harmless requests)."""
         if "ships_sd" not in scores.extras:
             raise InputError("These safety scores have no per-query spread (saved by an older headscope); rescore them.")
         harmful_n = int(scores.metadata["n_queries"])
@@ -135,14 +141,18 @@ class SafetyDetector(Detector):
         scan = readout_scan(model, prompts, method="uniform", factor=self.config.epsilon, batch_size=batch_size,
                             progress=progress)
         control = next_token_scores(model, scan)
-        spread = (scores.extras["ships_sd"] ** 2 / harmful_n + control["ships_sd"] ** 2 / len(harmless)).sqrt()
-        z = (scores.values - control["ships"]) / spread.clamp(min=1e-12)
-        critical = bonferroni_z(scores.values.numel(), two_sided=False)
-        details = {"z_critical": critical, "n_harmful": harmful_n, "n_harmless": len(harmless), "alpha": DEFAULT_ALPHA,
+        parts = [scores.extras["ships_sd"].double() ** 2 / harmful_n, control["ships_sd"].double() ** 2 / len(harmless)]
+        t = (scores.values.double() - control["ships"].double()) / sum(parts).sqrt().clamp(min=1e-12)
+        df = satterthwaite_df(parts, [harmful_n - 1, len(harmless) - 1])
+        critical = bonferroni_t(scores.values.numel(), df, two_sided=False)
+        details = {"t_critical_range": _finite_range(critical), "welch_df_range": _finite_range(df),
+                   "n_harmful": harmful_n, "n_harmless": len(harmless), "alpha": DEFAULT_ALPHA,
+                   "welch_t": [[round(x, 4) for x in row] for row in t.tolist()],
                    "harmless_ships": [[round(x, 6) for x in row] for row in control["ships"].tolist()]}
-        return [Significance(self.name, self.name, z, critical, "Welch z of Ships, harmful minus harmless requests",
-                             "control: Ships on as many harmless requests; one-sided Welch z-test, Bonferroni over "
-                             f"all heads (family-wise {DEFAULT_ALPHA})", details)]
+        return [Significance(self.name, self.name, t / critical, 1.0,
+                             "Welch t of Ships (harmful minus harmless requests) over its critical t",
+                             "control: Ships on as many harmless requests; one-sided Welch t-test (Welch–Satterthwaite "
+                             f"df per head), Bonferroni over all heads (family-wise {DEFAULT_ALPHA})", details)]
 
     def _harmless(self, n: int) -> list[refusal.Request]:
         """``n`` harmless requests of the scored split, drawn with the detector's seed."""
@@ -174,6 +184,12 @@ class SafetyDetector(Detector):
         if self.config.requests_file is not None:
             return refusal.read_requests(self.config.requests_file)
         return refusal.load_requests("harmful", split)
+
+
+def _finite_range(values: Tensor) -> list[float]:
+    """``[min, max]`` of the finite values (empty when there are none)."""
+    finite = values[torch.isfinite(values)]
+    return [round(float(finite.min()), 4), round(float(finite.max()), 4)] if finite.numel() else []
 
 
 def next_token_scores(model: Any, scan: ReadoutScan) -> dict[str, Float[Tensor, "layers heads"]]:
