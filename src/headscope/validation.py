@@ -288,3 +288,33 @@ def difference_t_interval(
     df = satterthwaite_df([examples_part, draws_part], [n - 1, draws - 1])
     half = student_t_quantile(torch.full_like(df, (1 + level) / 2), df) * (examples_part + draws_part).sqrt()
     return difference - half, difference + half
+
+
+def cluster_bootstrap_ci(
+    values: Float[Tensor, " n"],
+    clusters: Tensor,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``mean(values)`` that resamples whole clusters (e.g. every edit
+    of one token) with replacement, so values that share a cluster are not counted as independent.
+
+    Each replicate draws as many clusters as there are and takes ``sum of their values / number of
+    their values`` (clusters may differ in size). With one value per cluster it is the ordinary
+    bootstrap of the mean. Returns ``(nan, nan)`` without values.
+
+    Args:
+        values: one number per unit, e.g. success minus control per edit.
+        clusters: ``[n]`` labels (any integers); units with the same label are resampled together.
+    """
+    if values.numel() == 0:
+        return float("nan"), float("nan")
+    labels, members = torch.unique(torch.as_tensor(clusters), return_inverse=True)
+    sums = torch.zeros(len(labels), dtype=torch.float64).index_add_(0, members, values.double())
+    counts = torch.bincount(members, minlength=len(labels)).double()
+    generator = torch.Generator().manual_seed(seed + 1)
+    drawn = torch.randint(len(labels), (n_bootstrap, len(labels)), generator=generator)
+    means = sums[drawn].sum(dim=1) / counts[drawn].sum(dim=1)
+    tail = (1 - level) / 2
+    return float(torch.quantile(means, tail)), float(torch.quantile(means, 1 - tail))

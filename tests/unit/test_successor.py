@@ -50,3 +50,53 @@ def test_validation_task_uses_held_out_prompts_and_zero_ablation(tiny_llama):
         logits = tiny_llama(task.data.tokens, attention_mask=task.data.attention_mask)
     accuracy = task.metric(logits, task.data)
     assert accuracy.shape == (len(test),) and set(accuracy.tolist()) <= {0.0, 1.0}
+
+
+# --- the mod-10 edit interval: edits of one token are one cluster ---------------------------------
+
+def clustered_edits(reps: int, tokens: int = 40, edits: int = 9, token_sd: float = 0.4, noise_sd: float = 0.2,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reps`` data sets of success-minus-control per edit, ``edits`` edits per token sharing the
+    token's own effect (within-token correlation ``token_sd^2 / (token_sd^2 + noise_sd^2)`` = 0.8),
+    true mean 0.3; and the token of each edit."""
+    generator = torch.Generator().manual_seed(seed)
+    token_effect = token_sd * torch.randn(reps, tokens, 1, generator=generator)
+    values = 0.3 + token_effect + noise_sd * torch.randn(reps, tokens, edits, generator=generator)
+    return values.reshape(reps, -1), torch.arange(tokens).repeat_interleave(edits)
+
+
+@pytest.fixture
+def one_thread():
+    """400 small bootstraps run several times faster on one thread than contending for many."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_clustered_interval_is_wider_than_the_naive_one_and_covers(one_thread):
+    from headscope.validation import cluster_bootstrap_ci
+
+    values, token = clustered_edits(200)
+    naive_hits = clustered_hits = 0
+    for rep, row in enumerate(values):
+        naive = cluster_bootstrap_ci(row, torch.arange(len(row)), n_bootstrap=500, seed=rep)  # every edit independent
+        clustered = cluster_bootstrap_ci(row, token, n_bootstrap=500, seed=rep)
+        assert clustered[1] - clustered[0] > 2 * (naive[1] - naive[0])  # design effect 1 + 8 * 0.8 = 7.4: ~2.7x wider
+        naive_hits += naive[0] <= 0.3 <= naive[1]
+        clustered_hits += clustered[0] <= 0.3 <= clustered[1]
+    assert naive_hits / len(values) < 0.6 and clustered_hits / len(values) >= 0.9
+
+
+def test_the_clustered_interval_matches_the_plain_bootstrap_without_clusters():
+    from headscope.validation import cluster_bootstrap_ci
+
+    values = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    generator = torch.Generator().manual_seed(1)  # the helper's generator: seed + 1
+    means = values[torch.randint(8, (2000, 8), generator=generator)].mean(dim=1).double()
+    expected = (float(torch.quantile(means, 0.025)), float(torch.quantile(means, 0.975)))
+    assert cluster_bootstrap_ci(values, torch.arange(8) * 3) == (pytest.approx(expected[0]), pytest.approx(expected[1]))
+    # one cluster of unequal size per token: resampled as a whole
+    low, high = cluster_bootstrap_ci(torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([7, 7, 7, 2]))
+    assert low == pytest.approx(0.0) and high == pytest.approx(1.0)
+    assert all(map(lambda x: x != x, cluster_bootstrap_ci(torch.tensor([]), torch.tensor([], dtype=torch.long))))
