@@ -139,7 +139,9 @@ class RetrievalDetector(Detector):
         if config.needles not in NEEDLE_SOURCES:
             raise InputError(f"Unknown needle source {config.needles!r}; choose one of {', '.join(NEEDLE_SOURCES)}.")
         if config.needle_offset < 0:
-            raise InputError(f"needle_offset is the index of the first scored needle and must be >= 0; got {config.needle_offset}.")
+            raise InputError(
+                f"needle_offset is the index of the first scored needle and must be >= 0; got {config.needle_offset}."
+            )
         n_cells = grid_size(config)
         start = config.needle_offset + (n_cells if held_out else 0)
         if config.needles == "codes":

@@ -105,13 +105,15 @@ _TRADES = (
     "baker", "beekeeper", "bookbinder", "candlemaker", "clockmaker", "ferryman", "gardener", "locksmith",
     "potter", "shepherd", "weaver", "harbour pilot",
 )
-_COLOURS = ("crimson", "golden", "jade", "lilac", "plum", "russet", "saffron", "scarlet", "slate", "teal")  # all take "a"
+_COLOURS = ("crimson", "golden", "jade", "lilac", "plum", "russet", "saffron", "scarlet", "slate", "teal")  # take "a"
 _ANIMALS = ("badger", "crane", "ferret", "heron", "lynx", "magpie", "otter", "pelican", "tortoise", "wren")
 _OBJECTS = (
     "brass bell", "chess knight", "clay whistle", "cracked compass", "feather quill", "glass marble",
     "pewter spoon", "silk ribbon", "tin soldier", "wooden flute", "paper lantern", "copper kettle",
 )
-_PLACES = ("the old mill", "the chapel gate", "the fish market", "the north bridge", "the village well", "the toll house")
+_PLACES = (
+    "the old mill", "the chapel gate", "the fish market", "the north bridge", "the village well", "the toll house",
+)
 _FACT_TEMPLATES = (
     ("{who} keeps {a}, {b}, and {c} in a {colour} box.",
      "What does {who} keep in a {colour} box?", "{a}, {b}, and {c}"),
