@@ -9,6 +9,7 @@ import headscope as hs
 from headscope.detectors.memory_context import LogitDifference, final_head_attributions
 from headscope.tasks.conflicts import ConflictItem
 from tests.conftest import tiny_llama_folder
+from tests.families import tiny_family_model
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +52,45 @@ def test_a_last_layer_heads_attribution_equals_removing_it_with_the_norm_scale_f
             removed = metric(llama(batch.tokens, attention_mask=batch.attention_mask), batch)
     torch.testing.assert_close(attributions["attribution"][:, layer, head], clean - removed, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(attributions["logit_diff"], clean, rtol=1e-4, atol=1e-5)
+
+
+def test_significance_takes_the_student_t_critical_value_at_n_items_minus_one_df():
+    """A head at t = 3.0 over 20 items: above the normal Bonferroni value for 8 heads (2.73) but
+    below Student t's at 19 df (3.07), so it is not significant."""
+    from headscope.significance import bonferroni_t, bonferroni_z
+
+    values = torch.zeros(2, 4)
+    values[1, 2], values[0, 1] = 3.0, -4.0
+    scores = hs.HeadScores(values, "memory_context", "tiny", extras={"standard_error": torch.ones(2, 4)},
+                           metadata={"n_items": 20})
+    context, memory = hs.get_detector("memory_context").significance(None, scores)
+    critical = bonferroni_t(8, 19)
+    assert bonferroni_z(8) < 3.0 < critical < 4.0  # the normal rule would have passed t = 3.0
+    assert context.threshold == memory.threshold == pytest.approx(critical)
+    assert context.details["df"] == 19 and context.heads == [] and [str(h) for h in memory.heads] == ["L0H1"]
+    with pytest.raises(hs.InputError, match="at least 2 scored items"):
+        hs.get_detector("memory_context").significance(None, hs.HeadScores(
+            values, "memory_context", "tiny", extras={"standard_error": torch.ones(2, 4)}, metadata={"n_items": 1}))
+
+
+def test_scoring_and_validation_items_are_split_by_subject(monkeypatch):
+    """Every item of a subject (all relations, all formats) is on one side; the split is the same
+    every time and holds held_out_share of the subjects out of scoring."""
+    from headscope.tasks import conflicts
+
+    facts = {r: list(conflicts.RELATIONS[r].facts) for r in ("capital", "language")}
+    monkeypatch.setattr(conflicts, "known_facts", lambda model, relation, batch_size=32: facts[relation])
+    model = tiny_family_model("LlamaForCausalLM", with_tokenizer=True)
+    detector = hs.get_detector("memory_context", formats=("restate", "qa"))
+    every, scored, held_out = (detector.items(model, split) for split in ("all", "score", "held_out"))
+    assert sorted(scored + held_out, key=every.index) == every
+    assert not {i.subject for i in scored} & {i.subject for i in held_out}
+    subjects = {i.subject for i in every}
+    assert len({i.subject for i in held_out}) == round(len(subjects) * 0.5)
+    assert detector.items(model, "held_out") == held_out  # deterministic
+    other_seed = hs.get_detector("memory_context", seed=1, formats=("restate", "qa")).items(model, "held_out")
+    assert {i.subject for i in held_out} != {i.subject for i in other_seed}
+    with pytest.raises(hs.InputError, match="'split' parameter of items"):
+        detector.items(model, "test")
+    with pytest.raises(hs.InputError, match="held_out_share"):
+        hs.get_detector("memory_context", held_out_share=1.0).items(model, "score")

@@ -59,7 +59,7 @@ from headscope.engine.unembed import (
 )
 from headscope.errors import EmptyResultError, InputError
 from headscope.results import HeadScores, ranking_agreement  # noqa: F401  (ranking_agreement re-exported)
-from headscope.significance import DEFAULT_ALPHA, Significance, bonferroni_z
+from headscope.significance import DEFAULT_ALPHA, Significance, bonferroni_t
 from headscope.tasks.conflicts import ConflictItem, conflict_items, conflict_prompt, split_by_subject
 
 ITEM_SPLITS = ("all", "score", "held_out")
@@ -126,20 +126,28 @@ class MemoryContextDetector(Detector):
     def significance(
         self, model: Any, scores: HeadScores, batch_size: Optional[int] = None, progress: Optional[bool] = None
     ) -> list[Significance]:
-        """Two roles from one test: ``z = mean attribution / its standard error over items``;
-        context heads have ``z`` above, memory heads below, the two-sided normal critical value at
-        family-wise 5% over all heads (Bonferroni)."""
+        """Two roles from one test: ``t = mean attribution / its standard error over the scored
+        items``; context heads have ``t`` above, memory heads below, the two-sided Student t
+        critical value with ``n_items - 1`` degrees of freedom at family-wise 5% over all heads
+        (Bonferroni). The normal value this replaced is too small for tens of items (for 270
+        heads: 3.74 against 4.15 at 37 degrees of freedom)."""
         if "standard_error" not in scores.extras:
             raise InputError("These memory_context scores have no standard errors (saved by an older headscope); rescore them.")
-        z = scores.values / scores.extras["standard_error"].clamp(min=1e-12)
-        critical = bonferroni_z(scores.values.numel())
-        details = {"z_critical": critical, "n_items": scores.metadata.get("n_items"), "alpha": DEFAULT_ALPHA}
-        rule = ("one-sample z-test of the mean attribution over items, two-sided, Bonferroni over all heads "
-                f"(family-wise {DEFAULT_ALPHA})")
+        n_items = int(scores.metadata.get("n_items") or 0)
+        if n_items < 2:
+            raise InputError(
+                f"The memory_context significance test needs at least 2 scored items for a standard error; these "
+                f"scores have {n_items}. Score on more items (relations=..., or a smaller held_out_share)."
+            )
+        t = scores.values / scores.extras["standard_error"].clamp(min=1e-12)
+        critical = bonferroni_t(scores.values.numel(), n_items - 1)
+        details = {"t_critical": critical, "df": n_items - 1, "n_items": n_items, "alpha": DEFAULT_ALPHA}
+        rule = (f"one-sample t-test of the mean attribution over items ({n_items - 1} df), two-sided, Bonferroni "
+                f"over all heads (family-wise {DEFAULT_ALPHA})")
         return [
-            Significance(self.name, "context", z, critical, "z of the attribution onto context minus memorised answer",
+            Significance(self.name, "context", t, critical, "t of the attribution onto context minus memorised answer",
                          rule, details),
-            Significance(self.name, "memory", -z, critical, "-z of the attribution onto context minus memorised answer",
+            Significance(self.name, "memory", -t, critical, "-t of the attribution onto context minus memorised answer",
                          rule, details),
         ]
 
