@@ -32,6 +32,7 @@ from headscope.detectors.successor import effective_embeddings, head_ov_logits, 
 from headscope.engine.heads import check_head
 from headscope.interventions import swap_feature
 from headscope.tasks.succession import make_task
+from headscope.validation import cluster_bootstrap_ci
 
 NUMERIC_FAMILIES = {
     "numbers": ("bare",),  # SmolLM2: only the bare digits 1-9 are single tokens
@@ -138,7 +139,7 @@ class EditResult:
     success_rate: float  # top output = successor of the edited value
     control_rate: float  # same target, a random direction of equal norm added instead
     unedited_rate: float  # the head's top output on unedited tokens is their successor
-    difference_ci: tuple[float, float] = (float("nan"), float("nan"))  # 95% CI of success - control, paired
+    difference_ci: tuple[float, float] = (float("nan"), float("nan"))  # 95% CI of success - control, by token
     per_family: dict[str, float] = field(default_factory=dict)
 
 
@@ -153,7 +154,7 @@ def mod10_edits(model: Any, head: Any, embedding: str = "mlp0_residual", seed: i
     by_family: dict[str, dict[int, int]] = {}
     for index, token in enumerate(tokens):
         by_family.setdefault(token.family, {})[token.value] = index
-    outcomes: dict[str, list[tuple[bool, bool]]] = {}
+    outcomes: dict[str, list[tuple[bool, bool, int]]] = {}  # (success, control, edited token's index)
     unedited = []
     for family, members in by_family.items():
         column = {value: c for c, value in enumerate(members)}
@@ -169,7 +170,7 @@ def mod10_edits(model: Any, head: Any, embedding: str = "mlp0_residual", seed: i
             edits = _feature_swaps(embedded, classes, index, value, set(members), generator)
             if edits:
                 edited, controls, targets = (list(part) for part in zip(*edits, strict=True))
-                pairs = zip(top_is(edited, targets), top_is(controls, targets), strict=True)
+                pairs = zip(top_is(edited, targets), top_is(controls, targets), [index] * len(edited), strict=True)
                 outcomes.setdefault(family, []).extend(pairs)
     pairs = [pair for family_pairs in outcomes.values() for pair in family_pairs]
     return EditResult(
@@ -198,10 +199,9 @@ def _feature_swaps(embedded, classes, index, value, values_present, generator) -
     return swaps
 
 
-def _paired_bootstrap_ci(pairs: list[tuple[bool, bool]], seed: int, n_bootstrap: int = 2000) -> tuple[float, float]:
-    if not pairs:
-        return float("nan"), float("nan")
-    differences = torch.tensor([float(a) - float(b) for a, b in pairs])
-    generator = torch.Generator().manual_seed(seed + 1)
-    samples = differences[torch.randint(len(pairs), (n_bootstrap, len(pairs)), generator=generator)].mean(dim=1)
-    return float(torch.quantile(samples, 0.025)), float(torch.quantile(samples, 0.975))
+def _paired_bootstrap_ci(pairs: list[tuple[bool, bool, int]], seed: int, n_bootstrap: int = 2000) -> tuple[float, float]:
+    """95% CI of mean(success - control) over edits, resampling tokens: the up to nine edits of
+    one token share its embedding and are not independent."""
+    differences = torch.tensor([float(a) - float(b) for a, b, _ in pairs])
+    return cluster_bootstrap_ci(differences, torch.tensor([token for *_, token in pairs], dtype=torch.long),
+                                n_bootstrap, seed)

@@ -33,3 +33,17 @@ def test_mod10_edits_report_rates_and_a_paired_interval(tiny_llama):
 
     result = mod10_edits(tiny_llama, "L1H0", embedding="raw")
     assert result.head == "L1H0" and result.n_edits >= 0
+
+
+def test_the_edit_interval_resamples_tokens_not_edits():
+    """Nine edits of one token share its embedding: the interval resamples tokens."""
+    from headscope.features import _paired_bootstrap_ci
+    from headscope.validation import cluster_bootstrap_ci
+
+    outcomes = [(token % 2 == 0, False, token) for token in range(6) for _ in range(9)]  # all or nothing per token
+    differences = torch.tensor([float(a) - float(b) for a, b, _ in outcomes])
+    tokens = torch.tensor([token for *_, token in outcomes])
+    clustered = _paired_bootstrap_ci(outcomes, seed=0)
+    assert clustered == cluster_bootstrap_ci(differences, tokens, seed=0)
+    naive = cluster_bootstrap_ci(differences, torch.arange(len(outcomes)), seed=0)
+    assert clustered[1] - clustered[0] > 2 * (naive[1] - naive[0])
