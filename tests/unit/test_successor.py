@@ -100,3 +100,16 @@ def test_the_clustered_interval_matches_the_plain_bootstrap_without_clusters():
     low, high = cluster_bootstrap_ci(torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([7, 7, 7, 2]))
     assert low == pytest.approx(0.0) and high == pytest.approx(1.0)
     assert all(map(lambda x: x != x, cluster_bootstrap_ci(torch.tensor([]), torch.tensor([], dtype=torch.long))))
+
+
+def test_a_successor_head_must_beat_the_permutation_null_and_the_accuracy_floor(tiny_llama):
+    """Above random successor maps is not enough: the head must also map more than 0.4 of the
+    tokens to their successor (circuits-over-time's fixed threshold)."""
+    detector = SuccessorDetector(tasks=("letters",), forms=("bare",))
+    scores = detector.score(tiny_llama, progress=False)
+    scores.values = torch.zeros_like(scores.values)
+    scores.values[0, 0], scores.values[1, 1] = 0.9, 0.35  # beats any null of a tiny task; only one passes the floor
+    (sig,) = detector.significance(tiny_llama, scores)
+    assert sig.floor == 0.4 and "circuits-over-time" in sig.floor_rule
+    assert sig.above_floor[0, 0] and not sig.above_floor[1, 1]
+    assert sig.heads == [hs.Head(0, 0)]

@@ -188,9 +188,10 @@ class RetrievalDetector(Detector):
         """The paper's threshold (Wu et al. 2024): a retrieval head scores above ``score_threshold``
         (0.1) — it copies the needle token it attends to on more than a tenth of the decode steps."""
         details = {"n_samples": scores.metadata.get("n_samples"), "n_retrieved": scores.metadata.get("n_retrieved")}
+        paper = f"the paper's threshold: retrieval score > {self.config.score_threshold} (Wu et al. 2024)"
         return [Significance(self.name, self.name, scores.values, self.config.score_threshold,
-                             "retrieval score (share of needle tokens copied by top-1 attention)",
-                             f"paper threshold: retrieval score > {self.config.score_threshold} (Wu et al. 2024)", details)]
+                             "retrieval score (share of needle tokens copied by top-1 attention)", paper, details,
+                             floor=self.config.score_threshold, floor_rule=paper)]
 
     def validation_task(self, model: Any) -> ValidationTask:
         config = self.config

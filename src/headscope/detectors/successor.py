@@ -129,9 +129,10 @@ class SuccessorDetector(Detector):
     ) -> list[Significance]:
         """Permutation null: each head's pooled effective-OV accuracy against the same accuracy for
         a *random* successor map of each task (its tokens permuted; 200 permutations). A head is
-        significant above the 95th percentile of the best head's null accuracy (family-wise 5%).
-        Chance (``metadata["chance"]``) is a few percent; a reimplementation's fixed threshold of
-        0.4 (circuits-over-time) is in the details for comparison."""
+        significant above the 95th percentile of the best head's null accuracy (family-wise 5%)
+        *and* above the effect-size floor, a reimplementation's fixed threshold of 0.4
+        (circuits-over-time): beating random maps is not enough to call a head that maps 14% of
+        tokens to their successor (chance ``metadata["chance"]`` is a few percent) a successor head."""
         tasks = self.tasks(model)
         predictions = [effective_ov_predictions(model, task, self.config) for task in tasks]
         maxima = permutation_null_maxima(predictions, [len(t.token_ids) for t in tasks], N_PERMUTATIONS, self.config.seed)
@@ -143,7 +144,9 @@ class SuccessorDetector(Detector):
                              "effective-OV successor accuracy, pooled over tasks",
                              f"permutation null: above the {100 * (1 - DEFAULT_ALPHA):.0f}th percentile of the best "
                              f"head's accuracy for random successor maps ({N_PERMUTATIONS} permutations; family-wise)",
-                             details)]
+                             details, floor=SUCCESSOR_THRESHOLD,
+                             floor_rule=(f"a published reimplementation's fixed threshold: accuracy > {SUCCESSOR_THRESHOLD} "
+                                         "(curt-tigges/circuits-over-time)"))]
 
     def validation_task(self, model: Any) -> ValidationTask:
         prompts = self.prompts(model, "test")
