@@ -7,7 +7,9 @@ whose answer the prompt states), optionally only those the model answers correct
 (the knowledge check), split into a dev part (head selection) and a held-out part.
 
 Per question ``q``, head ``h`` and option ``o`` (``t`` = the last prompt token, ``p_o`` = the
-option's position: the token ending its text, ``"end"``, or its letter, ``"letter"``):
+option's position, located from the tokenizer's offsets as ``multiple_choice`` states the rules:
+the last token of the option's line, ``"line_end"`` (the newline after its text, the key the
+authors' code reads); the token ending its text, ``"option_end"``; or its letter, ``"letter"``):
 
     QK-score       s_qk(h, o)  = q_h(t) . k_g(h)(p_o)      pre-RoPE query and key; with grouped-query
                                                           attention the key of the head's KV group g(h)
@@ -16,16 +18,19 @@ option's position: the token ending its text, ``"end"``, or its letter, ``"lette
     head accuracy  mean over questions of [prediction == correct option]
 
 ``values`` = dev accuracy of the score named by ``score`` ("qk" | "attention") at ``position``
-("end" | "letter"); ``extras`` hold the dev and held-out accuracy of all four, named
-``"{score}_{position}"`` and ``"{score}_{position}_test"``, and ``"correct_letter"``:
+("end": the key at ``key_position``, "line_end" by default or "option_end"; or "letter");
+``extras`` hold the dev and held-out accuracy of all six (two scores at three positions), named
+``"{score}_{position}"`` and ``"{score}_{position}_test"`` (e.g. ``"qk_line_end_test"``), and
+``"correct_letter"``:
 
     correct-letter DLA(h) = mean over dev questions of (z_h(t) W_O^h / rms_final(t)) . diag(w_norm)
                             . (W_U[correct letter] - mean_wrong W_U[wrong letter])
 
 The baseline is the model's own answer: the highest letter logit among the options' letters.
 ``metadata`` holds its dev and held-out accuracy, the knowledge-check rate, and the best head of
-each score chosen on dev with its held-out accuracy. :func:`compare` adds CIs and a paired
-permutation test; :func:`split_stability` reselects on random dev splits.
+each of the six chosen on dev with its held-out accuracy (``"best_qk_line_end"``,
+``"best_qk_option_end"``, ...: both key positions, whichever ``values`` reads). :func:`compare`
+adds CIs and a paired permutation test; :func:`split_stability` reselects on random dev splits.
 
 Validation metric: the correct letter's logit minus the mean of the wrong letters' logits at the
 last position (what correct-letter heads write; ablating them should lower it).
@@ -66,8 +71,10 @@ from headscope.significance import DEFAULT_ALPHA, Significance, binomial_critica
 from headscope.tasks import multiple_choice as mc
 
 SCORES = ("qk", "attention")
-POSITIONS = ("end", "letter")
+KEY_POSITIONS = ("line_end", "option_end")  # where an option's key is read; the paper's first
+POSITIONS = (*KEY_POSITIONS, "letter")
 METHODS = tuple(f"{score}_{position}" for score in SCORES for position in POSITIONS)
+END_ALIAS = "end"  # "qk_end", "attention_end": the paper's key position, "line_end"
 
 
 @dataclass
@@ -84,14 +91,16 @@ class SelectCopyConfig(DetectorConfig):
     only_known: bool = True  # score only questions the model answers in free form
     n_dev: int = 120  # questions used to select heads; the rest are held out
     score: str = "qk"  # which score is ``values``: "qk" or "attention"
-    position: str = "end"  # at the option's "end" token or its "letter"
+    position: str = "end"  # at the option's "end" token (``key_position``) or its "letter"
+    key_position: str = "line_end"  # the "end" token: its line's ("line_end", the paper's) or its text's ("option_end")
 
 
 @dataclass
 class OptionReadout:
-    """Per question: every head's QK-score and attention to each option's end and letter, the
-    letter logits, and every head's correct-letter attribution. Options beyond a question's
-    count are masked out (``option_mask``)."""
+    """Per question: every head's QK-score and attention to each option's line end, text end and
+    letter (keys of ``qk`` and ``attention``: :data:`POSITIONS`), the letter logits, and every
+    head's correct-letter attribution. Options beyond a question's count are masked out
+    (``option_mask``)."""
 
     qk: dict[str, Float[Tensor, "n_questions n_layers n_heads n_options"]]
     attention: dict[str, Float[Tensor, "n_questions n_layers n_heads n_options"]]
@@ -103,8 +112,9 @@ class OptionReadout:
     def __len__(self) -> int:
         return int(self.answers.numel())
 
-    def head_correct(self, method: str = "qk_end") -> Float[Tensor, "n_questions n_layers n_heads"]:
-        """1 where the head's highest-scoring option is the correct one."""
+    def head_correct(self, method: str = "qk_line_end") -> Float[Tensor, "n_questions n_layers n_heads"]:
+        """1 where the head's highest-scoring option is the correct one (``method``: one of
+        :data:`METHODS`; ``"qk_end"``/``"attention_end"`` read the paper's key, the line end)."""
         score, position = _split_method(method)
         values = getattr(self, score)[position].masked_fill(~self.option_mask[:, None, None, :], -math.inf)
         return (values.argmax(dim=-1) == self.answers[:, None, None]).float()
@@ -119,42 +129,66 @@ class OptionReadout:
 
 
 def _split_method(method: str) -> tuple[str, str]:
-    if method not in METHODS:
-        raise ValueError(f"Unknown select-and-copy score {method!r}; choose one of {', '.join(METHODS)}.")
-    score, position = method.split("_")
+    """``"qk_line_end"`` -> ``("qk", "line_end")``; the ``"end"`` alias reads the paper's key."""
+    score, _, position = method.partition("_")
+    if position == END_ALIAS:
+        position = KEY_POSITIONS[0]
+    if f"{score}_{position}" not in METHODS:
+        raise InputError(f"Unknown select-and-copy score {method!r}; choose one of {', '.join(METHODS)} "
+                         f"(or {SCORES[0]}_{END_ALIAS}, {SCORES[1]}_{END_ALIAS}: at the line end).")
     return score, position
+
+
+def _check_config(config: "SelectCopyConfig") -> None:
+    for name, allowed in (("score", SCORES), ("position", (END_ALIAS, "letter")), ("key_position", KEY_POSITIONS)):
+        value = getattr(config, name)
+        if value not in allowed:
+            raise InputError(f"The {name!r} parameter of select_copy must be one of "
+                             f"{', '.join(repr(a) for a in allowed)}; got {value!r}.")
+
+
+def config_method(config: "SelectCopyConfig") -> str:
+    """The score ``values`` reads, e.g. ``"qk_line_end"`` (``position="end"`` at ``key_position``)."""
+    _check_config(config)
+    return f"{config.score}_{config.key_position if config.position == END_ALIAS else config.position}"
 
 
 @dataclass
 class EncodedPrompts:
-    """Prompts as a token batch with each option's letter and end positions (padded options: 0)."""
+    """Prompts as a token batch with each option's letter, text-end and line-end positions (padded
+    options: 0)."""
 
     batch: TokenBatch
     letters: Int[Tensor, "n n_options"]
-    ends: Int[Tensor, "n n_options"]
+    option_ends: Int[Tensor, "n n_options"]
+    line_ends: Int[Tensor, "n n_options"]
     letter_ids: Int[Tensor, "n n_options"]
     answers: Int[Tensor, " n"]
     option_mask: Bool[Tensor, "n n_options"]
 
 
 def encode_prompts(model: Any, prompts: Sequence[mc.MCPrompt]) -> EncodedPrompts:
-    """Tokenize with offsets and locate every option's letter and end token."""
+    """Tokenize with offsets and locate every option's letter, text-end and line-end token
+    (``multiple_choice.option_positions``, ``line_end_positions``; InputError where a line has no
+    end token of its own)."""
     width = max(len(p.question.options) for p in prompts)
     letter_sets = {(n, prefix): mc.letter_token_ids(model.tokenizer, n, prefix)
                    for n, prefix in {(len(p.question.options), p.letter_prefix) for p in prompts}}
-    rows, letters, ends, letter_ids = [], [], [], []
+    rows, letters, option_ends, line_ends, letter_ids = [], [], [], [], []
     for prompt in prompts:
         ids, offsets = encode_with_offsets(model, prompt.text)
         letter_at, end_at = mc.option_positions(offsets, prompt)
         pad = [0] * (width - len(letter_at))
         rows.append(ids)
         letters.append(letter_at + pad)
-        ends.append(end_at + pad)
+        option_ends.append(end_at + pad)
+        line_ends.append(mc.line_end_positions(offsets, prompt) + pad)
         letter_ids.append(letter_sets[len(letter_at), prompt.letter_prefix] + pad)
     counts = torch.tensor([len(p.question.options) for p in prompts])
     return EncodedPrompts(
         batch=pad_rows(model, rows),
-        letters=torch.tensor(letters), ends=torch.tensor(ends), letter_ids=torch.tensor(letter_ids),
+        letters=torch.tensor(letters), option_ends=torch.tensor(option_ends), line_ends=torch.tensor(line_ends),
+        letter_ids=torch.tensor(letter_ids),
         answers=torch.tensor([p.question.answer for p in prompts]),
         option_mask=torch.arange(width)[None, :] < counts[:, None],
     )
@@ -182,7 +216,8 @@ def option_readout(
         device = last_logits.device
         rows, last = torch.arange(len(chunk), device=device), chunk.last_positions
         out: dict[str, Tensor] = {}
-        for position, at in (("end", encoded.ends[index].to(device)), ("letter", encoded.letters[index].to(device))):
+        at_positions = {"line_end": encoded.line_ends, "option_end": encoded.option_ends, "letter": encoded.letters}
+        for position, at in ((position, at_positions[position][index].to(device)) for position in POSITIONS):
             out[f"qk_{position}"] = _stack_layers([_qk_scores(cache, query_keys[layer], rows, last, at, shape.group_size)
                                                    for layer in range(shape.n_layers)])
             out[f"attention_{position}"] = _stack_layers([_attention(cache, layer, rows, last, at)
@@ -290,7 +325,7 @@ class SelectCopyDetector(Detector):
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None,
               prompts: Optional[Sequence[mc.MCPrompt]] = None) -> HeadScores:
         config: SelectCopyConfig = self.config
-        _split_method(f"{config.score}_{config.position}")
+        config_method(config)
         check: dict[str, Any] = {}
         if prompts is None:
             prompts, check = self.prompts(model, batch_size)
@@ -298,21 +333,24 @@ class SelectCopyDetector(Detector):
         return self.scores_from(model, readout, check)
 
     def scores_from(self, model: Any, readout: OptionReadout, check: Optional[dict[str, Any]] = None) -> HeadScores:
-        """``HeadScores`` from a computed readout: first ``n_dev`` questions = dev, the rest held out."""
+        """``HeadScores`` from a computed readout: first ``n_dev`` questions = dev, the rest held out.
+        ``values`` reads the configured score; extras and metadata hold every score at both key
+        positions (and the letter)."""
         config: SelectCopyConfig = self.config
+        method = config_method(config)
         dev, test = slice(0, config.n_dev), slice(config.n_dev, len(readout))
         extras: dict[str, Tensor] = {"correct_letter": readout.correct_letter[dev].mean(dim=0)}
-        metadata: dict[str, Any] = dict(check or {}, n_dev=config.n_dev, n_test=len(readout) - config.n_dev)
+        metadata: dict[str, Any] = dict(check or {}, n_dev=config.n_dev, n_test=len(readout) - config.n_dev,
+                                        method=method)
         letters = readout.letter_correct()
         metadata["letter_accuracy_dev"], metadata["letter_accuracy_test"] = float(letters[dev].mean()), float(letters[test].mean())
-        for method in METHODS:
-            correct = readout.head_correct(method)
-            extras[method], extras[f"{method}_test"] = correct[dev].mean(dim=0), correct[test].mean(dim=0)
-            best = _best_head(extras[method])
-            metadata[f"best_{method}"] = {"head": str(best), "dev": float(extras[method][best.layer, best.head]),
-                                          "test": float(extras[f"{method}_test"][best.layer, best.head])}
-        values = extras[f"{config.score}_{config.position}"]
-        return self.result(model, values, extras, metadata)
+        for name in METHODS:
+            correct = readout.head_correct(name)
+            extras[name], extras[f"{name}_test"] = correct[dev].mean(dim=0), correct[test].mean(dim=0)
+            best = _best_head(extras[name])
+            metadata[f"best_{name}"] = {"head": str(best), "dev": float(extras[name][best.layer, best.head]),
+                                        "test": float(extras[f"{name}_test"][best.layer, best.head])}
+        return self.result(model, extras[method], extras, metadata)
 
     def significance(
         self, model: Any, scores: HeadScores, batch_size: Optional[int] = None, progress: Optional[bool] = None
@@ -322,14 +360,16 @@ class SelectCopyDetector(Detector):
         guessing (1 / options shown) at family-wise 5% over all heads (Bonferroni). The letters'
         own held-out accuracy is in the details, for comparison."""
         config: SelectCopyConfig = self.config
-        method = f"{config.score}_{config.position}"
+        method = config_method(config)
+        where = {"line_end": "the end of each option's line", "option_end": "each option's last text token",
+                 "letter": "each option's letter"}[_split_method(method)[1]]
         n_test = int(scores.metadata["n_test"])
         chance = 1 / (config.n_options + len(config.extra_options))
         critical = binomial_critical_accuracy(n_test, chance, scores.values.numel())
         details = {"n_test": n_test, "chance": chance, "critical_accuracy": critical, "alpha": DEFAULT_ALPHA,
                    "letter_accuracy_test": scores.metadata.get("letter_accuracy_test")}
         return [Significance(self.name, self.name, scores.extras[f"{method}_test"], critical,
-                             f"held-out accuracy of the {config.score} score at the option {config.position}",
+                             f"held-out accuracy of the {config.score} score at {where}",
                              f"exact binomial test vs guessing (1/{round(1 / chance)}) on {n_test} held-out questions, "
                              f"Bonferroni over all heads (family-wise {DEFAULT_ALPHA})", details)]
 
@@ -394,9 +434,10 @@ def compare(
     readout: OptionReadout, dev: Sequence[int], test: Sequence[int], methods: Sequence[str] = ("qk_end", "attention_end"),
     n_bootstrap: int = 2000, n_permutations: int = 5000, seed: int = 0,
 ) -> list[MethodComparison]:
-    """For each method: the head with the best dev accuracy, its held-out accuracy against the
-    letter logits (paired bootstrap CI of the difference, sign-flip permutation p-value) and the
-    mean held-out accuracy of all heads."""
+    """For each method (:data:`METHODS`; ``"qk_end"``/``"attention_end"``: at the line end): the
+    head with the best dev accuracy, its held-out accuracy against the letter logits (paired
+    bootstrap CI of the difference, sign-flip permutation p-value) and the mean held-out accuracy
+    of all heads."""
     dev_rows, test_rows = torch.as_tensor(list(dev)), torch.as_tensor(list(test))
     letters = readout.letter_correct()[test_rows]
     results = []
@@ -436,7 +477,7 @@ def paired_permutation_p(differences: Float[Tensor, " n"], n_permutations: int =
 
 
 def split_stability(
-    readout: OptionReadout, n_dev: int, n_splits: int = 20, method: str = "qk_end", seed: int = 0
+    readout: OptionReadout, n_dev: int, n_splits: int = 20, method: str = "qk_line_end", seed: int = 0
 ) -> dict[str, Any]:
     """Reselect the best head on ``n_splits`` random dev splits of ``n_dev`` questions: how often
     each head is chosen and its accuracy on the rest of that split."""

@@ -30,10 +30,19 @@ Prompt formats (:func:`mc_prompt`), the body being the paper's form::
 ``extra_options`` appends the paper's ``"None of the above"`` / ``"I don't know"`` after the
 shuffled options (never correct here: every question's answer is among the options).
 
-Positions (:func:`option_positions`) come from the tokenizer's offset mapping: the *letter* token
-is the token covering the option's letter; the *end* token is the token covering the last
-character of the option's text (the token that ends the option's line; if the tokenizer merges it
-with the newline, the merged token). Nothing is found by counting tokens.
+Positions come from the tokenizer's offset mapping; nothing is found by counting tokens. Per option
+(:func:`option_positions`, :func:`line_end_positions`):
+
+* *letter*: the last token covering the option's letter;
+* *option end* (``"option_end"``): the last token covering the last character of the option's text;
+* *line end* (``"line_end"``, the key Tulchinskii et al.'s code reads): the last token of the
+  option's line, the line being the letter, the text and the newline that ends it. Where the
+  tokenizer gives the newline its own token, that token; where it merges the newline with the
+  option's last characters (``"red.\n"``), the merged token, the same as the option end; where no
+  newline follows the option (a prompt that ends, or goes on, right after the text), the line ends
+  with the text, and its end is the option end. A token that also covers characters of the next
+  line (a newline merged forward, ``"\nB"``) does not end this line: then the line has no end token
+  of its own and :func:`line_end_positions` raises :class:`~headscope.errors.InputError`.
 
 Knowledge check (:func:`knowledge_prompts`): the same question without options, answered in free
 form after ``n_shots`` answered examples ("...\\nAnswer: red\\n\\n"); the model knows an item when
@@ -330,11 +339,35 @@ def knowledge_prompts(questions: Sequence[MCQuestion], n_shots: int = 2, seed: i
 def option_positions(
     offsets: Sequence[tuple[int, int]], prompt: MCPrompt
 ) -> tuple[list[int], list[int]]:
-    """Token positions of each option's letter and of the token ending each option's text, from
-    the offsets of the prompt's tokens (``engine.tokens.encode_with_offsets``)."""
+    """Token positions of each option's letter and of the token ending each option's text (its
+    *option end*), from the offsets of the prompt's tokens (``engine.tokens.encode_with_offsets``).
+    The end of each option's line: :func:`line_end_positions`."""
     last_token = lambda char: token_span(offsets, char, char + 1)[1] - 1  # noqa: E731  (the last token covering it)
     return ([last_token(char) for char in prompt.letter_chars],
             [last_token(end - 1) for _start, end in prompt.option_spans])
+
+
+def line_end_positions(offsets: Sequence[tuple[int, int]], prompt: MCPrompt) -> list[int]:
+    """Token position of the end of each option's line (the rule in the module docstring), from the
+    offsets of the prompt's tokens (``engine.tokens.encode_with_offsets``).
+
+    Raises:
+        InputError: when the last token of an option's line also covers the next line's text.
+    """
+    positions = []
+    for letter, char, (_start, end) in zip(LETTERS, prompt.letter_chars, prompt.option_spans):  # as many as options
+        line_stop = end + 1 if prompt.text[end : end + 1] == "\n" else end  # the newline belongs to the line
+        position = token_span(offsets, char, line_stop)[1] - 1
+        token_start, token_stop = offsets[position]
+        if token_stop > line_stop:
+            raise InputError(
+                f"Option {letter}'s line has no token that ends it: the token at position {position} covers "
+                f"{prompt.text[token_start:token_stop]!r}, which runs into the next line (characters "
+                f"{token_start}..{token_stop}, the line ends at {line_stop}). Score at key_position='option_end', "
+                f"or use a tokenizer that ends a line with the newline's own token or the text's last one."
+            )
+        positions.append(position)
+    return positions
 
 
 def letter_token_ids(tokenizer: Any, n_options: int, prefix: str) -> list[int]:
