@@ -61,7 +61,8 @@ def test_significance_takes_the_student_t_critical_value_at_n_items_minus_one_df
 
     values = torch.zeros(2, 4)
     values[1, 2], values[0, 1] = 3.0, -4.0
-    scores = hs.HeadScores(values, "memory_context", "tiny", extras={"standard_error": torch.ones(2, 4)},
+    scores = hs.HeadScores(values, "memory_context", "tiny",
+                           extras={"standard_error": torch.ones(2, 4), "unrelated": torch.full((2, 4), 0.5)},
                            metadata={"n_items": 20})
     context, memory = hs.get_detector("memory_context").significance(None, scores)
     critical = bonferroni_t(8, 19)
@@ -71,6 +72,33 @@ def test_significance_takes_the_student_t_critical_value_at_n_items_minus_one_df
     with pytest.raises(hs.InputError, match="at least 2 scored items"):
         hs.get_detector("memory_context").significance(None, hs.HeadScores(
             values, "memory_context", "tiny", extras={"standard_error": torch.ones(2, 4)}, metadata={"n_items": 1}))
+
+
+def test_a_memory_or_context_head_needs_an_attribution_beyond_what_unrelated_answers_get():
+    """A precise but tiny attribution (t = 40, mean 0.2 logits) is not a context head when some
+    head gives an unrelated fact's answer direction 0.3 logits."""
+    values = torch.zeros(2, 4)
+    values[0, 0], values[1, 1] = 0.2, 2.0
+    unrelated = torch.zeros(2, 4)
+    unrelated[1, 3] = -0.3
+    scores = hs.HeadScores(values, "memory_context", "tiny", metadata={"n_items": 20},
+                           extras={"standard_error": torch.full((2, 4), 0.005), "unrelated": unrelated})
+    context, memory = hs.get_detector("memory_context").significance(None, scores)
+    assert context.floor == memory.floor == pytest.approx(0.3) and "unrelated fact" in context.floor_rule
+    assert context.above_null[0, 0] and not context.above_floor[0, 0]
+    assert context.heads == [hs.Head(1, 1)] and memory.heads == []
+
+
+def test_unrelated_answers_share_no_answer_with_the_item():
+    from headscope.detectors.memory_context import unrelated_answers
+    from headscope.tasks.conflicts import ConflictItem
+
+    fields = {f: None for f in ConflictItem.__dataclass_fields__}
+    items = [ConflictItem(**{**fields, "context_token": c, "memory_token": m}) for c, m in [(1, 2), (2, 3), (4, 5), (1, 6)]]
+    for item, other in zip(items, unrelated_answers(items), strict=True):
+        assert not {item.context_token, item.memory_token} & {other.context_token, other.memory_token}
+    with pytest.raises(hs.InputError, match="two different answer pairs"):
+        unrelated_answers(items[:2])
 
 
 def test_scoring_and_validation_items_are_split_by_subject(monkeypatch):

@@ -113,6 +113,7 @@ class MemoryContextDetector(Detector):
             "standard_error": conflict["attribution"].std(dim=0) / max(n_items, 1) ** 0.5,
             "positive_share": (conflict["attribution"] > 0).float().mean(dim=0),
             "patched_direct": (patched["attribution"] - conflict["attribution"]).mean(dim=0),
+            "unrelated": conflict["unrelated"].mean(dim=0),
         }
         subjects = sorted({i.subject for i in items})
         result = self.result(model, values, extras, metadata={"n_items": len(items), "subjects": subjects})
@@ -130,7 +131,8 @@ class MemoryContextDetector(Detector):
         items``; context heads have ``t`` above, memory heads below, the two-sided Student t
         critical value with ``n_items - 1`` degrees of freedom at family-wise 5% over all heads
         (Bonferroni). The normal value this replaced is too small for tens of items (for 270
-        heads: 3.74 against 4.15 at 37 degrees of freedom)."""
+        heads: 3.74 against 4.15 at 37 degrees of freedom). Both roles also need a mean attribution
+        beyond :func:`unrelated_floor`, what heads give answer directions unrelated to the prompt."""
         if "standard_error" not in scores.extras:
             raise InputError("These memory_context scores have no standard errors (saved by an older headscope); rescore them.")
         n_items = int(scores.metadata.get("n_items") or 0)
@@ -141,14 +143,18 @@ class MemoryContextDetector(Detector):
             )
         t = scores.values / scores.extras["standard_error"].clamp(min=1e-12)
         critical = bonferroni_t(scores.values.numel(), n_items - 1)
-        details = {"t_critical": critical, "df": n_items - 1, "n_items": n_items, "alpha": DEFAULT_ALPHA}
+        floor, floor_rule = unrelated_floor(scores)
+        details = {"t_critical": critical, "df": n_items - 1, "n_items": n_items, "alpha": DEFAULT_ALPHA,
+                   "floor_logits": floor}
         rule = (f"one-sample t-test of the mean attribution over items ({n_items - 1} df), two-sided, Bonferroni "
                 f"over all heads (family-wise {DEFAULT_ALPHA})")
         return [
             Significance(self.name, "context", t, critical, "t of the attribution onto context minus memorised answer",
-                         rule, details),
+                         rule, details, effect=scores.values, floor=floor, floor_rule=floor_rule,
+                         effect_name="mean attribution onto context minus memorised answer (logits)"),
             Significance(self.name, "memory", -t, critical, "-t of the attribution onto context minus memorised answer",
-                         rule, details),
+                         rule, details, effect=-scores.values, floor=floor, floor_rule=floor_rule,
+                         effect_name="mean attribution onto memorised minus context answer (logits)"),
         ]
 
     def validation_task(self, model: Any) -> ValidationTask:
@@ -177,15 +183,45 @@ def answer_directions(model: Any, items: list[ConflictItem]) -> Float[Tensor, "n
     return (final_norm_weight(model).float()[:, None] * (unembed[:, context] - unembed[:, memory])).T
 
 
+def unrelated_floor(scores: HeadScores) -> tuple[float, str]:
+    """The effect-size floor of memory and context heads: the largest |mean attribution| any head
+    gives onto :func:`unrelated_answers` (two answers of another fact, neither in the prompt) —
+    what a head's output projects onto an answer direction without the conflict's structure."""
+    if "unrelated" not in scores.extras:
+        raise InputError("These memory_context scores have no control attributions (saved by an older headscope); "
+                         "rescore them.")
+    floor = float(scores.extras["unrelated"].abs().max())
+    return floor, ("inputs without the structure: above the largest |mean attribution| any head gives onto the "
+                   f"answers of an unrelated fact ({floor:.3g} logits)")
+
+
+def unrelated_answers(items: list[ConflictItem]) -> list[ConflictItem]:
+    """For each item, the nearest later item (cyclically) whose two answers are both different
+    from its own: answer directions that have nothing to do with the item's prompt. Raises an
+    InputError when no item qualifies (every item has the same answers)."""
+    own = [{i.context_token, i.memory_token} for i in items]
+    chosen = []
+    for index in range(len(items)):
+        others = ((index + step) % len(items) for step in range(1, len(items)))
+        match = next((j for j in others if not own[j] & own[index]), None)
+        if match is None:
+            raise InputError("memory_context needs items with at least two different answer pairs for its "
+                             "effect-size floor; add relations or subjects.")
+        chosen.append(items[match])
+    return chosen
+
+
 def final_head_attributions(
     model: Any, items: list[ConflictItem], prompts: list[str], batch_size: Optional[int] = None,
     progress: Optional[bool] = None, scale_from: Optional[dict[str, Tensor]] = None,
 ) -> dict[str, Tensor]:
     """Per item: every head's direct logit attribution ``[n_items, n_layers, n_heads]`` at the final
-    position, the logit difference, and the final norm's scale (``scale_from`` reuses another
-    run's scale, for direct-path patching)."""
+    position, the same onto :func:`unrelated_answers`' directions (``"unrelated"``: the control),
+    the logit difference, and the final norm's scale (``scale_from`` reuses another run's scale,
+    for direct-path patching)."""
     shape = model_shape(model)
     directions = answer_directions(model, items)
+    unrelated = answer_directions(model, unrelated_answers(items))
     w_o = head_output_weights(model)
     names = [name for layer in range(shape.n_layers) for name in head_output_hooks(model, layer)] + [FINAL_SCALE]
     offset = [0]
@@ -196,11 +232,12 @@ def final_head_attributions(
         index = slice(offset[0], offset[0] + len(chunk))
         offset[0] += len(chunk)
         scale = cache[FINAL_SCALE][rows, last, 0].float() if scale_from is None else scale_from["scale"][index]
-        attribution = final_position_attributions(model, cache, last, directions[index].to(logits.device), scale, w_o)
+        attribution, control = (final_position_attributions(model, cache, last, d[index].to(logits.device), scale, w_o)
+                                for d in (directions, unrelated))
         context = torch.tensor([i.context_token for i in items[index]], device=logits.device)
         memory = torch.tensor([i.memory_token for i in items[index]], device=logits.device)
         final = logits  # [batch, vocab] at each row's last position
-        return {"attribution": attribution, "scale": scale,
+        return {"attribution": attribution, "unrelated": control, "scale": scale,
                 "logit_diff": final[rows, context] - final[rows, memory]}
 
     return run_batched(model, tokenize(model, prompts), reduce, names, batch_size, progress, desc="memory_context",
