@@ -35,6 +35,24 @@ def test_synthetic_questions_state_their_answer_and_offer_the_distractor_facts_v
     assert len({q.answer for q in questions}) == 5  # every position holds answers
 
 
+def test_default_set_states_every_option_so_repetition_cannot_pick_the_answer():
+    """Every option's text appears in the context of the detector's default set (with
+    distractor_facts=0, the easy set, only the answer's does: a head that finds repeated tokens
+    would pick it)."""
+    questions = sc.load_questions(sc.SelectCopyConfig())
+    assert len(questions) == sc.SelectCopyConfig().n_questions and {q.topic for q in questions} == set(mc.TEMPLATES)
+    for q in questions:
+        facts = [f for f in q.context.split(". ") if f]
+        assert len(facts) == len(q.options) == 4
+        assert all(option in q.context for option in q.options)
+        assert sum(f.count(option) for f in facts for option in q.options) == len(q.options)  # each once
+    assert mc.synthetic_questions(40) == mc.synthetic_questions(40, distractor_facts=3)
+    for q in sc.load_questions(sc.SelectCopyConfig(distractor_facts=0)):
+        assert [option in q.context for option in q.options] == [i == q.answer for i in range(len(q.options))]
+    with pytest.raises(InputError, match=r"distractor_facts must lie in 0\.\.3"):
+        mc.synthetic_questions(4, n_options=4, distractor_facts=4)
+
+
 def test_extra_options_come_last_and_are_never_the_answer():
     questions = mc.synthetic_questions(20, n_options=4, extra_options=("none", "unknown"))
     for q in questions:
@@ -157,7 +175,7 @@ def test_readout_reads_both_key_positions_as_computed_by_hand(tiny_text):
             assert torch.allclose(readout.attention[position][row, layer, head], cache[pattern][0, head, -1, at], atol=1e-6)
         assert not torch.allclose(readout.qk["line_end"][row], readout.qk["option_end"][row])
     detector = hs.get_detector("select_copy", n_dev=1)
-    assert detector.config.key_position == "line_end"
+    assert detector.config.key_position == "line_end" and detector.config.distractor_facts is None
     scores = detector.scores_from(tiny_text, readout)
     line = readout.head_correct("qk_line_end")
     assert torch.equal(scores.values, line[:1].mean(dim=0)) and torch.equal(scores.extras["qk_line_end_test"], line[1:].mean(dim=0))

@@ -3,8 +3,11 @@ Attention Heads for Multiple-Choice QA" (arXiv 2410.02343); correct-letter heads
 al. 2023, "Does Circuit Analysis Interpretability Scale?".
 
 Data: multiple-choice questions (``headscope.tasks.multiple_choice``; by default the synthetic set
-whose answer the prompt states), optionally only those the model answers correctly in free form
-(the knowledge check), split into a dev part (head selection) and a held-out part.
+whose answer the prompt states among as many facts about other people or things as there are wrong
+options, so that every option's text appears in the context and repetition alone cannot pick the
+answer; ``distractor_facts=0`` is the easy set, where only the answer does), optionally only those
+the model answers correctly in free form (the knowledge check), split into a dev part (head
+selection) and a held-out part.
 
 Per question ``q``, head ``h`` and option ``o`` (``t`` = the last prompt token, ``p_o`` = the
 option's position, located from the tokenizer's offsets as ``multiple_choice`` states the rules:
@@ -80,10 +83,12 @@ END_ALIAS = "end"  # "qk_end", "attention_end": the paper's key position, "line_
 @dataclass
 class SelectCopyConfig(DetectorConfig):
     questions: str = "synthetic"  # "synthetic", "world", or a path to your JSONL
-    n_questions: int = 340  # synthetic set size (~330 known: 120 dev, >= 200 held out)
+    n_questions: int = 1300  # synthetic set size. The bundled model answers 0.26 of the default set in free
+    # form (chance among the 4 stated values; 0.98 of the easy set): ~335 known, 120 dev, >= 200 held out
     templates: tuple[str, ...] = tuple(mc.TEMPLATES)
     n_options: int = 4
-    distractor_facts: int = 0  # facts about other people/things whose values are options (harder)
+    distractor_facts: Optional[int] = None  # facts about others whose values are options; None: one per
+    # wrong option (every option stated in the context); 0: the easy set (only the answer stated)
     extra_options: tuple[str, ...] = ()  # "none", "unknown"
     format: str = "plain"  # "plain", "fewshot", "chat"
     n_shots: int = 3  # answered examples in the "fewshot" format
@@ -271,6 +276,7 @@ def _correct_minus_wrong(
 
 
 def load_questions(config: SelectCopyConfig) -> list[mc.MCQuestion]:
+    """The configured set (``distractor_facts=None``: one distractor fact per wrong option)."""
     if config.questions == "synthetic":
         return mc.synthetic_questions(config.n_questions, config.n_options, config.templates, config.distractor_facts,
                                       config.extra_options, config.seed)

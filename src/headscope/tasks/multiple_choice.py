@@ -6,8 +6,10 @@ Sets:
 * :func:`synthetic_questions`: the answer is stated by the prompt itself ("Anna's ball is red."),
   with ``distractor_facts`` more facts of the same kind about other people or things whose values
   are among the options ("Tom's ball is blue."), so a head has to pick the option that answers
-  *this* question, not any option seen before. Templates: objects and colours, people and cities,
-  items and owners, pets, jobs.
+  *this* question, not any option seen before. By default one per wrong option: every option's text
+  appears in the context, and a head that only finds repeated tokens cannot tell the answer apart.
+  ``distractor_facts=0`` is the easy set, where the answer is the only option stated. Templates:
+  objects and colours, people and cities, items and owners, pets, jobs.
 * :func:`world_questions`: 120 easy world-knowledge questions shipped with headscope
   (``mcq_world.jsonl``, answer + 5 distractors each).
 * :func:`read_questions`: your own JSONL, one ``{"question", "options", "answer"}`` per line
@@ -56,7 +58,7 @@ import random
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from headscope.engine.tokens import token_span
 from headscope.errors import InputError
@@ -139,20 +141,24 @@ def synthetic_questions(
     n: int = 400,
     n_options: int = 4,
     templates: Sequence[str] = tuple(TEMPLATES),
-    distractor_facts: int = 0,
+    distractor_facts: Optional[int] = None,
     extra_options: Sequence[str] = (),
     seed: int = 0,
 ) -> list[MCQuestion]:
     """``n`` questions answered by their own context, templates taken in turn. Each has
-    ``distractor_facts`` facts about other keys with other values, whose values are options; the
-    remaining wrong options are random values of the template. Option order is a seeded shuffle."""
+    ``distractor_facts`` facts about other keys with other values, whose values are options
+    (``None``: ``n_options - 1``, every option stated; ``0``: the easy set); the remaining wrong
+    options are random values of the template. Option order is a seeded shuffle."""
     unknown = sorted(set(templates) - set(TEMPLATES))
     if unknown:
         raise InputError(f"Unknown template(s) {', '.join(unknown)}; choose from {', '.join(TEMPLATES)}.")
     if not 2 <= n_options <= len(LETTERS) - len(extra_options):
         raise InputError(f"n_options must lie in 2..{len(LETTERS) - len(extra_options)} with {len(extra_options)} extra options.")
-    if distractor_facts > n_options - 1:
-        raise InputError(f"distractor_facts={distractor_facts} needs at least {distractor_facts + 1} options.")
+    if distractor_facts is None:
+        distractor_facts = n_options - 1
+    if not 0 <= distractor_facts <= n_options - 1:
+        raise InputError(f"distractor_facts must lie in 0..{n_options - 1} (n_options - 1) for {n_options} options; "
+                         f"got {distractor_facts}. Give more options, or fewer facts (None: one per wrong option).")
     extras = tuple(_extra_option(name) for name in extra_options)
     rng = random.Random(seed)
     return [_synthetic_question(templates[i % len(templates)], n_options, distractor_facts, extras, rng) for i in range(n)]
