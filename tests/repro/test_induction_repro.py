@@ -72,7 +72,7 @@ def test_prefix_matching_of_the_top_heads_vanishes_when_the_sequence_does_not_re
 def test_ablating_the_top5_induction_heads_hurts_in_context_copying_far_more_than_5_random_heads(smollm, induction):
     """Mean ablation of the top-5 heads vs 3 draws of 5 random heads (the atlas's setting), loss on
     repeated tokens."""
-    result = hs.validate(smollm, induction, k=5, n_random=3, method="mean", seed=0)
+    result = hs.validate(smollm, induction, k=5, n_random=5, method="mean", seed=0)
     print(result)
     assert result.ci_low > 0, "the top-5 effect is not larger than the random-5 effect"
     assert result.significant
