@@ -82,6 +82,10 @@ class SaharaResult:
                 "candidates_per_step": self.candidates_per_step}
 
 
+NO_FLOOR = ("none beyond a positive difference: neither the paper nor a control gives one yet (a harmless-vs-harmless "
+            "control would need one more full scan)")
+
+
 @register_detector
 class SafetyDetector(Detector):
     """Ships, dataset-level Ships and Sahara on harmful requests (Zhou et al. 2024)."""
@@ -152,7 +156,9 @@ class SafetyDetector(Detector):
         return [Significance(self.name, self.name, t / critical, 1.0,
                              "Welch t of Ships (harmful minus harmless requests) over its critical t",
                              "control: Ships on as many harmless requests; one-sided Welch t-test (Welch–Satterthwaite "
-                             f"df per head), Bonferroni over all heads (family-wise {DEFAULT_ALPHA})", details)]
+                             f"df per head), Bonferroni over all heads (family-wise {DEFAULT_ALPHA})", details,
+                             effect=scores.values - control["ships"], effect_name="Ships, harmful minus harmless (nats)",
+                             floor=0.0, floor_rule=NO_FLOOR)]
 
     def _harmless(self, n: int) -> list[refusal.Request]:
         """``n`` harmless requests of the scored split, drawn with the detector's seed."""
