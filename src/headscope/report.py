@@ -163,7 +163,8 @@ def _validation_html(atlas: "Atlas") -> str:
     head = ["detector", "metric", "ablation", "clean", "top-k", "random-k", "difference", "95% CI", "significant", "n",
             "top-k heads"]
     note = (f"<p>Top-k heads ablated vs {atlas.settings.n_random} random k-sets (seed {atlas.settings.seed}); the "
-            "difference is (top-k − clean) − mean(random-k − clean); its CI resamples examples and random sets. "
+            "difference is (top-k − clean) − mean(random-k − clean); its 95% CI is a t-interval for the population of "
+            "random k-sets (the examples' noise plus the spread between draws, Welch–Satterthwaite df). "
             "Significant when the CI excludes 0 on the side where the ablation hurts.</p>")
     return note + _table(head, rows)
 
