@@ -270,3 +270,17 @@ def test_detector_refuses_unknown_scores_and_too_few_questions(tiny_text):
         _toy_readout([True], [True]).head_correct("qk_middle")
     with pytest.raises(InputError, match="n_dev"):
         hs.get_detector("select_copy", n_questions=5, n_dev=10).prompts(tiny_text)
+
+
+def test_a_select_copy_head_must_beat_guessing_and_be_right_on_most_questions():
+    """Held-out accuracy 0.45 on 400 questions beats guessing (1/4) by far, but a head that picks
+    the wrong option on most questions does not select the answer: the floor is a majority."""
+    detector = hs.get_detector("select_copy")
+    method = sc.config_method(detector.config)
+    accuracy = torch.full((2, 3), 0.25)
+    accuracy[0, 1], accuracy[1, 2] = 0.45, 0.7
+    scores = hs.HeadScores(accuracy, "select_copy", "tiny", extras={f"{method}_test": accuracy},
+                           metadata={"n_test": 400})
+    (sig,) = detector.significance(None, scores)
+    assert sig.above_null[0, 1] and sig.above_null[1, 2] and sig.floor == sc.MAJORITY_ACCURACY
+    assert sig.heads == [hs.Head(1, 2)]

@@ -296,6 +296,11 @@ def knows_answer(
     return final_states(model, tokenize(model, prompts), batch_size).argmax(dim=-1) == targets
 
 
+MAJORITY_ACCURACY = 0.5  # effect-size floor: the head's top option is the correct one on most held-out questions
+MAJORITY_RULE = ("the role's definition (a head that selects the correct option and copies it; Tulchinskii et al. "
+                 "2024) read as a majority: correct on more than half of the held-out questions")
+
+
 @register_detector
 class SelectCopyDetector(Detector):
     name = "select_copy"
@@ -363,8 +368,10 @@ class SelectCopyDetector(Detector):
     ) -> list[Significance]:
         """Held-out accuracy of the chosen score (``values`` is the dev accuracy the heads are chosen
         by; the test uses only the held-out questions): an exact one-sided binomial test against
-        guessing (1 / options shown) at family-wise 5% over all heads (Bonferroni). The letters'
-        own held-out accuracy is in the details, for comparison."""
+        guessing (1 / options shown) at family-wise 5% over all heads (Bonferroni), and above the
+        floor ``MAJORITY_ACCURACY``: a head that selects the correct option picks it on most
+        questions, not merely more often than a guess. The letters' own held-out accuracy is in
+        the details, for comparison."""
         config: SelectCopyConfig = self.config
         method = config_method(config)
         where = {"line_end": "the end of each option's line", "option_end": "each option's last text token",
@@ -377,7 +384,8 @@ class SelectCopyDetector(Detector):
         return [Significance(self.name, self.name, scores.extras[f"{method}_test"], critical,
                              f"held-out accuracy of the {config.score} score at {where}",
                              f"exact binomial test vs guessing (1/{round(1 / chance)}) on {n_test} held-out questions, "
-                             f"Bonferroni over all heads (family-wise {DEFAULT_ALPHA})", details)]
+                             f"Bonferroni over all heads (family-wise {DEFAULT_ALPHA})", details,
+                             floor=MAJORITY_ACCURACY, floor_rule=MAJORITY_RULE)]
 
     def validation_task(self, model: Any) -> ValidationTask:
         prompts, _check = self.prompts(model)
