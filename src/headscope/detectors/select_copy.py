@@ -308,14 +308,16 @@ class SelectCopyDetector(Detector):
     summary = "accuracy of each head's QK-score / attention to the correct option (Tulchinskii et al. 2024)"
 
     def prompts(self, model: Any, batch_size: Optional[int] = None) -> tuple[list[mc.MCPrompt], dict[str, Any]]:
-        """The prompts to score (known questions only, when ``only_known``) and the knowledge check.
+        """The prompts to score (known questions only, when ``only_known``) and the knowledge check
+        (run only when ``only_known``).
         The check runs once per model (and weights) for this detector instance (``score`` and
         ``validation_task`` of one instance share it)."""
         config: SelectCopyConfig = self.config
         questions = load_questions(config)
-        known = self._known(model, questions, batch_size)
-        check = {"n_questions": len(questions), "known_rate": float(known.float().mean())}
-        if config.only_known:
+        check: dict[str, Any] = {"n_questions": len(questions), "known_rate": None}  # None: not checked
+        if config.only_known:  # the check costs one forward per question; skipped when nothing is filtered
+            known = self._known(model, questions, batch_size)
+            check["known_rate"] = float(known.float().mean())
             questions = [q for q, k in zip(questions, known.tolist(), strict=True) if k]
         if len(questions) <= config.n_dev:
             raise InputError(
