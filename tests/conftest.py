@@ -99,3 +99,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(name in getattr(item, "fixturenames", ()) for name in PRETRAINED_FIXTURES):
             item.add_marker(pytest.mark.repro)
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensor ops in a loop (bootstraps, simulations) run several times faster on one thread
+    than contending for many."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

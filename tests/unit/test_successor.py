@@ -65,15 +65,6 @@ def clustered_edits(reps: int, tokens: int = 40, edits: int = 9, token_sd: float
     return values.reshape(reps, -1), torch.arange(tokens).repeat_interleave(edits)
 
 
-@pytest.fixture
-def one_thread():
-    """400 small bootstraps run several times faster on one thread than contending for many."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_the_clustered_interval_is_wider_than_the_naive_one_and_covers(one_thread):
     from headscope.validation import cluster_bootstrap_ci
 

@@ -61,15 +61,6 @@ def percentile_coverage(draws: int) -> float:
     return hits / REPS_PERCENTILE
 
 
-@pytest.fixture
-def one_thread():
-    """Small tensor ops in a loop run several times faster on one thread than contending for many."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_the_interval_covers_at_the_atlas_default_and_the_percentile_bootstrap_did_not(one_thread):
     old = {draws: percentile_coverage(draws) for draws in DRAWS}
     new = {draws: t_coverage(draws) for draws in DRAWS}
