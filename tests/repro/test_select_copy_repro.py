@@ -20,7 +20,7 @@ What we see, in short: on the default set the model does not bind a question to 
 free-form answer names one of the four stated values at chance (0.26), its letters sit at chance,
 and at the paper's key (the line end) no head picks the correct option: the best dev heads reach
 0.23-0.27 on held-out questions (chance 0.25) and the detector's rule finds no head in either
-format. At the text end an early head (L4H5) is the best dev head of both scores in both formats,
+format (nor at the text end, where none reaches its majority floor). At the text end an early head (L4H5) is the best dev head of both scores in both formats,
 at 0.29-0.36 held out: above chance in the plain format, far below the easy set.
 
 On the easy set the earlier finding holds at the option's text end: in chat, the query-key score
@@ -109,9 +109,11 @@ def test_letter_logits_sit_at_chance_naming_mostly_one_letter(easy_set, default_
 def test_on_the_default_set_no_head_picks_the_answer_at_the_papers_key(smollm, default_set, easy_set):
     """With every option stated, the best dev head of every score (QK and attention at the line end,
     the text end and the letter), in either format, stays below 0.4 on held-out questions (chance
-    0.25; the easy set's best reaches 0.71). At the line end the best QK head is at chance, and the
-    detector's own rule (exact binomial on the held-out questions, Bonferroni over 270 heads) finds
-    no head in either format; at the text end it finds at most two, just over its threshold."""
+    0.25; the easy set's best reaches 0.71). At the line end the best QK head is at chance. The
+    detector's own rule (exact binomial on the held-out questions, Bonferroni over 270 heads, and
+    the majority floor: right on more than half of them) finds no head in either format at either
+    key position; at the line end no head even beats the binomial null, at the text end at most
+    two do (0.36-0.37 held out, below the floor)."""
     assert easy_set["comparisons"]["chat"]["qk_option_end"].test_accuracy > 0.4 + 0.3
     for format in FORMATS:
         comparisons = default_set["comparisons"][format]
@@ -122,10 +124,12 @@ def test_on_the_default_set_no_head_picks_the_answer_at_the_papers_key(smollm, d
             detector = sc.SelectCopyDetector(n_dev=N_DEV, format=format, key_position=key_position)
             scores = detector.scores_from(smollm, default_set["readouts"][format])
             (significance,) = detector.significance(smollm, scores)
-            heads = significance.heads
+            above_null = int(significance.above_null.sum())
             print(f"default set, {format}, qk at {key_position}: critical held-out accuracy {significance.threshold:.3f}, "
-                  f"best held-out {scores.extras[f'qk_{key_position}_test'].max():.3f}, significant {[str(h) for h in heads]}")
-            assert len(heads) <= (0 if key_position == "line_end" else 2)
+                  f"best held-out {scores.extras[f'qk_{key_position}_test'].max():.3f}, {above_null} heads above the "
+                  f"null, significant (floor {significance.floor}) {[str(h) for h in significance.heads]}")
+            assert not significance.heads
+            assert above_null <= (0 if key_position == "line_end" else 2)
 
 
 def test_on_the_easy_set_a_qk_head_at_the_option_end_beats_the_letters(easy_set):
