@@ -62,6 +62,7 @@ class RoleChange:
     depth_profile_a: list[float] = field(default_factory=list)  # per depth bin: share of its heads significant
     depth_profile_b: list[float] = field(default_factory=list)
     depth_correlation: Optional[float] = None  # Pearson r of the two profiles over bins
+    same_shape: bool = True  # False: no head-by-head comparison (kept/appeared/vanished stay empty)
 
     @property
     def verdict(self) -> str:
@@ -71,6 +72,8 @@ class RoleChange:
             return "appeared"
         if self.n_a > 0 and self.n_b == 0:
             return "vanished"
+        if not self.same_shape:
+            return "in both" if self.n_a else "in neither"
         if self.appeared or self.vanished:
             return "moved" if not self.kept else "changed"
         return "unchanged"
@@ -212,6 +215,7 @@ def _role_change(a: Atlas, b: Atlas, role: str, same_shape: bool, n_moved: int, 
     change = RoleChange(role, "both", n_a=len(heads_a), n_b=len(heads_b), top_a=[str(h) for h in heads_a[:5]],
                         top_b=[str(h) for h in heads_b[:5]], mean_depth_a=_depth(heads_a, a.shape[0]),
                         mean_depth_b=_depth(heads_b, b.shape[0]))
+    change.same_shape = same_shape
     change.share_a, change.share_b = (float(sig.mask.float().mean()) for sig in (sig_a, sig_b))
     change.depth_profile_a = depth_profile(sig_a.mask, depth_bins)
     change.depth_profile_b = depth_profile(sig_b.mask, depth_bins)

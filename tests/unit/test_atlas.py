@@ -258,6 +258,7 @@ def test_compare_of_different_shapes_compares_roles_not_heads(built):
                              (other.roles[change.role], change.depth_profile_b)):
             assert profile == pytest.approx(depth_profile(sig.mask, 2))
     assert "share significant by depth" in str(comparison)
+    assert all(r.verdict in ("in both", "in neither", "appeared", "vanished") for r in comparison.roles)
 
 
 def test_depth_profile_is_the_share_of_significant_heads_per_depth_bin():
