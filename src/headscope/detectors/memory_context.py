@@ -106,7 +106,8 @@ class MemoryContextDetector(Detector):
             )
         conflict = final_head_attributions(model, items, [i.prompt for i in items], batch_size, progress)
         agreeing = [conflict_prompt(i.relation, i.format, i.subject, i.memory_answer) for i in items]
-        patched = final_head_attributions(model, items, agreeing, batch_size, progress, scale_from=conflict)
+        patched = final_head_attributions(model, items, agreeing, batch_size, progress, scale_from=conflict,
+                                          control=False)
         values = conflict["attribution"].mean(dim=0)
         n_items = conflict["attribution"].shape[0]
         extras = {
@@ -213,15 +214,16 @@ def unrelated_answers(items: list[ConflictItem]) -> list[ConflictItem]:
 
 def final_head_attributions(
     model: Any, items: list[ConflictItem], prompts: list[str], batch_size: Optional[int] = None,
-    progress: Optional[bool] = None, scale_from: Optional[dict[str, Tensor]] = None,
+    progress: Optional[bool] = None, scale_from: Optional[dict[str, Tensor]] = None, control: bool = True,
 ) -> dict[str, Tensor]:
     """Per item: every head's direct logit attribution ``[n_items, n_layers, n_heads]`` at the final
-    position, the same onto :func:`unrelated_answers`' directions (``"unrelated"``: the control),
-    the logit difference, and the final norm's scale (``scale_from`` reuses another run's scale,
-    for direct-path patching)."""
+    position, with ``control`` the same onto :func:`unrelated_answers`' directions
+    (``"unrelated"``), the logit difference, and the final norm's scale (``scale_from`` reuses
+    another run's scale, for direct-path patching)."""
     shape = model_shape(model)
-    directions = answer_directions(model, items)
-    unrelated = answer_directions(model, unrelated_answers(items))
+    directions = {"attribution": answer_directions(model, items)}
+    if control:
+        directions["unrelated"] = answer_directions(model, unrelated_answers(items))
     w_o = head_output_weights(model)
     names = [name for layer in range(shape.n_layers) for name in head_output_hooks(model, layer)] + [FINAL_SCALE]
     offset = [0]
@@ -232,13 +234,12 @@ def final_head_attributions(
         index = slice(offset[0], offset[0] + len(chunk))
         offset[0] += len(chunk)
         scale = cache[FINAL_SCALE][rows, last, 0].float() if scale_from is None else scale_from["scale"][index]
-        attribution, control = (final_position_attributions(model, cache, last, d[index].to(logits.device), scale, w_o)
-                                for d in (directions, unrelated))
+        out = {name: final_position_attributions(model, cache, last, d[index].to(logits.device), scale, w_o)
+               for name, d in directions.items()}
         context = torch.tensor([i.context_token for i in items[index]], device=logits.device)
         memory = torch.tensor([i.memory_token for i in items[index]], device=logits.device)
         final = logits  # [batch, vocab] at each row's last position
-        return {"attribution": attribution, "unrelated": control, "scale": scale,
-                "logit_diff": final[rows, context] - final[rows, memory]}
+        return {**out, "scale": scale, "logit_diff": final[rows, context] - final[rows, memory]}
 
     return run_batched(model, tokenize(model, prompts), reduce, names, batch_size, progress, desc="memory_context",
                        logits="last")
