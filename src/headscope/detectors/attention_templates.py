@@ -257,11 +257,13 @@ def template_null(
 
 
 def _registered_templates() -> list["AttentionTemplateDetector"]:
-    """An instance of every registered template detector (a template depends on the task only)."""
+    """An instance of every registered template detector whose null is measured on unrepeated
+    tokens (a template depends on the task only)."""
     from headscope.detectors.base import get_detector, list_detectors
 
     detectors = [get_detector(name) for name in list_detectors()]
-    return [d for d in detectors if isinstance(d, AttentionTemplateDetector)]
+    return [d for d in detectors  # those with their own null (previous-token) need no measured one
+            if isinstance(d, AttentionTemplateDetector) and type(d).null is AttentionTemplateDetector.null]
 
 
 def uniform_share(template: Float[Tensor, "q k"], queries: Bool[Tensor, " q"]) -> float:
