@@ -55,6 +55,26 @@ def tiny_llama_folder(path):
     return path
 
 
+def tiny_text_llama_folder(path, max_positions=1024):
+    """A random 2-layer Llama (4 query heads on 2 KV heads) with the byte-level tokenizer of
+    ``tests.families`` (every character a token, so any text runs), saved as a Hugging Face
+    folder: what the CLI loads when a test scores its own text data (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.families import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_positions, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def active_hooks(model) -> int:
     """Torch forward/backward hooks attached to the model's hook points (each counted once),
     plus any TransformerLens handle still registered."""

@@ -45,3 +45,28 @@ class EmptyResultError(HeadscopeError, RuntimeError):
 
 class WeightCacheError(ModelNotAvailableError):
     """A folder of cached float weights that is still damaged after it was rebuilt."""
+
+
+class SettingError(HeadscopeError, TypeError):
+    """A detector setting that does not exist, has the wrong type or is out of range."""
+
+
+class DataError(InputError):
+    """A file of the user's own data that cannot be read: the message names the file and line."""
+
+
+class ArgumentError(HeadscopeError, ValueError):
+    """An argument of a public function that cannot work (non-finite, out of range, empty):
+    the message names the argument."""
+
+
+class ScoresMismatchError(ArgumentError):
+    """Head scores computed on another model (different shape or model name)."""
+
+
+class ConfigFileError(InputError):
+    """A ``--config`` file that is missing, not JSON, or not ``{detector: {setting: value}}``."""
+
+
+class OutputFolderError(InputError):
+    """An ``--out`` that is a file or cannot be written."""

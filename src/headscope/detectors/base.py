@@ -29,7 +29,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.engine.tokens import TokenBatch
-from headscope.errors import EmptyResultError, UnknownDetectorError
+from headscope.errors import EmptyResultError, SettingError, UnknownDetectorError
 from headscope.models import model_name
 from headscope.results import HeadScores
 from headscope.significance import Significance
@@ -63,11 +63,30 @@ class ValidationTask:
     last_position: bool = False
 
 
+def setting(default: Any, help: str = "", choices: Optional[tuple] = None, min: Optional[float] = None,
+            max: Optional[float] = None) -> Any:
+    """A config field with what a user needs to set it: ``help`` (one line), and the allowed
+    ``choices`` or ``min``/``max`` range (inclusive) that are checked before any work starts::
+
+        @dataclass
+        class MyConfig(DetectorConfig):
+            n_sequences: int = setting(32, "sequences scored", min=1)
+            format: str = setting("plain", "prompt format", choices=("plain", "chat"))
+    """
+    metadata = {"help": help, "choices": choices, "min": min, "max": max}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("setting() defaults must be immutable (use a tuple).")
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+DATA_SETTING = "data"  # the config field, in every detector that takes one, naming the user's own data file
+
+
 @dataclass
 class DetectorConfig:
     """Base of detector configs: every field needs a default."""
 
-    seed: int = 0
+    seed: int = setting(0, "seed of every random choice (same seed, same scores)")
 
 
 class Detector(ABC):
@@ -84,10 +103,32 @@ class Detector(ABC):
         known = {f.name for f in dataclasses.fields(self.Config)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise TypeError(
+            raise SettingError(
                 f"{self.name} has no setting {', '.join(unknown)}; its settings are {', '.join(sorted(known))}."
             )
         self.config = dataclasses.replace(base, **overrides)
+
+    def check_data(self) -> None:
+        """Read the user's own data file (the ``data`` setting, when the detector has one) without a
+        model, raising :class:`~headscope.errors.DataError` naming the file and line of the first
+        problem. Detectors that take data override this; the CLI calls it before loading a model."""
+
+    def data_paths(self) -> list[str]:
+        """The user data files this detector's config names (their hashes go into the record)."""
+        path = getattr(self.config, DATA_SETTING, None)
+        return [str(path)] if path else []
+
+    def config_record(self) -> dict[str, Any]:
+        """The config as saved with results and matched on resume: the fields as they read back
+        from JSON (tuples become lists), plus ``data_sha256`` (file -> SHA-256) when the config
+        names data files, so a changed file is never taken for the one a result was computed on."""
+        record = json.loads(json.dumps(dataclasses.asdict(self.config)))
+        paths = self.data_paths()
+        if paths:
+            from headscope.tasks.user_data import file_sha256
+
+            record["data_sha256"] = {path: file_sha256(path) for path in paths}
+        return record
 
     @abstractmethod
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> HeadScores:
@@ -128,7 +169,7 @@ class Detector(ABC):
             values=values,
             detector=self.name,
             model=model_name(model),
-            config=dataclasses.asdict(self.config),
+            config=self.config_record(),
             extras=extras or {},
             metadata=info,
         )
@@ -150,9 +191,9 @@ def check_not_empty(name: str, values: Tensor, reason: Optional[str] = None) -> 
 
 
 def plain_config(detector: Detector) -> dict[str, Any]:
-    """The detector's config as it reads back from JSON (tuples become lists): what saved results
-    are matched against."""
-    return json.loads(json.dumps(dataclasses.asdict(detector.config)))
+    """The detector's config as it reads back from JSON (tuples become lists), with its data
+    files' hashes: what saved results are matched against (:meth:`Detector.config_record`)."""
+    return detector.config_record()
 
 
 _REGISTRY: dict[str, type[Detector]] = {}
