@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -36,9 +37,10 @@ from tqdm.auto import tqdm
 from headscope.engine.architecture import head_hook
 from headscope.engine.heads import Head, all_heads, check_heads, heads_by_layer, hook_name, model_shape
 from headscope.engine.partial import check_forward_from_layer, forward_from_layer, resid_pre_name
-from headscope.engine.runner import auto_batch_size, last_position_states, model_device, run_batched
+from headscope.engine.runner import auto_batch_size, last_position_states, model_device, progress_note, run_batched
 from headscope.engine.tokens import TokenBatch, as_token_batch, iter_batches
-from headscope.errors import InputError
+from headscope.errors import ArgumentError, InputError
+from headscope.files import atomic_torch_save
 from headscope.interventions import DEFAULT_UNIFORM_EPSILON, ablate, head_output_means
 from headscope.models import model_name
 from headscope.results import HeadScores
@@ -93,12 +95,12 @@ def ablation_scan(
             "Resample ablation takes each head's output from the next example of the same chunk, so "
             "every chunk needs at least 2 examples; change batch_size or the number of examples."
         )
-    means = _means_for(model, method, selected, batch if reference is None else reference, chunk_size)
+    means = _means_for(model, method, selected, batch if reference is None else reference, chunk_size, progress)
     read = _logits_reader(model, positions)
     signature = _signature(model, batch, metric, method, factor, selected)
     fresh = {"signature": signature, "done": [], "sums": torch.zeros(shape.n_layers, shape.n_heads),
              "counts": torch.zeros(shape.n_layers, shape.n_heads)}
-    state = _load_checkpoint(checkpoint, signature, fresh)
+    state = _load_checkpoint(checkpoint, signature, fresh, progress)
     sums, counts = state["sums"].to(device), state["counts"].to(device)
     layer_heads = heads_by_layer(selected)
     done = {tuple(unit) for unit in state["done"]}
@@ -181,11 +183,11 @@ def readout_scan(
     selected = check_heads(model, heads) if heads is not None else all_heads(model)
     shape = model_shape(model)
     chunk_size = batch_size or auto_batch_size(model, batch.tokens.shape[1])
-    means = _means_for(model, method, selected, batch, chunk_size)
+    means = _means_for(model, method, selected, batch, chunk_size, progress)
     signature = _signature(model, batch, "readout", method, factor, selected)
     fresh = {"signature": signature, "done": [], "clean": torch.zeros(len(batch), shape.d_model),
              "ablated": torch.full((shape.n_layers, shape.n_heads, len(batch), shape.d_model), math.nan)}
-    state = _load_checkpoint(checkpoint, signature, fresh)
+    state = _load_checkpoint(checkpoint, signature, fresh, progress)
     layer_heads = heads_by_layer(selected)
     done = {tuple(unit) for unit in state["done"]}
     read = lambda run, chunk: last_position_states(model, chunk, run)  # noqa: E731
@@ -226,13 +228,18 @@ def _check_method(method: str, factor: Optional[float]) -> None:
     if method not in SCAN_METHODS:
         raise ValueError(f"Unknown ablation method {method!r}; choose one of {', '.join(SCAN_METHODS)}.")
     if method == "scale" and factor is None:
-        raise ValueError("method='scale' needs factor=... (the multiplier of the head's output).")
+        raise ArgumentError("method='scale' needs factor=... (the multiplier of the head's output).")
+    if factor is not None and not math.isfinite(float(factor)):
+        raise ArgumentError(f"The 'factor' parameter of the scan must be a finite number; got {factor!r}.")
+    if method == "uniform" and factor is not None and float(factor) <= 0:
+        raise ArgumentError(f"The 'factor' parameter of a uniform-attention scan scales queries and must be a small "
+                            f"positive number; got {factor!r}. Leave it out for the default {DEFAULT_UNIFORM_EPSILON}.")
 
 
-def _means_for(model, method, heads, reference, batch_size) -> dict[int, Tensor]:
+def _means_for(model, method, heads, reference, batch_size, progress: Optional[bool] = None) -> dict[int, Tensor]:
     if method != "mean":
         return {}
-    return head_output_means(model, {h.layer for h in heads}, reference, batch_size)
+    return head_output_means(model, {h.layer for h in heads}, reference, batch_size, progress)
 
 
 def _clean_run(
@@ -391,7 +398,7 @@ def naive_ablation_scan(
         elif method == "uniform" and factor is not None:
             context = scale_query(model, [head], factor)
         else:
-            context = ablate(model, [head], method=method, reference=reference, batch_size=size)
+            context = ablate(model, [head], method=method, reference=reference, batch_size=size, progress=False)
         with context:
             values[head.layer, head.head] = float((run() - clean).mean())
     return HeadScores(values=values, detector=f"naive_ablation_scan:{method}", model=model_name(model),
@@ -477,18 +484,26 @@ def _signature(model, batch: TokenBatch, metric, method, factor, heads: list[Hea
     return digest.hexdigest()
 
 
-def _load_checkpoint(path: Optional[Union[str, Path]], signature: str, fresh: dict) -> dict:
-    """The saved state when ``path`` holds one for this very scan, else ``fresh``."""
-    if path is not None and Path(path).is_file():
-        saved = torch.load(path, weights_only=False)
-        if saved.get("signature") == signature:
-            return saved
+def _load_checkpoint(path: Optional[Union[str, Path]], signature: str, fresh: dict,
+                     progress: Optional[bool] = None) -> dict:
+    """The saved state when ``path`` holds one for this very scan, else ``fresh``. The state is
+    tensors, lists, numbers and a string, so it loads with ``weights_only=True`` (no pickled code);
+    a file that does not load is named in a warning and the scan starts over."""
+    if path is None or not Path(path).is_file():
+        return fresh
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - cut off, not a checkpoint, or holding other objects
+        warnings.warn(f"The scan checkpoint {path} cannot be read ({type(exc).__name__}); starting the scan over "
+                      "(it is overwritten as the scan goes).", stacklevel=3)
+        return fresh
+    if isinstance(saved, dict) and saved.get("signature") == signature:
+        progress_note(f"resumed: {len(saved.get('done', []))} finished (chunk, layer) units from the scan checkpoint "
+                      f"{path}", progress)
+        return saved
     return fresh
 
 
 def _save_checkpoint(path: Optional[Union[str, Path]], state: dict) -> None:
-    if path is None:
-        return
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # never half-written
+    if path is not None:
+        atomic_torch_save(path, state)  # never half-written, also with two writers

@@ -1,0 +1,77 @@
+"""Several processes saving results into one folder under the same names: no writer fails, no
+reader ever sees a torn file, and no temporary file is left behind (real processes, spawned)."""
+
+import json
+import multiprocessing
+import random
+import traceback
+
+import pytest
+
+NAMES = ("induction", "previous_token", "duplicate_token")
+SAVES = 300
+PROCESSES = 3
+
+
+def save_and_read(folder: str, seed: int, queue) -> None:
+    """One writer: ``SAVES`` HeadScores saves (and a few checkpoints) cycling over ``NAMES``; after
+    each save it reads back one of the files, which must always parse completely."""
+    try:
+        import torch
+
+        from headscope.files import atomic_torch_save
+        from headscope.results import HeadScores
+
+        rng = random.Random(seed)
+        for i in range(SAVES):
+            name = NAMES[i % len(NAMES)]
+            values = torch.full((6, 8), float(seed * 1000 + i))
+            HeadScores(values, name, f"writer-{seed}").save(f"{folder}/{name}.json")
+            loaded = HeadScores.load(f"{folder}/{rng.choice(NAMES)}.json")  # raises on a torn file
+            assert loaded.values.shape == (6, 8) and bool((loaded.values == loaded.values[0, 0]).all())
+            if i % 30 == 0:
+                atomic_torch_save(f"{folder}/scan.ckpt", {"writer": seed, "sums": values})
+        queue.put((seed, None))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+        queue.put((seed, traceback.format_exc()))
+
+
+def test_processes_saving_the_same_names_never_fail_or_tear_a_file(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=save_and_read, args=(str(tmp_path), seed, queue)) for seed in range(PROCESSES)]
+    for worker in workers:
+        worker.start()
+    reports = dict(queue.get(timeout=120) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=30)
+    assert all(worker.exitcode == 0 for worker in workers)
+    assert reports == {seed: None for seed in range(PROCESSES)}, "\n".join(filter(None, reports.values()))
+
+    import torch
+
+    from headscope.results import HeadScores
+
+    for name in NAMES:
+        saved = json.loads((tmp_path / f"{name}.json").read_text())  # complete JSON
+        scores = HeadScores.load(tmp_path / f"{name}.json")
+        assert scores.detector == name and scores.model == saved["model"]
+    assert torch.load(tmp_path / "scan.ckpt", weights_only=True)["sums"].shape == (6, 8)
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
+    assert leftovers == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{n}.json" for n in NAMES] + ["scan.ckpt"])
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    from headscope.files import atomic_write, atomic_write_text
+
+    path = atomic_write_text(tmp_path / "scores.json", '{"old": true}')
+
+    def fail_halfway(handle):
+        handle.write(b'{"new": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, fail_halfway)
+    assert json.loads(path.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.json"]
