@@ -11,32 +11,42 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from headscope.detectors.base import Detector, DetectorConfig, ValidationTask
+from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, setting
 from headscope.engine.heads import Head, hook_name, model_shape
 from headscope.engine.metrics import masked_mean, next_token_losses
 from headscope.engine.runner import run_batched
-from headscope.engine.tokens import TokenBatch, bos_token_id
+from headscope.engine.tokens import TokenBatch, bos_token_id, pad_token_id
+from headscope.errors import DataError, InputError, SettingError
 from headscope.models import weights_fingerprint
 from headscope.results import HeadScores
 from headscope.significance import Significance
-from headscope.tasks.repeated_tokens import RepeatedTokens, repeated_random_tokens, unrepeated_like
+from headscope.tasks.natural_text import TextWindows, read_documents, split_windows, text_windows
+from headscope.tasks.repeated_tokens import RepeatedTokens, repeated_random_tokens, unrepeated_like, unrepeated_rows
+from headscope.tasks.user_data import file_sha256
+
+Task = Union[RepeatedTokens, TextWindows]
 
 
 @dataclass
 class RepeatedTokensConfig(DetectorConfig):
-    """Settings of the repeated-random-token task (Olsson et al.: 25 tokens x 4, with BOS)."""
+    """Settings of the repeated-random-token task (Olsson et al.: 25 tokens x 4, with BOS), or of
+    the researcher's own text (``data``)."""
 
-    n_sequences: int = 32
-    block_len: int = 25
-    n_repeats: int = 4
-    token_range: Optional[tuple[int, int]] = None
-    n_validation_sequences: int = 32
+    n_sequences: int = setting(32, "sequences scored (with data: at most this many text windows)", min=1)
+    block_len: int = setting(25, "distinct random tokens per block", min=2)
+    n_repeats: int = setting(4, "times each block is repeated", min=2)
+    token_range: Optional[tuple[int, int]] = setting(None, "[low, high) token ids drawn (default: 2%-50% of the "
+                                                           "vocabulary)")
+    n_validation_sequences: int = setting(32, "held-out sequences of the validation loss", min=1)
+    data: Optional[str] = setting(None, "your own natural text instead of random tokens: a .txt file (one document) "
+                                        "or .jsonl with {\"text\": ...} per line")
+    text_length: int = setting(256, "tokens per window cut from the data text", min=2)
 
 
 def task_settings(config: RepeatedTokensConfig) -> dict[str, Any]:
@@ -57,17 +67,49 @@ def make_task(model: Any, config: RepeatedTokensConfig, validation: bool = False
     )
 
 
+def text_task(model: Any, config: RepeatedTokensConfig, validation: bool = False) -> TextWindows:
+    """Windows of the ``data`` text for scoring, or the disjoint held-out windows for validation."""
+    context = model_shape(model).n_ctx
+    if config.text_length + (bos_token_id(model) is not None) > context:
+        raise SettingError(f"text_length {config.text_length} (plus the BOS) is longer than the model's context of "
+                           f"{context} tokens: set text_length to at most {context - 1}.")
+    windows = text_windows(model.tokenizer, read_documents(config.data), config.text_length, bos_token_id(model),
+                           pad_token_id(model))
+    scored, held_out = split_windows(windows, config.n_sequences, config.n_validation_sequences, config.seed,
+                                     config.data)
+    return held_out if validation else scored
+
+
+def scoring_task(model: Any, config: RepeatedTokensConfig, validation: bool = False) -> Task:
+    """The user's text windows when ``config.data`` names a file, else repeated random tokens."""
+    if config.data:
+        if getattr(model, "tokenizer", None) is None:
+            raise InputError("Scoring text data needs the model's tokenizer, and this model has none: load it with "
+                             "its tokenizer, or leave data unset to use random tokens.")
+        return text_task(model, config, validation)
+    return make_task(model, config, validation)
+
+
+def task_batch(task: Task) -> Any:
+    """What ``run_batched`` takes for a task: a token tensor or a padded ``TokenBatch``."""
+    return task.batch if isinstance(task, TextWindows) else task.tokens
+
+
 def template_scores(
     patterns: dict[str, Tensor],
     n_layers: int,
-    template: Float[Tensor, "q k"],
-    queries: Bool[Tensor, " q"],
+    template: Union[Float[Tensor, "q k"], Float[Tensor, "batch q k"]],
+    queries: Union[Bool[Tensor, " q"], Bool[Tensor, "batch q"]],
     chunk: TokenBatch,
 ) -> Float[Tensor, "batch n_layers n_heads"]:
-    """Per-example template scores for every head, from cached ``hook_pattern`` of each layer."""
+    """Per-example template scores for every head, from cached ``hook_pattern`` of each layer.
+    The template and queries are one for every row (``[q, k]``, ``[q]``) or one per row of the
+    chunk (``[batch, q, k]``, ``[batch, q]``: text, where repeats fall anywhere)."""
     width = chunk.tokens.shape[1]
-    weights = template[:width, :width].to(chunk.tokens.device)
-    query_mask = queries[:width].to(chunk.tokens.device)[None, :] & chunk.attention_mask.bool()
+    weights = template[..., :width, :width].to(chunk.tokens.device).float()
+    weights = weights[:, None] if weights.ndim == 3 else weights  # [batch, 1, q, k] or [q, k]
+    rows_queries = queries[..., :width].to(chunk.tokens.device)
+    query_mask = (rows_queries if rows_queries.ndim == 2 else rows_queries[None, :]) & chunk.attention_mask.bool()
     per_layer = []
     for layer in range(n_layers):
         pattern = patterns[hook_name(layer, "pattern")].float()  # [batch, head, q, k]
@@ -84,6 +126,8 @@ def pattern_hooks(model: Any) -> list[str]:
 
 def repeated_loss_task(model: Any, config: RepeatedTokensConfig) -> ValidationTask:
     """Validation for induction-circuit heads: loss on the predictable (repeated) tokens."""
+    if config.data:
+        return text_loss_task(model, config)
     task = make_task(model, config, validation=True)
     targets = task.predictable_targets()
 
@@ -98,6 +142,72 @@ def repeated_loss_task(model: Any, config: RepeatedTokensConfig) -> ValidationTa
         metric_name="loss on repeated tokens (nats)",
         ablation_hurts_when="increases",
     )
+
+
+def text_loss_task(model: Any, config: RepeatedTokensConfig) -> ValidationTask:
+    """Validation on held-out windows of the user's text: loss on the tokens an induction
+    mechanism can predict, the targets ``t[i + 1]`` where the current token ``t[i]`` occurred
+    before at ``j`` and was followed there by the same token, ``t[j + 1] == t[i + 1]``."""
+    task = text_task(model, config, validation=True)
+    if not bool(induction_predictable(task.tokens, task.attention_mask, task.offset).any()):
+        raise DataError(f"The held-out windows of {config.data} repeat no token pair (a token followed by the "
+                        f"same token as at an earlier occurrence): nothing there tests in-context copying. Give "
+                        f"longer or more repetitive text, or a larger text_length.")
+
+    def predictable_loss(logits: Tensor, chunk: TokenBatch) -> Tensor:
+        losses = next_token_losses(logits, chunk.tokens)
+        mask = induction_predictable(chunk.tokens, chunk.attention_mask, task.offset).to(losses.device)
+        return masked_mean(losses, mask)
+
+    return ValidationTask(
+        data=task.batch,
+        metric=predictable_loss,
+        metric_name="loss on induction-predictable tokens of held-out text (nats)",
+        ablation_hurts_when="increases",
+    )
+
+
+def earlier_copies(tokens: Tensor, mask: Tensor, offset: int) -> Bool[Tensor, "batch q k"]:
+    """``C[b, q, k]``: key ``k < q`` holds the query's token (an earlier occurrence); keys before
+    ``offset`` (the BOS) and padding never count."""
+    width = tokens.shape[1]
+    same = tokens[:, :, None] == tokens[:, None, :]
+    earlier = torch.ones(width, width, dtype=torch.bool, device=tokens.device).tril(-1)
+    real = mask.bool()
+    real_keys = real.clone()
+    real_keys[:, :offset] = False
+    return same & earlier & real[:, :, None] & real_keys[:, None, :]
+
+
+def copy_template(tokens: Tensor, mask: Tensor, offset: int,
+                  shift: int) -> tuple[Float[Tensor, "batch q k"], Bool[Tensor, "batch q"]]:
+    """Per row, from the tokens themselves: ``T[b, q, j + shift] = 1`` for every earlier
+    occurrence ``j`` of the query's token, keys before the query only. ``shift=1``: induction
+    (the token after each earlier copy); ``shift=0``: duplicate token. On repeated random tokens
+    (distinct within a block) this equals :func:`repeat_template`."""
+    copies = earlier_copies(tokens, mask, offset)
+    template = torch.zeros_like(copies)
+    template[:, :, shift:] = copies[:, :, : copies.shape[2] - shift]
+    template &= torch.ones_like(copies[0]).tril(-1)[None]  # the key stays before the query
+    return template.float(), template.any(dim=-1)
+
+
+def previous_template(tokens: Tensor, mask: Tensor, offset: int) -> tuple[Float[Tensor, "batch q k"], Bool[Tensor, "batch q"]]:
+    """Per row: ``T[b, q, q - 1] = 1`` for real queries ``q >= offset + 1``."""
+    batch, width = tokens.shape
+    queries = mask.bool() & (torch.arange(width, device=tokens.device) >= offset + 1)[None, :]
+    template = torch.zeros(batch, width, width, device=tokens.device)
+    index = torch.arange(1, width, device=tokens.device)
+    template[:, index, index - 1] = queries[:, 1:].float()
+    return template, queries
+
+
+def induction_predictable(tokens: Tensor, mask: Tensor, offset: int) -> Bool[Tensor, "batch pos_minus_1"]:
+    """For next-token losses (``logits[:, i]`` predicts ``tokens[:, i + 1]``): targets ``i + 1``
+    whose current token ``t[i]`` occurred earlier at ``j`` followed by ``t[j + 1] == t[i + 1]``."""
+    copies = earlier_copies(tokens, mask, offset)[:, :-1, :-1]  # query i, key j, both < width - 1
+    same_next = tokens[:, 1:, None] == tokens[:, None, 1:]  # t[i + 1] == t[j + 1]
+    return (copies & same_next).any(dim=-1) & mask[:, 1:].bool()
 
 
 def repeat_template(task: RepeatedTokens, shift: int) -> tuple[Float[Tensor, "q k"], Bool[Tensor, " q"]]:
@@ -135,7 +245,23 @@ class AttentionTemplateDetector(Detector):
     score_name = "attention_on_template"
 
     def template(self, task: RepeatedTokens) -> tuple[Tensor, Tensor]:
+        """``(T[q, k], queries[q])`` on repeated random tokens, the same for every row."""
         raise NotImplementedError
+
+    def token_template(self, tokens: Tensor, mask: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+        """``(T[batch, q, k], queries[batch, q])`` read from each row's own tokens (the user's
+        text, where repeats fall anywhere)."""
+        raise NotImplementedError
+
+    def templates_for(self, task: Task) -> tuple[Tensor, Tensor]:
+        """The template of ``task``: shared by all rows on random tokens, per row on text."""
+        if isinstance(task, TextWindows):
+            return self.token_template(task.tokens, task.attention_mask, task.offset)
+        return self.template(task)
+
+    def check_data(self) -> None:
+        if self.config.data:
+            read_documents(self.config.data)
 
     def extra_scores(self, model: Any, task: RepeatedTokens) -> tuple[list[str], Optional[ExtraScores]]:
         return [], None
@@ -189,14 +315,15 @@ def score_together(
     config = detectors[0].config
     if any(task_settings(d.config) != task_settings(config) for d in detectors):
         raise ValueError("score_together needs detectors with the same task settings (they share one task).")
-    task = make_task(model, config)
+    task = scoring_task(model, config)
     n_layers = model_shape(model).n_layers
-    templates = {d.name: d.template(task) for d in detectors}
-    extras = {d.name: d.extra_scores(model, task) for d in detectors}
+    templates = chunk_templates({d.name: d.templates_for(task) for d in detectors})
+    on_text = isinstance(task, TextWindows)
+    extras = {d.name: ([], None) if on_text else d.extra_scores(model, task) for d in detectors}
 
     def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
         out = {}
-        for name, (template, queries) in templates.items():
+        for name, (template, queries) in templates(chunk).items():
             out[name] = template_scores(cache, n_layers, template, queries, chunk)
             extra_fn = extras[name][1]
             out.update({f"{name}.{key}": value for key, value in (extra_fn(cache, chunk) if extra_fn else {}).items()})
@@ -204,7 +331,7 @@ def score_together(
 
     names = pattern_hooks(model) + sorted({hook for hooks, _ in extras.values() for hook in hooks})
     desc = "+".join(d.name for d in detectors)
-    per_example = run_batched(model, task.tokens, reduce, names, batch_size, progress, desc=desc, logits="last")
+    per_example = run_batched(model, task_batch(task), reduce, names, batch_size, progress, desc=desc, logits="last")
     means = {name: values.mean(dim=0) for name, values in per_example.items()}
     results = {}
     for detector in detectors:
@@ -220,9 +347,30 @@ def score_together(
                 "n_sequences": len(task.tokens),
                 "sequence_length": int(task.tokens.shape[1]),
                 "bos_token_id": int(task.tokens[0, 0]) if task.has_bos else None,
+                **(text_metadata(task, config) if on_text else {}),
             },
         )
     return results
+
+
+def text_metadata(task: TextWindows, config: RepeatedTokensConfig) -> dict[str, Any]:
+    """What a score on the user's text was computed from."""
+    return {"data": str(config.data), "data_text_tokens": task.n_text_tokens,
+            "data_queries": "positions whose token occurred earlier in the window (previous-token: every position)",
+            "copying": "not measured on text data (it reads the repeated-token task's blocks)"}
+
+
+def chunk_templates(templates: dict[str, tuple[Tensor, Tensor]]) -> Callable[[TokenBatch], dict[str, tuple[Tensor, Tensor]]]:
+    """``take(chunk)``: each template's rows for the next chunk of a ``run_batched`` pass (chunks
+    come in row order). Templates shared by every row (``[q, k]``) are handed on as they are."""
+    start = [0]
+
+    def take(chunk: TokenBatch) -> dict[str, tuple[Tensor, Tensor]]:
+        rows = slice(start[0], start[0] + len(chunk))
+        start[0] += len(chunk)
+        return {name: (t[rows] if t.ndim == 3 else t, q[rows] if q.ndim == 2 else q) for name, (t, q) in templates.items()}
+
+    return take
 
 
 _NULLS: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, Tensor]]]" = weakref.WeakKeyDictionary()
@@ -238,22 +386,34 @@ def template_null(
     settings and weights (any in-place change to a parameter makes a new key), so the template
     detectors of one atlas share it."""
     config = detector.config
-    key = repr((task_settings(config), weights_fingerprint(model)))
+    data_hash = file_sha256(config.data) if config.data else None
+    key = repr((task_settings(config), data_hash, weights_fingerprint(model)))
     cached = _NULLS.setdefault(model, {}).setdefault(key, {})
     if detector.name not in cached:
-        task = make_task(model, config)
-        token_range = tuple(config.token_range) if config.token_range else None
-        null_task = unrepeated_like(task, model_shape(model).d_vocab, token_range, seed=config.seed + 2_000_003)
+        task = scoring_task(model, config)
         n_layers = model_shape(model).n_layers
-        measured = {d.name: d.template(task) for d in [*_registered_templates(), detector] if d.name not in cached}
+        measured = {d.name: d.templates_for(task) for d in [*_registered_templates(), detector] if d.name not in cached}
+        templates = chunk_templates(measured)
 
         def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
-            return {name: template_scores(cache, n_layers, t, q, chunk) for name, (t, q) in measured.items()}
+            return {name: template_scores(cache, n_layers, t, q, chunk) for name, (t, q) in templates(chunk).items()}
 
-        per_example = run_batched(model, null_task.tokens, reduce, pattern_hooks(model), batch_size, progress,
-                                  desc="template null", logits="last")  # {name: [batch, L, H]}
+        per_example = run_batched(model, null_tokens(model, task, config), reduce, pattern_hooks(model), batch_size,
+                                  progress, desc="template null", logits="last")  # {name: [batch, L, H]}
         cached.update({name: values.mean(dim=0) for name, values in per_example.items()})
     return cached[detector.name]
+
+
+def null_tokens(model: Any, task: Task, config: RepeatedTokensConfig) -> Any:
+    """Random tokens of ``task``'s shape (same BOS, same padding) in which no token repeats."""
+    token_range = tuple(config.token_range) if config.token_range else None
+    d_vocab, seed = model_shape(model).d_vocab, config.seed + 2_000_003
+    if isinstance(task, RepeatedTokens):
+        return unrepeated_like(task, d_vocab, token_range, seed=seed).tokens
+    width = task.tokens.shape[1] - task.offset
+    bos = int(task.tokens[0, 0]) if task.has_bos else None
+    tokens = unrepeated_rows(len(task), width, d_vocab, token_range, bos, seed)
+    return TokenBatch(tokens, task.attention_mask)
 
 
 def _registered_templates() -> list["AttentionTemplateDetector"]:
@@ -266,9 +426,13 @@ def _registered_templates() -> list["AttentionTemplateDetector"]:
             if isinstance(d, AttentionTemplateDetector) and type(d).null is AttentionTemplateDetector.null]
 
 
-def uniform_share(template: Float[Tensor, "q k"], queries: Bool[Tensor, " q"]) -> float:
+def uniform_share(template: Union[Float[Tensor, "q k"], Float[Tensor, "batch q k"]],
+                  queries: Union[Bool[Tensor, " q"], Bool[Tensor, "batch q"]]) -> float:
     """The share of attention a template's keys get from uniform attention over the causal prefix
-    (query ``i`` spreads ``1 / (i + 1)`` over keys ``0..i``), averaged over the template's queries:
-    what a head that ignores tokens and position would score."""
+    (query ``i`` spreads ``1 / (i + 1)`` over keys ``0..i``), averaged over the template's queries
+    (per row, then over rows, as the scores are): what a head that ignores tokens and position
+    would score."""
+    if template.ndim == 3:
+        return float(torch.tensor([uniform_share(t, q) for t, q in zip(template, queries) if q.any()]).mean())
     positions = torch.nonzero(queries).flatten()
     return float((template[positions].sum(dim=-1) / (positions + 1)).mean())

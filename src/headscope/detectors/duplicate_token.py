@@ -1,7 +1,8 @@
 """Duplicate-token heads — heads that attend to earlier copies of the current token
 (Wang et al. 2022, "Interpretability in the Wild"; TransformerLens ``head_detector``).
 
-Data: the repeated-random-token task of the induction detector.
+Data: the repeated-random-token task of the induction detector, or your own text (``data``,
+as for induction: the keys are each query token's earlier occurrences in its window).
 
 Score: for each query position ``i`` in the second and later repeats, the attention on earlier
 occurrences of the same token, ``sum_{m>=1} A[i, i - m*n]``, averaged over those positions and
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from headscope.detectors.attention_templates import AttentionTemplateDetector, repeat_template
+from headscope.detectors.attention_templates import AttentionTemplateDetector, copy_template, repeat_template
 from headscope.detectors.base import register_detector
 from headscope.tasks.repeated_tokens import RepeatedTokens
 
@@ -24,6 +25,10 @@ class DuplicateTokenDetector(AttentionTemplateDetector):
     name = "duplicate_token"
     score_name = "duplicate_token"
     summary = "attention to earlier copies of the current token"
+    cost = "not measured"
 
     def template(self, task: RepeatedTokens) -> tuple[Tensor, Tensor]:
         return repeat_template(task, shift=0)
+
+    def token_template(self, tokens: Tensor, mask: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+        return copy_template(tokens, mask, offset, shift=0)

@@ -1,7 +1,10 @@
 """Induction heads — Olsson et al. 2022, "In-context Learning and Induction Heads".
 
 Data: ``n_sequences`` sequences ``[BOS] + block * n_repeats`` of ``block_len`` distinct random
-tokens (defaults 32 x (25 x 4), as in the paper).
+tokens (defaults 32 x (25 x 4), as in the paper). Or your own text (``data``: a ``.txt`` file,
+or ``.jsonl`` with ``{"text": ...}`` per line), cut into windows of ``text_length`` tokens (half
+scored, half held out for validation); the template is then read from each window's own
+repeats: query ``i`` whose token occurred earlier at ``j``, key ``j + 1 < i``.
 
 Score (prefix matching, ``values``): for each query position ``i`` in the second and later
 repeats, the attention the head pays to the tokens that *followed* earlier occurrences of the
@@ -40,9 +43,10 @@ from headscope.detectors.attention_templates import (
     AttentionTemplateDetector,
     ExtraScores,
     RepeatedTokensConfig,
+    copy_template,
     repeat_template,
 )
-from headscope.detectors.base import register_detector
+from headscope.detectors.base import register_detector, setting
 from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.tokens import TokenBatch
 from headscope.engine.unembed import center_for_norm, direct_logits, direct_unembed, post_attention_weights
@@ -51,9 +55,11 @@ from headscope.tasks.repeated_tokens import RepeatedTokens
 
 @dataclass
 class InductionConfig(RepeatedTokensConfig):
-    copying: bool = True
-    copying_vocabulary: str = "sequence"  # "sequence" (the block's own tokens) or "full"
-    copying_positions: int = 0  # query positions per sequence; 0 = every later-repeat position
+    copying: bool = setting(True, "also compute the copying score (direct logits of the attended token)")
+    copying_vocabulary: str = setting("sequence", "tokens the copying score ranks among: the block's own ('sequence') "
+                                                  "or the whole vocabulary ('full')", choices=("sequence", "full"))
+    copying_positions: int = setting(0, "query positions per sequence for the copying score (0: every later-repeat "
+                                        "position)", min=0)
 
 
 @register_detector
@@ -62,9 +68,13 @@ class InductionDetector(AttentionTemplateDetector):
     Config = InductionConfig
     score_name = "prefix_matching"
     summary = "attention from a repeated token to the token after its earlier copies (Olsson et al. 2022)"
+    cost = "not measured"
 
     def template(self, task: RepeatedTokens) -> tuple[Tensor, Tensor]:
         return repeat_template(task, shift=1)
+
+    def token_template(self, tokens: Tensor, mask: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+        return copy_template(tokens, mask, offset, shift=1)
 
     def extra_scores(self, model: Any, task: RepeatedTokens) -> tuple[list[str], ExtraScores | None]:
         config: InductionConfig = self.config

@@ -1,7 +1,8 @@
 """Previous-token heads — the first half of the induction circuit (Olsson et al. 2022;
 Elhage et al. 2021).
 
-Data: the repeated-random-token task of the induction detector.
+Data: the repeated-random-token task of the induction detector, or your own text (``data``,
+as for induction: every position after the first is a query).
 
 Score: mean over query positions ``i >= 2`` (after the BOS and the first token, whose only
 earlier key is the BOS) of ``A[i, i - 1]``, the attention to the immediately preceding token;
@@ -25,7 +26,12 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from headscope.detectors.attention_templates import AttentionTemplateDetector, make_task, uniform_share
+from headscope.detectors.attention_templates import (
+    AttentionTemplateDetector,
+    previous_template,
+    scoring_task,
+    uniform_share,
+)
 from headscope.detectors.base import register_detector
 from headscope.tasks.repeated_tokens import RepeatedTokens
 
@@ -35,6 +41,7 @@ class PreviousTokenDetector(AttentionTemplateDetector):
     name = "previous_token"
     score_name = "previous_token"
     summary = "attention to the immediately preceding token"
+    cost = "not measured"
 
     def template(self, task: RepeatedTokens) -> tuple[Tensor, Tensor]:
         width = task.tokens.shape[1]
@@ -44,10 +51,13 @@ class PreviousTokenDetector(AttentionTemplateDetector):
         template[index, index - 1] = 1.0
         return template, queries
 
+    def token_template(self, tokens: Tensor, mask: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+        return previous_template(tokens, mask, offset)
+
     def null(self, model: Any, batch_size: Optional[int] = None,
              progress: Optional[bool] = None) -> tuple[float, str, dict[str, Any]]:
         """Position alone: the previous token's share under uniform attention (no model run)."""
-        share = uniform_share(*self.template(make_task(model, self.config)))
+        share = uniform_share(*self.templates_for(scoring_task(model, self.config)))
         rule = ("position alone: above the share uniform attention over the causal prefix puts on the previous "
                 "token (mean over queries of 1/(i+1)); repetition is no null here, every token has a predecessor")
         return share, rule, {"uniform_share": share}

@@ -110,3 +110,24 @@ def unrepeated_like(
     if task.has_bos:
         tokens = torch.cat([task.tokens[:, :1], tokens], dim=1)
     return RepeatedTokens(tokens=tokens, block_len=task.block_len, n_repeats=task.n_repeats, has_bos=task.has_bos)
+
+
+def unrepeated_rows(
+    n_rows: int, length: int, d_vocab: int, token_range: Optional[tuple[int, int]] = None,
+    bos_token_id: Optional[int] = None, seed: int = 0,
+) -> Int[Tensor, "n_rows pos"]:
+    """``n_rows`` rows of ``length`` random ids, distinct within each row when the token range
+    has enough ids (else distinct within each stretch of that many), after a BOS column when
+    ``bos_token_id`` is given: the null input for templates read from text."""
+    low, high = token_range or default_token_range(d_vocab)
+    generator = torch.Generator().manual_seed(seed)
+    candidates = torch.arange(low, high)
+    if bos_token_id is not None:
+        candidates = candidates[candidates != bos_token_id]
+    stretches = -(-length // len(candidates))
+    rows = [torch.cat([candidates[torch.randperm(len(candidates), generator=generator)] for _ in range(stretches)])[:length]
+            for _ in range(n_rows)]
+    tokens = torch.stack(rows)
+    if bos_token_id is not None:
+        tokens = torch.cat([torch.full((n_rows, 1), bos_token_id, dtype=torch.long), tokens], dim=1)
+    return tokens
