@@ -70,3 +70,21 @@ class ConfigFileError(InputError):
 
 class OutputFolderError(InputError):
     """An ``--out`` that is a file or cannot be written."""
+
+
+class ResultFileError(InputError):
+    """A saved results file (scores, atlas part) that is missing, cut off or of another kind: the
+    message names the file."""
+
+
+class ResultFileWarning(UserWarning):
+    """A saved part or results file that could not be used (cut off, not JSON, the wrong shape):
+    the message names the file; headscope moves it aside and computes the result again."""
+
+
+class ModelFileNotFoundError(ModelNotAvailableError, FileNotFoundError):
+    """A model path (a ``.gguf`` file or a folder) that does not exist."""
+
+
+class CommandLineError(InputError):
+    """A command line that argparse cannot read (an unknown flag, a count below 1): one line, exit 2."""

@@ -61,7 +61,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from headscope.errors import ModelNotAvailableError, UnsupportedModelError, WeightCacheError
+from headscope.errors import ModelFileNotFoundError, ModelNotAvailableError, UnsupportedModelError, WeightCacheError
 from headscope.versions import warn_if_untested
 
 log = logging.getLogger(__name__)
@@ -175,14 +175,38 @@ def load_model(
         return _load_gguf(path, torch_device, torch_dtype, cache_dir, text, sha256=sha256)
     if text in _organisms():
         return _load_organism(text, torch_device, torch_dtype, cache_dir)
+    check_model_path(text)
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"No GGUF file at {path}.")
         return _load_gguf(path, torch_device, torch_dtype, cache_dir, path.stem)
     if path.is_dir():
         return _load_hf_folder(path, torch_device, torch_dtype, name=path.name)
     return _load_from_hub(text, torch_device, torch_dtype)
+
+
+def check_model_path(spec: str) -> None:
+    """Raise :class:`ModelFileNotFoundError` (a ``FileNotFoundError``) when ``spec`` names a local
+    model that is not there: a ``.gguf`` path that is not a file, or a path (``/``, ``./``, ``../``,
+    ``~``) that does not exist. Bundled names and hub names (``org/name``) pass. Cheap: the CLI
+    calls it before loading anything."""
+    if spec in BUNDLED_MODELS or spec in _organisms():
+        return
+    path = Path(spec).expanduser()
+    known = ", ".join(BUNDLED_MODELS)
+    if path.suffix == ".gguf" and not path.is_file():
+        raise ModelFileNotFoundError(
+            f"No GGUF file at {path}: give the path of an existing .gguf file, or a bundled model name ({known})."
+        )
+    if spec.startswith(("/", "./", "../", "~")) and not path.exists():
+        raise ModelFileNotFoundError(
+            f"No model at {path}: give an existing Hugging Face folder or .gguf file, a hub name such as "
+            f"'HuggingFaceTB/SmolLM2-135M-Instruct', or a bundled model name ({known})."
+        )
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelFileNotFoundError(
+            f"{path} is a folder without config.json, so not a Hugging Face model folder: give a folder written by "
+            f"save_pretrained, a .gguf file, or a bundled model name ({known})."
+        )
 
 
 def resolve_device(device: Optional[Union[str, torch.device]]) -> torch.device:

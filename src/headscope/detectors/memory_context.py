@@ -78,6 +78,7 @@ class MemoryContextDetector(Detector):
     name = "memory_context"
     Config = MemoryContextConfig
     summary = "direct logit attribution onto context answer minus memorised answer (Yu et al. 2023)"
+    cost = "not measured"
 
     def items(self, model: Any, split: str = "all") -> list[ConflictItem]:
         """The conflict items of the facts ``model`` knows: ``"all"`` of them, the ``"score"`` part

@@ -93,6 +93,7 @@ class SafetyDetector(Detector):
     name = "safety"
     Config = SafetyConfig
     summary = "KL of the next-token distribution on harmful requests when a head attends uniformly (Ships)"
+    cost = "not measured"
 
     def queries(self) -> list[refusal.Request]:
         config = self.config

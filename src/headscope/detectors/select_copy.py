@@ -306,6 +306,7 @@ class SelectCopyDetector(Detector):
     name = "select_copy"
     Config = SelectCopyConfig
     summary = "accuracy of each head's QK-score / attention to the correct option (Tulchinskii et al. 2024)"
+    cost = "~10 min as an atlas stage with the 1300-question default (SmolLM2-135M, 2 CPU cores)"
 
     def prompts(self, model: Any, batch_size: Optional[int] = None) -> tuple[list[mc.MCPrompt], dict[str, Any]]:
         """The prompts to score (known questions only, when ``only_known``) and the knowledge check

@@ -91,6 +91,7 @@ class SuccessorDetector(Detector):
     name = "successor"
     Config = SuccessorConfig
     summary = "successor top among task tokens: effective OV circuit and in-context direct logits (Gould et al. 2023)"
+    cost = "not measured"
 
     def tasks(self, model: Any) -> list[SuccessionTask]:
         if self.config.embedding not in EMBEDDINGS:
