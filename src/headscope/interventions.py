@@ -30,6 +30,8 @@ OLMo-2): scaling before the norm would be undone by it. ``engine.architecture`` 
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
 import weakref
 from dataclasses import dataclass
 from importlib import resources
@@ -50,7 +52,7 @@ from headscope.engine.heads import (
 )
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, as_token_batch
-from headscope.errors import InputError
+from headscope.errors import ArgumentError, InputError
 
 ABLATION_METHODS = ("zero", "mean", "resample", "uniform")
 RESIDUAL_HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -78,6 +80,7 @@ def ablate(
     epsilon: float = DEFAULT_UNIFORM_EPSILON,
     batch_size: Optional[int] = None,
     means: Optional[dict[int, Tensor]] = None,
+    progress: Optional[bool] = None,
 ) -> contextlib.AbstractContextManager:
     """Ablate heads for the duration of a ``with`` block.
 
@@ -92,27 +95,33 @@ def ablate(
             default is a short English text shipped with headscope.
         means: for ``"mean"``, precomputed ``head_output_means`` (layer → [n_heads, d_head]) to
             use instead of a pass over ``reference`` (several ablations, one pass).
+        progress: a bar (or, off a terminal, start and finish lines) while the means are computed;
+            ``None`` shows the bar on a terminal only.
+
+    Raises:
+        ArgumentError: no heads, or a non-positive or non-finite ``epsilon`` for ``"uniform"``.
     """
-    checked = check_heads(model, heads)
+    checked = _needed_heads(model, heads, "ablate")
     if method == "zero":
         return scale_output(model, checked, 0.0)
     if method == "uniform":
-        return scale_query(model, checked, epsilon)
+        return scale_query(model, checked, _check_epsilon(epsilon, "ablate"))
     if method == "mean":
         if means is None:
-            means = _mean_outputs(model, checked, reference, batch_size)
+            means = _mean_outputs(model, checked, reference, batch_size, progress)
         missing = sorted({h.layer for h in checked} - set(means))
         if missing:
             raise InputError(f"The precomputed means lack layers {missing}; compute them with head_output_means.")
         return _replace_outputs(model, checked, means)
     if method == "resample":
         return _resample(model, checked, reference, batch_size)
-    raise ValueError(f"Unknown ablation method {method!r}; choose one of {', '.join(ABLATION_METHODS)}.")
+    raise InputError(f"The 'method' parameter of ablate must be one of {', '.join(ABLATION_METHODS)}; got {method!r}.")
 
 
 def uniform_attention(model: Any, heads: HeadsLike, epsilon: float = DEFAULT_UNIFORM_EPSILON):
-    """The Ships/Sahara and retrieval-head ablation: attention made uniform over the prefix."""
-    return scale_query(model, heads, epsilon)
+    """The Ships/Sahara and retrieval-head ablation: attention made uniform over the prefix
+    (each head's pre-RoPE query times ``epsilon``, a small positive number)."""
+    return scale_query(model, _needed_heads(model, heads, "uniform_attention"), _check_epsilon(epsilon, "uniform_attention"))
 
 
 DECODE_MASK_METHODS = ("uniform", "zero", "mean")
@@ -142,8 +151,9 @@ def mask_at_decode(
 ) -> DecodeMask:
     """A checked :class:`DecodeMask` for ``model`` (heads in range, a known method)."""
     if method not in DECODE_MASK_METHODS:
-        raise ValueError(f"Unknown decode-time mask {method!r}; choose one of {', '.join(DECODE_MASK_METHODS)}.")
-    return DecodeMask(tuple(check_heads(model, heads)), method, epsilon)
+        raise InputError(f"Unknown decode-time mask {method!r}: the 'method' parameter of mask_at_decode must be one "
+                         f"of {', '.join(DECODE_MASK_METHODS)}.")
+    return DecodeMask(tuple(_needed_heads(model, heads, "mask_at_decode")), method, _check_epsilon(epsilon, "mask_at_decode"))
 
 
 def ablate_per_row(
@@ -159,7 +169,13 @@ def ablate_per_row(
     the pre-RoPE ``hook_q`` (query × ``epsilon``). Batches must have ``len(head_sets)`` rows.
     """
     if method not in DECODE_MASK_METHODS:
-        raise ValueError(f"Unknown per-row ablation {method!r}; choose one of {', '.join(DECODE_MASK_METHODS)}.")
+        raise InputError(f"The 'method' parameter of ablate_per_row must be one of {', '.join(DECODE_MASK_METHODS)}; "
+                         f"got {method!r}.")
+    if method == "uniform":
+        _check_epsilon(epsilon, "ablate_per_row")
+    if len(head_sets) == 0:
+        raise ArgumentError("The 'head_sets' argument of ablate_per_row is empty; pass one head set (or None for a "
+                            "clean row) per row of the batches run inside the block.")
     shape = model_shape(model)
     ablated = torch.zeros(len(head_sets), shape.n_layers, shape.n_heads, dtype=torch.bool)
     for row, heads in enumerate(head_sets):
@@ -193,12 +209,14 @@ def ablate_per_row(
 
 def scale_output(model: Any, heads: HeadsLike, factor: float) -> contextlib.AbstractContextManager:
     """Multiply each head's output (its ``hook_z`` slice) by ``factor``; 0 is zero ablation."""
-    return _scale_slices(model, check_heads(model, heads), "z", factor)
+    factor = _check_finite(factor, "factor", "scale_output")
+    return _scale_slices(model, _needed_heads(model, heads, "scale_output"), "z", factor)
 
 
 def scale_query(model: Any, heads: HeadsLike, factor: float) -> contextlib.AbstractContextManager:
     """Multiply each head's pre-RoPE query by ``factor`` (tiny factor → uniform attention)."""
-    return _scale_slices(model, check_heads(model, heads), "q", factor)
+    factor = _check_finite(factor, "factor", "scale_query")
+    return _scale_slices(model, _needed_heads(model, heads, "scale_query"), "q", factor)
 
 
 def scale_values(
@@ -211,20 +229,21 @@ def scale_values(
     leaves the other query heads of the KV group untouched. ``per="kv_group"`` scales ``hook_v``
     of the KV head, which changes every query head of the group (see ``kv_group``).
     """
-    checked = check_heads(model, heads)
+    checked = _needed_heads(model, heads, "scale_values")
+    factor = _check_finite(factor, "factor", "scale_values")
     if per == "query_head":
         return _scale_slices(model, checked, "z", factor)
     if per == "kv_group":
         shape = model_shape(model)
         kv_heads = sorted({Head(h.layer, h.head // shape.group_size) for h in checked})
         return _scale_slices(model, kv_heads, "v", factor)
-    raise ValueError(f"per must be 'query_head' or 'kv_group', got {per!r}.")
+    raise InputError(f"The 'per' parameter of scale_values must be 'query_head' or 'kv_group'; got {per!r}.")
 
 
 def kv_groups_touched(model: Any, heads: HeadsLike) -> list[list[Head]]:
     """The query heads that ``scale_values(..., per="kv_group")`` changes, one list per KV head."""
     shape = model_shape(model)
-    groups = sorted({(h.layer, h.head // shape.group_size) for h in check_heads(model, heads)})
+    groups = sorted({(h.layer, h.head // shape.group_size) for h in _needed_heads(model, heads, "kv_groups_touched")})
     return [kv_group(model, layer, index) for layer, index in groups]
 
 
@@ -245,29 +264,41 @@ def add_vector(
     (``hook_z``, before ``W_O``) — or ``hook="q"`` to its pre-RoPE query input.
     Negative positions count from each row's end of the padded batch (``-1`` = last column).
     Subtract a direction with ``scale=-1``.
+
+    Raises:
+        ArgumentError: a vector of the wrong shape or with NaN/inf entries, a non-finite ``scale``,
+            positions that are not integers; and, in the forward pass, a position outside the
+            sequence (the hooks are removed as the error leaves the ``with`` block).
     """
     shape = model_shape(model)
+    scale = _check_finite(scale, "scale", "add_vector")
     if head is not None:
         (target,) = check_heads(model, [head])
         if target.layer != layer:
-            raise ValueError(f"head {target} is not in layer {layer}.")
+            raise ArgumentError(f"The 'head' argument of add_vector, {target}, is not in layer {layer}; pass "
+                                f"layer={target.layer} or a head of layer {layer}.")
         kind = "z" if hook == "resid_pre" else hook
         if kind not in ("z", "q"):
-            raise ValueError(f"For a head, hook must be 'z' (its output) or 'q' (its query), got {hook!r}.")
-        _check_vector(vector, shape.d_head, f"a head's {kind}")
+            raise InputError(f"The 'hook' parameter of add_vector for a head must be 'z' (its output) or 'q' (its "
+                             f"query); got {hook!r}.")
+        _check_vector(vector, shape.d_head, f"a head's {kind}", "add_vector")
         name, head_index = hook_name(layer, kind), target.head
     else:
         if hook not in RESIDUAL_HOOKS:
-            raise ValueError(f"hook must be one of {', '.join(RESIDUAL_HOOKS)}, got {hook!r}.")
+            raise InputError(f"The 'hook' parameter of add_vector must be one of {', '.join(RESIDUAL_HOOKS)}; "
+                             f"got {hook!r}.")
         if not 0 <= layer < shape.n_layers:
-            raise ValueError(f"layer {layer} is out of range 0..{shape.n_layers - 1}.")
-        _check_vector(vector, shape.d_model, "the residual stream")
+            raise ArgumentError(f"The 'layer' argument of add_vector, {layer}, is out of range: this model has "
+                                f"layers 0..{shape.n_layers - 1}.")
+        _check_vector(vector, shape.d_model, "the residual stream", "add_vector")
         name, head_index = f"blocks.{layer}.hook_{hook}", None
     delta = vector.detach() * scale
-    index = [positions] if isinstance(positions, int) else positions
+    index = _check_positions(positions, "add_vector")
 
     def add(activation: Tensor, hook: Any) -> Tensor:
         activation = activation.clone()
+        if index is not None:
+            _positions_in_range(index, activation.shape[1], "add_vector")
         rows = slice(None) if index is None else list(index)
         if head_index is None:
             activation[:, rows] += delta.to(activation)
@@ -283,6 +314,7 @@ def swap_feature(
 ) -> Float[Tensor, "... d"]:
     """Vector arithmetic on a representation: ``vector - scale * remove + scale * add`` (e.g. a
     number's effective embedding with its mod-10 feature ``f_a`` swapped for ``f_b``)."""
+    scale = _check_finite(scale, "scale", "swap_feature")
     return vector - scale * remove.to(vector) + scale * add.to(vector)
 
 
@@ -296,13 +328,81 @@ def edit(
 ) -> contextlib.AbstractContextManager:
     """Swap feature ``remove`` for ``add`` in the residual stream entering ``layer`` at ``positions``
     (the in-prompt form of :func:`swap_feature`)."""
+    d_model = model_shape(model).d_model
+    _check_vector(remove, d_model, "the residual stream", "edit", argument="remove")
+    _check_vector(add, d_model, "the residual stream", "edit", argument="add")
     return add_vector(model, add.detach().float() - remove.detach().float(), layer, "resid_pre", positions, scale=scale)
 
 
-def _check_vector(vector: Tensor, size: int, where: str) -> None:
+def _check_vector(vector: Tensor, size: int, where: str, caller: str, argument: str = "vector") -> None:
+    """A 1-D tensor of ``size`` finite entries, or ``ArgumentError`` naming ``argument``."""
     if not isinstance(vector, Tensor) or vector.ndim != 1 or vector.shape[0] != size:
         got = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
-        raise ValueError(f"A vector for {where} must have shape ({size},), got {got}.")
+        raise ArgumentError(f"The {argument!r} argument of {caller} is a vector for {where} and must have shape "
+                            f"({size},), got {got}.")
+    finite = torch.isfinite(vector.detach())
+    if not bool(finite.all()):
+        raise ArgumentError(
+            f"The {argument!r} argument of {caller} has {int((~finite).sum())} NaN or infinite entries (first at "
+            f"index {int((~finite).nonzero()[0, 0])}); they would make every logit NaN. Pass a finite vector, "
+            f"e.g. torch.nan_to_num({argument}).")
+
+
+def _check_finite(value: Any, argument: str, caller: str) -> float:
+    """``value`` as a float, or ``ArgumentError`` when it is not a finite number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"The {argument!r} parameter of {caller} must be a finite number; got {value!r}.") from None
+    if not math.isfinite(number):
+        raise ArgumentError(f"The {argument!r} parameter of {caller} must be a finite number; got {value!r}, which "
+                            "would make the logits NaN or infinite. Pass a finite number.")
+    return number
+
+
+def _check_epsilon(epsilon: Any, caller: str) -> float:
+    """A finite ``epsilon > 0`` (the query scale that makes attention uniform), else ``ArgumentError``."""
+    number = _check_finite(epsilon, "epsilon", caller)
+    if number <= 0:
+        raise ArgumentError(f"The 'epsilon' parameter of {caller} scales queries to make attention uniform and must "
+                            f"be a small positive number; got {epsilon!r}. The default is {DEFAULT_UNIFORM_EPSILON}.")
+    return number
+
+
+def _needed_heads(model: Any, heads: HeadsLike, caller: str) -> list[Head]:
+    """``check_heads`` that also refuses an empty list: an intervention on no head does nothing."""
+    checked = check_heads(model, heads)
+    if not checked:
+        raise ArgumentError(f"The 'heads' argument of {caller} is empty, so the intervention would change nothing; "
+                            "pass at least one head, e.g. [(0, 1)] or scores.top_heads(5).")
+    return checked
+
+
+def _check_positions(positions: Any, caller: str) -> Optional[list[int]]:
+    """None (every position), or a non-empty list of integer positions."""
+    if positions is None:
+        return None
+    values = [positions] if isinstance(positions, int) else positions
+    try:
+        values = list(values)
+    except TypeError:
+        values = [values]
+    try:
+        if not values or any(isinstance(p, bool) for p in values):
+            raise TypeError
+        return [operator.index(p) for p in values]
+    except TypeError:
+        raise ArgumentError(f"The 'positions' argument of {caller} must be an integer or a non-empty list of "
+                            f"integers (negative counts from the end), or None for every position; got {positions!r}.") from None
+
+
+def _positions_in_range(positions: list[int], width: int, caller: str) -> None:
+    """Raised inside the forward pass, where the sequence length is known."""
+    bad = [p for p in positions if not -width <= p < width]
+    if bad:
+        raise ArgumentError(f"The 'positions' argument of {caller} holds {', '.join(map(str, bad))}, outside this "
+                            f"run's {width} positions (valid: {-width}..{width - 1}); pass positions within the "
+                            "prompt, e.g. -1 for the last.")
 
 
 def _scale_slices(model: Any, heads: Sequence[Head], kind: str, factor: float):
@@ -336,9 +436,12 @@ def _replace_outputs(model: Any, heads: Sequence[Head], means: dict[int, Tensor]
 
 
 def head_output_means(
-    model: Any, layers: Iterable[int], reference: Any, batch_size: Optional[int] = None
+    model: Any, layers: Iterable[int], reference: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None
 ) -> dict[int, Float[Tensor, "n_heads d_head"]]:
-    """Mean of ``hook_z`` per head over every real token of ``reference`` except position 0."""
+    """Mean of ``hook_z`` per head over every real token of ``reference`` except position 0.
+
+    ``progress``: a bar "mean head outputs" (``None``: on a terminal only; off a terminal,
+    ``True`` prints a start and a finish line instead)."""
     layers = sorted(set(layers))
     batch = as_token_batch(model, reference)
     names = [hook_name(layer, "z") for layer in layers]
@@ -351,21 +454,22 @@ def head_output_means(
             out[name] = torch.einsum("bp,bphd->bhd", weight, cache[name].float())
         return out
 
-    totals = run_batched(model, batch, sums, names=names, batch_size=batch_size, desc="mean head outputs", logits="last")
+    totals = run_batched(model, batch, sums, names=names, batch_size=batch_size, progress=progress,
+                         desc=f"mean head outputs ({len(layers)} layers)", logits="last")
     count = totals["count"].sum()
     if float(count) < 1:
         raise InputError("The reference for mean ablation has no tokens after the first; give longer prompts.")
     return {layer: totals[name].sum(dim=0) / count for layer, name in zip(layers, names, strict=True)}
 
 
-def _mean_outputs(model, heads, reference, batch_size) -> dict[int, Tensor]:
+def _mean_outputs(model, heads, reference, batch_size, progress: Optional[bool] = None) -> dict[int, Tensor]:
     layers = {head.layer for head in heads}
     if reference is not None:
-        return head_output_means(model, layers, reference, batch_size)
+        return head_output_means(model, layers, reference, batch_size, progress)
     cached = _DEFAULT_MEANS.setdefault(model, {})
     missing = sorted(layers - cached.keys())
     if missing:
-        cached.update(head_output_means(model, missing, default_reference_text(), batch_size))
+        cached.update(head_output_means(model, missing, default_reference_text(), batch_size, progress))
     return cached
 
 

@@ -13,6 +13,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.engine.heads import Head, HeadScore
+from headscope.errors import ResultFileError, ScoresMismatchError
+from headscope.files import atomic_write_text
 
 FORMAT_VERSION = 1
 
@@ -123,7 +125,25 @@ class HeadScores:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "HeadScores":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Scores saved by :meth:`save`. Raises ``ResultFileError`` naming the file when it is
+        missing, not JSON (e.g. cut off) or not a saved ``HeadScores``."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ResultFileError(f"Cannot read the scores file {path} ({type(exc).__name__}: {exc.strerror or exc}); "
+                                  "pass the path of a file written by HeadScores.save or 'headscope scan'.") from exc
+        try:
+            return cls.from_dict(json.loads(text))
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            raise ResultFileError(f"The scores file {path} is not a complete HeadScores file ({_reason(exc)}); "
+                                  "it may be cut off or another kind of file: write it again with "
+                                  "HeadScores.save or 'headscope scan'.") from exc
+
+    def check_model(self, model: Any, *, argument: str = "scores", check_name: bool = True) -> None:
+        """Raise ``ScoresMismatchError`` unless these scores fit ``model``: the same
+        ``[n_layers, n_heads]`` and, with ``check_name``, the same model name."""
+        check_scores_model(model, self, argument=argument, check_name=check_name)
 
     def plot(self, ax=None, path: Optional[Union[str, Path]] = None, extra: Optional[str] = None, cmap: str = "viridis"):
         """Heatmap of the scores (layer on the y axis, head on the x axis); saves a PNG if ``path``."""
@@ -162,10 +182,39 @@ class HeadScores:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and rename it: never a half-written file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Write through a private temporary file and rename it: never a half-written file, and safe
+    with several processes writing the same name (:func:`headscope.files.atomic_write_text`)."""
+    atomic_write_text(path, text)
+
+
+def check_scores_model(model: Any, scores: "HeadScores", *, argument: str = "scores", check_name: bool = True) -> None:
+    """Raise ``ScoresMismatchError`` when ``scores`` were computed on another model: a different
+    ``[n_layers, n_heads]`` shape, or (with ``check_name``) a different model name."""
+    from headscope.engine.heads import model_shape
+    from headscope.models import model_name
+
+    shape = model_shape(model)
+    expected, got = (shape.n_layers, shape.n_heads), (scores.n_layers, scores.n_heads)
+    name = model_name(model)
+    if got != expected:
+        raise ScoresMismatchError(
+            f"The {argument!r} argument holds {scores.detector} scores of a model with {got[0]} layers x {got[1]} "
+            f"heads ({scores.model}), but the model {name} has {expected[0]} x {expected[1]}: score this model "
+            f"first, e.g. hs.detect(model, {scores.detector!r}).")
+    if check_name and scores.model != name:
+        raise ScoresMismatchError(
+            f"The {argument!r} argument holds {scores.detector} scores of the model {scores.model!r}, but the model "
+            f"is {name!r}: score this model first, e.g. hs.detect(model, {scores.detector!r}), or pass "
+            "check_model=False if the two names are the same model (or you mean to transfer its heads).")
+
+
+def _reason(exc: Exception) -> str:
+    """A short description of why a JSON file did not parse into a result."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+    if isinstance(exc, KeyError):
+        return f"missing the key {exc.args[0]!r}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def to_json_matrix(values: Tensor) -> list[list[Optional[float]]]:

@@ -23,11 +23,11 @@ from torch import Tensor
 
 from headscope.detectors.base import MetricFn, ValidationTask, get_detector
 from headscope.engine.heads import Head, all_heads, model_shape
-from headscope.engine.runner import run_batched
+from headscope.engine.runner import progress_step, run_batched
 from headscope.engine.tokens import as_token_batch
-from headscope.errors import EmptyResultError, InputError
+from headscope.errors import ArgumentError, EmptyResultError, InputError
 from headscope.interventions import ablate, head_output_means
-from headscope.results import HeadScores
+from headscope.results import HeadScores, check_scores_model
 from headscope.significance import satterthwaite_df, student_t_quantile
 
 
@@ -97,6 +97,8 @@ def validate(
     batch_size: Optional[int] = None,
     progress: Optional[bool] = None,
     cache: Optional[dict] = None,
+    *,
+    check_model: bool = True,
 ) -> ValidationResult:
     """Ablate the top-``k`` heads of ``scores`` vs ``n_random`` draws of ``k`` other heads.
 
@@ -109,7 +111,18 @@ def validate(
         cache: a dict shared by several ``validate`` calls on the same, unchanged model (the atlas
             passes one): tasks with the same tokens and metric then share the clean run and the
             head-output means instead of recomputing them.
+        progress: bars per run (``None``: on a terminal only); off a terminal ``True`` prints a
+            start and a finish line per run (means, clean, top-k, each random set) to stderr.
+        check_model: refuse scores labelled with another model's name (``False``: use them
+            anyway, e.g. the same model loaded under another name). Scores of another shape are
+            always refused.
+
+    Raises:
+        ArgumentError: ``k`` below 1 or too large for the model, ``n_random`` below 2.
+        ScoresMismatchError: ``scores`` of another model (shape, or name with ``check_model``).
     """
+    check_scores_model(model, scores, check_name=check_model)
+    _check_counts(model, k, n_random)
     if task is None:
         task = get_detector(scores.detector, config=scores.config).validation_task(model)
     if metric is not None:
@@ -119,12 +132,16 @@ def validate(
     method = method or task.default_method
     top = scores.top_heads(k)
     if len(top) < k:
-        raise ValueError(f"Only {len(top)} heads have a score; cannot take the top {k}.")
+        raise ArgumentError(f"The 'k' argument of validate is {k}, but only {len(top)} heads of the {scores.detector} "
+                            f"scores have a value (the rest are NaN); pass k <= {len(top)}.")
     draws = random_head_sets(model, exclude=top, k=k, n_draws=n_random, seed=seed)
     if task.measure is not None:
-        values = task.measure(model, [None, top, *draws], method).float().cpu()
+        with progress_step(f"validate {scores.detector}: {len(draws) + 2} decoding runs (clean, top-{k}, "
+                           f"{len(draws)} random {k}-sets)", progress):
+            values = task.measure(model, [None, top, *draws], method).float().cpu()
     else:
-        values = _measure_forward(model, task, [None, top, *draws], method, batch_size, progress, cache)
+        values = _measure_forward(model, task, [None, top, *draws], method, batch_size, progress, cache,
+                                  label=f"validate {scores.detector}: ")
     if not bool(torch.isfinite(values).all()):
         bad = int((~torch.isfinite(values)).sum())
         raise EmptyResultError(
@@ -155,6 +172,20 @@ def validate(
     )
 
 
+def _check_counts(model: Any, k: Any, n_random: Any) -> None:
+    """``k`` heads ablated and ``n_random`` random sets: what the comparison needs."""
+    n_heads = model_shape(model).n_total_heads
+    largest = (n_heads - 1) // 2  # the random k-sets are drawn from more than k heads outside the top k
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= largest:
+        raise ArgumentError(
+            f"The 'k' argument of validate must be an integer from 1 to {largest} for this model's {n_heads} heads "
+            f"(the top k are compared with random k-sets drawn from the other {n_heads} - k heads, which must be "
+            f"more than k); got {k!r}.")
+    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 2:
+        raise ArgumentError(f"The 'n_random' argument of validate must be an integer >= 2 (the interval counts the "
+                            f"spread between random sets; 5 is the default); got {n_random!r}.")
+
+
 def _measure_forward(
     model: Any,
     task: ValidationTask,
@@ -163,32 +194,37 @@ def _measure_forward(
     batch_size: Optional[int],
     progress: Optional[bool],
     cache: Optional[dict] = None,
+    label: str = "",
 ) -> Float[Tensor, "sets examples"]:
-    """The task's per-example metric in one batched forward run per head set."""
+    """The task's per-example metric in one batched forward run per head set: ``[clean, top-k,
+    random sets...]`` as ``validate`` passes them (``label`` starts each progress line)."""
     data = as_token_batch(model, task.data)
     layers = {Head.parse(h).layer for heads in head_sets if heads for h in heads}
     data_key = _tokens_key(data)
     if cache is not None and method == "mean":  # every layer's means, for any later task on these tokens
         if ("means", data_key) not in cache:
-            cache[("means", data_key)] = head_output_means(model, set(range(model_shape(model).n_layers)), data, batch_size)
+            cache[("means", data_key)] = head_output_means(model, set(range(model_shape(model).n_layers)), data,
+                                                           batch_size, progress)
         means = cache[("means", data_key)]
     else:  # one pass for the mean outputs of every layer any set touches, shared by all sets
-        means = head_output_means(model, layers, data, batch_size) if method == "mean" and layers else None
+        means = head_output_means(model, layers, data, batch_size, progress) if method == "mean" and layers else None
     reduce = lambda logits, cache, chunk: task.metric(logits, chunk).float().cpu()  # noqa: E731
     logits = "last" if task.last_position else "all"
     rows = []
-    for heads in head_sets:
+    for index, heads in enumerate(head_sets):
         if heads is None:
             clean_key = ("clean", data_key, task.metric_name)
             if cache is not None and clean_key in cache:
                 rows.append(cache[clean_key])
                 continue
-            rows.append(run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc="clean", logits=logits))
+            rows.append(run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc=f"{label}clean", logits=logits))
             if cache is not None:
                 cache[clean_key] = rows[-1]
             continue
-        with ablate(model, heads, method=method, reference=data, batch_size=batch_size, means=means):
-            rows.append(run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc="ablated",
+        what = f"top-{len(heads)}" if index == 1 else f"random {len(heads)}-set {index - 1}/{len(head_sets) - 2}"
+        desc = f"{label}{what} ablated"
+        with ablate(model, heads, method=method, reference=data, batch_size=batch_size, means=means, progress=progress):
+            rows.append(run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc=desc,
                                     logits=logits))
     return torch.stack(rows)
 
@@ -204,7 +240,8 @@ def random_head_sets(model: Any, exclude: list[Head], k: int, n_draws: int, seed
     """``n_draws`` sets of ``k`` distinct heads, none of them in ``exclude``."""
     pool = [head for head in all_heads(model) if head not in set(exclude)]
     if len(pool) < k:
-        raise ValueError(f"Only {len(pool)} heads remain outside the top {len(exclude)}; cannot draw {k}.")
+        raise ArgumentError(f"Only {len(pool)} heads remain outside the {len(exclude)} excluded ones; cannot draw "
+                            f"random sets of k={k}: pass a smaller k.")
     generator = torch.Generator().manual_seed(seed)
     return [[pool[i] for i in torch.randperm(len(pool), generator=generator)[:k].tolist()] for _ in range(n_draws)]
 

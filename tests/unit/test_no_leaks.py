@@ -39,5 +39,5 @@ def test_validation_that_fails_under_ablation_leaves_no_hooks(tiny):
         raise RuntimeError("metric failed")
 
     with pytest.raises(RuntimeError, match="metric failed"):
-        hs.validate(tiny, scores, k=1, n_random=1, metric=failing_metric)
+        hs.validate(tiny, scores, k=1, n_random=2, metric=failing_metric)
     assert active_hooks(tiny) == 0

@@ -173,7 +173,7 @@ def test_validate_uses_a_tasks_own_measure_and_default_method(tiny):
     task = ValidationTask(None, None, "a decoded metric", "decreases", measure=measure, default_method="uniform")
     values = torch.zeros(2, 4)
     values[1, 2] = 1.0
-    scores = hs.HeadScores(values, "induction", "tiny")
+    scores = hs.HeadScores(values, "induction", hs.models.model_name(tiny))  # validate checks the model's name
     result = hs.validate(tiny, scores, k=1, task=task, n_random=3)
     assert seen["method"] == "uniform" and seen["sets"][0] is None and [str(h) for h in seen["sets"][1]] == ["L1H2"]
     assert result.difference == pytest.approx(-1.9) and result.significant
