@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 from headscope.detectors.base import Detector, get_detector, plain_config
-from headscope.engine.heads import check_head_hooks
+from headscope.engine.heads import check_head_hooks, model_shape
+from headscope.engine.runner import progress_note
+from headscope.errors import ResultFileError, ResultFileWarning
 from headscope.models import model_name
 from headscope.results import HeadScores
 
@@ -40,19 +43,44 @@ def scan(
 ) -> dict[str, HeadScores]:
     """Run several detectors; with ``out``, each result is saved (``<out>/<name>.json``) as soon as
     it is done, and with ``resume`` a detector whose file exists for this model is loaded, not
-    recomputed — an interrupted scan loses nothing that had finished."""
+    recomputed — an interrupted scan loses nothing that had finished. Each reused file is named
+    in a "resumed" line on stderr (unless ``progress=False``); a saved file that cannot be read is
+    named in a ``ResultFileWarning`` and recomputed."""
     check_head_hooks(model)
     instances = [get_detector(d) for d in detectors]  # fail on an unknown name before any work
     results: dict[str, HeadScores] = {}
     for detector in instances:
         path = Path(out) / f"{detector.name}.json" if out is not None else None
-        if path is not None and resume and path.is_file():
-            saved = HeadScores.load(path)
-            if saved.model == model_name(model) and saved.config == plain_config(detector):
-                results[detector.name] = saved
-                continue
+        saved = _saved_scores(model, detector, path) if path is not None and resume else None
+        if saved is not None:
+            progress_note(f"resumed {detector.name}: its scores for {saved.model} are read from {path} (pass "
+                          "resume=False, or --no-resume, to recompute)", progress)
+            results[detector.name] = saved
+            continue
         scores = detector.score(model, batch_size=batch_size, progress=progress)
         if path is not None:
             scores.save(path, top_k=top_k)
         results[detector.name] = scores
     return results
+
+
+def _saved_scores(model: Any, detector: Detector, path: Path) -> Optional[HeadScores]:
+    """The scores saved at ``path`` when they are this model's with this detector's settings;
+    None when there are none, or they are another model's or settings' (recomputed), or the
+    file cannot be read (named in a warning, recomputed and overwritten)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = HeadScores.load(path)
+    except ResultFileError as exc:
+        warnings.warn(f"{exc} Computing {detector.name} again.", ResultFileWarning, stacklevel=3)
+        return None
+    shape = model_shape(model)
+    if saved.model != model_name(model) or saved.config != plain_config(detector):
+        return None
+    if (saved.n_layers, saved.n_heads) != (shape.n_layers, shape.n_heads):
+        warnings.warn(f"The saved scores {path} are labelled {saved.model} but have {saved.n_layers} x {saved.n_heads} "
+                      f"heads, not {shape.n_layers} x {shape.n_heads}; computing {detector.name} again.",
+                      ResultFileWarning, stacklevel=3)
+        return None
+    return saved

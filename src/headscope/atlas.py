@@ -19,9 +19,11 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import platform
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -34,6 +36,8 @@ from tqdm.auto import tqdm
 from headscope.detectors.attention_templates import AttentionTemplateDetector, score_together, task_settings
 from headscope.detectors.base import Detector, get_detector, list_detectors, plain_config
 from headscope.engine.heads import Head, check_head_hooks, model_shape
+from headscope.engine.runner import progress_note
+from headscope.errors import ResultFileError, ResultFileWarning
 from headscope.models import model_name
 from headscope.results import HeadScores, role_overlap, write_text_atomic
 from headscope.significance import Significance
@@ -253,7 +257,11 @@ class Atlas:
             path = path / "atlas.json"
         if not path.is_file():
             raise FileNotFoundError(f"No atlas at {path}: pass a folder written by Atlas.save or its atlas.json.")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            raise ResultFileError(f"The atlas file {path} is not a complete atlas ({type(exc).__name__}: {exc}); it may "
+                                  "be cut off or another kind of file: run the atlas again to rewrite it.") from exc
 
     def failure_summary(self) -> str:
         """One line naming each failed detector, its stage and error ('' when none failed)."""
@@ -321,7 +329,9 @@ def atlas(
     instances = [get_detector(name, **settings.get(name, {})) for name in names]  # fail before any work
     config = AtlasSettings(detectors=[d.name for d in instances], validate=validate, k=k, n_random=n_random,
                            seed=seed, settings=settings)
-    store = _PartStore(Path(out) / "parts", model_name(model), read=resume) if out is not None else None
+    shape = model_shape(model)
+    store = (_PartStore(Path(out) / "parts", model_name(model), read=resume, shape=(shape.n_layers, shape.n_heads))
+             if out is not None else None)
     builder = _Builder(model, instances, config, store, batch_size, progress, on_error == "raise")
     return builder.run()
 
@@ -346,6 +356,7 @@ class _Builder:
         self.timings: dict[str, dict[str, Any]] = {}
         self.shared_scores: dict[str, tuple[HeadScores, str]] = {}  # scored in another detector's pass: (scores, its name)
         self.validation_cache: dict = {}  # clean runs and head means shared by validations on the same tokens
+        self.resumed: dict[str, list[str]] = {}  # stages loaded from saved parts, per detector
 
     def run(self) -> Atlas:
         for detector in self.detectors:
@@ -374,6 +385,14 @@ class _Builder:
                 self.store.clear_failure(name)
             spent = sum(t for t in self.timings[name].values() if isinstance(t, float))
             bar.set_postfix_str(f"done ({spent:.0f} s{', resumed' if self.timings[name].get('resumed') else ''})")
+        self._note_resumed(name)
+
+    def _note_resumed(self, name: str) -> None:
+        """One line naming the stages of ``name`` loaded from saved parts, and where from."""
+        reused = self.resumed.get(name)
+        if reused and self.store is not None:
+            progress_note(f"atlas: {name}: resumed {', '.join(reused)} from {self.store.folder}/{name}.<stage>.json "
+                          "(pass resume=False, or --no-resume, to recompute)", self.progress)
 
     def _fail(self, detector: Detector, stage: str, error: Exception) -> None:
         """Record a detector's failure (and save it as a part); re-raise when asked to."""
@@ -396,8 +415,10 @@ class _Builder:
             return
         saved = self.store.read(name, stage, key) if self.store is not None else None
         if saved is not None:
-            self._keep(name, stage, _decode(stage, saved["value"]))
-            self.timings[name][stage] = saved.get("seconds")
+            value, seconds = saved
+            self._keep(name, stage, value)
+            self.timings[name][stage] = seconds
+            self.resumed.setdefault(name, []).append(stage)
             self.timings[name]["resumed"] = True
             return
         started = time.time()
@@ -474,23 +495,48 @@ def _source_file(source: Any) -> Optional[str]:
 
 
 class _PartStore:
-    """``<parts>/<detector>.<stage>.json``, each written atomically when its stage finishes."""
+    """``<parts>/<detector>.<stage>.json``, each written atomically when its stage finishes.
 
-    def __init__(self, folder: Path, model: str, read: bool = True) -> None:
-        self.folder, self.model, self.reading = folder, model, read
+    A part that cannot be used (not JSON, cut off, the wrong shape) is named in a
+    ``ResultFileWarning``, moved aside to ``<part>.damaged`` and computed again."""
+
+    def __init__(self, folder: Path, model: str, read: bool = True, shape: Optional[tuple[int, int]] = None) -> None:
+        self.folder, self.model, self.reading, self.shape = folder, model, read, shape
 
     def path(self, name: str, stage: str) -> Path:
         return self.folder / f"{name}.{stage}.json"
 
-    def read(self, name: str, stage: str, key: dict[str, Any]) -> Optional[dict[str, Any]]:
+    def read(self, name: str, stage: str, key: dict[str, Any]) -> Optional[tuple[Any, Optional[float]]]:
+        """The decoded value and its seconds when the part exists for this model and ``key``."""
         path = self.path(name, stage)
         if not self.reading or not path.is_file():
             return None
         try:
             saved = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None  # a damaged part is recomputed
-        return saved if saved.get("model") == self.model and saved.get("key") == key else None
+            if not isinstance(saved, dict) or not {"model", "key", "value"} <= saved.keys():
+                raise ResultFileError("not a part record: a JSON object with 'model', 'key' and 'value'")
+            if saved["model"] != self.model or saved["key"] != key:
+                return None  # another model's or settings' part: recomputed and overwritten
+            value = _decode(stage, saved["value"])
+            _check_part(stage, value, self.shape)
+            seconds = saved.get("seconds")
+            return value, float(seconds) if isinstance(seconds, (int, float)) else None
+        except FileNotFoundError:  # moved aside by another process
+            return None
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            self._set_aside(path, exc)
+            return None
+
+    def _set_aside(self, path: Path, exc: Exception) -> None:
+        """Warn naming the damaged part and rename it to ``<part>.damaged`` (one step)."""
+        aside = path.with_name(path.name + ".damaged")
+        try:
+            os.replace(path, aside)
+            where = f"moved to {aside.name}"
+        except OSError:
+            where = "left in place"
+        warnings.warn(f"The atlas part {path} cannot be used ({type(exc).__name__}: {exc}); {where}, and the stage "
+                      "is computed again.", ResultFileWarning, stacklevel=2)
 
     def write(self, name: str, stage: str, key: dict[str, Any], value: Any, seconds: float) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -517,6 +563,22 @@ def _encode(stage: str, value: Any) -> Any:
     if stage == "significance":
         return [sig.to_dict() for sig in value]
     return value.to_dict() if value is not None else None
+
+
+def _check_part(stage: str, value: Any, shape: Optional[tuple[int, int]]) -> None:
+    """Raise ``ResultFileError`` when a decoded part does not fit the model or is not usable."""
+    if stage == "scores" and shape is not None and tuple(value.values.shape) != shape:
+        raise ResultFileError(f"scores of shape {tuple(value.values.shape)}, but the model has {shape}")
+    if stage == "significance":
+        for sig in value:
+            if shape is not None and tuple(sig.statistic.shape) != shape:
+                raise ResultFileError(f"a statistic of shape {tuple(sig.statistic.shape)}, but the model has {shape}")
+            float(sig.threshold)
+    if stage == "validation" and value is not None:
+        for number in (value.clean, value.top_k, value.random_k, value.difference, value.ci_low, value.ci_high):
+            float(number)
+        if not isinstance(value.top_heads, list) or value.ablation_hurts_when not in ("increases", "decreases"):
+            raise ResultFileError("a validation without its top heads or direction")
 
 
 def _decode(stage: str, value: Any) -> Any:
