@@ -86,7 +86,7 @@ def ablation_scan(
     """
     _check_method(method, factor)
     batch = as_token_batch(model, tokens)
-    selected = check_heads(model, heads) if heads is not None else all_heads(model)
+    selected = _scanned_heads(model, heads)
     shape = model_shape(model)
     device = model_device(model)
     chunk_size = batch_size or auto_batch_size(model, batch.tokens.shape[1])
@@ -180,7 +180,7 @@ def readout_scan(
     if background is not None and checkpoint is not None:
         raise InputError("readout_scan cannot checkpoint a scan with a background intervention; drop one of them.")
     batch = as_token_batch(model, tokens)
-    selected = check_heads(model, heads) if heads is not None else all_heads(model)
+    selected = _scanned_heads(model, heads)
     shape = model_shape(model)
     chunk_size = batch_size or auto_batch_size(model, batch.tokens.shape[1])
     means = _means_for(model, method, selected, batch, chunk_size, progress)
@@ -222,6 +222,17 @@ def _layer_states(
         return out.float().cpu().view(len(heads), len(chunk), -1)
 
     return torch.cat(_in_groups(model, chunk, layer_heads, states))
+
+
+def _scanned_heads(model: Any, heads: Optional[Sequence[Any]]) -> list[Head]:
+    """Every head (``heads=None``) or the checked list, which must not be empty."""
+    if heads is None:
+        return all_heads(model)
+    selected = check_heads(model, heads)
+    if not selected:
+        raise ArgumentError("The 'heads' argument of the scan is empty, so nothing would be scanned; pass None for "
+                            "every head or at least one head, e.g. [(0, 1)].")
+    return selected
 
 
 def _check_method(method: str, factor: Optional[float]) -> None:
@@ -383,7 +394,7 @@ def naive_ablation_scan(
 
     _check_method(method, factor)
     batch = as_token_batch(model, tokens)
-    selected = check_heads(model, heads) if heads is not None else all_heads(model)
+    selected = _scanned_heads(model, heads)
     size = batch_size or auto_batch_size(model, batch.tokens.shape[1])
     reference = batch if (method == "mean" and reference is None) else reference
     values = torch.full((model_shape(model).n_layers, model_shape(model).n_heads), math.nan)
