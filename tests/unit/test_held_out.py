@@ -159,7 +159,7 @@ PROBES: dict[str, Callable] = {
 }
 
 # The shipped settings files, where the tiny model can run them (the safety file needs a requests
-# file of the user's own; see test_safety_with_a_requests_file_validates_on_queries_it_did_not_score).
+# file of the user's own; see test_safety_with_its_own_data_validates_on_queries_it_did_not_score).
 CONFIG_PROBES: dict[str, Callable] = {
     f"{path.stem}:{name}": (template_probe(name, settings) if name in ("induction", "previous_token", "duplicate_token")
                             else retrieval_probe(settings))
@@ -197,15 +197,14 @@ def test_validation_shares_no_data_with_scoring(name, model, monkeypatch):
                             f"e.g. {sorted(shared)[:2]}")
 
 
-@pytest.mark.xfail(strict=True, reason="safety validates on every query of requests_file, the scored ones included "
-                   "(safety.py _requests: 'the paper measured attack success on the very queries it scored')")
-def test_safety_with_a_requests_file_validates_on_queries_it_did_not_score(model, monkeypatch, tmp_path):
-    """The setting of configs/safety-llama2-7b-chat.json: the user's own requests file."""
+def test_safety_with_its_own_data_validates_on_queries_it_did_not_score(model, monkeypatch, tmp_path):
+    """The setting of configs/safety-llama2-7b-chat.json: the user's own requests file (every
+    fourth request held out for validation, the others scored)."""
     path = tmp_path / "requests.txt"
     path.write_text("\n".join(r.text for r in refusal.load_requests("harmful", "train")[:12]))
     seen = record(monkeypatch, safety, "readout_scan", lambda model, prompts, *a, **k: list(prompts), stop=True)
-    detector = hs.get_detector("safety", requests_file=str(path), n_queries=8)
+    detector = hs.get_detector("safety", data=str(path), n_queries=8)
     with pytest.raises(Stop):
         detector.score(model, progress=False)
     validated = refusal.request_prompts(detector.validation_task(model).data, "chatml", model.tokenizer)
-    assert not set(seen[0]) & set(validated)
+    assert validated and not set(seen[0]) & set(validated)

@@ -10,7 +10,7 @@ import headscope as hs
 from headscope.detectors import select_copy as sc
 from headscope.engine.architecture import head_hook
 from headscope.engine.tokens import encode_with_offsets
-from headscope.errors import InputError
+from headscope.errors import InputError, SettingError
 from headscope.tasks import multiple_choice as mc
 from tests.families import tiny_family_model
 
@@ -262,9 +262,10 @@ def test_correct_letter_margin_reads_the_right_letters(smollm):
 
 def test_detector_refuses_unknown_scores_and_too_few_questions(tiny_text):
     prompts = mc.mc_prompts(mc.synthetic_questions(4))
-    with pytest.raises(InputError, match="The 'score' parameter of select_copy must be one of 'qk', 'attention'; got 'dot'"):
+    # The config's choices reject these at construction (SettingError); _check_config, at scoring.
+    with pytest.raises((InputError, SettingError), match="'score'.*one of 'qk', 'attention'; got 'dot'"):
         hs.get_detector("select_copy", score="dot").score(tiny_text, prompts=prompts)
-    with pytest.raises(InputError, match="'key_position' parameter of select_copy must be one of 'line_end', 'option_end'"):
+    with pytest.raises((InputError, SettingError), match="'key_position'.*one of 'line_end', 'option_end'"):
         hs.get_detector("select_copy", key_position="newline").score(tiny_text, prompts=prompts)
     with pytest.raises(InputError, match="qk_line_end"):
         _toy_readout([True], [True]).head_correct("qk_middle")

@@ -2,7 +2,12 @@
 Long-Context Factuality" (arXiv 2404.15574; code: nightdessert/Retrieval_Head).
 
 Data: needle-in-a-haystack prompts (``headscope.tasks.haystack``): an invented fact hidden at a
-depth of a filler text, a question at the end, over a grid of lengths × depths.
+depth of a filler text, a question at the end, over a grid of lengths × depths. Your own data:
+``data`` = a JSONL file of needles (``{"needle", "question", "answer"}`` per line, the answer a
+part of the needle; ``haystack.read_needles``) used instead of the shipped ones, and ``haystack`` =
+a UTF-8 text used as filler instead of the shipped essays (read from its start, never repeated:
+too short for a length is an error; ``haystack.read_haystack``). Their SHA-256 go into the saved
+config and into the ``checkpoint``'s sample keys.
 
 Score (``values``), the paper's copy-paste rate: decode the answer greedily with a KV cache; at
 decode step ``t`` the model emits token ``y_t``, and head ``h``'s query that produced it attends
@@ -27,7 +32,8 @@ on the same grid filled with the next needles (held out from scoring). Every sam
 needle: scoring takes needles ``needle_offset .. needle_offset + n - 1`` (``n`` = grid size)
 and validation the next ``n``, from a sequence in which no needle repeats (``"facts"``: the 24
 shipped needles, then generated ones, ``haystack.fact_needles``; ``"codes"``: distinct random
-codes), so the two never share a needle. The default grid (9 cells) scores shipped needles 0–8
+codes; ``data``: the lines of your file in order, which must hold ``needle_offset + 2n``
+needles), so the two never share a needle. The default grid (9 cells) scores shipped needles 0–8
 and validates on 9–17; the 99-cell grid of ``configs/retrieval-full-grid.json`` scores 0–98
 (24 shipped, 75 generated) and validates on generated needles 99–197.
 The metric is ``validation_metric``: the teacher-forced log-likelihood per answer token
@@ -41,7 +47,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -50,7 +56,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
+from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector, setting
 from headscope.engine.decoding import (
     DEFAULT_PREFILL_CHUNK,
     DecodeTrace,
@@ -60,19 +66,24 @@ from headscope.engine.decoding import (
     greedy_decode_rows,
 )
 from headscope.engine.heads import Head, check_heads
-from headscope.errors import EmptyResultError, InputError
+from headscope.errors import DataError, EmptyResultError, InputError
 from headscope.interventions import DEFAULT_UNIFORM_EPSILON, ablate_per_row
 from headscope.results import HeadScores
 from headscope.significance import Significance
 from headscope.tasks.haystack import (
+    FORMATS,
     N_GENERATED_FACTS,
     HaystackSample,
+    HaystackText,
     Needle,
     code_needles,
     fact_needles,
     needle_grid,
+    read_haystack,
+    read_needles,
     shipped_needles,
 )
+from headscope.tasks.user_data import file_sha256
 
 NEEDLE_SOURCES = ("facts", "codes")
 NEEDLE_METRICS = ("loglik", "rouge", "exact")
@@ -80,20 +91,28 @@ NEEDLE_METRICS = ("loglik", "rouge", "exact")
 
 @dataclass
 class RetrievalConfig(DetectorConfig):
-    lengths: tuple[int, ...] = (300, 550, 800)  # prompt lengths in tokens
-    depths: tuple[float, ...] = (0, 50, 100)  # needle depth, percent of the filler
-    needles_per_cell: int = 1
-    needles: str = "facts"  # "facts": invented facts (24 shipped, then generated); "codes": random access codes
-    needle_offset: int = 0  # score needles offset..offset+n-1 (n = grid size); validation takes the next n
-    format: str = "auto"  # "chat" with a chat template (the bundled instruct model ends its turn at once in
-    # plain), else "plain" (base models such as Gemma 3 270M); or either by name
-    max_new_tokens: int = 50
-    rouge_threshold: float = 0.5  # a sample counts when ROUGE-1 recall of the answer exceeds this
-    score_threshold: float = 0.1  # the paper's retrieval-head threshold
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
-    validation_metric: str = "loglik"  # "loglik", "rouge" or "exact"
-    mask_epsilon: float = DEFAULT_UNIFORM_EPSILON
-    checkpoint: Optional[str] = None  # a JSONL file: per-sample results kept, a rerun resumes
+    lengths: tuple[int, ...] = setting((300, 550, 800), "prompt lengths in tokens (the grid's columns)", min=1)
+    depths: tuple[float, ...] = setting((0, 50, 100), "needle depths, percent of the filler (the grid's rows)", min=0,
+                                      max=100)
+    needles_per_cell: int = setting(1, "samples per length × depth cell, each with its own needle", min=1)
+    needles: str = setting("facts", "shipped needles: invented facts (24 shipped, then generated) or random access "
+                                    "codes; ignored when data is given", choices=("facts", "codes"))
+    needle_offset: int = setting(0, "score needles offset..offset+n-1 (n = grid size); validation takes the next n",
+                                 min=0)
+    format: str = setting("auto", "prompt format: chat with a chat template (the bundled instruct model ends its turn "
+                                  "at once in plain), else plain (base models); or either by name", choices=FORMATS)
+    max_new_tokens: int = setting(50, "greedy tokens decoded per answer", min=1)
+    rouge_threshold: float = setting(0.5, "a sample counts when ROUGE-1 recall of the answer exceeds this")
+    score_threshold: float = setting(0.1, "the paper's retrieval-head threshold")
+    prefill_chunk: int = setting(DEFAULT_PREFILL_CHUNK, "prompt tokens per prefill forward pass", min=1)
+    validation_metric: str = setting("loglik", "held-out metric: teacher-forced log-likelihood, or ROUGE-1 / exact "
+                                               "match of the greedy answer", choices=NEEDLE_METRICS)
+    mask_epsilon: float = setting(DEFAULT_UNIFORM_EPSILON, "query scale of the decode-time uniform-attention mask", min=0)
+    checkpoint: Optional[str] = setting(None, "a JSONL file: per-sample results kept, a rerun resumes")
+    data: Optional[str] = setting(None, 'your needles, a JSONL file of {"needle", "question", "answer"} lines (the '
+                                        "answer a part of the needle), instead of the shipped ones")
+    haystack: Optional[str] = setting(None, "your filler, a UTF-8 text file, instead of the shipped essays (never "
+                                            "repeated: it must be long enough for the longest length)")
 
 
 @dataclass
@@ -145,6 +164,8 @@ class RetrievalDetector(Detector):
             )
         n_cells = grid_size(config)
         start = config.needle_offset + (n_cells if held_out else 0)
+        if config.data is not None:
+            return self._file_needles(n_cells, start)
         if config.needles == "codes":
             return code_needles(start + n_cells, config.seed)[start:]
         needed, available = config.needle_offset + 2 * n_cells, len(shipped_needles()) + N_GENERATED_FACTS
@@ -158,22 +179,69 @@ class RetrievalDetector(Detector):
             )
         return fact_needles(n_cells, start)
 
+    def _file_needles(self, n_cells: int, start: int) -> list[Needle]:
+        """Needles ``start .. start + n_cells - 1`` of the ``data`` file (never wrapped around).
+
+        Raises:
+            DataError: the file cannot be read, or holds fewer than ``needle_offset + 2 * n_cells``.
+        """
+        config = self.config
+        pool = read_needles(config.data)
+        needed = config.needle_offset + 2 * n_cells
+        if needed > len(pool):
+            raise DataError(
+                f"{config.data} holds {len(pool)} needles, but the retrieval grid has {n_cells} samples "
+                f"({len(config.lengths)} lengths × {len(config.depths)} depths × {config.needles_per_cell} per cell), "
+                f"each with its own needle: scoring takes needles {config.needle_offset}.."
+                f"{config.needle_offset + n_cells - 1} of the file and validation the next {n_cells}, so it needs "
+                f"{needed}. Add needles, or make the grid smaller (lengths, depths, needles_per_cell) or needle_offset "
+                "smaller."
+            )
+        return pool[start : start + n_cells]
+
+    def filler(self) -> Optional[HaystackText]:
+        """The ``haystack`` text, or ``None`` for the shipped filler."""
+        return None if self.config.haystack is None else read_haystack(self.config.haystack)
+
+    def check_data(self) -> None:
+        """Read ``data`` (every needle line, and enough of them for scoring and validation) and
+        ``haystack`` (UTF-8 text) without a model. Whether the haystack is long enough for each
+        length needs the tokenizer: that is checked when the prompts are built, before any decoding."""
+        if self.config.data is not None:
+            self.needles(held_out=True)
+        self.filler()
+
+    def data_paths(self) -> list[str]:
+        """``data`` and ``haystack``, those given."""
+        return [str(path) for path in (self.config.data, self.config.haystack) if path]
+
+    def data_tag(self) -> str:
+        """What :func:`sample_key` adds to tell samples of your files apart (``""`` for the shipped
+        data): the first 16 hex digits of each file's SHA-256."""
+        parts = [f"{name}={file_sha256(path)[:16]}" for name, path in
+                 (("data", self.config.data), ("haystack", self.config.haystack)) if path]
+        return ",".join(parts)
+
     def samples(self, model: Any, held_out: bool = False) -> list[HaystackSample]:
-        """The grid's samples, each with its own needle (:meth:`needles`)."""
+        """The grid's samples, each with its own needle (:meth:`needles`), in the ``haystack`` text
+        when one is given."""
         config = self.config
         return needle_grid(model, config.lengths, config.depths, self.needles(held_out), config.needles_per_cell,
-                           config.format)
+                           config.format, filler=self.filler())
 
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None,
               samples: Optional[list[HaystackSample]] = None) -> HeadScores:
         samples = samples if samples is not None else self.samples(model)
         config = self.config
-        outcomes = needle_scan(model, samples, config.max_new_tokens, config.prefill_chunk, config.checkpoint, progress)
+        outcomes = needle_scan(model, samples, config.max_new_tokens, config.prefill_chunk, config.checkpoint, progress,
+                               data_tag=self.data_tag())
         retrieved = [o for o in outcomes if o.rouge > config.rouge_threshold]
         if not retrieved:
             raise EmptyResultError(_nothing_retrieved(outcomes, config.rouge_threshold))
         values, activation = retrieval_scores(outcomes, config.rouge_threshold, config.score_threshold)
         result = self.result(model, values, {"activation_rate": activation}, metadata={
+            "needle_source": "data" if config.data is not None else config.needles,
+            "filler_source": "haystack" if config.haystack is not None else "shipped",
             "n_samples": len(outcomes),
             "n_retrieved": len(retrieved),
             "samples": [{k: v for k, v in asdict(o).items() if k != "copy_scores"} for o in outcomes],
@@ -291,8 +359,12 @@ def stop_token_ids(model: Any) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
 
 
-def sample_key(sample: HaystackSample) -> str:
-    return f"{sample.format}|{sample.length}|{sample.depth:g}|{sample.needle.question}"
+def sample_key(sample: HaystackSample, data_tag: str = "") -> str:
+    """The key of a sample's outcome in a checkpoint: format, length, depth and question, and with
+    your own data (``data_tag``, :meth:`RetrievalDetector.data_tag`) the files' hashes, so that a
+    checkpoint written for other needles or another haystack is never reused."""
+    key = f"{sample.format}|{sample.length}|{sample.depth:g}|{sample.needle.question}"
+    return f"{key}|{data_tag}" if data_tag else key
 
 
 def answer_needle(model: Any, sample: HaystackSample, max_new_tokens: int = 50,
@@ -315,15 +387,17 @@ def needle_scan(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     checkpoint: Optional[Union[str, Path]] = None,
     progress: Optional[bool] = None,
+    data_tag: str = "",
 ) -> list[NeedleOutcome]:
     """:func:`answer_needle` for every sample; with ``checkpoint``, each outcome is appended to a
-    JSONL file as soon as it is known and samples already there are not recomputed."""
+    JSONL file as soon as it is known and samples already there are not recomputed (matched by
+    :func:`sample_key`, which ``data_tag`` extends for your own data files)."""
     done = _read_checkpoint(checkpoint)
     outcomes = []
     for sample in tqdm(samples, desc="needles", disable=progress is False, leave=False):
-        key = sample_key(sample)
+        key = sample_key(sample, data_tag)
         if key not in done:
-            done[key] = answer_needle(model, sample, max_new_tokens, prefill_chunk)
+            done[key] = replace(answer_needle(model, sample, max_new_tokens, prefill_chunk), key=key)
             _append_checkpoint(checkpoint, done[key])
         outcomes.append(done[key])
     return outcomes

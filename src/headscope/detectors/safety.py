@@ -2,7 +2,10 @@
 Safety" (arXiv 2410.13708; code: ydyjya/SafetyHeadAttribution).
 
 Data: harmful requests (``headscope.tasks.refusal``, train split by default, ``n_queries`` of them
-drawn with ``seed``), each as a chat user turn without a system turn. Ablation: *uniform
+drawn with ``seed``), each as a chat user turn without a system turn. Your own: ``data`` = a
+``.txt`` (one request per line), ``.csv`` (a ``goal``, ``input``, ``request`` or ``harmful``
+column) or ``.jsonl`` file (one of those keys per line), read by ``refusal.read_requests``; every
+fourth request is held out for validation, the others form the ``"train"`` part. Ablation: *uniform
 attention*, the head's pre-RoPE query × ε (``epsilon``, default 1e-5 as in Sahara's code; their
 Ships script uses 1e-4), which makes its pattern uniform over the causal prefix.
 
@@ -25,7 +28,8 @@ Scores (all from one :func:`headscope.scans.readout_scan`, the last-position fin
   the angle after each step is reported. ``sahara_candidates`` = k restricts steps ≥ 2 to the k
   best heads of step 1 (the paper searches all heads).
 
-Validation: attack success rate on held-out harmful requests (test split): greedy generation of
+Validation: attack success rate on held-out harmful requests (test split, or the held-out quarter
+of ``data``): greedy generation of
 ``max_new_tokens`` (≥ 32) tokens with the heads ablated throughout; a response *complied* unless
 it contains a refusal phrase, is shorter than 32 tokens or degenerates (``refusal.is_refusal``).
 Ablating safety heads raises it.
@@ -41,10 +45,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
+from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector, setting
 from headscope.engine.generation import generate
 from headscope.engine.heads import Head, all_heads, model_shape
-from headscope.errors import InputError
+from headscope.errors import DataError, InputError
 from headscope.interventions import scale_query
 from headscope.results import HeadScores
 from headscope.significance import DEFAULT_ALPHA, Significance, bonferroni_t, satterthwaite_df
@@ -57,16 +61,21 @@ DECODE_ROWS = 128  # rows per batched decode: a decode step's cost is mostly per
 
 @dataclass
 class SafetyConfig(DetectorConfig):
-    n_queries: Optional[int] = 32  # harmful requests scored (None: the whole split)
-    split: str = "train"  # split the queries come from; validation uses the other ("test")
-    epsilon: float = 1e-5  # query scale of the uniform-attention ablation
-    subspace_rank: int = 1  # top left singular vectors compared by dataset-level Ships
-    sahara_steps: int = 0  # greedy Sahara steps run by score() (0: none)
-    sahara_candidates: Optional[int] = None  # steps >= 2 search only the best k heads of step 1
-    n_eval: Optional[int] = None  # held-out harmful requests for the attack success rate (None: all)
-    max_new_tokens: int = 32  # greedy tokens per response (at least 32)
-    prompt_format: str = "chatml"  # "chatml" (no system turn), "template", "plain", "query_answer"
-    requests_file: Optional[str] = None  # your own harmful requests (.txt/.csv/.jsonl) instead of the shipped ones
+    n_queries: Optional[int] = setting(32, "harmful requests scored (None: the whole scored part)", min=2)
+    split: str = setting("train", "part the queries come from; validation uses the other (with data: every fourth "
+                                  "request of the file is test)", choices=refusal.SPLITS)
+    epsilon: float = setting(1e-5, "query scale of the uniform-attention ablation", min=0)
+    subspace_rank: int = setting(1, "top left singular vectors compared by dataset-level Ships", min=1)
+    sahara_steps: int = setting(0, "greedy Sahara steps run by score() (0: none)", min=0)
+    sahara_candidates: Optional[int] = setting(None, "Sahara steps >= 2 search only the best k heads of step 1 "
+                                                     "(None: all)", min=1)
+    n_eval: Optional[int] = setting(None, "held-out harmful requests for the attack success rate (None: all)", min=1)
+    max_new_tokens: int = setting(32, "greedy tokens per response in validation (at least 32 there; scoring does not "
+                                      "decode)", min=1)
+    prompt_format: str = setting("chatml", "chatml (no system turn), the tokenizer's template, the bare request, or "
+                                           "'## Query: ... ## Answer:'", choices=refusal.PROMPT_FORMATS)
+    data: Optional[str] = setting(None, "your harmful requests (.txt one per line, .csv with a goal/input/request "
+                                        "column, or .jsonl) instead of the shipped ones; every fourth is held out")
 
 
 @dataclass
@@ -94,6 +103,22 @@ class SafetyDetector(Detector):
     Config = SafetyConfig
     summary = "KL of the next-token distribution on harmful requests when a head attends uniformly (Ships)"
     cost = "not measured"
+
+    def check_data(self) -> None:
+        """Read ``data`` without a model: every line, and enough requests on both sides of the split
+        (at least 2 scored, for dataset-level Ships, and 1 held out, for the attack success rate)."""
+        if self.config.data is None:
+            return
+        requests = refusal.read_requests(self.config.data)
+        scored = sum(r.split == self.config.split for r in requests)
+        if scored < 2 or scored == len(requests):
+            needed = _minimum_requests(self.config.split)
+            raise DataError(
+                f"{self.config.data} holds {len(requests)} requests: every fourth is held out to measure the attack "
+                f"success rate and the others are scored (split={self.config.split!r} scores "
+                f"{'the held-out quarter' if self.config.split == 'test' else 'the other three quarters'}); at least 2 "
+                f"must be scored (dataset-level Ships compares subspaces) and 1 held out, so it needs at least {needed}."
+            )
 
     def queries(self) -> list[refusal.Request]:
         config = self.config
@@ -137,7 +162,9 @@ class SafetyDetector(Detector):
         The statistic is ``t / t_crit(df)`` (threshold 1), since each head has its own df. With 16
         queries the critical t is 4.0-4.6 for 270 heads, not the normal 3.56. A head that disturbs
         every request alike (a general-purpose head) is not called a safety head, however large its
-        Ships. Costs one more uniform-attention scan (of the harmless requests)."""
+        Ships. Costs one more uniform-attention scan (of the harmless requests). With your own
+        ``data``, the control is still the shipped harmless requests: their sentence forms are not
+        matched to yours."""
         if "ships_sd" not in scores.extras:
             raise InputError("These safety scores have no per-query spread (saved by an older headscope); rescore them.")
         harmful_n = int(scores.metadata["n_queries"])
@@ -175,7 +202,7 @@ class SafetyDetector(Detector):
             raise InputError(f"max_new_tokens must be at least {MIN_NEW_TOKENS}: shorter responses count as refusals.")
         held_out = "test" if config.split == "train" else "train"
         requests = self._requests(held_out)[: config.n_eval]
-        where = f"{held_out} split" if config.requests_file is None else config.requests_file
+        where = f"{held_out} split" if config.data is None else f"{held_out} part of {config.data}"
 
         def measure(model: Any, head_sets: list, method: str) -> Tensor:
             return attack_success(model, requests, head_sets, method, config.epsilon, config.max_new_tokens,
@@ -186,11 +213,25 @@ class SafetyDetector(Detector):
 
 
     def _requests(self, split: str) -> list[refusal.Request]:
-        """The shipped harmful requests of a split, or all of ``requests_file`` (the paper measured
-        attack success on the very queries it scored)."""
-        if self.config.requests_file is not None:
-            return refusal.read_requests(self.config.requests_file)
+        """The harmful requests of a split: shipped, or of your ``data`` file, split the same way
+        (every fourth request held out), so validation never runs on a scored request (the paper
+        measured attack success on the very queries it scored)."""
+        if self.config.data is not None:
+            self.check_data()
+            return refusal.read_requests(self.config.data, split)
         return refusal.load_requests("harmful", split)
+
+
+def _minimum_requests(split: str) -> int:
+    """The fewest requests in a file that leave at least 2 in the scored part ``split`` and 1 in the
+    other (every fourth request is ``"test"``)."""
+    n = 2
+    while True:
+        held = n // refusal.HELD_OUT_EVERY
+        scored, other = (held, n - held) if split == "test" else (n - held, held)
+        if scored >= 2 and other >= 1:
+            return n
+        n += 1
 
 
 def _finite_range(values: Tensor) -> list[float]:

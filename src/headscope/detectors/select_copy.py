@@ -2,12 +2,14 @@
 Attention Heads for Multiple-Choice QA" (arXiv 2410.02343); correct-letter heads — Lieberum et
 al. 2023, "Does Circuit Analysis Interpretability Scale?".
 
-Data: multiple-choice questions (``headscope.tasks.multiple_choice``; by default the synthetic set
-whose answer the prompt states among as many facts about other people or things as there are wrong
-options, so that every option's text appears in the context and repetition alone cannot pick the
-answer; ``distractor_facts=0`` is the easy set, where only the answer does), optionally only those
-the model answers correctly in free form (the knowledge check), split into a dev part (head
-selection) and a held-out part.
+Data: multiple-choice questions (``headscope.tasks.multiple_choice``; your own with ``data``, a
+JSONL file of ``{"question", "options", "answer"}`` lines, optional ``"context"``, read by
+``multiple_choice.read_questions``; a path in ``questions`` is still read, but not with ``data``;
+by default the synthetic set whose answer the prompt states among as many facts about other people
+or things as there are wrong options, so that every option's text appears in the context and
+repetition alone cannot pick the answer; ``distractor_facts=0`` is the easy set, where only the
+answer does), optionally only those the model answers correctly in free form (the knowledge
+check), split into a dev part (the first ``n_dev``: head selection) and a held-out part (the rest).
 
 Per question ``q``, head ``h`` and option ``o`` (``t`` = the last prompt token, ``p_o`` = the
 option's position, located from the tokenizer's offsets as ``multiple_choice`` states the rules:
@@ -53,7 +55,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
+from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector, setting
 from headscope.engine.architecture import head_hook
 from headscope.engine.generation import final_states
 from headscope.engine.heads import Head, hook_name, model_shape
@@ -67,7 +69,7 @@ from headscope.engine.unembed import (
     head_output_hooks,
     head_output_weights,
 )
-from headscope.errors import InputError
+from headscope.errors import DataError, InputError, SettingError
 from headscope.models import weights_fingerprint
 from headscope.results import HeadScores
 from headscope.significance import DEFAULT_ALPHA, Significance, binomial_critical_accuracy
@@ -80,24 +82,34 @@ METHODS = tuple(f"{score}_{position}" for score in SCORES for position in POSITI
 END_ALIAS = "end"  # "qk_end", "attention_end": the paper's key position, "line_end"
 
 
+QUESTION_SETS = ("synthetic", "world")  # the shipped sets; your own: the ``data`` setting
+
+
 @dataclass
 class SelectCopyConfig(DetectorConfig):
-    questions: str = "synthetic"  # "synthetic", "world", or a path to your JSONL
-    n_questions: int = 1300  # synthetic set size. The bundled model answers 0.26 of the default set in free
-    # form (chance among the 4 stated values; 0.98 of the easy set): ~335 known, 120 dev, >= 200 held out
-    templates: tuple[str, ...] = tuple(mc.TEMPLATES)
-    n_options: int = 4
-    distractor_facts: Optional[int] = None  # facts about others whose values are options; None: one per
-    # wrong option (every option stated in the context); 0: the easy set (only the answer stated)
-    extra_options: tuple[str, ...] = ()  # "none", "unknown"
-    format: str = "plain"  # "plain", "fewshot", "chat"
-    n_shots: int = 3  # answered examples in the "fewshot" format
-    knowledge_shots: int = 2  # answered examples before the free-form knowledge check
-    only_known: bool = True  # score only questions the model answers in free form
-    n_dev: int = 120  # questions used to select heads; the rest are held out
-    score: str = "qk"  # which score is ``values``: "qk" or "attention"
-    position: str = "end"  # at the option's "end" token (``key_position``) or its "letter"
-    key_position: str = "line_end"  # the "end" token: its line's ("line_end", the paper's) or its text's ("option_end")
+    questions: str = setting("synthetic", "shipped set: synthetic (answer stated in the prompt) or world (120 world-"
+                                          "knowledge questions); a JSONL path is still read (prefer data)")
+    n_questions: int = setting(1300, "synthetic set size", min=1)  # The bundled model answers 0.26 of the default
+    # set in free form (chance among the 4 stated values; 0.98 of the easy set): ~335 known, 120 dev, >= 200 held out
+    templates: tuple[str, ...] = setting(tuple(mc.TEMPLATES), "synthetic templates used in turn",
+                                         choices=tuple(mc.TEMPLATES))
+    n_options: int = setting(4, "options per shipped question (before extra options)", min=2, max=len(mc.LETTERS))
+    distractor_facts: Optional[int] = setting(None, "synthetic facts about others whose values are options (None: one "
+                                                    "per wrong option; 0: the easy set, only the answer stated)", min=0)
+    extra_options: tuple[str, ...] = setting((), "options appended to shipped questions (never correct)",
+                                             choices=(*mc.EXTRA_OPTIONS, *mc.EXTRA_OPTIONS.values()))
+    format: str = setting("plain", "prompt format", choices=mc.FORMATS)
+    n_shots: int = setting(3, "answered examples in the fewshot format", min=0)
+    knowledge_shots: int = setting(2, "answered examples before the free-form knowledge check", min=0)
+    only_known: bool = setting(True, "score only questions the model answers in free form")
+    n_dev: int = setting(120, "questions used to select heads; the rest are held out", min=1)
+    score: str = setting("qk", "which score is values: QK-score or attention weight", choices=SCORES)
+    position: str = setting("end", "read at the option's end token (key_position) or its letter",
+                            choices=(END_ALIAS, "letter"))
+    key_position: str = setting("line_end", "the end token: its line's (the paper's) or its text's",
+                                choices=KEY_POSITIONS)
+    data: Optional[str] = setting(None, 'your questions, a JSONL file of {"question", "options", "answer"} lines '
+                                        '(optional "context"), instead of a shipped set')
 
 
 @dataclass
@@ -275,14 +287,34 @@ def _correct_minus_wrong(
     return letter_rows[torch.arange(len(answers)), answers] - wrong_mean
 
 
+def questions_file(config: SelectCopyConfig) -> Optional[str]:
+    """The JSONL file of your questions: ``data``, or (kept for older configs) a path given as
+    ``questions``; ``None`` for a shipped set.
+
+    Raises:
+        SettingError: both ``data`` and a ``questions`` other than the default are given.
+    """
+    if config.data is not None:
+        if config.questions != QUESTION_SETS[0]:
+            raise SettingError(
+                f"select_copy got both data={config.data!r} and questions={config.questions!r}; give your questions "
+                f"as data and leave questions at its default {QUESTION_SETS[0]!r}, or drop data to use the "
+                f"{config.questions!r} set."
+            )
+        return config.data
+    return None if config.questions in QUESTION_SETS else config.questions
+
+
 def load_questions(config: SelectCopyConfig) -> list[mc.MCQuestion]:
-    """The configured set (``distractor_facts=None``: one distractor fact per wrong option)."""
+    """The configured set (``distractor_facts=None``: one distractor fact per wrong option), or
+    your file (:func:`questions_file`, read by ``multiple_choice.read_questions``)."""
+    path = questions_file(config)
+    if path is not None:
+        return mc.read_questions(path)
     if config.questions == "synthetic":
         return mc.synthetic_questions(config.n_questions, config.n_options, config.templates, config.distractor_facts,
                                       config.extra_options, config.seed)
-    if config.questions == "world":
-        return mc.world_questions(config.n_options, config.extra_options, config.seed)
-    return mc.read_questions(config.questions)
+    return mc.world_questions(config.n_options, config.extra_options, config.seed)
 
 
 def knows_answer(
@@ -308,14 +340,36 @@ class SelectCopyDetector(Detector):
     summary = "accuracy of each head's QK-score / attention to the correct option (Tulchinskii et al. 2024)"
     cost = "~10 min as an atlas stage with the 1300-question default (SmolLM2-135M, 2 CPU cores)"
 
+    def check_data(self) -> None:
+        """Read your questions file (``data``, or a path in ``questions``) without a model: every
+        line parses, and it holds more than ``n_dev`` questions (the first ``n_dev`` select heads,
+        the rest are held out; ``only_known`` may drop more once the model answers them)."""
+        path = questions_file(self.config)
+        if path is None:
+            return
+        n_questions, n_dev = len(mc.read_questions(path)), self.config.n_dev
+        if n_questions <= n_dev:
+            raise DataError(
+                f"{path} holds {n_questions} questions, but the first n_dev={n_dev} select the heads and the rest are "
+                f"held out to test them: it needs at least {n_dev + 1} (a held-out part of 100 or more gives the test "
+                "power). Add questions or give a smaller n_dev."
+            )
+
+    def data_paths(self) -> list[str]:
+        """Your questions file, if any (:func:`questions_file`)."""
+        path = questions_file(self.config)
+        return [str(path)] if path else []
+
     def prompts(self, model: Any, batch_size: Optional[int] = None) -> tuple[list[mc.MCPrompt], dict[str, Any]]:
         """The prompts to score (known questions only, when ``only_known``) and the knowledge check
         (run only when ``only_known``).
         The check runs once per model (and weights) for this detector instance (``score`` and
         ``validation_task`` of one instance share it)."""
         config: SelectCopyConfig = self.config
+        self.check_data()
         questions = load_questions(config)
-        check: dict[str, Any] = {"n_questions": len(questions), "known_rate": None}  # None: not checked
+        check: dict[str, Any] = {"n_questions": len(questions), "known_rate": None,  # None: not checked
+                                 "questions_source": "data" if questions_file(config) else config.questions}
         if config.only_known:  # the check costs one forward per question; skipped when nothing is filtered
             known = self._known(model, questions, batch_size)
             check["known_rate"] = float(known.float().mean())

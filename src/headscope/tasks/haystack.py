@@ -8,6 +8,17 @@ inserted at a sentence break of a filler text shipped with headscope (``haystack
 nine calm essays written for this package, repeated when a context needs more), at a depth
 given in percent of the filler (0 = first, 100 = last), and a question follows.
 
+Your own data (the retrieval detector's ``data`` and ``haystack`` settings):
+
+* needles (:func:`read_needles`): JSON lines, one needle each,
+  ``{"needle": "The secret ingredient of the soup is saffron.", "question": "What is the secret
+  ingredient of the soup?", "answer": "saffron"}``; the answer must occur in the needle as written,
+  and no needle or question may repeat (each sample has its own needle);
+* filler (:func:`read_haystack`): any UTF-8 text. Line breaks and runs of spaces become one
+  space; sentences end at ``.``, ``!`` or ``?`` followed by a space, and the needle goes between
+  two of them. The text is read from its start and never repeated: a text too short for a
+  length is a :class:`~headscope.errors.DataError` naming the length and the tokens it needs.
+
 Formats:
 
 * ``"plain"``, the paper's base-model prompt:
@@ -40,7 +51,8 @@ from torch import Tensor
 
 from headscope.engine.heads import model_shape
 from headscope.engine.tokens import encode_with_offsets, token_span  # noqa: F401  (token_span re-exported)
-from headscope.errors import InputError, PromptTooLongError
+from headscope.errors import DataError, InputError, PromptTooLongError
+from headscope.tasks.user_data import PathLike, line_error, read_jsonl, read_text
 
 FORMATS = ("plain", "chat", "auto")
 QUESTION_TEMPLATE = "Based on the content of the text, Question: {question}\nAnswer:"
@@ -84,6 +96,67 @@ def filler_sentences() -> tuple[str, ...]:
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
     body = " ".join(p.replace("\n", " ") for p in paragraphs if p.rstrip().endswith("."))
     return tuple(s.strip() for s in re.split(r"(?<=\.)\s+", body) if s.strip())
+
+
+@dataclass(frozen=True)
+class HaystackText:
+    """Your own filler as sentences in order, and the file it was read from (for messages). Unlike
+    the shipped essays, it is never repeated: a prompt takes sentences from its start."""
+
+    sentences: tuple[str, ...]
+    path: Optional[str] = None
+
+
+def split_sentences(text: str) -> tuple[str, ...]:
+    """``text`` with line breaks and runs of spaces made one space, cut after every ``.``, ``!``
+    or ``?`` that a space follows."""
+    body = " ".join(text.split())
+    return tuple(s for s in re.split(r"(?<=[.!?])\s+", body) if s)
+
+
+def read_haystack(path: PathLike) -> HaystackText:
+    """A UTF-8 text file of your own as filler (:func:`split_sentences`).
+
+    Raises:
+        DataError: no such file, not UTF-8, or no text in it.
+    """
+    sentences = split_sentences(read_text(path, "haystack"))
+    if not sentences:
+        raise DataError(f"The haystack file {path} holds no text: give a UTF-8 text file of plain prose.")
+    return HaystackText(sentences, str(path))
+
+
+NEEDLE_EXAMPLE = ('{"needle": "The secret ingredient of the soup is saffron.", '
+                  '"question": "What is the secret ingredient of the soup?", "answer": "saffron"}')
+
+
+def read_needles(path: PathLike) -> list[Needle]:
+    """Needles of your own from a JSON-lines file, one ``{"needle", "question", "answer"}`` object
+    per line (:data:`NEEDLE_EXAMPLE`), in the file's order; outer spaces are stripped.
+
+    Raises:
+        DataError: naming the file and line: not JSON, a key missing, a value that is not a
+            non-empty string, an answer that does not occur in its needle, or a needle or question
+            that repeats an earlier line's (scoring and validation would share it, and the
+            checkpoint keys samples by question).
+    """
+    needles: list[Needle] = []
+    seen: dict[str, dict[str, int]] = {"needle": {}, "question": {}}
+    for number, row in read_jsonl(path, ("needle", "question", "answer"), NEEDLE_EXAMPLE, "needles"):
+        for key in ("needle", "question", "answer"):
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise line_error(path, number, f"{key!r} is {row[key]!r}, not a non-empty string", NEEDLE_EXAMPLE)
+        needle, question, answer = (row[key].strip() for key in ("needle", "question", "answer"))
+        if answer not in needle:
+            raise line_error(path, number, f"the answer {answer!r} does not occur in the needle {needle!r} (it must "
+                                           "be a part of it, spelled the same)", NEEDLE_EXAMPLE)
+        for key, text in (("needle", needle), ("question", question)):
+            if text in seen[key]:
+                raise line_error(path, number, f"the {key} repeats line {seen[key][text]}'s: every sample needs "
+                                               f"its own needle and question", NEEDLE_EXAMPLE)
+            seen[key][text] = number
+        needles.append(Needle(needle, question, answer))
+    return needles
 
 
 def shipped_needles() -> list[Needle]:
@@ -248,6 +321,25 @@ def _filler_for(tokenizer: Any, n_tokens: int) -> list[str]:
     return chosen
 
 
+SENTENCE_BLOCK = 64  # sentences of a user's filler tokenized at a time (a long text is read only as far as needed)
+
+
+def _text_filler(tokenizer: Any, n_tokens: int, text: HaystackText) -> tuple[list[str], Optional[int]]:
+    """The sentences from the start of ``text`` that make about ``n_tokens`` tokens, by the rule of
+    :func:`_filler_for` but never repeated, and ``None``; when the whole text has fewer than
+    ``n_tokens`` tokens, all of it and its token count (the caller raises)."""
+    chosen: list[str] = []
+    total = 0
+    for first in range(0, len(text.sentences), SENTENCE_BLOCK):
+        block = text.sentences[first : first + SENTENCE_BLOCK]
+        for sentence, length in zip(block, _sentence_lengths(tokenizer, block), strict=True):
+            if total + length > n_tokens and chosen:
+                return chosen, None
+            chosen.append(sentence)
+            total += length
+    return chosen, (None if total >= n_tokens else total)
+
+
 def make_haystack(
     model_or_tokenizer: Any,
     needle: Needle,
@@ -255,11 +347,16 @@ def make_haystack(
     depth: float,
     format: str = "plain",
     insert_needle: bool = True,
+    filler: Optional[HaystackText] = None,
 ) -> HaystackSample:
     """A prompt of about ``length`` tokens with ``needle`` at ``depth`` percent of the filler.
 
     ``insert_needle=False`` builds the same prompt without the needle (the control showing the
-    model cannot answer from memory); its ``answer_span`` is then empty, ``(0, 0)``.
+    model cannot answer from memory); its ``answer_span`` is then empty, ``(0, 0)``. ``filler``:
+    your own text (:func:`read_haystack`) instead of the shipped essays.
+
+    Raises:
+        DataError: ``filler`` has fewer tokens than ``length`` needs (never repeated or padded).
     """
     if not 0 <= depth <= 100:
         raise InputError(f"depth is a percentage of the haystack and must lie in 0..100, got {depth}.")
@@ -268,9 +365,20 @@ def make_haystack(
     overhead = len(_encode(tokenizer, _wrap(tokenizer, needle.needle, needle.question, format), format)[0])
     if length <= overhead:
         raise InputError(f"length={length} leaves no room for filler: needle, question and template take {overhead} tokens.")
-    filler = _filler_for(tokenizer, length - overhead)
-    cut = round(len(filler) * depth / 100)
-    before, after = " ".join(filler[:cut]), " ".join(filler[cut:])
+    if filler is None:
+        sentences = _filler_for(tokenizer, length - overhead)
+    else:
+        sentences, total = _text_filler(tokenizer, length - overhead, filler)
+        if total is not None:
+            where = f"The haystack file {filler.path}" if filler.path else "The haystack text"
+            raise DataError(
+                f"{where} has {total} tokens of text (this model's tokenizer), but length={length} needs "
+                f"{length - overhead} tokens of filler ({overhead} go to needle, question and template): give a text of "
+                f"at least {length - overhead} tokens, or lengths of at most {total + overhead}. A haystack is never "
+                "repeated or padded."
+            )
+    cut = round(len(sentences) * depth / 100)
+    before, after = " ".join(sentences[:cut]), " ".join(sentences[cut:])
     haystack = " ".join(part for part in (before, needle.needle if insert_needle else "", after) if part)
     text = _wrap(tokenizer, haystack, needle.question, format)
     ids, offsets = _encode(tokenizer, text, format)
@@ -304,14 +412,16 @@ def needle_grid(
     needles: Optional[Sequence[Needle]] = None,
     needles_per_cell: int = 1,
     format: str = "plain",
+    filler: Optional[HaystackText] = None,
 ) -> list[HaystackSample]:
-    """Samples over the grid lengths × depths; cells take the needles in turn (cycled)."""
+    """Samples over the grid lengths × depths; cells take the needles in turn (cycled).
+    ``filler``: your own text (:func:`read_haystack`) instead of the shipped essays."""
     pool = list(needles) if needles is not None else shipped_needles()
     if not pool:
         raise InputError("needle_grid needs at least one needle.")
     turn = itertools.cycle(pool)
     return [
-        make_haystack(model_or_tokenizer, next(turn), length, depth, format)
+        make_haystack(model_or_tokenizer, next(turn), length, depth, format, filler=filler)
         for length in lengths
         for depth in depths
         for _ in range(needles_per_cell)

@@ -12,8 +12,9 @@ Sets:
   objects and colours, people and cities, items and owners, pets, jobs.
 * :func:`world_questions`: 120 easy world-knowledge questions shipped with headscope
   (``mcq_world.jsonl``, answer + 5 distractors each).
-* :func:`read_questions`: your own JSONL, one ``{"question", "options", "answer"}`` per line
-  (``answer`` = the option's index, its letter or its text; optional ``"context"``, ``"topic"``).
+* :func:`read_questions`: your own JSONL (the detector's ``data``), one ``{"question", "options",
+  "answer"}`` per line (``answer`` = the option's index, its letter or its text; optional
+  ``"context"``, ``"topic"``); errors name the line.
 
 Prompt formats (:func:`mc_prompt`), the body being the paper's form::
 
@@ -62,6 +63,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 from headscope.engine.tokens import token_span
 from headscope.errors import InputError
+from headscope.tasks.user_data import line_error, read_jsonl
 from headscope.tasks.refusal import chat_prompt
 
 LETTERS = "ABCDEFGH"
@@ -210,26 +212,47 @@ def world_questions(n_options: int = 4, extra_options: Sequence[str] = (), seed:
     return questions
 
 
+QUESTION_EXAMPLE = ('{"question": "What colour is Anna\'s ball?", "options": ["red", "blue", "green", "black"], '
+                    '"answer": "red", "context": "Anna\'s ball is red. Tom\'s ball is blue."}')
+
+
 def read_questions(path: Union[str, Path]) -> list[MCQuestion]:
-    """Questions from a JSONL file: ``{"question": ..., "options": [...], "answer": 0 | "B" | "text"}``
-    per line, with optional ``"context"`` and ``"topic"``. Errors name the line."""
-    questions = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    """Questions from a JSONL file (the select_copy detector's ``data``), one per line, in the file's
+    order: ``{"question": ..., "options": [...], "answer": 0 | "B" | "text"}`` with optional
+    ``"context"`` (shown before the question) and ``"topic"`` (:data:`QUESTION_EXAMPLE`). ``answer``
+    is the correct option's index (from 0), its letter or its text; 2..8 options, each one line.
+
+    Raises:
+        DataError: naming the file and line: not JSON, a key missing, options that are not a list
+            of texts or that repeat, an answer that is none of the options, or a question (with its
+            context) that repeats an earlier line's (it could be selected on and held out at once).
+    """
+    questions: list[MCQuestion] = []
+    seen: dict[tuple[str, str], int] = {}
+    for number, row in read_jsonl(path, ("question", "options", "answer"), QUESTION_EXAMPLE, "questions"):
+        options, texts = row["options"], [row["question"], row.get("context", ""), row.get("topic", "user")]
+        if not isinstance(options, list) or not all(_is_text(o) for o in options):
+            raise line_error(path, number, f"'options' is {options!r}, not a list of texts", QUESTION_EXAMPLE)
+        if not all(_is_text(t) for t in texts):
+            raise line_error(path, number, "'question', 'context' and 'topic' must be texts", QUESTION_EXAMPLE)
+        question, context, topic = (str(t).strip() for t in texts)
         try:
-            row = json.loads(line)
-            options = tuple(str(o).strip() for o in row["options"])
-            questions.append(MCQuestion(str(row["question"]).strip(), options, _answer_index(row["answer"], options),
-                                        str(row.get("context", "")).strip(), str(row.get("topic", "user"))))
-        except (json.JSONDecodeError, KeyError, TypeError, InputError) as error:
-            raise InputError(
-                f"{path}, line {number}: {error}. Each line must be a JSON object with 'question', 'options' "
-                f"(a list) and 'answer' (index, letter or option text)."
-            ) from None
-    if not questions:
-        raise InputError(f"{path} holds no questions.")
+            options = tuple(str(o).strip() for o in options)
+            parsed = MCQuestion(question, options, _answer_index(row["answer"], options), context, topic)
+        except InputError as error:
+            raise line_error(path, number, str(error).rstrip("."), QUESTION_EXAMPLE) from None
+        key = (parsed.context, parsed.question)
+        if key in seen:
+            raise line_error(path, number, f"the question {question!r} (with its context) repeats line {seen[key]}'s: "
+                                           "a question must not be both selected on and held out", QUESTION_EXAMPLE)
+        seen[key] = number
+        questions.append(parsed)
     return questions
+
+
+def _is_text(value: Any) -> bool:
+    """A JSON string or number (read as its text)."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
 def _answer_index(answer: Any, options: tuple[str, ...]) -> int:
