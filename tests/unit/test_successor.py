@@ -7,7 +7,6 @@ import torch
 
 import headscope as hs
 from headscope.detectors.successor import SuccessorDetector, effective_embeddings, succession_prompts
-from headscope.errors import InputError
 from headscope.tasks.succession import SuccessionTask
 
 
@@ -36,8 +35,8 @@ def test_successor_detector_scores_every_head_with_per_task_extras(tiny_llama):
     assert {"contextual", "ov:letters:bare", "context:letters:bare"} <= set(scores.extras)
     assert ((scores.values >= 0) & (scores.values <= 1)).all()
     assert scores.metadata["tasks"]["letters:bare"]["pairs"] >= 1
-    with pytest.raises(InputError, match="Unknown effective embedding"):
-        hs.detect(tiny_llama, "successor", embedding="unembedding")
+    with pytest.raises(hs.SettingError, match="'embedding' setting of the successor detector must be one of"):
+        hs.detect(tiny_llama, "successor", embedding="unembedding")  # refused by the setting's choices, before work
 
 
 def test_validation_task_uses_held_out_prompts_and_zero_ablation(tiny_llama):

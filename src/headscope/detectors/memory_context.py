@@ -10,6 +10,17 @@ scored. Every item of a subject (all its relations and formats) is on one side, 
 never sees a subject, let alone an item, that chose the heads. ``items(model, split)`` gives
 ``"all"``, ``"score"`` or ``"held_out"``.
 
+Your own facts (``data="facts.jsonl"``, or ``{"memory_context": {"data": ...}}`` in a CLI config)
+replace the shipped relations (``relations`` is then ignored): JSON lines, one fact a line,
+``{"subject": "France", "cloze": "The capital of {s} is", "answer": "Paris", "counterfactual":
+"Rome"}``, with optional ``question`` (for the ``"qa"`` format), ``context`` (the sentence stating
+the counterfactual, ``{s}``/``{c}``), ``relation`` (a group name), and ``counterfactual`` itself
+optional (default: another answer of the relation in the file). The same knowledge filter keeps
+only the facts the model completes from memory, and the same split by subject holds out
+``held_out_share`` of the subjects, so the file needs at least 2 subjects the model knows (more for
+a share far from one half). ``check_data()`` reads the file without a model; every error names the
+file and line (format: ``headscope.tasks.conflicts.read_conflict_facts``).
+
 Score (``values``): direct logit attribution of each head's output at the final position,
 through the final norm (its weights and the run's own RMS scale at that position), onto
 ``W_U[context answer] - W_U[memorised answer]``, averaged over items:
@@ -44,7 +55,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
+from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector, setting
 from headscope.engine.generation import final_states
 from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.metrics import final_logits
@@ -57,20 +68,33 @@ from headscope.engine.unembed import (
     head_output_hooks,
     head_output_weights,
 )
-from headscope.errors import EmptyResultError, InputError
+from headscope.errors import DataError, EmptyResultError, InputError
 from headscope.results import HeadScores, ranking_agreement  # noqa: F401  (ranking_agreement re-exported)
 from headscope.significance import DEFAULT_ALPHA, Significance, bonferroni_t
-from headscope.tasks.conflicts import ConflictItem, conflict_items, conflict_prompt, split_by_subject
+from headscope.tasks.conflicts import (
+    FORMATS,
+    RELATIONS,
+    ConflictItem,
+    conflict_items,
+    min_subjects_for_split,
+    read_conflict_facts,
+    split_by_subject,
+    user_conflict_items,
+)
 
 ITEM_SPLITS = ("all", "score", "held_out")
 
 
 @dataclass
 class MemoryContextConfig(DetectorConfig):
-    relations: tuple[str, ...] = ("capital", "language")
-    formats: tuple[str, ...] = ("restate",)
-    n_report: int = 5  # memory/context heads listed in the metadata
-    held_out_share: float = 0.5  # share of subjects kept out of scoring, for validation
+    relations: tuple[str, ...] = setting(("capital", "language"), "shipped relations whose known facts are "
+                                         "contradicted (ignored with data)", choices=tuple(RELATIONS))
+    formats: tuple[str, ...] = setting(("restate",), "prompt formats of each conflict item", choices=FORMATS)
+    n_report: int = setting(5, "memory and context heads listed in the metadata", min=1)
+    held_out_share: float = setting(0.5, "share of subjects kept out of scoring, for validation (strictly "
+                                    "between 0 and 1)", min=0.0, max=1.0)
+    data: Optional[str] = setting(None, "your own facts, JSON lines of {\"subject\", \"cloze\", \"answer\", "
+                                  "\"counterfactual\"}; replaces relations")
 
 
 @register_detector
@@ -87,11 +111,39 @@ class MemoryContextDetector(Detector):
             raise InputError(f"The 'split' parameter of items must be one of {', '.join(map(repr, ITEM_SPLITS))}; "
                              f"got {split!r}.")
         config = self.config
-        items = conflict_items(model, tuple(config.relations), tuple(config.formats), seed=config.seed)
+        if config.data:
+            items = user_conflict_items(model, read_conflict_facts(config.data, config.formats), config.formats,
+                                        seed=config.seed)
+        else:
+            items = conflict_items(model, tuple(config.relations), tuple(config.formats), seed=config.seed)
         if split == "all":
             return items
         scored, held_out = split_by_subject(items, config.held_out_share, config.seed)
+        if config.data and not (scored and held_out):
+            known = len({i.subject for i in items})
+            raise EmptyResultError(
+                f"{config.data}: the model knows the facts of {known} subject{'s' * (known != 1)}; the split into "
+                f"scored and held-out subjects (held_out_share={config.held_out_share}) needs at least "
+                f"{min_subjects_for_split(config.held_out_share)}. Add facts about other subjects that this model "
+                "completes from memory."
+            )
         return scored if split == "score" else held_out
+
+    def check_data(self) -> None:
+        """Read the ``data`` file without a model: a :class:`DataError` naming file and line for a bad
+        line, or naming the file when it has too few subjects for the split by subject."""
+        if not self.config.data:
+            return
+        facts = read_conflict_facts(self.config.data, self.config.formats)
+        subjects = {fact.subject for fact in facts}
+        needed = min_subjects_for_split(self.config.held_out_share)
+        if len(subjects) < needed:
+            raise DataError(
+                f"{self.config.data}: facts about {len(subjects)} subject{'s' * (len(subjects) != 1)}; memory_context "
+                f"needs at least {needed} (held_out_share={self.config.held_out_share} of the subjects is held out "
+                "for validation, the rest scored), and more in practice: only the facts the model knows are kept. "
+                "Add facts about other subjects."
+            )
 
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None,
               items: Optional[list[ConflictItem]] = None) -> HeadScores:
@@ -102,11 +154,11 @@ class MemoryContextDetector(Detector):
             raise EmptyResultError(
                 f"The memory_context detector found no conflict items: the model completes none of the "
                 f"{', '.join(self.config.relations)} facts it is asked about (a model too small or not trained "
-                "on them), so there is no memorised answer to set against the context. Pass your own items "
-                "(score(model, items=...)) or other relations (relations=...)."
+                "on them), so there is no memorised answer to set against the context. Give facts of your own "
+                "(data=a JSONL file), your own items (score(model, items=...)) or other relations (relations=...)."
             )
         conflict = final_head_attributions(model, items, [i.prompt for i in items], batch_size, progress)
-        agreeing = [conflict_prompt(i.relation, i.format, i.subject, i.memory_answer) for i in items]
+        agreeing = [i.restated(i.memory_answer) for i in items]
         patched = final_head_attributions(model, items, agreeing, batch_size, progress, scale_from=conflict,
                                           control=False)
         values = conflict["attribution"].mean(dim=0)
@@ -118,7 +170,10 @@ class MemoryContextDetector(Detector):
             "unrelated": conflict["unrelated"].mean(dim=0),
         }
         subjects = sorted({i.subject for i in items})
-        result = self.result(model, values, extras, metadata={"n_items": len(items), "subjects": subjects})
+        metadata: dict[str, Any] = {"n_items": len(items), "subjects": subjects}
+        if self.config.data:
+            metadata["relations"] = sorted({i.relation for i in items})
+        result = self.result(model, values, extras, metadata=metadata)
         k = self.config.n_report
         result.metadata["context_heads"] = [str(h) for h in result.top_heads(k)]
         result.metadata["memory_heads"] = [str(h) for h in HeadScores(-values, self.name, result.model).top_heads(k)]

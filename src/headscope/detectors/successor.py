@@ -4,6 +4,16 @@ Attention Heads In The Wild" (arXiv 2312.09230).
 Data: succession tasks (``headscope.tasks.succession``): days, months, number words, ordinals,
 letters, Roman numerals, digits, ... kept where each item is one token.
 
+Your own lists (``data="lists.txt"``, or ``{"successor": {"data": ...}}`` in a CLI config) replace
+the shipped tasks (``tasks`` is then ignored): a ``.txt`` file with one ordered list per line,
+items separated by commas (``Monday, Tuesday, Wednesday, Thursday``; named ``line<N>``, no wrap),
+or a ``.jsonl`` file of ``{"name": "weekdays", "items": ["Monday", ...], "wraps": true}``. Items
+are written without a leading space (``forms`` add it). Each list needs at least
+``context_items + 1`` items (4 by default) and, for this tokenizer, a pair of neighbouring items
+that are both single tokens in some form; the file needs at least 2 in-context prompts in all, one
+to score and one to hold out. ``check_data()`` reads the file without a model; every error names
+the file and line (``headscope.tasks.succession.read_succession_lists``).
+
 Scores, each pooled over every pair of every task (per-task breakdowns in ``extras``):
 
 * ``values``, the paper's weight-based *effective OV* score. For task tokens ``T`` and
@@ -41,7 +51,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector
+from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector, setting
 from headscope.engine.heads import model_shape
 from headscope.engine.metrics import final_logits
 from headscope.engine.runner import run_batched
@@ -55,10 +65,18 @@ from headscope.engine.unembed import (
     last_position_head_outputs,
     post_attention_weights,
 )
-from headscope.errors import InputError
+from headscope.errors import DataError, InputError
 from headscope.results import HeadScores
 from headscope.significance import DEFAULT_ALPHA, Significance
-from headscope.tasks.succession import ITEMS, SuccessionTask, succession_tasks
+from headscope.tasks.succession import (
+    FORMS,
+    ITEMS,
+    SuccessionList,
+    SuccessionTask,
+    read_succession_lists,
+    succession_tasks,
+    user_tasks,
+)
 
 EMBEDDINGS = ("mlp0_residual", "mlp0", "raw")
 
@@ -66,15 +84,23 @@ SUCCESSOR_THRESHOLD = 0.4  # curt-tigges/circuits-over-time calls a head a succe
 N_PERMUTATIONS = 200  # random successor maps of the significance rule's null
 
 
+MIN_PROMPTS = 2  # in-context prompts a data file must give: one scored, one held out for validation
+
+
 @dataclass
 class SuccessorConfig(DetectorConfig):
-    tasks: tuple[str, ...] = tuple(ITEMS)
-    forms: tuple[str, ...] = ("space", "bare")
-    embedding: str = "mlp0_residual"  # effective embedding: "mlp0_residual", "mlp0" (the paper's) or "raw"
-    head_input_norm: bool = True  # pass the effective embedding through the head's layer's RMSNorm
-    unembed_norm: bool = True  # weight the unembedding by the final norm's weights
-    context_items: int = 3  # items shown before the one whose successor is asked for
-    separator: str = ","
+    tasks: tuple[str, ...] = setting(tuple(ITEMS), "shipped succession tasks scored (ignored with data)",
+                                     choices=tuple(ITEMS))
+    forms: tuple[str, ...] = setting(("space", "bare"), "how items are written: with a leading space, bare, ...",
+                                     choices=FORMS)
+    embedding: str = setting("mlp0_residual", "effective embedding: residual after block 0, MLP0 alone (the paper's) "
+                             "or raw", choices=EMBEDDINGS)
+    head_input_norm: bool = setting(True, "pass the effective embedding through the head's layer's RMSNorm")
+    unembed_norm: bool = setting(True, "weight the unembedding by the final norm's weights")
+    context_items: int = setting(3, "items shown before the one whose successor is asked for", min=1)
+    separator: str = setting(",", "text between the items of an in-context prompt")
+    data: Optional[str] = setting(None, "your own ordered lists: .txt (comma-separated, one list a line) or .jsonl "
+                                  "({\"name\", \"items\", \"wraps\"}); replaces tasks")
 
 
 @dataclass
@@ -94,14 +120,46 @@ class SuccessorDetector(Detector):
     cost = "not measured"
 
     def tasks(self, model: Any) -> list[SuccessionTask]:
+        """The shipped ``tasks`` in every form, or with ``data`` the lists of the file, kept where
+        their items are single tokens for ``model``'s tokenizer."""
         if self.config.embedding not in EMBEDDINGS:
             raise InputError(f"Unknown effective embedding {self.config.embedding!r}; choose one of {', '.join(EMBEDDINGS)}.")
+        if self.config.data:
+            return user_tasks(model, self.user_lists(), self.config.forms)
         return succession_tasks(model, self.config.tasks, self.config.forms)
+
+    def user_lists(self) -> list[SuccessionList]:
+        """The ordered lists of the ``data`` file (no model needed), each at least
+        ``context_items + 1`` long."""
+        return read_succession_lists(self.config.data, min_items=self.config.context_items + 1)
+
+    def check_data(self) -> None:
+        """Read the ``data`` file without a model: a :class:`DataError` naming file and line for a bad
+        line or a list too short, or naming the file when all lists give fewer than 2 prompts."""
+        if not self.config.data:
+            return
+        lists = self.user_lists()
+        n = self.config.context_items
+        per_form = sum(len(lst.items) if lst.wraps else len(lst.items) - n for lst in lists)
+        forms = len(self.config.forms)
+        self._check_prompt_count(per_form * forms, f"in {forms} form(s), its lists give")
+
+    def _check_prompt_count(self, n_prompts: int, what: str) -> None:
+        if n_prompts < MIN_PROMPTS:
+            raise DataError(
+                f"{self.config.data}: {what} {n_prompts} in-context prompt{'s' * (n_prompts != 1)}; the successor "
+                f"detector needs at least {MIN_PROMPTS} (half are scored, half held out for validation). A list of "
+                f"L items gives L - {self.config.context_items} prompts in each form (L if it wraps), where its items "
+                "are single tokens: add items or lists."
+            )
 
     def prompts(self, model: Any, split: str = "dev") -> list[SuccessionPrompt]:
         """Succession prompts of every task, the pairs split in halves by ``seed`` (dev / test)."""
         prompts = [p for task in self.tasks(model) for p in succession_prompts(task, self.config.context_items,
                                                                                self.config.separator)]
+        if self.config.data:
+            self._check_prompt_count(len(prompts), "for this model's tokenizer, the single-token items of its lists "
+                                                   "give")
         random.Random(self.config.seed).shuffle(prompts)
         half = len(prompts) // 2
         return prompts[:half] if split == "dev" else prompts[half:]
@@ -123,6 +181,9 @@ class SuccessorDetector(Detector):
             "n_prompts": len(prompts),
             "chance": float(torch.tensor([1 / len(t.token_ids) for t in tasks for _ in t.pairs]).mean()),
         }
+        if self.config.data:
+            metadata["data_lists"] = {lst.name: {"line": lst.line, "items": len(lst.items), "wraps": lst.wraps}
+                                      for lst in self.user_lists()}
         return self.result(model, _pooled(ov), extras, metadata)
 
     def significance(

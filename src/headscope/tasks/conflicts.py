@@ -13,6 +13,20 @@ Formats (``{s}`` subject, ``{c}`` counterfactual, ``{cloze}`` the relation's clo
 * ``"according"``: ``"According to the text, {fact with c}. According to the text, {cloze}"``.
 
 :func:`split_by_subject` parts items into scored and held-out sets that share no subject.
+
+Your own facts (:func:`read_conflict_facts`, :func:`user_conflict_items`) come as JSON lines, one
+fact a line::
+
+    {"subject": "France", "cloze": "The capital of {s} is", "answer": "Paris", "counterfactual": "Rome"}
+
+``subject``, ``cloze`` (``{s}`` marks the subject) and ``answer`` (the memorised answer, written
+without its leading space) are required. Optional: ``counterfactual`` (the answer the context
+states; default: another answer of the same relation in the file whose first token differs, drawn
+with the seed, as for shipped facts), ``question`` (``"What is the capital of {s}?"``, needed by
+the ``"qa"`` format), ``context`` (the sentence stating the counterfactual, ``{s}`` and ``{c}``;
+default ``"{cloze} {c}."``) and ``relation`` (a name grouping facts; default the cloze). Each fact
+passes the same knowledge filter as the shipped ones: kept only when the model's top next token
+after the plain cloze is the answer's first token.
 """
 
 from __future__ import annotations
@@ -24,7 +38,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from headscope.engine.tokens import tokenize
-from headscope.errors import InputError
+from headscope.errors import DataError, EmptyResultError, InputError
+from headscope.tasks.user_data import PathLike, line_error, read_jsonl
 
 FORMATS = ("qa", "restate", "according")
 
@@ -110,6 +125,15 @@ class ConflictItem:
     prompt: str
     memory_token: int
     context_token: int
+    cloze: Optional[str] = None  # templates of a fact of your own (``{s}``, ``{c}``); None: the relation's
+    question: Optional[str] = None
+    context: Optional[str] = None
+
+    def restated(self, answer: str) -> str:
+        """This item's prompt with ``answer`` stated in the context instead of the counterfactual
+        (with the memorised answer: the prompt where context and memory agree)."""
+        return conflict_prompt(self.relation, self.format, self.subject, answer, cloze=self.cloze,
+                               question=self.question, context=self.context)
 
 
 def first_token(model: Any, answer: str) -> int:
@@ -117,35 +141,50 @@ def first_token(model: Any, answer: str) -> int:
     return int(model.tokenizer(" " + answer, add_special_tokens=False)["input_ids"][0])
 
 
-def known_facts(model: Any, relation: str, batch_size: int = 32) -> list[tuple[str, str]]:
-    """The facts of ``relation`` whose plain cloze the model answers from memory (top-1 token)."""
-    spec = RELATIONS[relation]
-    prompts = [spec.cloze.format(s=subject) for subject, _ in spec.facts]
-    batch = tokenize(model, prompts)
-    known = []
+def top_next_tokens(model: Any, prompts: Sequence[str], batch_size: int = 32) -> list[int]:
+    """The model's top-1 next token after each prompt."""
+    batch = tokenize(model, list(prompts))
+    tops = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             chunk = batch.select(slice(start, start + batch_size))
             logits = model(chunk.tokens.to(_device(model)), attention_mask=chunk.attention_mask.to(_device(model)))
             last = logits[torch.arange(len(chunk)), chunk.last_positions.to(logits.device)]
-            for offset, token in enumerate(last.argmax(dim=-1).tolist()):
-                subject, answer = spec.facts[start + offset]
-                if token == first_token(model, answer):
-                    known.append((subject, answer))
-    return known
+            tops.extend(last.argmax(dim=-1).tolist())
+    return tops
 
 
-def conflict_prompt(relation: str, format: str, subject: str, context_answer: str) -> str:
-    """The prompt that states ``context_answer`` and then asks for the answer."""
+def known_facts(model: Any, relation: str, batch_size: int = 32) -> list[tuple[str, str]]:
+    """The facts of ``relation`` whose plain cloze the model answers from memory (top-1 token)."""
     spec = RELATIONS[relation]
-    cloze = spec.cloze.format(s=subject)
-    fact = f"{cloze} {context_answer}."
+    tops = top_next_tokens(model, [spec.cloze.format(s=subject) for subject, _ in spec.facts], batch_size)
+    return [(subject, answer) for (subject, answer), token in zip(spec.facts, tops, strict=True)
+            if token == first_token(model, answer)]
+
+
+def conflict_prompt(
+    relation: str, format: str, subject: str, context_answer: str, *, cloze: Optional[str] = None,
+    question: Optional[str] = None, context: Optional[str] = None,
+) -> str:
+    """The prompt that states ``context_answer`` and then asks for the answer.
+
+    ``cloze``, ``question`` and ``context`` are the templates of a fact of your own (``{s}`` the
+    subject, ``{c}`` the stated answer); without ``cloze``, the shipped relation's are used.
+    """
+    if cloze is None:
+        spec = RELATIONS[relation]
+        cloze, question = spec.cloze, spec.question
+    asked = cloze.replace("{s}", subject)
+    fact = context.replace("{s}", subject).replace("{c}", context_answer) if context else f"{asked} {context_answer}."
     if format == "qa":
-        return f"{fact}\nQ: {spec.question.format(s=subject)}\nA:"
+        if question is None:
+            raise InputError(f"The 'qa' format needs a question for the relation {relation!r}; give one, or use "
+                             "another format.")
+        return f"{fact}\nQ: {question.replace('{s}', subject)}\nA:"
     if format == "restate":
-        return f"{fact} {cloze}"
+        return f"{fact} {asked}"
     if format == "according":
-        return f"According to the text, {_lower_first(fact)} According to the text, {_lower_first(cloze)}"
+        return f"According to the text, {_lower_first(fact)} According to the text, {_lower_first(asked)}"
     raise ValueError(f"Unknown conflict format {format!r}; choose one of {', '.join(FORMATS)}.")
 
 
@@ -200,6 +239,144 @@ def split_by_subject(
     random.Random(seed).shuffle(subjects)
     held_out = set(subjects[: round(len(subjects) * held_out_share)])
     return [i for i in items if i.subject not in held_out], [i for i in items if i.subject in held_out]
+
+
+# --- the researcher's own facts ------------------------------------------------------------------
+
+FACT_EXAMPLE = '{"subject": "France", "cloze": "The capital of {s} is", "answer": "Paris", "counterfactual": "Rome"}'
+FACT_KEYS = ("subject", "cloze", "answer", "counterfactual", "question", "context", "relation")
+
+
+@dataclass(frozen=True)
+class UserFact:
+    """One fact from the researcher's file (format in the module docstring), with its file and line."""
+
+    subject: str
+    cloze: str
+    answer: str
+    counterfactual: Optional[str] = None
+    question: Optional[str] = None
+    context: Optional[str] = None
+    relation: str = ""
+    path: str = ""
+    line: int = 0
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}, line {self.line}"
+
+
+def read_conflict_facts(path: PathLike, formats: Sequence[str] = ("restate",)) -> list[UserFact]:
+    """The facts in a JSON-lines file (format in the module docstring). Needs no model.
+
+    Raises:
+        DataError: naming the file and line: not JSON, a required key missing, an unknown key, a
+            value that is not a non-empty string, a counterfactual equal to the answer, a
+            ``context`` without ``{c}``, no ``question`` where ``formats`` has ``"qa"``, the
+            same cloze and subject twice.
+    """
+    facts, seen = [], {}
+    for number, row in read_jsonl(path, ("subject", "cloze", "answer"), FACT_EXAMPLE, "conflict facts"):
+        unknown = sorted(set(row) - set(FACT_KEYS))
+        if unknown:
+            raise line_error(path, number, f"unknown key {', '.join(map(repr, unknown))} (the keys are "
+                                           f"{', '.join(FACT_KEYS)})", FACT_EXAMPLE)
+        bad = next((key for key, value in row.items() if not isinstance(value, str) or not value.strip()), None)
+        if bad is not None:
+            raise line_error(path, number, f"{bad!r} must be a non-empty string; got {row[bad]!r}", FACT_EXAMPLE)
+        fact = {key: value.strip() for key, value in row.items()}
+        if fact.get("counterfactual") == fact["answer"]:
+            raise line_error(path, number, "the counterfactual is the answer itself; the context must contradict "
+                                           "memory", FACT_EXAMPLE)
+        if "context" in fact and "{c}" not in fact["context"]:
+            raise line_error(path, number, "'context' has no {c}, where the counterfactual answer goes", FACT_EXAMPLE)
+        if "qa" in formats and "question" not in fact:
+            raise line_error(path, number, "no 'question', which the 'qa' format asks (e.g. \"What is the capital "
+                                           "of {s}?\"); add one, or leave 'qa' out of formats", FACT_EXAMPLE)
+        key = (fact["cloze"], fact["subject"])
+        if key in seen:
+            raise line_error(path, number, f"the same cloze and subject as line {seen[key]}", FACT_EXAMPLE)
+        seen[key] = number
+        facts.append(UserFact(
+            subject=fact["subject"], cloze=fact["cloze"], answer=fact["answer"],
+            counterfactual=fact.get("counterfactual"), question=fact.get("question"), context=fact.get("context"),
+            relation=fact.get("relation", fact["cloze"]), path=str(path), line=number,
+        ))
+    return facts
+
+
+def user_conflict_items(
+    model: Any, facts: Sequence[UserFact], formats: Sequence[str] = ("restate",), seed: int = 0,
+) -> list[ConflictItem]:
+    """Conflict items for the facts of your own that ``model`` knows (the knowledge filter of
+    :func:`known_facts`), one per fact and format, in file order. A fact without a
+    counterfactual takes another answer of its relation (in the file) with a different first
+    token, drawn with ``random.Random(seed)``, and is left out when there is none.
+
+    Raises:
+        EmptyResultError: the model knows none of the facts.
+        DataError: a counterfactual whose first token is the answer's (naming its line).
+    """
+    if not facts:
+        raise DataError("No conflict facts were given.")
+    path = facts[0].path
+    tops = top_next_tokens(model, [fact.cloze.replace("{s}", fact.subject) for fact in facts])
+    known = [fact for fact, token in zip(facts, tops, strict=True) if token == first_token(model, fact.answer)]
+    if not known:
+        example = facts[0]
+        raise EmptyResultError(
+            f"The model knows none of the {len(facts)} facts in {path}: for none is its top next token after the "
+            f"cloze the answer's first token (e.g. line {example.line}: "
+            f"{example.cloze.replace('{s}', example.subject)!r} -> {' ' + example.answer!r}). memory_context sets the "
+            "memorised answer against the context, so it needs facts this model completes from memory: give facts it "
+            "knows."
+        )
+    answers: dict[str, set[str]] = {}
+    for fact in facts:
+        answers.setdefault(fact.relation, set()).add(fact.answer)
+    generator = random.Random(seed)
+    items = []
+    for fact in known:
+        memory_token = first_token(model, fact.answer)
+        if fact.counterfactual is not None:
+            context = fact.counterfactual
+            if first_token(model, context) == memory_token:
+                raise line_error(fact.path, fact.line, f"the counterfactual {context!r} starts with the same token "
+                                                       f"as the answer {fact.answer!r} for this model's tokenizer, so "
+                                                       "their logits cannot be told apart; choose another",
+                                 FACT_EXAMPLE)
+        else:
+            options = [a for a in sorted(answers[fact.relation]) if first_token(model, a) != memory_token]
+            if not options:
+                continue
+            context = generator.choice(options)
+        for format in formats:
+            items.append(ConflictItem(
+                relation=fact.relation, format=format, subject=fact.subject, memory_answer=fact.answer,
+                context_answer=context, prompt=conflict_prompt(fact.relation, format, fact.subject, context,
+                                                               cloze=fact.cloze, question=fact.question,
+                                                               context=fact.context),
+                memory_token=memory_token, context_token=first_token(model, context),
+                cloze=fact.cloze, question=fact.question, context=fact.context,
+            ))
+    if not items:
+        raise EmptyResultError(
+            f"The model knows {len(known)} of the facts in {path}, but none has a counterfactual: no line gives one, "
+            "and no other answer of the same relation starts with a different token. Add \"counterfactual\" to the "
+            "lines."
+        )
+    return items
+
+
+def min_subjects_for_split(held_out_share: float) -> int:
+    """The fewest subjects :func:`split_by_subject` parts into two non-empty sides (``held_out_share``
+    strictly between 0 and 1)."""
+    if not 0 < held_out_share < 1:
+        split_by_subject([], held_out_share)  # raises its InputError
+    n = 2
+    while not 1 <= round(n * held_out_share) <= n - 1:
+        n += 1
+    return n
 
 
 def _lower_first(text: str) -> str:
