@@ -217,8 +217,9 @@ def atlas_model():
     return tiny_model(n_layers=3, n_heads=4, d_vocab=128, n_ctx=64)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def first_atlas(atlas_model, tmp_path_factory):
+    """Built per test: a part is reused only while the detector's source files are unchanged."""
     out = tmp_path_factory.mktemp("atlas")
     return out, small_atlas(atlas_model, out, progress=False)
 
