@@ -143,7 +143,7 @@ ROWS = [
     ("config-not-a-choice", "scan --config {d}/choice.json", ["'copying_vocabulary'", "'ful'", "did you mean 'full'"]),
     ("config-unknown-detector-scan", "scan --config {d}/nodetector.json", ["'inducton'", "Did you mean 'induction'"]),
     ("config-unknown-detector-atlas", "atlas --config {d}/nodetector.json", ["'inducton'", "Did you mean 'induction'"]),
-    ("config-unknown-setting", "scan --config {d}/nosetting.json", ["'blok_len'", "Did you mean 'block_len'"]),
+    ("config-unknown-setting", "scan --config {d}/nosetting.json", ["no setting blok_len", "Did you mean 'block_len'"]),
     ("config-detector-not-run", "atlas --detectors induction --config {d}/notrun.json", ["previous_token", "--detectors"]),
     ("out-is-a-file-scan", "scan --out {d}/a_file", ["--out", "a_file", "is a file"]),
     ("out-is-a-file-atlas", "atlas --out {d}/a_file", ["--out", "a_file", "is a file"]),
@@ -275,7 +275,7 @@ def test_info_without_a_model_loads_none(loads, capsys):
     ({"copying": "yes"}, ["'copying'", "bool"]),
     ({"copying_vocabulary": "ful"}, ["'copying_vocabulary'", "one of 'sequence', 'full'", "'full'"]),
     ({"copying_positions": -1}, ["'copying_positions'", "at least 0", "-1"]),
-    ({"blok_len": 3}, ["'blok_len'", "Did you mean 'block_len'", "headscope detectors induction"]),
+    ({"blok_len": 3}, ["no setting blok_len", "Did you mean 'block_len'", "headscope detectors induction"]),
 ])
 def test_induction_settings_are_checked(settings, fragments):
     with pytest.raises(SettingError) as caught:

@@ -53,3 +53,20 @@ def test_validate_reads_saved_scores(folder, tmp_path, capsys):
 def test_unknown_detector_exits_with_a_clear_message(folder, capsys):
     assert main(["scan", "--model", folder, "--detectors", "induction,sucessor"]) == 2
     assert "Unknown detector 'sucessor'" in capsys.readouterr().err
+
+
+def test_data_flag_sets_the_detectors_data_setting(tmp_path):
+    """--data NAME=PATH gives the detector the user's text (a bare PATH is tested in
+    test_bad_input_cli.py); --data wins over a 'data' in --config."""
+    from tests.conftest import tiny_text_llama_folder
+
+    folder = str(tiny_text_llama_folder(tmp_path / "text-llama"))
+    text = tmp_path / "story.txt"
+    text.write_text("The cat sat on the mat. The dog sat on the log. " * 12)
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({"induction": {"data": str(tmp_path / "other.txt"), "text_length": 60,
+                                                "n_sequences": 2, "n_validation_sequences": 1}}))
+    assert main(["scan", "--model", folder, "--detectors", "induction", "--config", str(config), "--data",
+                 f"induction={text}", "--out", str(tmp_path / "out")]) == 0
+    saved = json.loads((tmp_path / "out" / "induction.json").read_text())
+    assert saved["config"]["data"] == str(text) and list(saved["config"]["data_sha256"]) == [str(text)]

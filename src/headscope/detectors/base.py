@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import types
@@ -97,8 +98,10 @@ def setting_fields(config_class: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_class)}
 
 
+@functools.lru_cache(maxsize=None)
 def setting_types(config_class: type) -> dict[str, Any]:
-    """Each setting's resolved type hint (``Any`` when the annotations cannot be resolved)."""
+    """Each setting's resolved type hint (``Any`` when the annotations cannot be resolved); cached
+    per class, so treat the dict as read-only."""
     try:
         hints = typing.get_type_hints(config_class)
     except Exception:  # an annotation naming something not importable: check no types rather than fail
@@ -226,7 +229,7 @@ def unknown_settings_message(detector: str, unknown: list[str], known: list[str]
     close = difflib.get_close_matches(unknown[0], known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return (
-        f"The {detector} detector has no setting {', '.join(repr(name) for name in unknown)}.{hint} Its settings: "
+        f"The {detector} detector has no setting {', '.join(unknown)}.{hint} Its settings: "
         f"{', '.join(known)} ('headscope detectors {detector}' describes them)."
     )
 
