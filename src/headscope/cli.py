@@ -89,7 +89,12 @@ def one_line(error: BaseException) -> str:
 
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose usage errors are one line: it raises :class:`CommandLineError`
-    (printed by :func:`main`) instead of printing the usage block and exiting."""
+    (printed by :func:`main`) instead of printing the usage block and exiting. Abbreviated flags
+    are refused (``--detector`` is not taken for ``--detectors``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise CommandLineError(f"{message}. See '{self.prog} --help'.")

@@ -27,7 +27,8 @@ def save_and_read(folder: str, seed: int, queue) -> None:
             name = NAMES[i % len(NAMES)]
             values = torch.full((6, 8), float(seed * 1000 + i))
             HeadScores(values, name, f"writer-{seed}").save(f"{folder}/{name}.json")
-            loaded = HeadScores.load(f"{folder}/{rng.choice(NAMES)}.json")  # raises on a torn file
+            written = NAMES[: i + 1]  # names this writer has saved: they exist whatever the others did
+            loaded = HeadScores.load(f"{folder}/{rng.choice(written)}.json")  # raises on a torn file
             assert loaded.values.shape == (6, 8) and bool((loaded.values == loaded.values[0, 0]).all())
             if i % 30 == 0:
                 atomic_torch_save(f"{folder}/scan.ckpt", {"writer": seed, "sums": values})
