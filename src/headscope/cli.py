@@ -28,15 +28,8 @@ from headscope import __version__
 from headscope.api import scan
 from headscope.atlas import ATLAS_DEFAULT_SETTINGS, atlas
 from headscope.compare import compare
-from headscope.detectors.base import (
-    DATA_SETTING,
-    Detector,
-    describe_settings,
-    get_detector,
-    list_detectors,
-    range_text,
-    setting_fields,
-)
+from headscope.detectors.base import Detector, get_detector, list_detectors
+from headscope.detectors.settings import DATA_SETTING, describe_settings, range_text, setting_fields
 from headscope.engine.heads import model_shape
 from headscope.engine.runner import model_device, model_dtype
 from headscope.errors import (
