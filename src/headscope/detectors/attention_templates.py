@@ -131,17 +131,21 @@ def repeated_loss_task(model: Any, config: RepeatedTokensConfig) -> ValidationTa
     task = make_task(model, config, validation=True)
     targets = task.predictable_targets()
 
-    def repeated_loss(logits: Tensor, chunk: TokenBatch) -> Tensor:
-        losses = next_token_losses(logits, chunk.tokens)
-        mask = targets[None, : losses.shape[1]].to(losses.device) & chunk.attention_mask[:, 1:].bool()
-        return masked_mean(losses, mask)
+    def repeated_targets(chunk: TokenBatch) -> Tensor:
+        return targets[None, : chunk.tokens.shape[1] - 1].to(chunk.tokens.device) & chunk.attention_mask[:, 1:].bool()
 
-    return ValidationTask(
-        data=task.tokens,
-        metric=repeated_loss,
-        metric_name="loss on repeated tokens (nats)",
-        ablation_hurts_when="increases",
-    )
+    return loss_task(task.tokens, repeated_targets, "loss on repeated tokens (nats)")
+
+
+def loss_task(data: Any, targets_of: Callable[[TokenBatch], Tensor], metric_name: str) -> ValidationTask:
+    """A validation task whose metric is each row's mean next-token loss over the targets
+    ``targets_of(chunk)`` marks (``[batch, pos - 1]``: ``logits[:, i]`` predicts ``tokens[:, i + 1]``)."""
+
+    def target_loss(logits: Tensor, chunk: TokenBatch) -> Tensor:
+        losses = next_token_losses(logits, chunk.tokens)
+        return masked_mean(losses, targets_of(chunk).to(losses.device))
+
+    return ValidationTask(data=data, metric=target_loss, metric_name=metric_name, ablation_hurts_when="increases")
 
 
 def text_loss_task(model: Any, config: RepeatedTokensConfig) -> ValidationTask:
@@ -154,17 +158,10 @@ def text_loss_task(model: Any, config: RepeatedTokensConfig) -> ValidationTask:
                         f"same token as at an earlier occurrence): nothing there tests in-context copying. Give "
                         f"longer or more repetitive text, or a larger text_length.")
 
-    def predictable_loss(logits: Tensor, chunk: TokenBatch) -> Tensor:
-        losses = next_token_losses(logits, chunk.tokens)
-        mask = induction_predictable(chunk.tokens, chunk.attention_mask, task.offset).to(losses.device)
-        return masked_mean(losses, mask)
+    def predictable_targets(chunk: TokenBatch) -> Tensor:
+        return induction_predictable(chunk.tokens, chunk.attention_mask, task.offset)
 
-    return ValidationTask(
-        data=task.batch,
-        metric=predictable_loss,
-        metric_name="loss on induction-predictable tokens of held-out text (nats)",
-        ablation_hurts_when="increases",
-    )
+    return loss_task(task.batch, predictable_targets, "loss on induction-predictable tokens of held-out text (nats)")
 
 
 def earlier_copies(tokens: Tensor, mask: Tensor, offset: int) -> Bool[Tensor, "batch q k"]:
