@@ -37,11 +37,11 @@ from headscope.detectors.attention_templates import AttentionTemplateDetector, s
 from headscope.detectors.base import Detector, get_detector, list_detectors, plain_config
 from headscope.engine.heads import Head, check_head_hooks, model_shape
 from headscope.engine.runner import progress_note
-from headscope.errors import ResultFileError, ResultFileWarning
+from headscope.errors import ArgumentError, ResultFileError, ResultFileWarning, SettingError
 from headscope.models import model_name
 from headscope.results import HeadScores, role_overlap, write_text_atomic
 from headscope.significance import Significance
-from headscope.validation import ValidationResult, validate
+from headscope.validation import ValidationResult, check_counts, validate
 from headscope.versions import installed_version
 
 ATLAS_FORMAT_VERSION = 1
@@ -318,12 +318,15 @@ def atlas(
     what failed or is missing. ``on_error="raise"`` re-raises at once.
     """
     if on_error not in ("record", "raise"):
-        raise ValueError(f"on_error must be 'record' or 'raise', got {on_error!r}.")
+        raise ArgumentError(f"on_error must be 'record' or 'raise', got {on_error!r}.")
     check_head_hooks(model)
+    if validate:
+        check_counts(model, k, n_random)  # before any detector runs, not in each validation stage
     names = all_detectors() if detectors == "all" else ([detectors] if isinstance(detectors, str) else list(detectors))
     unknown_settings = sorted(set(settings or {}) - set(names))
     if unknown_settings:
-        raise ValueError(f"settings given for {', '.join(unknown_settings)}, which this atlas does not run ({', '.join(names)}).")
+        raise SettingError(f"settings given for {', '.join(unknown_settings)}, which this atlas does not run "
+                           f"({', '.join(names)}): add the detector to the run or drop its settings.")
     settings = {name: {**ATLAS_DEFAULT_SETTINGS.get(name, {}), **(settings or {}).get(name, {})} for name in names
                 if name in ATLAS_DEFAULT_SETTINGS or name in (settings or {})}
     instances = [get_detector(name, **settings.get(name, {})) for name in names]  # fail before any work

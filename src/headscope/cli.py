@@ -13,7 +13,6 @@ not a ``HeadscopeError`` is a bug in headscope: it prints one line saying so, wi
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import re
@@ -28,13 +27,14 @@ from headscope import __version__
 from headscope.api import scan
 from headscope.atlas import ATLAS_DEFAULT_SETTINGS, atlas
 from headscope.compare import compare
-from headscope.detectors.base import Detector, get_detector, list_detectors
-from headscope.detectors.settings import DATA_SETTING, describe_settings, range_text, setting_fields
+from headscope.detectors.base import Detector, detector_of_scores, get_detector, list_detectors
+from headscope.detectors.settings import DATA_SETTING, describe_settings, range_text, setting_fields, suggest
 from headscope.engine.heads import model_shape
 from headscope.engine.runner import model_device, model_dtype
 from headscope.errors import (
     CommandLineError,
     ConfigFileError,
+    DataError,
     HeadscopeError,
     OutputFolderError,
     ResultFileError,
@@ -93,6 +93,15 @@ class Parser(argparse.ArgumentParser):
         raise CommandLineError(f"{message}. See '{self.prog} --help'.")
 
 
+def at_least_two(text: str) -> int:
+    """argparse type: a whole number of at least 2 (random sets: their spread makes the interval)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (the interval needs the spread of two random sets or "
+                                         f"more), got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number of at least 1 (counts, sizes, k)."""
     try:
@@ -129,7 +138,7 @@ def _atlas_command(commands: Any) -> None:
     command.add_argument("--detectors", default="all", help="'all' (default) or comma-separated names")
     command.add_argument("--out", default="atlas", help="folder for report.html, atlas.json, CSV files and parts/")
     command.add_argument("-k", type=positive_int, default=5, help="heads ablated by each validation (default 5)")
-    command.add_argument("--n-random", type=positive_int, default=5,
+    command.add_argument("--n-random", type=at_least_two, default=5,
                          help="random k-sets each validation compares with (default 5)")
     command.add_argument("--seed", type=int, default=0, help="seed of the random head sets of the validations (default 0)")
     command.add_argument("--no-validate", action="store_true", help="skip the causal validations")
@@ -167,7 +176,7 @@ def _validate_command(commands: Any) -> None:
                          help="the detector to run and validate (default induction; with --scores, the scores' own)")
     command.add_argument("--scores", help="a saved <detector>.json to validate (else the detector is run)")
     command.add_argument("-k", type=positive_int, default=5, help="top heads ablated together (default 5)")
-    command.add_argument("--n-random", type=positive_int, default=5,
+    command.add_argument("--n-random", type=at_least_two, default=5,
                          help="random k-sets the top-k is compared with (default 5)")
     command.add_argument(
         "--method", default=None, choices=["zero", "mean", "resample", "uniform"],
@@ -430,8 +439,7 @@ def _read_config_text(path: str) -> str:
 
 def _check_config_entry(path: str, name: str, settings: Any) -> None:
     if name not in list_detectors():
-        close = difflib.get_close_matches(name, list_detectors(), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = suggest(name, list_detectors())
         raise ConfigFileError(f"--config {path} has settings for {name!r}, which is not a detector.{hint} Known "
                               f"detectors: {', '.join(list_detectors())}; rename or remove that entry.")
     if not isinstance(settings, dict):
@@ -579,8 +587,8 @@ def check_scores_detector(scores: HeadScores, args: argparse.Namespace) -> None:
         raise CommandLineError(f"--detector {args.detector} does not match --scores {args.scores}, which holds "
                                f"{scores.detector} scores: drop --detector or pass that detector's scores.")
     try:
-        get_detector(scores.detector, config=scores.config)
-    except (UnknownDetectorError, SettingError) as error:
+        detector_of_scores(scores)
+    except (UnknownDetectorError, SettingError, DataError) as error:
         raise ResultFileError(f"--scores {args.scores}: {one_line(error)}") from error
 
 
@@ -620,7 +628,7 @@ def _allowed_text(row: dict[str, Any]) -> str:
     if row["choices"] is not None:
         return "one of " + ", ".join(json.dumps(c) for c in row["choices"])
     if row["min"] is not None or row["max"] is not None:
-        return range_text(row["min"], row["max"])
+        return range_text(row["min"], row["max"], row["exclusive"])
     return ""
 
 

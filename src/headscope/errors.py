@@ -47,8 +47,9 @@ class WeightCacheError(ModelNotAvailableError):
     """A folder of cached float weights that is still damaged after it was rebuilt."""
 
 
-class SettingError(HeadscopeError, TypeError):
-    """A detector setting that does not exist, has the wrong type or is out of range."""
+class SettingError(InputError, TypeError):
+    """A detector setting that does not exist, has the wrong type or is out of range (an
+    ``InputError``, so a ``ValueError``, and a ``TypeError`` as a bad keyword argument is)."""
 
 
 class DataError(InputError):

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headscope.detectors.base import MetricFn, ValidationTask, get_detector
+from headscope.detectors.base import MetricFn, ValidationTask, detector_of_scores
 from headscope.engine.heads import Head, all_heads, model_shape
 from headscope.engine.runner import progress_step, run_batched
 from headscope.engine.tokens import as_token_batch
@@ -120,11 +120,12 @@ def validate(
     Raises:
         ArgumentError: ``k`` below 1 or too large for the model, ``n_random`` below 2.
         ScoresMismatchError: ``scores`` of another model (shape, or name with ``check_model``).
+        DataError: ``scores`` computed on a data file that is gone or has changed since.
     """
     check_scores_model(model, scores, check_name=check_model)
-    _check_counts(model, k, n_random)
+    check_counts(model, k, n_random)
     if task is None:
-        task = get_detector(scores.detector, config=scores.config).validation_task(model)
+        task = detector_of_scores(scores).validation_task(model)
     if metric is not None:
         if task.measure is not None:
             raise ValueError(f"The {scores.detector} task measures by decoding; pass a ValidationTask, not a metric.")
@@ -172,8 +173,13 @@ def validate(
     )
 
 
-def _check_counts(model: Any, k: Any, n_random: Any) -> None:
-    """``k`` heads ablated and ``n_random`` random sets: what the comparison needs."""
+def check_counts(model: Any, k: Any, n_random: Any) -> None:
+    """``k`` heads ablated and ``n_random`` random sets: what the comparison needs (the atlas
+    checks them before any detector runs).
+
+    Raises:
+        ArgumentError: ``k`` below 1 or above ``(heads - 1) // 2``; ``n_random`` below 2.
+    """
     n_heads = model_shape(model).n_total_heads
     largest = (n_heads - 1) // 2  # the random k-sets are drawn from more than k heads outside the top k
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= largest:

@@ -43,37 +43,38 @@ def test_templates_read_from_tokens_equal_the_repeated_token_templates(model, na
 
 
 def naive_text_scores(model, windows, name):
-    """Per head: for each window, the mean over its queries of the attention on its template keys,
-    found by plain loops over positions; then the mean over windows."""
+    """Per head: the attention on each query's template keys, found by plain loops over positions,
+    averaged over every query of every window (a window without a query adds nothing)."""
     tokens, mask, offset = windows.tokens, windows.attention_mask, windows.offset
     _, cache = model.run_with_cache(tokens, attention_mask=mask)
-    n_layers = len([name for name in cache if name.endswith("hook_pattern")])
-    n_heads = cache[hook_name(0, "pattern")].shape[1]
-    scores = torch.zeros(len(tokens), n_layers, n_heads)
+    n_layers = len([hook for hook in cache if hook.endswith("hook_pattern")])
+    shares = [[] for _ in range(n_layers)]
     for row in range(len(tokens)):
         length = int(mask[row].sum())
         ids = tokens[row, :length].tolist()
-        for layer in range(n_layers):
-            pattern = cache[hook_name(layer, "pattern")][row]
-            shares = []
-            for query in range(offset, length):
-                if name == "previous_token":
-                    keys = [query - 1] if query >= offset + 1 else []
-                else:
-                    copies = [j for j in range(offset, query) if ids[j] == ids[query]]
-                    keys = [j + 1 for j in copies if j + 1 < query] if name == "induction" else copies
+        for query in range(offset, length):
+            if name == "previous_token":
+                keys = [query - 1] if query >= offset + 1 else []
+            else:
+                copies = [j for j in range(offset, query) if ids[j] == ids[query]]
+                keys = [j + 1 for j in copies if j + 1 < query] if name == "induction" else copies
+            for layer in range(n_layers):
                 if keys:
-                    shares.append(pattern[:, query, keys].sum(dim=-1))
-            scores[row, layer] = torch.stack(shares).mean(dim=0)
-    return scores.mean(dim=0)
+                    shares[layer].append(cache[hook_name(layer, "pattern")][row, :, query, keys].sum(dim=-1))
+    return torch.stack([torch.stack(layer).mean(dim=0) for layer in shares])
 
 
 @pytest.mark.parametrize("name", TEMPLATE_DETECTORS)
-def test_text_scores_equal_a_naive_loop_over_positions(model, text_file, name):
-    settings = dict(data=str(text_file), text_length=90, n_sequences=3)
-    scores = hs.detect(model, name, batch_size=2, **settings)  # two chunks: per-row templates must follow rows
+def test_text_scores_equal_a_naive_loop_over_positions(model, tmp_path, name):
+    """Documents of unequal length (padding), one without any repeated character (a window with no
+    induction or duplicate query), scored in chunks of two rows."""
+    path = tmp_path / "docs.jsonl"
+    documents = [TEXT[:300], "Quickly", TEXT[300:420], TEXT[500:700]]  # "Quickly": no character twice
+    path.write_text("\n".join(json.dumps({"text": document}) for document in documents))
+    settings = dict(data=str(path), text_length=90, n_sequences=8)
+    scores = hs.detect(model, name, batch_size=2, **settings)  # per-row templates must follow the chunks' rows
     windows = text_task(model, hs.get_detector(name, **settings).config)
-    assert len(windows) == 3
+    assert int(windows.attention_mask.sum(dim=1).min()) == 8  # BOS + "Quickly": a window without a repeat is scored
     torch.testing.assert_close(scores.values, naive_text_scores(model, windows, name), rtol=1e-4, atol=1e-5)
 
 
@@ -145,3 +146,24 @@ def test_too_little_text_or_too_long_windows_are_errors_that_say_the_fix(model, 
         hs.detect(model, "induction", data=str(short), text_length=64)
     with pytest.raises(hs.SettingError, match="text_length"):
         hs.detect(model, "induction", data=str(short), text_length=5000)
+
+
+def test_text_in_which_no_token_repeats_is_an_error_not_a_zero_score(model, tmp_path):
+    path = tmp_path / "distinct.txt"
+    path.write_text("Quickly")  # seven distinct characters: windows of 3 never repeat a token
+    with pytest.raises(hs.DataError, match="No window of the text data has a position that induction can score"):
+        hs.detect(model, "induction", data=str(path), text_length=3)
+    assert torch.isfinite(hs.detect(model, "previous_token", data=str(path), text_length=3).values).all()
+
+
+def test_scores_of_a_text_that_changed_since_are_refused_before_the_model_loads(model, tmp_path, text_file,
+                                                                                 monkeypatch, capsys):
+    scores = hs.detect(model, "induction", data=str(text_file), text_length=60, n_sequences=2)
+    scores.save(tmp_path / "induction.json")
+    text_file.write_text(TEXT.replace("cat", "rat"))
+    with pytest.raises(hs.DataError, match="changed since these induction scores were computed"):
+        hs.validate(model, scores, k=1, n_random=2)
+    monkeypatch.setattr("headscope.cli.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["validate", "--model", "smollm2-135m-instruct", "--scores", str(tmp_path / "induction.json")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and str(text_file) in error and "changed since" in error

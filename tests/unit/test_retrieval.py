@@ -105,7 +105,7 @@ def test_a_grid_too_large_for_distinct_needles_is_an_input_error_naming_the_fix(
         detector.needles()
     assert len(hs.get_detector("retrieval", needles="codes", lengths=detector.config.lengths,
                                depths=detector.config.depths, needles_per_cell=2).needles(held_out=True)) == 2200
-    with pytest.raises((InputError, SettingError), match="needle_offset"):  # the config's range, or needles()
+    with pytest.raises(SettingError, match="needle_offset"):  # the config's range, or needles()
         hs.get_detector("retrieval", needle_offset=-1).needles()
 
 
@@ -156,9 +156,9 @@ def test_retrieval_detector_runs_end_to_end_on_a_tiny_model(tiny_llama):
     assert scores.metadata["n_samples"] == 2 and len(scores.metadata["samples"]) == 2
     assert "activation_rate" in scores.extras
     # The config's choices reject these at construction (SettingError); needles() and validation_task, later.
-    with pytest.raises((InputError, SettingError), match="'poems'"):
+    with pytest.raises(SettingError, match="'poems'"):
         hs.get_detector("retrieval", needles="poems").samples(tiny_llama)
-    with pytest.raises((InputError, SettingError), match="'bleu'"):
+    with pytest.raises(SettingError, match="'bleu'"):
         hs.get_detector("retrieval", validation_metric="bleu").validation_task(tiny_llama)
 
 

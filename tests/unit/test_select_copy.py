@@ -263,9 +263,9 @@ def test_correct_letter_margin_reads_the_right_letters(smollm):
 def test_detector_refuses_unknown_scores_and_too_few_questions(tiny_text):
     prompts = mc.mc_prompts(mc.synthetic_questions(4))
     # The config's choices reject these at construction (SettingError); _check_config, at scoring.
-    with pytest.raises((InputError, SettingError), match="'score'.*one of 'qk', 'attention'; got 'dot'"):
+    with pytest.raises(SettingError, match="'score'.*one of 'qk', 'attention'; got 'dot'"):
         hs.get_detector("select_copy", score="dot").score(tiny_text, prompts=prompts)
-    with pytest.raises((InputError, SettingError), match="'key_position'.*one of 'line_end', 'option_end'"):
+    with pytest.raises(SettingError, match="'key_position'.*one of 'line_end', 'option_end'"):
         hs.get_detector("select_copy", key_position="newline").score(tiny_text, prompts=prompts)
     with pytest.raises(InputError, match="qk_line_end"):
         _toy_readout([True], [True]).head_correct("qk_middle")

@@ -45,7 +45,7 @@ class RepeatedTokensConfig(DetectorConfig):
                                                            "vocabulary)")
     n_validation_sequences: int = setting(32, "held-out sequences of the validation loss", min=1)
     data: Optional[str] = setting(None, "your own natural text instead of random tokens: a .txt file (one document) "
-                                        "or .jsonl with {\"text\": ...} per line")
+                                        "or .jsonl with {\"text\": ...} per line", path=True)
     text_length: int = setting(256, "tokens per window cut from the data text", min=2)
 
 
@@ -314,7 +314,8 @@ def score_together(
         raise ValueError("score_together needs detectors with the same task settings (they share one task).")
     task = scoring_task(model, config)
     n_layers = model_shape(model).n_layers
-    templates = chunk_templates({d.name: d.templates_for(task) for d in detectors})
+    full = {d.name: d.templates_for(task) for d in detectors}
+    templates = chunk_templates(full)
     on_text = isinstance(task, TextWindows)
     extras = {d.name: ([], None) if on_text else d.extra_scores(model, task) for d in detectors}
 
@@ -329,7 +330,7 @@ def score_together(
     names = pattern_hooks(model) + sorted({hook for hooks, _ in extras.values() for hook in hooks})
     desc = "+".join(d.name for d in detectors)
     per_example = run_batched(model, task_batch(task), reduce, names, batch_size, progress, desc=desc, logits="last")
-    means = {name: values.mean(dim=0) for name, values in per_example.items()}
+    means = {name: mean_over_rows(values, full[name.split(".")[0]][1], name) for name, values in per_example.items()}
     results = {}
     for detector in detectors:
         own = {detector.score_name: means[detector.name]}
@@ -350,9 +351,28 @@ def score_together(
     return results
 
 
+def mean_over_rows(values: Float[Tensor, "batch n_layers n_heads"], queries: Tensor,
+                   name: str) -> Float[Tensor, "n_layers n_heads"]:
+    """The score over sequences: the plain mean of per-row scores when every row has the same
+    queries (``queries`` ``[q]``, random tokens), else (text, ``[batch, q]``) the mean weighted by
+    each row's number of queries, i.e. over all queries pooled — a window without a repeat adds
+    nothing rather than a zero.
+
+    Raises:
+        DataError: no window of the text has a query for this template (no token repeats).
+    """
+    if queries.ndim == 1:
+        return values.mean(dim=0)
+    counts = queries.sum(dim=-1).to(values.dtype).to(values.device)
+    if float(counts.sum()) == 0:
+        raise DataError(f"No window of the text data has a position that {name} can score (no token occurs twice "
+                        f"in a window): give longer text, or a larger text_length.")
+    return (values * counts[:, None, None]).sum(dim=0) / counts.sum()
+
+
 def text_metadata(task: TextWindows, config: RepeatedTokensConfig) -> dict[str, Any]:
     """What a score on the user's text was computed from."""
-    return {"data": str(config.data), "data_text_tokens": task.n_text_tokens,
+    return {"data": str(config.data), "data_text_tokens": task.n_text_tokens, "data_short_windows_left_out": task.n_dropped,
             "data_queries": "positions whose token occurred earlier in the window (previous-token: every position)",
             "copying": "not measured on text data (it reads the repeated-token task's blocks)"}
 
@@ -390,14 +410,14 @@ def template_null(
         task = scoring_task(model, config)
         n_layers = model_shape(model).n_layers
         measured = {d.name: d.templates_for(task) for d in [*_registered_templates(), detector] if d.name not in cached}
-        templates = chunk_templates(measured)
+        templates = chunk_templates(measured)  # text: each window's own template on its random-token twin
 
         def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
             return {name: template_scores(cache, n_layers, t, q, chunk) for name, (t, q) in templates(chunk).items()}
 
         per_example = run_batched(model, null_tokens(model, task, config), reduce, pattern_hooks(model), batch_size,
                                   progress, desc="template null", logits="last")  # {name: [batch, L, H]}
-        cached.update({name: values.mean(dim=0) for name, values in per_example.items()})
+        cached.update({name: mean_over_rows(values, measured[name][1], name) for name, values in per_example.items()})
     return cached[detector.name]
 
 
@@ -429,7 +449,8 @@ def uniform_share(template: Union[Float[Tensor, "q k"], Float[Tensor, "batch q k
     (query ``i`` spreads ``1 / (i + 1)`` over keys ``0..i``), averaged over the template's queries
     (per row, then over rows, as the scores are): what a head that ignores tokens and position
     would score."""
-    if template.ndim == 3:
-        return float(torch.tensor([uniform_share(t, q) for t, q in zip(template, queries) if q.any()]).mean())
+    if template.ndim == 3:  # per window: pooled over every window's queries, as the scores are
+        per_query = template.sum(dim=-1) / (torch.arange(template.shape[1]) + 1)  # [batch, q]
+        return float(per_query[queries].mean())
     positions = torch.nonzero(queries).flatten()
     return float((template[positions].sum(dim=-1) / (positions + 1)).mean())

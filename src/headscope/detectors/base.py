@@ -18,8 +18,8 @@ construction (``get_detector("induction", block_len=50)``) and recorded in the r
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,8 +36,9 @@ from headscope.detectors.settings import (  # noqa: F401  (setting is imported f
     changed_settings,
     check_settings,
     setting,
+    suggest,
 )
-from headscope.errors import EmptyResultError, SettingError, UnknownDetectorError
+from headscope.errors import DataError, EmptyResultError, SettingError, UnknownDetectorError
 from headscope.models import model_name
 from headscope.results import HeadScores
 from headscope.significance import Significance
@@ -84,7 +85,8 @@ class Detector(ABC):
     name: ClassVar[str]
     Config: ClassVar[type] = DetectorConfig
     summary: ClassVar[str] = ""
-    cost: ClassVar[str] = ""  # rough time of one score() on a stated model and machine, for 'headscope detectors'
+    cost: ClassVar[str] = ""
+    renamed_settings: ClassVar[dict[str, str]] = {}  # old setting name -> new, still accepted with a warning  # rough time of one score() on a stated model and machine, for 'headscope detectors'
 
     def __init__(self, config: Optional[Any] = None, **overrides: Any) -> None:
         """``config``: a ``Config`` instance, a dict of settings (e.g. a saved result's config) or
@@ -92,7 +94,7 @@ class Detector(ABC):
         checked against the ``Config`` field's type, choices and range (:func:`check_settings`)
         before any work, raising :class:`~headscope.errors.SettingError`."""
         base, given = self._split_config(config)
-        checked = check_settings(self.name, self.Config, {**given, **overrides})
+        checked = check_settings(self.name, self.Config, self._renamed({**given, **overrides}))
         self.config = dataclasses.replace(base, **checked)
 
     def _split_config(self, config: Any) -> tuple[Any, dict[str, Any]]:
@@ -112,6 +114,16 @@ class Detector(ABC):
                 f"got {type(config).__name__}. Pass e.g. get_detector({self.name!r}, seed=1)."
             )
         return self.Config(), {key: value for key, value in config.items() if key not in RECORD_ONLY_KEYS}
+
+    def _renamed(self, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` with settings of an old name (``renamed_settings``) under their new one, and
+        a ``DeprecationWarning`` saying so: old configs and saved results keep working."""
+        for old, new in self.renamed_settings.items():
+            if old in values:
+                warnings.warn(f"The {self.name} setting {old!r} is now called {new!r}; rename it in your config.",
+                              DeprecationWarning, stacklevel=4)
+                values[new] = values.pop(old)
+        return values
 
     def check_data(self) -> None:
         """Read the user's own data file (the ``data`` setting, when the detector has one) without a
@@ -195,6 +207,25 @@ def check_not_empty(name: str, values: Tensor, reason: Optional[str] = None) -> 
     )
 
 
+def detector_of_scores(scores: HeadScores) -> Detector:
+    """The detector, with the settings, that computed ``scores``; when they were computed on data
+    files (``data_sha256`` in the saved config), each file must still be there and unchanged.
+
+    Raises:
+        DataError: a recorded data file that is missing or whose SHA-256 differs (names the file).
+    """
+    from headscope.tasks.user_data import data_file, file_sha256
+
+    detector = get_detector(scores.detector, config=scores.config)
+    for path, recorded in (scores.config.get("data_sha256") or {}).items():
+        data_file(path, f"{scores.detector} data (recorded in the scores)")
+        if file_sha256(path) != recorded:
+            raise DataError(f"{path} changed since these {scores.detector} scores were computed on it (SHA-256 "
+                            f"{recorded[:12]}... then, {file_sha256(path)[:12]}... now): score it again, or restore "
+                            f"the file.")
+    return detector
+
+
 def plain_config(detector: Detector) -> dict[str, Any]:
     """The detector's config as it reads back from JSON (tuples become lists), with its data
     files' hashes: what saved results are matched against (:meth:`Detector.config_record`)."""
@@ -231,8 +262,7 @@ def get_detector(detector: Union[str, Detector, type[Detector]], config: Any = N
     if isinstance(detector, type) and issubclass(detector, Detector):
         return detector(config, **overrides)
     if detector not in _REGISTRY:
-        close = difflib.get_close_matches(str(detector), list(_REGISTRY), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = suggest(detector, _REGISTRY)
         raise UnknownDetectorError(
             f"Unknown detector {detector!r}.{hint} Known detectors: {', '.join(list_detectors())}. "
             f"Register your own with @headscope.register_detector."

@@ -92,9 +92,9 @@ class MemoryContextConfig(DetectorConfig):
     formats: tuple[str, ...] = setting(("restate",), "prompt formats of each conflict item", choices=FORMATS)
     n_report: int = setting(5, "memory and context heads listed in the metadata", min=1)
     held_out_share: float = setting(0.5, "share of subjects kept out of scoring, for validation (strictly "
-                                    "between 0 and 1)", min=0.0, max=1.0)
+                                    "between 0 and 1)", min=0.0, max=1.0, exclusive=True)
     data: Optional[str] = setting(None, "your own facts, JSON lines of {\"subject\", \"cloze\", \"answer\", "
-                                  "\"counterfactual\"}; replaces relations")
+                                  "\"counterfactual\"}; replaces relations", path=True)
 
 
 @register_detector

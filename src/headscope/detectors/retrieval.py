@@ -107,12 +107,13 @@ class RetrievalConfig(DetectorConfig):
     prefill_chunk: int = setting(DEFAULT_PREFILL_CHUNK, "prompt tokens per prefill forward pass", min=1)
     validation_metric: str = setting("loglik", "held-out metric: teacher-forced log-likelihood, or ROUGE-1 / exact "
                                                "match of the greedy answer", choices=NEEDLE_METRICS)
-    mask_epsilon: float = setting(DEFAULT_UNIFORM_EPSILON, "query scale of the decode-time uniform-attention mask", min=0)
-    checkpoint: Optional[str] = setting(None, "a JSONL file: per-sample results kept, a rerun resumes")
+    mask_epsilon: float = setting(DEFAULT_UNIFORM_EPSILON, "query scale of the decode-time uniform-attention mask",
+                                  min=0, exclusive=True)
+    checkpoint: Optional[str] = setting(None, "a JSONL file: per-sample results kept, a rerun resumes", path=True)
     data: Optional[str] = setting(None, 'your needles, a JSONL file of {"needle", "question", "answer"} lines (the '
-                                        "answer a part of the needle), instead of the shipped ones")
+                                        "answer a part of the needle), instead of the shipped ones", path=True)
     haystack: Optional[str] = setting(None, "your filler, a UTF-8 text file, instead of the shipped essays (never "
-                                            "repeated: it must be long enough for the longest length)")
+                                            "repeated: it must be long enough for the longest length)", path=True)
 
 
 @dataclass

@@ -64,7 +64,7 @@ class SafetyConfig(DetectorConfig):
     n_queries: Optional[int] = setting(32, "harmful requests scored (None: the whole scored part)", min=2)
     split: str = setting("train", "part the queries come from; validation uses the other (with data: every fourth "
                                   "request of the file is test)", choices=refusal.SPLITS)
-    epsilon: float = setting(1e-5, "query scale of the uniform-attention ablation", min=0)
+    epsilon: float = setting(1e-5, "query scale of the uniform-attention ablation", min=0, exclusive=True)
     subspace_rank: int = setting(1, "top left singular vectors compared by dataset-level Ships", min=1)
     sahara_steps: int = setting(0, "greedy Sahara steps run by score() (0: none)", min=0)
     sahara_candidates: Optional[int] = setting(None, "Sahara steps >= 2 search only the best k heads of step 1 "
@@ -75,7 +75,7 @@ class SafetyConfig(DetectorConfig):
     prompt_format: str = setting("chatml", "chatml (no system turn), the tokenizer's template, the bare request, or "
                                            "'## Query: ... ## Answer:'", choices=refusal.PROMPT_FORMATS)
     data: Optional[str] = setting(None, "your harmful requests (.txt one per line, .csv with a goal/input/request "
-                                        "column, or .jsonl) instead of the shipped ones; every fourth is held out")
+                                        "column, or .jsonl) instead of the shipped ones; every fourth is held out", path=True)
 
 
 @dataclass
@@ -103,6 +103,7 @@ class SafetyDetector(Detector):
     Config = SafetyConfig
     summary = "KL of the next-token distribution on harmful requests when a head attends uniformly (Ships)"
     cost = "not measured"
+    renamed_settings = {"requests_file": "data"}
 
     def check_data(self) -> None:
         """Read ``data`` without a model: every line, and enough requests on both sides of the split

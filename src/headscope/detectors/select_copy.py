@@ -109,7 +109,7 @@ class SelectCopyConfig(DetectorConfig):
     key_position: str = setting("line_end", "the end token: its line's (the paper's) or its text's",
                                 choices=KEY_POSITIONS)
     data: Optional[str] = setting(None, 'your questions, a JSONL file of {"question", "options", "answer"} lines '
-                                        '(optional "context"), instead of a shipped set')
+                                        '(optional "context"), instead of a shipped set', path=True)
 
 
 @dataclass

@@ -22,16 +22,19 @@ from typing import Any, Literal, Optional, Union
 from headscope.errors import SettingError
 
 def setting(default: Any, help: str = "", choices: Optional[tuple] = None, min: Optional[float] = None,
-            max: Optional[float] = None) -> Any:
+            max: Optional[float] = None, exclusive: bool = False, path: bool = False) -> Any:
     """A config field with what a user needs to set it: ``help`` (one line), and the allowed
-    ``choices`` or ``min``/``max`` range (inclusive) that are checked before any work starts::
+    ``choices`` or ``min``/``max`` range (inclusive; both bounds excluded with ``exclusive``) that
+    are checked before any work starts. ``path=True``: a file path, given as ``str`` or
+    ``pathlib.Path`` (kept as ``str``), never empty::
 
         @dataclass
         class MyConfig(DetectorConfig):
             n_sequences: int = setting(32, "sequences scored", min=1)
             format: str = setting("plain", "prompt format", choices=("plain", "chat"))
+            data: Optional[str] = setting(None, "your own data file", path=True)
     """
-    metadata = {"help": help, "choices": choices, "min": min, "max": max}
+    metadata = {"help": help, "choices": choices, "min": min, "max": max, "exclusive": exclusive, "path": path}
     if isinstance(default, (list, dict, set)):
         raise TypeError("setting() defaults must be immutable (use a tuple).")
     return dataclasses.field(default=default, metadata=metadata)
@@ -178,10 +181,8 @@ def check_settings(detector: str, config_class: type, values: Mapping[str, Any])
 
 def unknown_settings_message(detector: str, unknown: list[str], known: list[str]) -> str:
     """One sentence for settings a detector does not have, with the closest real name."""
-    close = difflib.get_close_matches(unknown[0], known, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
     return (
-        f"The {detector} detector has no setting {', '.join(unknown)}.{hint} Its settings: "
+        f"The {detector} detector has no setting {', '.join(unknown)}.{suggest(unknown[0], known)} Its settings: "
         f"{', '.join(known)} ('headscope detectors {detector}' describes them)."
     )
 
@@ -190,6 +191,8 @@ def check_setting(detector: str, field: dataclasses.Field, hint: Any, value: Any
     """One setting's value checked against its type hint and its field's choices and range."""
     where = f"The {field.name!r} setting of the {detector} detector"
     default = f"(default {setting_default(field)!r}; 'headscope detectors {detector}' lists every setting)"
+    if field.metadata.get("path"):
+        value = _path_value(where, value)
     try:
         value = conform(value, hint)
     except _Mismatch:
@@ -204,6 +207,29 @@ def check_setting(detector: str, field: dataclasses.Field, hint: Any, value: Any
     return value
 
 
+def _path_value(where: str, value: Any) -> Any:
+    """A path setting's value as ``str`` (a ``Path`` is converted); an empty one is refused, since
+    an unset path (``None``) means the shipped data and ``""`` would silently mean the same."""
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, str) and not value.strip():
+        raise SettingError(f"{where} is an empty path: give the path of your file, or leave it unset (None) for the "
+                           f"shipped data.")
+    return value
+
+
+def closest(word: Any, candidates: Any) -> Optional[str]:
+    """The candidate spelled most like ``word`` (difflib), or None when none is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1)
+    return close[0] if close else None
+
+
+def suggest(word: Any, candidates: Any) -> str:
+    """`` Did you mean 'x'?`` for the candidate closest to ``word``, or ``""``."""
+    match = closest(word, candidates)
+    return f" Did you mean {match!r}?" if match else ""
+
+
 def _has_non_finite(value: Any) -> bool:
     """Whether ``value`` is, or holds, a NaN or infinite float."""
     items = value if isinstance(value, (tuple, list)) else (value,)
@@ -215,25 +241,30 @@ def _bounds_problem(value: Any, metadata: Mapping[str, Any]) -> Optional[str]:
     ``choices``/``min``/``max``; None when it keeps them (or the field declares none)."""
     items = value if isinstance(value, (tuple, list)) else (value,)
     choices, low, high = metadata.get("choices"), metadata.get("min"), metadata.get("max")
+    exclusive = bool(metadata.get("exclusive"))
     for item in items:
         if item is None:
             continue
         if choices is not None and item not in choices:
-            close = difflib.get_close_matches(str(item), [str(c) for c in choices], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            return f"one of {', '.join(repr(c) for c in choices)}{hint}"
+            match = closest(item, choices)
+            return f"one of {', '.join(repr(c) for c in choices)}" + (f" (did you mean {match!r}?)" if match else "")
         if not isinstance(item, (int, float)) or isinstance(item, bool):
             continue
-        if (low is not None and item < low) or (high is not None and item > high):
-            return range_text(low, high)
+        below = low is not None and (item <= low if exclusive else item < low)
+        above = high is not None and (item >= high if exclusive else item > high)
+        if below or above:
+            return range_text(low, high, exclusive)
     return None
 
 
-def range_text(low: Optional[float], high: Optional[float]) -> str:
-    """``at least 1``, ``at most 0.5`` or ``between 0 and 1``."""
+def range_text(low: Optional[float], high: Optional[float], exclusive: bool = False) -> str:
+    """``at least 1``, ``at most 0.5``, ``between 0 and 1``; with ``exclusive``: ``above 0``,
+    ``strictly between 0 and 1``."""
     if low is not None and high is not None:
-        return f"between {low} and {high}"
-    return f"at least {low}" if low is not None else f"at most {high}"
+        return f"{'strictly ' if exclusive else ''}between {low} and {high}"
+    if low is not None:
+        return f"{'above' if exclusive else 'at least'} {low}"
+    return f"{'below' if exclusive else 'at most'} {high}"
 
 
 def describe_settings(config_class: type) -> list[dict[str, Any]]:
@@ -248,6 +279,7 @@ def describe_settings(config_class: type) -> list[dict[str, Any]]:
             "name": name, "type": type_name(types_by_name[name]),
             "default": list(default) if isinstance(default, tuple) else default,
             "choices": list(meta["choices"]) if meta.get("choices") is not None else None,
-            "min": meta.get("min"), "max": meta.get("max"), "help": meta.get("help", ""),
+            "min": meta.get("min"), "max": meta.get("max"), "exclusive": bool(meta.get("exclusive")),
+            "help": meta.get("help", ""),
         })
     return rows

@@ -100,7 +100,7 @@ class SuccessorConfig(DetectorConfig):
     context_items: int = setting(3, "items shown before the one whose successor is asked for", min=1)
     separator: str = setting(",", "text between the items of an in-context prompt")
     data: Optional[str] = setting(None, "your own ordered lists: .txt (comma-separated, one list a line) or .jsonl "
-                                  "({\"name\", \"items\", \"wraps\"}); replaces tasks")
+                                  "({\"name\", \"items\", \"wraps\"}); replaces tasks", path=True)
 
 
 @dataclass

@@ -58,7 +58,7 @@ class TextWindows:
     attention_mask: Int[Tensor, "batch pos"]
     has_bos: bool
     n_text_tokens: int  # text tokens in all windows (BOS not counted)
-    n_dropped: int = 0  # windows of fewer than two tokens, left out
+    n_dropped: int = 0  # windows of fewer than two tokens, left out of the whole text (kept by ``rows``)
 
     @property
     def offset(self) -> int:
@@ -78,7 +78,7 @@ class TextWindows:
         mask = self.attention_mask[index]
         width = int(mask.sum(dim=1).max()) if index else 0
         n_text = int(mask.sum()) - (len(index) if self.has_bos else 0)
-        return TextWindows(self.tokens[index, :width], mask[:, :width], self.has_bos, n_text)
+        return TextWindows(self.tokens[index, :width], mask[:, :width], self.has_bos, n_text, self.n_dropped)
 
 
 def text_windows(tokenizer: Any, documents: Sequence[str], length: int, bos_token_id: Optional[int],
