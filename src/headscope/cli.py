@@ -41,6 +41,7 @@ from headscope.errors import (
     SettingError,
     UnknownDetectorError,
 )
+from headscope.files import atomic_write_text
 from headscope.models import DEFAULT_MODEL, check_model_path, load_model, resolve_device
 from headscope.results import HeadScores
 from headscope.tasks.user_data import data_file
@@ -322,8 +323,7 @@ def run_validate(args: argparse.Namespace) -> int:
     )
     print(result)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result.to_dict(), indent=1))
+        atomic_write_text(args.out, json.dumps(result.to_dict(), indent=1))
     return 0
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from headscope.atlas import Atlas
 from headscope.engine.heads import Head
 from headscope.errors import InputError
+from headscope.files import atomic_savefig, atomic_write_text
 from headscope.results import ranking_agreement
 
 DEPTH_BINS = 6  # relative-depth bins of the depth profiles (fewer when a model has fewer layers)
@@ -101,7 +102,7 @@ class AtlasComparison:
     def save(self, path: Union[str, Path]) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
         return path
 
     def to_frame(self):
@@ -141,8 +142,7 @@ class AtlasComparison:
             axes.flat[0].legend(fontsize=7)
         figure.tight_layout()
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            figure.savefig(path, dpi=120)
+            atomic_savefig(figure, path, dpi=120)
             plt.close(figure)
         return figure
 

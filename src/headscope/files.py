@@ -63,3 +63,10 @@ def atomic_torch_save(path: PathLike, state: Any) -> Path:
     import torch
 
     return atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def atomic_savefig(figure: Any, path: PathLike, **options: Any) -> Path:
+    """``figure.savefig(path, **options)`` atomically (see :func:`atomic_write`); the format comes
+    from the file's suffix, as with ``savefig``."""
+    suffix = Path(path).suffix.lstrip(".").lower() or "png"
+    return atomic_write(path, lambda handle: figure.savefig(handle, format=suffix, **options))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import html
+import io
 import json
 import math
 from pathlib import Path
@@ -56,7 +57,7 @@ pre { background: #f7f7f7; padding: 10px; overflow-x: auto; font-size: 0.8em; }
 def write_report(atlas: "Atlas", directory: Path) -> Path:
     """Write ``report.html`` and ``role_map.svg``; returns the report's path."""
     role_svg = role_map_svg(atlas)
-    (directory / "role_map.svg").write_text(role_svg)
+    write_text_atomic(directory / "role_map.svg", role_svg)
     path = directory / "report.html"
     write_text_atomic(path, render_html(atlas, role_svg))
     return path
@@ -378,10 +379,11 @@ def write_csv_files(atlas: "Atlas", directory: Path) -> None:
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 # ----- small helpers -------------------------------------------------------------------------

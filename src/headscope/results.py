@@ -14,7 +14,7 @@ from torch import Tensor
 
 from headscope.engine.heads import Head, HeadScore
 from headscope.errors import ResultFileError, ScoresMismatchError
-from headscope.files import atomic_write_text
+from headscope.files import atomic_savefig, atomic_write_text
 
 FORMAT_VERSION = 1
 
@@ -166,9 +166,8 @@ class HeadScores:
         ax.set_title(title, fontsize=9)
         ax.figure.colorbar(image, ax=ax, fraction=0.08)
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
             ax.figure.tight_layout()
-            ax.figure.savefig(path, dpi=120)
+            atomic_savefig(ax.figure, path, dpi=120)
             if own_figure:
                 plt.close(ax.figure)
         return ax

@@ -67,6 +67,7 @@ from headscope.engine.decoding import (
 )
 from headscope.engine.heads import Head, check_heads
 from headscope.errors import DataError, EmptyResultError, InputError
+from headscope.files import atomic_savefig
 from headscope.interventions import DEFAULT_UNIFORM_EPSILON, ablate_per_row
 from headscope.results import HeadScores
 from headscope.significance import Significance
@@ -507,7 +508,7 @@ def plot_needle_heatmaps(
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     figure.suptitle(title, fontsize=10)
     if path is not None:
-        figure.savefig(path, dpi=110, bbox_inches="tight")
+        atomic_savefig(figure, path, dpi=110, bbox_inches="tight")
     return figure
 
 
