@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -26,10 +27,24 @@ def detect(
 ) -> HeadScores:
     """Score every head of ``model`` with one detector (by name, class or instance).
 
-    ``overrides`` set config fields, e.g. ``detect(model, "induction", block_len=50, n_repeats=2)``.
+    ``overrides`` set config fields, e.g. ``detect(model, "induction", block_len=50, n_repeats=2)``
+    or ``data="book.txt"`` (your own data file); a keyword that the detector's ``score`` takes
+    instead (``items=`` of memory_context, ``samples=`` of retrieval, ``prompts=`` of select_copy:
+    objects you built in Python) goes to ``score``.
     """
     check_head_hooks(model)
-    return get_detector(detector, config, **overrides).score(model, batch_size=batch_size, progress=progress)
+    takes = score_inputs(get_detector(detector))
+    inputs = {key: overrides.pop(key) for key in list(overrides) if key in takes}
+    return get_detector(detector, config, **overrides).score(model, batch_size=batch_size, progress=progress, **inputs)
+
+
+def score_inputs(detector: Detector) -> set[str]:
+    """The keywords of ``detector.score`` beyond the model, batch size and progress: data the
+    caller hands over as Python objects."""
+    skip = {"model", "batch_size", "progress"}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    parameters = inspect.signature(detector.score).parameters.items()
+    return {name for name, parameter in parameters if name not in skip and parameter.kind in kinds}
 
 
 def scan(

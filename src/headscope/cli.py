@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from headscope import __version__
@@ -67,6 +68,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("headscope: interrupted; finished results are saved and a rerun resumes.", file=sys.stderr)
         return 130
+    except (MemoryError, OSError, torch.OutOfMemoryError) as error:  # the machine, not headscope nor the input: say what to change
+        if getattr(args, "debug", False):
+            raise
+        print(f"headscope: error: {environment_problem(error)}", file=sys.stderr)
+        return 1
     except Exception as error:  # a bug, not a user mistake: one line, and --debug for the traceback
         if getattr(args, "debug", False):
             raise
@@ -74,6 +80,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "not a problem with your input: rerun with 'headscope --debug ...' to see the traceback and report it.",
               file=sys.stderr)
         return 1
+
+
+def environment_problem(error: BaseException) -> str:
+    """One line for a failure of the machine (out of memory, a full disk, a file system refusing a
+    write), with what to change; finished results are saved, so a rerun resumes."""
+    resumes = "finished results are saved and a rerun resumes"
+    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
+        return (f"out of memory ({type(error).__name__}): rerun with a smaller --batch-size (e.g. 4) or on a machine "
+                f"with more memory; {resumes}.")
+    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+    return (f"the system refused an operation{where}: {error.strerror or one_line(error)}. Free disk space or fix the "
+            f"folder's permissions; {resumes}.")
 
 
 def one_line(error: BaseException) -> str:

@@ -238,6 +238,22 @@ def test_a_bug_is_one_line_with_exit_1_and_debug_reraises(loads, tmp_path, capsy
         cli.main(["--debug", *argv])
 
 
+@pytest.mark.parametrize("failure, words", [
+    (MemoryError(), ("out of memory", "--batch-size")),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), ("out of memory", "--batch-size")),
+    (OSError(28, "No space left on device", "atlas/parts/x.json"), ("No space left on device", "atlas/parts/x.json",
+                                                                     "Free disk space")),
+])
+def test_a_failure_of_the_machine_is_one_line_saying_what_to_change(monkeypatch, tmp_path, capsys, failure, words):
+    def fail(spec, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(cli, "load_model", fail)
+    code, _, err = run_cli(["scan", "--out", str(tmp_path / "out")], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err and "bug" not in err
+    assert err.startswith("headscope: error: ") and all(word in err for word in words) and "rerun resumes" in err
+
+
 def test_detectors_lists_every_detector_and_its_settings(loads, capsys):
     code, out, _ = run_cli(["detectors"], capsys)
     assert code == 0 and loads == []
