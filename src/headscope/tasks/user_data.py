@@ -36,7 +36,7 @@ def read_text(path: PathLike, what: str = "data") -> str:
     """The whole file as UTF-8 text."""
     path = data_file(path, what)
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel, Notepad) is no data
     except UnicodeDecodeError as error:
         line = path.read_bytes()[: error.start].count(b"\n") + 1
         raise DataError(f"{path}, line {line}: not UTF-8 text ({error.reason}). Save the file as UTF-8.") from None
