@@ -50,7 +50,8 @@ from headscope.validation import validate
 from headscope.versions import package_versions, untested
 
 CONFIG_EXAMPLE = '{"induction": {"block_len": 50}, "retrieval": {"lengths": [300]}}'
-COST_SOURCE = "rough cost of one score() as measured in the README: SmolLM2-135M-Instruct on 2 CPU cores"
+COST_SOURCE = ("rough cost: the stages of 'headscope atlas' on SmolLM2-135M-Instruct, 2 CPU cores, no GPU, "
+               "default settings (fresh clone, 2026-12-01); scale with the model's size and the settings")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

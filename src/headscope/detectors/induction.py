@@ -68,7 +68,7 @@ class InductionDetector(AttentionTemplateDetector):
     Config = InductionConfig
     score_name = "prefix_matching"
     summary = "attention from a repeated token to the token after its earlier copies (Olsson et al. 2022)"
-    cost = "not measured"
+    cost = "score 8 s (with previous_token and duplicate_token), random-token null 4 s, validation 51 s"
 
     def template(self, task: RepeatedTokens) -> tuple[Tensor, Tensor]:
         return repeat_template(task, shift=1)

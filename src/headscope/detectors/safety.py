@@ -102,7 +102,7 @@ class SafetyDetector(Detector):
     name = "safety"
     Config = SafetyConfig
     summary = "KL of the next-token distribution on harmful requests when a head attends uniformly (Ships)"
-    cost = "not measured"
+    cost = "score 84 s, significance (harmless control) 95 s, validation (greedy decodes) 97 s"
     renamed_settings = {"requests_file": "data"}
 
     def check_data(self) -> None:

@@ -338,7 +338,7 @@ class SelectCopyDetector(Detector):
     name = "select_copy"
     Config = SelectCopyConfig
     summary = "accuracy of each head's QK-score / attention to the correct option (Tulchinskii et al. 2024)"
-    cost = "~10 min as an atlas stage with the 1300-question default (SmolLM2-135M, 2 CPU cores)"
+    cost = "score 369 s (free-form knowledge check of 1300 questions, then the ~335 known), validation 133 s"
 
     def check_data(self) -> None:
         """Read your questions file (``data``, or a path in ``questions``) without a model: every
