@@ -237,9 +237,11 @@ def _scanned_heads(model: Any, heads: Optional[Sequence[Any]]) -> list[Head]:
 
 def _check_method(method: str, factor: Optional[float]) -> None:
     if method not in SCAN_METHODS:
-        raise ValueError(f"Unknown ablation method {method!r}; choose one of {', '.join(SCAN_METHODS)}.")
+        raise ArgumentError(f"Unknown ablation method {method!r}; choose one of {', '.join(SCAN_METHODS)}.")
     if method == "scale" and factor is None:
         raise ArgumentError("method='scale' needs factor=... (the multiplier of the head's output).")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))):
+        raise ArgumentError(f"The 'factor' parameter of the scan must be a number; got {factor!r}.")
     if factor is not None and not math.isfinite(float(factor)):
         raise ArgumentError(f"The 'factor' parameter of the scan must be a finite number; got {factor!r}.")
     if method == "uniform" and factor is not None and float(factor) <= 0:

@@ -296,3 +296,17 @@ def test_a_resumed_scan_and_atlas_say_what_they_reused_and_from_where(atlas_mode
     again = small_atlas(atlas_model, out, progress=None)
     assert again.timings["previous_token"]["resumed"]
     assert f"atlas: previous_token: resumed scores, significance from {out / 'parts'}" in capsys.readouterr().err
+
+
+def test_settings_that_only_fail_together_are_refused_at_construction():
+    """Sahara's step 2 onwards add one new candidate each: fewer candidates than steps would end,
+    after the whole first scan, in an empty head list."""
+    with pytest.raises(hs.SettingError, match="sahara_candidates=1 leaves nothing to add at step 2"):
+        hs.get_detector("safety", sahara_steps=3, sahara_candidates=1)
+    assert hs.get_detector("safety", sahara_steps=3, sahara_candidates=3).config.sahara_candidates == 3
+
+
+@pytest.mark.parametrize("factor", ["2", True, [2.0]])
+def test_a_scan_factor_that_is_no_number_is_named(tiny, factor):
+    with pytest.raises(hs.ArgumentError, match="'factor' parameter of the scan must be a number"):
+        _scan(tiny, method="scale", factor=factor)

@@ -48,7 +48,7 @@ from torch import Tensor
 from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector, setting
 from headscope.engine.generation import generate
 from headscope.engine.heads import Head, all_heads, model_shape
-from headscope.errors import DataError, InputError
+from headscope.errors import DataError, InputError, SettingError
 from headscope.interventions import scale_query
 from headscope.results import HeadScores
 from headscope.significance import DEFAULT_ALPHA, Significance, bonferroni_t, satterthwaite_df
@@ -76,6 +76,14 @@ class SafetyConfig(DetectorConfig):
                                            "'## Query: ... ## Answer:'", choices=refusal.PROMPT_FORMATS)
     data: Optional[str] = setting(None, "your harmful requests (.txt one per line, .csv with a goal/input/request "
                                         "column, or .jsonl) instead of the shipped ones; every fourth is held out", path=True)
+
+    def __post_init__(self) -> None:
+        """Settings that only fail together: each Sahara step after the first adds one head not yet
+        chosen from the candidates, so there must be as many candidates as steps."""
+        if self.sahara_candidates is not None and 2 <= self.sahara_steps and self.sahara_candidates < self.sahara_steps:
+            raise SettingError(f"safety: sahara_candidates={self.sahara_candidates} leaves nothing to add at step "
+                               f"{self.sahara_candidates + 1} of sahara_steps={self.sahara_steps}: give at least as "
+                               f"many candidates as steps, or None (all heads).")
 
 
 @dataclass
