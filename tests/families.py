@@ -74,11 +74,15 @@ def byte_tokenizer() -> Any:
 
 
 def _saved_and_reloaded(tokenizer: Any) -> Any:
-    """TransformerLens 4.3 needs a tokenizer that knows its ``name_or_path``: one read from a folder."""
+    """TransformerLens 4.3 needs a tokenizer that knows its ``name_or_path``: one read from a folder
+    (kept while the test process runs, which may read it again, and removed when it exits)."""
+    import atexit
+    import shutil
     import tempfile
 
     from transformers import AutoTokenizer
 
     folder = tempfile.mkdtemp(prefix="headscope-byte-tokenizer-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     tokenizer.save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
