@@ -449,8 +449,5 @@ def uniform_share(template: Union[Float[Tensor, "q k"], Float[Tensor, "batch q k
     (query ``i`` spreads ``1 / (i + 1)`` over keys ``0..i``), averaged over the template's queries
     (per row, then over rows, as the scores are): what a head that ignores tokens and position
     would score."""
-    if template.ndim == 3:  # per window: pooled over every window's queries, as the scores are
-        per_query = template.sum(dim=-1) / (torch.arange(template.shape[1]) + 1)  # [batch, q]
-        return float(per_query[queries].mean())
-    positions = torch.nonzero(queries).flatten()
-    return float((template[positions].sum(dim=-1) / (positions + 1)).mean())
+    per_query = template.sum(dim=-1) / (torch.arange(template.shape[-2]) + 1)  # [q] or [batch, q]
+    return float(per_query[queries].mean())  # per window: pooled over every window's queries, as the scores are
