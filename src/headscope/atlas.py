@@ -476,13 +476,15 @@ class _Builder:
 
 def code_fingerprint(detector: Detector, stage: str) -> str:
     """A short hash of the source files that compute ``stage`` for ``detector``: the modules of
-    its class and base classes, plus ``significance.py`` or ``validation.py`` for those stages.
-    A saved part made by other code (a new significance rule, a fixed bug) is recomputed."""
+    its class and base classes, plus ``significance.py`` or ``validation.py`` and ``stats.py`` for
+    those stages. A saved part made by other code (a new significance rule, a fixed bug) is recomputed."""
     import headscope.significance
+    import headscope.stats
     import headscope.validation
 
     sources = [cls for cls in type(detector).__mro__ if cls.__module__.startswith("headscope.") or cls is type(detector)]
-    sources += [{"significance": headscope.significance, "validation": headscope.validation}.get(stage)]
+    sources += {"significance": [headscope.significance, headscope.stats],
+                "validation": [headscope.validation, headscope.stats]}.get(stage, [])
     digest = hashlib.sha256()
     for path in sorted({_source_file(source) for source in sources if source is not None} - {None}):
         digest.update(Path(path).read_bytes())

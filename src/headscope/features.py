@@ -31,8 +31,8 @@ from torch import Tensor
 from headscope.detectors.successor import effective_embeddings, head_ov_logits, task_unembed
 from headscope.engine.heads import check_head
 from headscope.interventions import swap_feature
+from headscope.stats import cluster_bootstrap_ci
 from headscope.tasks.succession import make_task
-from headscope.validation import cluster_bootstrap_ci
 
 NUMERIC_FAMILIES = {
     "numbers": ("bare",),  # SmolLM2: only the bare digits 1-9 are single tokens

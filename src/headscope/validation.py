@@ -4,7 +4,7 @@
 on repeated tokens) per example for the clean model, with the top-k heads ablated, and with
 each of ``n_random`` draws of k other heads ablated. The reported difference is
 ``(top-k - clean) - mean over draws (random-k - clean)``, averaged over examples, with a 95%
-interval (:func:`bootstrap_difference_ci`) for the population of random k-sets, not only the
+interval (:func:`headscope.stats.bootstrap_difference_ci`) for the population of random k-sets, not only the
 drawn ones: a t-interval whose variance adds the spread between draws to the example noise, with
 Welch–Satterthwaite degrees of freedom. In a simulation (``tests/unit/test_validation_coverage.py``:
 32 examples, sets that differ more than the noise) it covers 94.3% of the time with 5 draws, 94.8%
@@ -22,13 +22,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.detectors.base import MetricFn, ValidationTask, detector_of_scores
-from headscope.engine.heads import Head, all_heads, model_shape
+from headscope.engine.heads import Head, model_shape
 from headscope.engine.runner import progress_step, run_batched
 from headscope.engine.tokens import as_token_batch
-from headscope.errors import ArgumentError, EmptyResultError, InputError
+from headscope.errors import ArgumentError, EmptyResultError
 from headscope.interventions import ablate, head_output_means
 from headscope.results import HeadScores, check_scores_model
-from headscope.significance import satterthwaite_df, student_t_quantile
+from headscope.stats import bootstrap_difference_ci, random_head_sets
 
 
 @dataclass
@@ -240,124 +240,3 @@ def _tokens_key(data: Any) -> str:
     digest = hashlib.sha1(data.tokens.cpu().numpy().tobytes())
     digest.update(data.attention_mask.cpu().numpy().tobytes())
     return f"{tuple(data.tokens.shape)}:{digest.hexdigest()}"
-
-
-def random_head_sets(model: Any, exclude: list[Head], k: int, n_draws: int, seed: int) -> list[list[Head]]:
-    """``n_draws`` sets of ``k`` distinct heads, none of them in ``exclude``."""
-    pool = [head for head in all_heads(model) if head not in set(exclude)]
-    if len(pool) < k:
-        raise ArgumentError(f"Only {len(pool)} heads remain outside the {len(exclude)} excluded ones; cannot draw "
-                            f"random sets of k={k}: pass a smaller k.")
-    generator = torch.Generator().manual_seed(seed)
-    return [[pool[i] for i in torch.randperm(len(pool), generator=generator)[:k].tolist()] for _ in range(n_draws)]
-
-
-def bootstrap_difference_ci(
-    clean: Float[Tensor, " n"],
-    top: Float[Tensor, " n"],
-    random: Float[Tensor, "draws n"],
-    n_bootstrap: int = 2000,
-    seed: int = 0,
-    level: float = 0.95,
-    *,
-    method: str = "t",
-) -> tuple[float, float]:
-    """Interval for ``mean_n[(top - clean) - mean_draws(random - clean)]``, the top-k effect
-    beyond the effect of a random k-set.
-
-    Args:
-        clean, top: the metric per example, clean and with the top-k heads ablated.
-        random: the metric per random draw and example.
-        method: ``"t"`` (default), :func:`difference_t_interval`: the estimand is the expected
-            effect of a *random* k-set, so the interval counts the spread between draws (with
-            ``draws - 1`` degrees of freedom) as well as the examples' noise; needs 2 draws;
-            covers 92% with 3 draws, 94% with 5, 95% with 10-20 in simulation (nominal 95%).
-            ``"percentile"``: the earlier percentile bootstrap resampling examples and draws
-            (``n_bootstrap`` replicates, ``seed``); it undercovers with few draws (77% with 3,
-            87% with 5, 93% with 20).
-
-    Returns:
-        ``(low, high)`` at ``level``.
-    """
-    if method == "t":
-        low, high = difference_t_interval(clean, top, random, level)
-        return float(low), float(high)
-    if method != "percentile":
-        raise InputError(f"The 'method' parameter of bootstrap_difference_ci must be 't' or 'percentile'; got {method!r}.")
-    generator = torch.Generator().manual_seed(seed + 1)
-    n_examples, n_draws = clean.numel(), random.shape[0]
-    examples = torch.randint(n_examples, (n_bootstrap, n_examples), generator=generator)
-    draws = torch.randint(n_draws, (n_bootstrap, n_draws), generator=generator)
-    effect_top = (top - clean)[examples].mean(dim=1)  # [boot]
-    effect_random = random - clean[None]  # [draws, n]
-    # For each bootstrap replicate: mean over resampled draws and examples.
-    per_draw = effect_random[:, examples]  # [draws, boot, n]
-    per_draw = per_draw.mean(dim=2).T  # [boot, draws]
-    random_mean = per_draw.gather(1, draws).mean(dim=1)
-    differences = effect_top - random_mean
-    tail = (1 - level) / 2
-    return float(torch.quantile(differences, tail)), float(torch.quantile(differences, 1 - tail))
-
-
-def difference_t_interval(
-    clean: Float[Tensor, "*batch n"],
-    top: Float[Tensor, "*batch n"],
-    random: Float[Tensor, "*batch draws n"],
-    level: float = 0.95,
-) -> tuple[Float[Tensor, " *batch"], Float[Tensor, " *batch"]]:
-    """t-interval of the top-k effect beyond a random k-set's, for the population of random sets.
-
-    With ``r[d, i] = random[d, i] - clean[i]`` (draw ``d``'s effect on example ``i``),
-    ``y[i] = (top[i] - clean[i]) - mean_d r[d, i]`` and ``R[d] = mean_i r[d, i]``::
-
-        difference = mean_i y[i]
-        variance   = var_i(y) / n  +  var_d(R) / draws      (examples' noise + spread between draws)
-        df         = Welch–Satterthwaite of the two, with n - 1 and draws - 1 degrees of freedom
-        interval   = difference ± t_{df}((1 + level) / 2) · sqrt(variance)
-
-    ``var_d(R)`` also holds the examples' noise of each draw's mean, which ``var_i(y)`` counts
-    already: a small overstatement, kept because the exact split undercovers with few draws.
-    Vectorised over leading ``batch`` dimensions (the coverage simulation computes thousands).
-    """
-    n, draws = clean.shape[-1], random.shape[-2]
-    if draws < 2 or n < 2:
-        raise InputError(f"The t-interval needs at least 2 random draws and 2 examples; got {draws} draws and {n} "
-                         "examples. Draw more random sets (n_random), or pass method='percentile'.")
-    effect_random = random.double() - clean.double()[..., None, :]  # [*batch, draws, n]
-    per_example = (top.double() - clean.double()) - effect_random.mean(dim=-2)  # [*batch, n]
-    difference = per_example.mean(dim=-1)
-    examples_part = per_example.var(dim=-1) / n
-    draws_part = effect_random.mean(dim=-1).var(dim=-1) / draws
-    df = satterthwaite_df([examples_part, draws_part], [n - 1, draws - 1])
-    half = student_t_quantile(torch.full_like(df, (1 + level) / 2), df) * (examples_part + draws_part).sqrt()
-    return difference - half, difference + half
-
-
-def cluster_bootstrap_ci(
-    values: Float[Tensor, " n"],
-    clusters: Tensor,
-    n_bootstrap: int = 2000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> tuple[float, float]:
-    """Percentile bootstrap CI of ``mean(values)`` that resamples whole clusters (e.g. every edit
-    of one token) with replacement, so values that share a cluster are not counted as independent.
-
-    Each replicate draws as many clusters as there are and takes ``sum of their values / number of
-    their values`` (clusters may differ in size). With one value per cluster it is the ordinary
-    bootstrap of the mean. Returns ``(nan, nan)`` without values.
-
-    Args:
-        values: one number per unit, e.g. success minus control per edit.
-        clusters: ``[n]`` labels (any integers); units with the same label are resampled together.
-    """
-    if values.numel() == 0:
-        return float("nan"), float("nan")
-    labels, members = torch.unique(torch.as_tensor(clusters), return_inverse=True)
-    sums = torch.zeros(len(labels), dtype=torch.float64).index_add_(0, members, values.double())
-    counts = torch.bincount(members, minlength=len(labels)).double()
-    generator = torch.Generator().manual_seed(seed + 1)
-    drawn = torch.randint(len(labels), (n_bootstrap, len(labels)), generator=generator)
-    means = sums[drawn].sum(dim=1) / counts[drawn].sum(dim=1)
-    tail = (1 - level) / 2
-    return float(torch.quantile(means, tail)), float(torch.quantile(means, 1 - tail))

@@ -25,7 +25,7 @@ from headscope.engine.decoding import Prefix, greedy_decode
 from headscope.engine.memory import peak_memory
 from headscope.detectors.retrieval import answer_needle, stop_token_ids
 from headscope.tasks.haystack import make_haystack, shipped_needles
-from headscope.validation import bootstrap_difference_ci, random_head_sets
+from headscope.stats import bootstrap_difference_ci, random_head_sets
 
 pytestmark = pytest.mark.repro
 HELD_OUT = 9  # the default grid uses needles 0-8; the causal checks use 9-17

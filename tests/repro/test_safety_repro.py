@@ -21,8 +21,8 @@ import torch
 import headscope as hs
 from headscope.detectors.safety import attack_success
 from headscope.organisms import check_organism_file, head_delta_norms
+from headscope.stats import bootstrap_difference_ci, random_head_sets
 from headscope.tasks import refusal
-from headscope.validation import bootstrap_difference_ci, random_head_sets
 
 pytestmark = pytest.mark.repro
 

@@ -39,6 +39,7 @@ import torch
 
 from headscope.detectors import select_copy as sc
 from headscope.engine.heads import Head
+from headscope.stats import paired_bootstrap_ci
 from headscope.tasks import multiple_choice as mc
 
 pytestmark = pytest.mark.repro
@@ -100,7 +101,7 @@ def test_letter_logits_sit_at_chance_naming_mostly_one_letter(easy_set, default_
     for name, study, share in (("easy", easy_set, 0.7), ("default", default_set, 0.6)):
         readout, test = study["readouts"]["chat"], list(study["test"])
         letters = readout.letter_correct()[test]
-        low, high = sc.paired_bootstrap_ci(letters - CHANCE)
+        low, high = paired_bootstrap_ci(letters - CHANCE)
         choices = torch.bincount(readout.letter_choices(), minlength=4)
         print(f"{name}: letters held-out {letters.mean():.2f}, CI vs chance [{low:+.2f}, {high:+.2f}]; letters named {choices.tolist()}")
         assert low < 0.05 and choices.max() > share * len(readout)
@@ -219,7 +220,7 @@ def test_no_head_writes_the_correct_letter_where_the_letters_fail(easy_set):
     index = int(dev_mean.flatten().argmax())
     layer, head = divmod(index, dev_mean.shape[1])
     held_out = readout.correct_letter[test, layer, head]
-    low, high = sc.paired_bootstrap_ci(held_out)
+    low, high = paired_bootstrap_ci(held_out)
     spread = readout.letter_logits[test].std(dim=1).mean().item()
     print(f"best correct-letter head L{layer}H{head}: dev {dev_mean[layer, head]:.3f}, held-out {held_out.mean():.3f} "
           f"[{low:+.3f}, {high:+.3f}] logits; letters' spread {spread:.2f}")

@@ -14,7 +14,8 @@ from headscope.compare import depth_profile
 from headscope.errors import InputError
 
 atlas_module = importlib.import_module("headscope.atlas")  # hs.atlas is the function
-from headscope.significance import Significance, binomial_critical_accuracy, bonferroni_z
+from headscope.significance import Significance
+from headscope.stats import binomial_critical_accuracy, bonferroni_z
 from tests.conftest import tiny_llama_folder, tiny_model
 
 TEMPLATES = ["induction", "previous_token", "duplicate_token"]

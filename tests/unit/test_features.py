@@ -38,7 +38,7 @@ def test_mod10_edits_report_rates_and_a_paired_interval(tiny_llama):
 def test_the_edit_interval_resamples_tokens_not_edits():
     """Nine edits of one token share its embedding: the interval resamples tokens."""
     from headscope.features import _paired_bootstrap_ci
-    from headscope.validation import cluster_bootstrap_ci
+    from headscope.stats import cluster_bootstrap_ci
 
     outcomes = [(token % 2 == 0, False, token) for token in range(6) for _ in range(9)]  # all or nothing per token
     differences = torch.tensor([float(a) - float(b) for a, b, _ in outcomes])

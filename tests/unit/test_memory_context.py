@@ -57,7 +57,7 @@ def test_a_last_layer_heads_attribution_equals_removing_it_with_the_norm_scale_f
 def test_significance_takes_the_student_t_critical_value_at_n_items_minus_one_df():
     """A head at t = 3.0 over 20 items: above the normal Bonferroni value for 8 heads (2.73) but
     below Student t's at 19 df (3.07), so it is not significant."""
-    from headscope.significance import bonferroni_t, bonferroni_z
+    from headscope.stats import bonferroni_t, bonferroni_z
 
     values = torch.zeros(2, 4)
     values[1, 2], values[0, 1] = 3.0, -4.0

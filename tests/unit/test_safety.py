@@ -226,7 +226,7 @@ def test_significance_is_a_welch_t_test_against_the_t_critical_value(monkeypatch
     import types
 
     import headscope.detectors.safety as safety
-    from headscope.significance import bonferroni_t, bonferroni_z
+    from headscope.stats import bonferroni_t, bonferroni_z
 
     n = 8
     harmful = torch.tensor([[0.30, 0.32, 0.90, 0.10], [0.20, 0.80, 0.40, float("nan")]])

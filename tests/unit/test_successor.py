@@ -65,7 +65,7 @@ def clustered_edits(reps: int, tokens: int = 40, edits: int = 9, token_sd: float
 
 
 def test_the_clustered_interval_is_wider_than_the_naive_one_and_covers(one_thread):
-    from headscope.validation import cluster_bootstrap_ci
+    from headscope.stats import cluster_bootstrap_ci
 
     values, token = clustered_edits(200)
     naive_hits = clustered_hits = 0
@@ -79,7 +79,7 @@ def test_the_clustered_interval_is_wider_than_the_naive_one_and_covers(one_threa
 
 
 def test_the_clustered_interval_matches_the_plain_bootstrap_without_clusters():
-    from headscope.validation import cluster_bootstrap_ci
+    from headscope.stats import cluster_bootstrap_ci
 
     values = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0])
     generator = torch.Generator().manual_seed(1)  # the helper's generator: seed + 1

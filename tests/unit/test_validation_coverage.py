@@ -17,14 +17,15 @@ import torch
 
 from headscope.atlas import AtlasSettings
 from headscope.errors import InputError
-from headscope.significance import (
+from headscope.stats import (
     bonferroni_t,
     bonferroni_z,
+    bootstrap_difference_ci,
+    difference_t_interval,
     satterthwaite_df,
     student_t_quantile,
     student_t_sf,
 )
-from headscope.validation import bootstrap_difference_ci, difference_t_interval
 
 N_EXAMPLES = 32
 TRUTH = 1.0

@@ -70,7 +70,8 @@ from headscope.engine.unembed import (
 )
 from headscope.errors import DataError, EmptyResultError, InputError
 from headscope.results import HeadScores, ranking_agreement  # noqa: F401  (ranking_agreement re-exported)
-from headscope.significance import DEFAULT_ALPHA, Significance, bonferroni_t
+from headscope.significance import Significance
+from headscope.stats import DEFAULT_ALPHA, bonferroni_t
 from headscope.tasks.conflicts import (
     FORMATS,
     RELATIONS,
@@ -411,7 +412,7 @@ def steer(
     scale of their values that best moves dev items towards ``steer_to`` (or use ``scale``), then
     measure held-out ``test`` items: clean, steered, and the same scale on ``n_random`` random sets
     of ``k`` heads, with a bootstrap CI of the steered-minus-random change."""
-    from headscope.validation import bootstrap_difference_ci, random_head_sets
+    from headscope.stats import bootstrap_difference_ci, random_head_sets
 
     if steer_to not in ("context", "memory"):
         raise ValueError(f"steer_to must be 'context' or 'memory', got {steer_to!r}.")
@@ -441,7 +442,7 @@ def transfer_table(
     top-``k`` memory heads; for each target, the share of items preferring the context answer,
     clean and with those heads' values (or outputs) x ``scale``, beside the mean change from
     ``n_random`` random sets of ``k`` heads."""
-    from headscope.validation import random_head_sets
+    from headscope.stats import random_head_sets
 
     def rate(items: list[ConflictItem], heads: Optional[list] = None) -> float:
         return float(prefers_context(model, items, heads, scale, kind).mean())

@@ -51,7 +51,8 @@ from headscope.engine.heads import Head, all_heads, model_shape
 from headscope.errors import DataError, InputError, SettingError
 from headscope.interventions import scale_query
 from headscope.results import HeadScores
-from headscope.significance import DEFAULT_ALPHA, Significance, bonferroni_t, satterthwaite_df
+from headscope.significance import Significance
+from headscope.stats import DEFAULT_ALPHA, bonferroni_t, satterthwaite_df
 from headscope.scans import ReadoutScan, readout_scan
 from headscope.tasks import refusal
 

@@ -72,7 +72,8 @@ from headscope.engine.unembed import (
 from headscope.errors import DataError, InputError, SettingError
 from headscope.models import weights_fingerprint
 from headscope.results import HeadScores
-from headscope.significance import DEFAULT_ALPHA, Significance, binomial_critical_accuracy
+from headscope.significance import Significance
+from headscope.stats import DEFAULT_ALPHA, binomial_critical_accuracy, paired_bootstrap_ci, paired_permutation_p
 from headscope.tasks import multiple_choice as mc
 
 SCORES = ("qk", "attention")
@@ -525,26 +526,6 @@ def compare(
             random_head_accuracy=float(correct[test_rows].mean()), n_test=len(test_rows),
         ))
     return results
-
-
-def paired_bootstrap_ci(differences: Float[Tensor, " n"], n_bootstrap: int = 2000, seed: int = 0,
-                        level: float = 0.95) -> tuple[float, float]:
-    """Percentile CI of the mean of paired per-question differences."""
-    generator = torch.Generator().manual_seed(seed)
-    samples = torch.randint(len(differences), (n_bootstrap, len(differences)), generator=generator)
-    means = differences.float()[samples].mean(dim=1)
-    tail = (1 - level) / 2
-    return float(torch.quantile(means, tail)), float(torch.quantile(means, 1 - tail))
-
-
-def paired_permutation_p(differences: Float[Tensor, " n"], n_permutations: int = 5000, seed: int = 0) -> float:
-    """Two-sided sign-flip permutation test of mean(differences) = 0 (swapping the two methods'
-    results within each question)."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    signs = torch.randint(0, 2, (n_permutations, len(differences)), generator=generator).float() * 2 - 1
-    observed = differences.float().mean().abs()
-    permuted = (signs * differences.float()).mean(dim=1).abs()
-    return float(((permuted >= observed - 1e-12).sum() + 1) / (n_permutations + 1))
 
 
 def split_stability(

@@ -67,7 +67,8 @@ from headscope.engine.unembed import (
 )
 from headscope.errors import DataError, InputError
 from headscope.results import HeadScores
-from headscope.significance import DEFAULT_ALPHA, Significance
+from headscope.significance import Significance
+from headscope.stats import DEFAULT_ALPHA, permutation_null_maxima
 from headscope.tasks.succession import (
     FORMS,
     ITEMS,
@@ -321,20 +322,6 @@ def effective_ov_predictions(
         logits = head_ov_logits(model, layer, list(range(shape.n_heads)), embedded, unembed, config.head_input_norm)
         predictions[:, layer] = logits[:, sources].argmax(dim=-1).T.cpu()
     return predictions, targets
-
-
-def permutation_null_maxima(
-    predictions: list[tuple[Tensor, Tensor]], n_items: list[int], n_permutations: int = 200, seed: int = 0
-) -> Float[Tensor, " permutations"]:
-    """The best pooled accuracy any head reaches when each task's successor map is replaced by a
-    random permutation of its tokens (targets ``t -> sigma(t)``), once per permutation."""
-    generator = torch.Generator().manual_seed(seed)
-    maxima = []
-    for _ in range(n_permutations):
-        hits = [pred == torch.randperm(n, generator=generator)[targets][:, None, None]
-                for (pred, targets), n in zip(predictions, n_items, strict=True)]
-        maxima.append(torch.cat(hits).float().mean(dim=0).max())
-    return torch.stack(maxima)
 
 
 def contextual_success(
