@@ -73,7 +73,8 @@ def test_effective_ov_conventions_that_go_through_mlp0_rank_the_causal_head_firs
     """Which convention matches behaviour: with MLP0 in the effective embedding (with or without
     the residual, with or without the RMSNorms) the top head is L23H3, the head whose ablation
     breaks succession (previous tests); on raw embeddings it is not. The norms widen its margin."""
-    from headscope.detectors.successor import SuccessorConfig, ov_scores
+    from headscope.detectors.successor import SuccessorConfig
+    from headscope.studies.successor import ov_scores
 
     tops = {}
     for embedding, norms in (("mlp0_residual", True), ("mlp0", True), ("mlp0", False), ("raw", True)):
