@@ -17,7 +17,7 @@ France is") for facts the model knows (capitals and languages, plain restatement
 import pytest
 
 import headscope as hs
-from headscope.detectors.memory_context import split_items, steer, sweep
+from headscope.studies.memory_context import split_items, steer, sweep
 
 pytestmark = pytest.mark.repro
 
@@ -71,7 +71,7 @@ def test_memory_heads_transfer_across_relations_and_formats(smollm):
     on others. Checked: every source (relation x format) finds the same top memory head, and
     pruning it (values x 0) raises the context-preferred rate on every target more than pruning
     random heads does."""
-    from headscope.detectors.memory_context import transfer_table
+    from headscope.studies.memory_context import transfer_table
     from headscope.tasks.conflicts import conflict_items, known_facts
 
     facts = {relation: known_facts(smollm, relation) for relation in ("capital", "language")}

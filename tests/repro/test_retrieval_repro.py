@@ -20,10 +20,11 @@ import pytest
 import torch
 
 import headscope as hs
-from headscope.detectors.retrieval import RetrievalDetector, copy_scores, measure_needles, plot_needle_heatmaps
+from headscope.detectors.retrieval import RetrievalDetector, copy_scores, measure_needles
 from headscope.engine.decoding import Prefix, greedy_decode
 from headscope.engine.memory import peak_memory
 from headscope.detectors.retrieval import answer_needle, stop_token_ids
+from headscope.studies.retrieval import plot_needle_heatmaps
 from headscope.tasks.haystack import make_haystack, shipped_needles
 from headscope.stats import bootstrap_difference_ci, random_head_sets
 

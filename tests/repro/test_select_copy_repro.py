@@ -40,6 +40,7 @@ import torch
 from headscope.detectors import select_copy as sc
 from headscope.engine.heads import Head
 from headscope.stats import paired_bootstrap_ci
+from headscope.studies.select_copy import compare, split_stability
 from headscope.tasks import multiple_choice as mc
 
 pytestmark = pytest.mark.repro
@@ -59,7 +60,7 @@ def _study(model, n_questions, distractor_facts):
     readouts, comparisons = {}, {}
     for format in FORMATS:
         readouts[format] = sc.option_readout(model, mc.mc_prompts(scored, format))
-        comparisons[format] = {c.method: c for c in sc.compare(readouts[format], dev, test, methods=sc.METHODS)}
+        comparisons[format] = {c.method: c for c in compare(readouts[format], dev, test, methods=sc.METHODS)}
         for c in comparisons[format].values():
             print(f"distractor_facts={distractor_facts} {format:5s} {c.method:20s} {c.head:6s} dev {c.dev_accuracy:.2f} "
                   f"held-out {c.test_accuracy:.2f} vs letters {c.letter_accuracy:.2f}: {c.difference:+.2f} "
@@ -188,8 +189,8 @@ def test_the_selected_head_is_the_same_on_random_dev_splits_only_at_the_text_end
     over the letters; at the line end the choice moves between a few middle-layer heads."""
     readout = easy_set["readouts"]["chat"]
     letters = easy_set["comparisons"]["chat"]["qk_option_end"].letter_accuracy
-    option_end = sc.split_stability(readout, n_dev=N_DEV, n_splits=20, method="qk_option_end")
-    line_end = sc.split_stability(readout, n_dev=N_DEV, n_splits=20, method="qk_line_end")
+    option_end = split_stability(readout, n_dev=N_DEV, n_splits=20, method="qk_option_end")
+    line_end = split_stability(readout, n_dev=N_DEV, n_splits=20, method="qk_line_end")
     print(option_end, line_end, sep="\n")
     assert option_end["most_chosen_share"] >= 0.8
     assert option_end["test_accuracy_min"] > letters + 0.3

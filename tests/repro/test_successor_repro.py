@@ -37,7 +37,7 @@ def test_numeric_effective_embeddings_carry_value_mod_10_on_held_out_tokens(smol
     tokens by value mod 10 far above chance, also for values 11-20 (where mod 10 is not the value)
     and for whole families held out (features fitted on the other families). Control: the same
     probe on raw token embeddings does markedly worse."""
-    from headscope.features import mod10_probe
+    from headscope.studies.successor import mod10_probe
 
     effective, raw = mod10_probe(smollm), mod10_probe(smollm, embedding="raw")
     for name, r in (("effective", effective), ("raw", raw)):
@@ -57,7 +57,7 @@ def test_swapping_mod10_features_moves_the_successor_heads_output_beyond_a_rando
     second effective-OV head) the edits do no better than the control. What we see is weaker than
     the paper's: ~19% of edits succeed (control ~6%), where unedited numerals reach their own
     successor ~23% of the time through the same head."""
-    from headscope.features import mod10_edits
+    from headscope.studies.successor import mod10_edits
 
     top = hs.detect(smollm, "successor", progress=False).top_heads(1)[0]
     result, other = mod10_edits(smollm, top), mod10_edits(smollm, "L24H7")
@@ -73,7 +73,8 @@ def test_effective_ov_conventions_that_go_through_mlp0_rank_the_causal_head_firs
     """Which convention matches behaviour: with MLP0 in the effective embedding (with or without
     the residual, with or without the RMSNorms) the top head is L23H3, the head whose ablation
     breaks succession (previous tests); on raw embeddings it is not. The norms widen its margin."""
-    from headscope.detectors.successor import SuccessorConfig, ov_scores
+    from headscope.detectors.successor import SuccessorConfig
+    from headscope.studies.successor import ov_scores
 
     tops = {}
     for embedding, norms in (("mlp0_residual", True), ("mlp0", True), ("mlp0", False), ("raw", True)):

@@ -2,7 +2,7 @@
 
 import torch
 
-from headscope.features import mod10_probe, numeric_tokens
+from headscope.studies.successor import mod10_probe, numeric_tokens
 
 
 def test_mod10_probe_runs_and_reports_held_out_accuracy_against_chance(tiny_llama):
@@ -29,7 +29,7 @@ def test_swap_feature_and_edit_do_the_same_arithmetic(tiny_llama):
 
 
 def test_mod10_edits_report_rates_and_a_paired_interval(tiny_llama):
-    from headscope.features import mod10_edits
+    from headscope.studies.successor import mod10_edits
 
     result = mod10_edits(tiny_llama, "L1H0", embedding="raw")
     assert result.head == "L1H0" and result.n_edits >= 0
@@ -37,7 +37,7 @@ def test_mod10_edits_report_rates_and_a_paired_interval(tiny_llama):
 
 def test_the_edit_interval_resamples_tokens_not_edits():
     """Nine edits of one token share its embedding: the interval resamples tokens."""
-    from headscope.features import _paired_bootstrap_ci
+    from headscope.studies.successor import _paired_bootstrap_ci
     from headscope.stats import cluster_bootstrap_ci
 
     outcomes = [(token % 2 == 0, False, token) for token in range(6) for _ in range(9)]  # all or nothing per token

@@ -38,9 +38,9 @@ from headscope.detectors.successor import (
     SuccessorConfig,
     effective_embeddings,
     head_ov_logits,
-    ov_scores,
     task_unembed,
 )
+from headscope.studies.successor import ov_scores
 from headscope.tasks.succession import succession_tasks
 from tests.families import tiny_family_model
 

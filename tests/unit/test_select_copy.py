@@ -11,6 +11,7 @@ from headscope.detectors import select_copy as sc
 from headscope.engine.architecture import head_hook
 from headscope.engine.tokens import encode_with_offsets
 from headscope.errors import InputError, SettingError
+from headscope.studies.select_copy import compare, split_stability
 from headscope.tasks import multiple_choice as mc
 from tests.families import tiny_family_model
 
@@ -232,12 +233,12 @@ def test_compare_gives_a_ci_and_permutation_p_for_a_head_that_beats_the_letters(
     n = 200
     readout = _toy_readout([True] * n, [i % 2 == 0 for i in range(n)])
     assert readout.head_correct("qk_end")[:, 0, 1].mean() == 1 and readout.letter_correct().mean() == 0.5
-    (result,) = sc.compare(readout, range(50), range(50, n), methods=("qk_end",))
+    (result,) = compare(readout, range(50), range(50, n), methods=("qk_end",))
     assert result.head == "L0H1" and result.test_accuracy == 1 and result.difference == pytest.approx(0.5)
     assert 0.4 < result.ci_low < 0.5 < result.ci_high < 0.6 and result.p_value < 0.001
-    same = sc.compare(_toy_readout([True] * 40, [True] * 40), range(10), range(10, 40), methods=("qk_end",))[0]
+    same = compare(_toy_readout([True] * 40, [True] * 40), range(10), range(10, 40), methods=("qk_end",))[0]
     assert same.difference == 0 and same.p_value == 1.0
-    stability = sc.split_stability(readout, n_dev=50, n_splits=5)
+    stability = split_stability(readout, n_dev=50, n_splits=5)
     assert stability["chosen"] == {"L0H1": 5} and stability["test_accuracy_mean"] == 1
 
 

@@ -34,8 +34,9 @@ authors' code reads); the token ending its text, ``"option_end"``; or its letter
 The baseline is the model's own answer: the highest letter logit among the options' letters.
 ``metadata`` holds its dev and held-out accuracy, the knowledge-check rate, and the best head of
 each of the six chosen on dev with its held-out accuracy (``"best_qk_line_end"``,
-``"best_qk_option_end"``, ...: both key positions, whichever ``values`` reads). :func:`compare`
-adds CIs and a paired permutation test; :func:`split_stability` reselects on random dev splits.
+``"best_qk_option_end"``, ...: both key positions, whichever ``values`` reads).
+``headscope.studies.select_copy`` holds the studies on a readout: ``compare`` (CIs and a paired
+permutation test against the letters) and ``split_stability`` (reselection on random dev splits).
 
 Validation metric: the correct letter's logit minus the mean of the wrong letters' logits at the
 last position (what correct-letter heads write; ablating them should lower it).
@@ -44,9 +45,7 @@ last position (what correct-letter heads write; ablating them should lower it).
 from __future__ import annotations
 
 import math
-import random
 import weakref
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -73,7 +72,7 @@ from headscope.errors import DataError, InputError, SettingError
 from headscope.models import weights_fingerprint
 from headscope.results import HeadScores
 from headscope.significance import Significance
-from headscope.stats import DEFAULT_ALPHA, binomial_critical_accuracy, paired_bootstrap_ci, paired_permutation_p
+from headscope.stats import DEFAULT_ALPHA, binomial_critical_accuracy
 from headscope.tasks import multiple_choice as mc
 
 SCORES = ("qk", "attention")
@@ -485,65 +484,3 @@ class CorrectLetterMargin:
         return torch.stack(margins)
 
 
-@dataclass
-class MethodComparison:
-    """Held-out accuracy of a head chosen on dev against the letter logits, on the same questions."""
-
-    method: str
-    head: str
-    dev_accuracy: float
-    test_accuracy: float
-    letter_accuracy: float
-    difference: float  # test_accuracy - letter_accuracy
-    ci_low: float
-    ci_high: float
-    p_value: float  # paired permutation test of the difference
-    random_head_accuracy: float  # mean held-out accuracy over every head (the random-head control)
-    n_test: int
-
-
-def compare(
-    readout: OptionReadout, dev: Sequence[int], test: Sequence[int], methods: Sequence[str] = ("qk_end", "attention_end"),
-    n_bootstrap: int = 2000, n_permutations: int = 5000, seed: int = 0,
-) -> list[MethodComparison]:
-    """For each method (:data:`METHODS`; ``"qk_end"``/``"attention_end"``: at the line end): the
-    head with the best dev accuracy, its held-out accuracy against the letter logits (paired
-    bootstrap CI of the difference, sign-flip permutation p-value) and the mean held-out accuracy
-    of all heads."""
-    dev_rows, test_rows = torch.as_tensor(list(dev)), torch.as_tensor(list(test))
-    letters = readout.letter_correct()[test_rows]
-    results = []
-    for method in methods:
-        correct = readout.head_correct(method)
-        head = _best_head(correct[dev_rows].mean(dim=0))
-        chosen = correct[test_rows, head.layer, head.head]
-        low, high = paired_bootstrap_ci(chosen - letters, n_bootstrap, seed)
-        results.append(MethodComparison(
-            method=method, head=str(head), dev_accuracy=float(correct[dev_rows, head.layer, head.head].mean()),
-            test_accuracy=float(chosen.mean()), letter_accuracy=float(letters.mean()),
-            difference=float((chosen - letters).mean()), ci_low=low, ci_high=high,
-            p_value=paired_permutation_p(chosen - letters, n_permutations, seed),
-            random_head_accuracy=float(correct[test_rows].mean()), n_test=len(test_rows),
-        ))
-    return results
-
-
-def split_stability(
-    readout: OptionReadout, n_dev: int, n_splits: int = 20, method: str = "qk_line_end", seed: int = 0
-) -> dict[str, Any]:
-    """Reselect the best head on ``n_splits`` random dev splits of ``n_dev`` questions: how often
-    each head is chosen and its accuracy on the rest of that split."""
-    correct = readout.head_correct(method)
-    rng = random.Random(seed)
-    chosen: Counter[str] = Counter()
-    held_out = []
-    for _ in range(n_splits):
-        order = list(range(len(readout)))
-        rng.shuffle(order)
-        dev, test = torch.tensor(order[:n_dev]), torch.tensor(order[n_dev:])
-        head = _best_head(correct[dev].mean(dim=0))
-        chosen[str(head)] += 1
-        held_out.append(float(correct[test, head.layer, head.head].mean()))
-    return {"method": method, "n_splits": n_splits, "chosen": dict(chosen.most_common()),
-            "most_chosen_share": chosen.most_common(1)[0][1] / n_splits,
-            "test_accuracy_mean": sum(held_out) / n_splits, "test_accuracy_min": min(held_out)}

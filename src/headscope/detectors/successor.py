@@ -239,12 +239,6 @@ def ov_success_by_task(model: Any, tasks: list[SuccessionTask], config: Successo
     return {f"{task.name}:{task.form}": effective_ov_success(model, task, config) for task in tasks}
 
 
-def ov_scores(model: Any, config: Optional[SuccessorConfig] = None) -> Float[Tensor, "n_layers n_heads"]:
-    """The pooled effective-OV score alone (no forward runs), e.g. to compare conventions."""
-    detector = SuccessorDetector(config)
-    return _pooled(ov_success_by_task(model, detector.tasks(model), detector.config))
-
-
 def _pooled(success: dict[str, Tensor]) -> Tensor:
     return torch.cat([s for s in success.values()], dim=0).float().mean(dim=0)
 

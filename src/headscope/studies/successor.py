@@ -1,5 +1,6 @@
-"""Mod-10 features (Gould et al. 2023): directions in numeric tokens' effective embeddings that
-encode a number's value mod 10.
+"""Successor head studies (Gould et al. 2023), built on the ``successor`` detector
+(``headscope.detectors.successor``). Mod-10 features: directions in numeric tokens' effective
+embeddings that encode a number's value mod 10.
 
 ``numeric_tokens(model)`` collects every single-token numeral the tokenizer offers (bare digits,
 number words and ordinals in their forms, Roman numerals) with its value. ``mod10_probe`` fits a
@@ -16,19 +17,30 @@ the grand mean, fitted without the edited token) and pass it through the success
 circuit. An edit succeeds when the head's top output among the token's family becomes the
 successor of the edited value (units digit a → b); the control adds a random direction of the
 same norm as ``f_b - f_a`` and is scored against the same target.
+
+``ov_scores(model, config)`` is the detector's pooled effective-OV score alone (no forward runs),
+to compare conventions (``embedding``, ``head_input_norm``, ``unembed_norm``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headscope.detectors.successor import effective_embeddings, head_ov_logits, task_unembed
+from headscope.detectors.successor import (
+    SuccessorConfig,
+    SuccessorDetector,
+    _pooled,
+    effective_embeddings,
+    head_ov_logits,
+    ov_success_by_task,
+    task_unembed,
+)
 from headscope.engine.heads import check_head
 from headscope.interventions import swap_feature
 from headscope.stats import cluster_bootstrap_ci
@@ -128,6 +140,11 @@ def mod10_probe(model: Any, embedding: str = "mlp0_residual") -> ProbeResult:
         chance=max(counts.values()) / len(tokens), features=features, per_class_counts=dict(sorted(counts.items())),
     )
 
+
+def ov_scores(model: Any, config: Optional[SuccessorConfig] = None) -> Float[Tensor, "n_layers n_heads"]:
+    """The pooled effective-OV score alone (no forward runs), e.g. to compare conventions."""
+    detector = SuccessorDetector(config)
+    return _pooled(ov_success_by_task(model, detector.tasks(model), detector.config))
 
 
 @dataclass
