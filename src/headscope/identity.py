@@ -145,7 +145,7 @@ def model_identity(model: Any) -> ModelIdentity:
 def _library_versions() -> dict[str, str]:
     from headscope import __version__
 
-    return {"headscope": __version__, "torch": torch.__version__,
+    return {"headscope": str(__version__), "torch": str(torch.__version__),  # TorchVersion is no plain str
             "transformer_lens": installed_version("transformer-lens") or "not installed",
             "transformers": installed_version("transformers") or "not installed"}
 
