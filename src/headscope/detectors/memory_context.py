@@ -305,8 +305,6 @@ class LogitDifference:
     """``metric(logits, chunk)``: logit(context answer) - logit(memorised answer) at each row's last
     position. Rows are matched to items by their tokens, so chunked and repeated batches work."""
 
-    __qualname__ = "LogitDifference"
-
     def __init__(self, model: Any, items: list[ConflictItem]) -> None:
         batch = tokenize(model, [i.prompt for i in items])
         self.answers = {row_tokens(batch, row): (i.context_token, i.memory_token) for row, i in enumerate(items)}
