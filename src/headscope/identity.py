@@ -89,7 +89,8 @@ class ModelIdentity:
             ResultFileError: ``data`` is not a dict of the fields, each a string.
         """
         names = [f.name for f in dataclasses.fields(cls)]
-        if not isinstance(data, Mapping) or sorted(data) != sorted(names) or not all(isinstance(data[n], str) for n in names):
+        if (not isinstance(data, Mapping) or sorted(data) != sorted(names)
+                or not all(isinstance(data[name], str) for name in names)):
             raise ResultFileError(f"not a model identity: expected a JSON object of the strings {', '.join(names)}; "
                                   f"got {data!r:.200}")
         return cls(**{name: data[name] for name in names})
@@ -119,7 +120,8 @@ class ModelIdentity:
             saved = ModelIdentity.from_dict(saved)
         differences = self.differences(saved)
         if differences:
-            listed = "; ".join(f"{name} {_shown(name, old)} there, {_shown(name, new)} here" for name, old, new in differences)
+            listed = "; ".join(f"{name} {_shown(name, old)} there, {_shown(name, new)} here"
+                               for name, old, new in differences)
             raise IdentityMismatchError(
                 f"{source} was written for another model, other weights or other library versions ({listed}). "
                 f"headscope never reuses results computed on another model or other weights: {fix}.")

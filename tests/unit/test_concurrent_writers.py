@@ -95,7 +95,8 @@ def test_processes_appending_to_one_file_never_interleave_their_lines(tmp_path):
     assert len(rows) == PROCESSES * APPENDS
     for seed in range(PROCESSES):
         mine = [row for row in rows if row["writer"] == seed]
-        assert [row["i"] for row in mine] == list(range(APPENDS)) and all(row["pad"] == str(seed) * LINE_BYTES for row in mine)
+        assert [row["i"] for row in mine] == list(range(APPENDS))
+        assert all(row["pad"] == str(seed) * LINE_BYTES for row in mine)
 
 
 def test_an_append_after_a_torn_line_starts_a_line_of_its_own(tmp_path):

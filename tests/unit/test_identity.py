@@ -236,7 +236,11 @@ def test_template_nulls_follow_a_weight_edit_and_stay_bounded():
 
 def test_the_known_answer_check_follows_a_weight_edit_and_stays_bounded(monkeypatch):
     calls = []
-    monkeypatch.setattr(select_copy, "knows_answer", lambda model, questions, *a: calls.append(1) or torch.ones(len(questions), dtype=torch.bool))
+    def knows_every_answer(model, questions, *args):
+        calls.append(1)
+        return torch.ones(len(questions), dtype=torch.bool)
+
+    monkeypatch.setattr(select_copy, "knows_answer", knows_every_answer)
     monkeypatch.setattr(select_copy, "_KNOWN", RecentCache(size=2))
     detector = hs.get_detector("select_copy", n_questions=8, n_dev=2)
     questions = select_copy.load_questions(detector.config)

@@ -133,10 +133,13 @@ def repeated_loss_task(model: Any, config: RepeatedTokensConfig) -> ValidationTa
     def repeated_targets(chunk: TokenBatch) -> Tensor:
         return targets[None, : chunk.tokens.shape[1] - 1].to(chunk.tokens.device) & chunk.attention_mask[:, 1:].bool()
 
-    return loss_task(task.tokens, repeated_targets, "loss on repeated tokens (nats)", f"targets {tensor_digest(targets)}")
+    return loss_task(task.tokens, repeated_targets, "loss on repeated tokens (nats)",
+                     f"targets {tensor_digest(targets)}")
 
 
-def loss_task(data: Any, targets_of: Callable[[TokenBatch], Tensor], metric_name: str, targets_key: str) -> ValidationTask:
+def loss_task(
+    data: Any, targets_of: Callable[[TokenBatch], Tensor], metric_name: str, targets_key: str
+) -> ValidationTask:
     """A validation task whose metric is each row's mean next-token loss over the targets
     ``targets_of(chunk)`` marks (``[batch, pos - 1]``: ``logits[:, i]`` predicts ``tokens[:, i + 1]``).
     ``targets_key`` names what ``targets_of`` reads besides the chunk: with the metric's name it
