@@ -31,6 +31,7 @@ from headscope.errors import (
     EmptyResultError,
     HeadIndexError,
     HeadscopeError,
+    IdentityMismatchError,
     InputError,
     ModelNotAvailableError,
     OutputFolderError,
@@ -43,6 +44,7 @@ from headscope.errors import (
     UnsupportedModelError,
     WeightCacheError,
 )
+from headscope.identity import ModelIdentity, model_identity
 from headscope.interventions import (
     DecodeMask,
     ablate,
@@ -87,7 +89,9 @@ __all__ = [
     "EmptyResultError",
     "HeadScores",
     "HeadscopeError",
+    "IdentityMismatchError",
     "InputError",
+    "ModelIdentity",
     "ModelNotAvailableError",
     "PromptTooLongError",
     "TokenBatch",
@@ -108,6 +112,7 @@ __all__ = [
     "list_detectors",
     "load_model",
     "mask_at_decode",
+    "model_identity",
     "model_shape",
     "naive_ablation_scan",
     "register_detector",

@@ -37,7 +37,8 @@ from headscope.detectors.attention_templates import AttentionTemplateDetector, s
 from headscope.detectors.base import Detector, get_detector, list_detectors, plain_config
 from headscope.engine.heads import Head, check_head_hooks, model_shape
 from headscope.engine.runner import progress_note
-from headscope.errors import ArgumentError, ResultFileError, ResultFileWarning, SettingError
+from headscope.errors import ArgumentError, IdentityMismatchError, ResultFileError, ResultFileWarning, SettingError
+from headscope.identity import ModelIdentity, model_identity, weights_digest
 from headscope.models import model_name
 from headscope.results import HeadScores, role_overlap, write_text_atomic
 from headscope.significance import Significance
@@ -333,8 +334,10 @@ def atlas(
     config = AtlasSettings(detectors=[d.name for d in instances], validate=validate, k=k, n_random=n_random,
                            seed=seed, settings=settings)
     shape = model_shape(model)
-    store = (_PartStore(Path(out) / "parts", model_name(model), read=resume, shape=(shape.n_layers, shape.n_heads))
+    store = (_PartStore(Path(out) / "parts", model_identity(model), read=resume, shape=(shape.n_layers, shape.n_heads))
              if out is not None else None)
+    if store is not None:
+        store.check_identity()  # parts of another model or other weights: refused before any work
     builder = _Builder(model, instances, config, store, batch_size, progress, on_error == "raise")
     return builder.run()
 
@@ -500,33 +503,81 @@ def _source_file(source: Any) -> Optional[str]:
 
 
 class _PartStore:
-    """``<parts>/<detector>.<stage>.json``, each written atomically when its stage finishes.
+    """``<parts>/<detector>.<stage>.json``, each written atomically when its stage finishes, with
+    the model's identity (``headscope.identity``: name, weights hash, dtype, library versions).
 
-    A part that cannot be used (not JSON, cut off, the wrong shape) is named in a
+    A part written for another identity (another model, the same model before a weight edit,
+    other library versions) is refused with ``IdentityMismatchError``: never reused, never
+    silently overwritten. A part of other settings or code (its ``key``) is computed again. A
+    part that cannot be used (not JSON, cut off, the wrong shape) is named in a
     ``ResultFileWarning``, moved aside to ``<part>.damaged`` and computed again."""
 
-    def __init__(self, folder: Path, model: str, read: bool = True, shape: Optional[tuple[int, int]] = None) -> None:
-        self.folder, self.model, self.reading, self.shape = folder, model, read, shape
+    def __init__(self, folder: Path, identity: ModelIdentity, read: bool = True,
+                 shape: Optional[tuple[int, int]] = None) -> None:
+        self.folder, self.identity, self.reading, self.shape = folder, identity, read, shape
 
     def path(self, name: str, stage: str) -> Path:
         return self.folder / f"{name}.{stage}.json"
 
+    def check_identity(self) -> None:
+        """Refuse the folder when a part in it was written for another identity (with ``resume``
+        only: without it every part is recomputed and overwritten).
+
+        Raises:
+            IdentityMismatchError: naming the part, the fields that differ and the fix.
+        """
+        if not self.reading or not self.folder.is_dir():
+            return
+        for path in sorted(self.folder.glob("*.json")):
+            if path.name.endswith(".failed.json"):
+                continue
+            try:
+                saved = json.loads(path.read_text())
+                if isinstance(saved, dict) and {"model", "key", "value"} <= saved.keys():
+                    self._check(path, saved)
+            except IdentityMismatchError:
+                raise
+            except (OSError, ValueError):
+                continue  # damaged or gone: read() sets it aside when the stage is needed
+
+    def _check(self, path: Path, saved: dict[str, Any]) -> None:
+        self.identity.check_matches(
+            saved.get("identity"), source=f"The atlas part {path}",
+            fix=f"write this model's atlas to another folder (out=..., --out), or recompute every part in "
+                f"{self.folder.parent} with resume=False (--no-resume)")
+
     def read(self, name: str, stage: str, key: dict[str, Any]) -> Optional[tuple[Any, Optional[float]]]:
-        """The decoded value and its seconds when the part exists for this model and ``key``."""
+        """The decoded value and its seconds when the part exists for this model and ``key``.
+
+        Raises:
+            IdentityMismatchError: the part was written for another model identity.
+        """
         path = self.path(name, stage)
-        if not self.reading or not path.is_file():
+        saved = self._load(path) if self.reading else None
+        if saved is None:
             return None
+        self._check(path, saved)
+        if saved["key"] != key:
+            return None  # another settings' or code's part: recomputed and overwritten
+        try:
+            value = _decode(stage, saved["value"])
+            _check_part(stage, value, self.shape)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            self._set_aside(path, exc)
+            return None
+        seconds = saved.get("seconds")
+        return value, float(seconds) if isinstance(seconds, (int, float)) else None
+
+    def _load(self, path: Path) -> Optional[dict[str, Any]]:
+        """The part's record; None when there is none or it is damaged (then set aside)."""
         try:
             saved = json.loads(path.read_text())
             if not isinstance(saved, dict) or not {"model", "key", "value"} <= saved.keys():
                 raise ResultFileError("not a part record: a JSON object with 'model', 'key' and 'value'")
-            if saved["model"] != self.model or saved["key"] != key:
-                return None  # another model's or settings' part: recomputed and overwritten
-            value = _decode(stage, saved["value"])
-            _check_part(stage, value, self.shape)
-            seconds = saved.get("seconds")
-            return value, float(seconds) if isinstance(seconds, (int, float)) else None
-        except FileNotFoundError:  # moved aside by another process
+            if saved.get("identity") is not None:
+                ModelIdentity.from_dict(saved["identity"])  # a malformed identity is damage, not another model
+            return saved
+        except FileNotFoundError:  # not written yet, or moved aside by another process
             return None
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             self._set_aside(path, exc)
@@ -545,7 +596,8 @@ class _PartStore:
 
     def write(self, name: str, stage: str, key: dict[str, Any], value: Any, seconds: float) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        record = {"model": self.model, "key": key, "seconds": seconds, "value": value}
+        record = {"model": self.identity.model, "identity": self.identity.to_dict(), "key": key, "seconds": seconds,
+                  "value": value}
         write_text_atomic(self.path(name, stage), json.dumps(record))
 
     def failure_path(self, name: str) -> Path:
@@ -555,7 +607,8 @@ class _PartStore:
         """``<name>.failed.json``: the failed stage, the error and its traceback (never read back as
         a result: a rerun recomputes the stage)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        record = {"model": self.model, "key": key, **failure, "traceback": trace}
+        record = {"model": self.identity.model, "identity": self.identity.to_dict(), "key": key, **failure,
+                  "traceback": trace}
         write_text_atomic(self.failure_path(name), json.dumps(record, indent=1))
 
     def clear_failure(self, name: str) -> None:
@@ -596,7 +649,8 @@ def _decode(stage: str, value: Any) -> Any:
 
 
 def environment(model: Any) -> dict[str, Any]:
-    """Versions and device an atlas was made with."""
+    """Versions, device and weights (their XXH3-128, as in ``headscope.identity``) an atlas was
+    made with."""
     from headscope import __version__
     from headscope.engine.runner import model_device, model_dtype
 
@@ -610,6 +664,7 @@ def environment(model: Any) -> dict[str, Any]:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(model_dtype(model)),
+        "weights": weights_digest(model),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

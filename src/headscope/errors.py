@@ -89,3 +89,9 @@ class ModelFileNotFoundError(ModelNotAvailableError, FileNotFoundError):
 
 class CommandLineError(InputError):
     """A command line that argparse cannot read (an unknown flag, a count below 1): one line, exit 2."""
+
+
+class IdentityMismatchError(ResultFileError):
+    """A checkpoint, needle file or atlas part written for another model, other weights (also the
+    same model after a weight edit) or other library versions: the message names the fields that
+    differ and what to do (another path or folder, or start over)."""

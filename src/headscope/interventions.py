@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-import weakref
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -53,6 +52,7 @@ from headscope.engine.heads import (
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, as_token_batch
 from headscope.errors import ArgumentError, InputError
+from headscope.identity import RecentCache, model_identity
 
 ABLATION_METHODS = ("zero", "mean", "resample", "uniform")
 RESIDUAL_HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -61,8 +61,9 @@ DEFAULT_UNIFORM_EPSILON = 1e-5
 HeadsLike = Union[Iterable[Union[Head, Sequence[int], str]], Head, str]
 HookList = list[tuple[str, Callable]]
 
-# Per-model cache of mean head outputs over the shipped reference text.
-_DEFAULT_MEANS: "weakref.WeakKeyDictionary[Any, dict[int, Tensor]]" = weakref.WeakKeyDictionary()
+# Mean head outputs over the shipped reference text ({layer: [n_heads, d_head]}), per model
+# identity (name, weights hash, ...): the last few models only, never a model's old weights.
+_DEFAULT_MEANS = RecentCache(size=4)
 
 
 @contextlib.contextmanager
@@ -466,7 +467,7 @@ def _mean_outputs(model, heads, reference, batch_size, progress: Optional[bool] 
     layers = {head.layer for head in heads}
     if reference is not None:
         return head_output_means(model, layers, reference, batch_size, progress)
-    cached = _DEFAULT_MEANS.setdefault(model, {})
+    cached = _DEFAULT_MEANS.get_or_set(model_identity(model), dict)
     missing = sorted(layers - cached.keys())
     if missing:
         cached.update(head_output_means(model, missing, default_reference_text(), batch_size, progress))

@@ -658,9 +658,3 @@ def _is_bridge(obj: Any) -> bool:
 def model_name(model: Any) -> str:
     """The name headscope records for a model in results."""
     return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
-
-
-def weights_fingerprint(model: Any) -> int:
-    """Changes whenever a parameter is replaced or modified in place (its storage or PyTorch's
-    version counter): caches of results computed from a model's weights key on it."""
-    return hash(tuple((p.data_ptr(), p._version) for p in model.parameters()))

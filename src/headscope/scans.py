@@ -35,12 +35,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from headscope.engine.architecture import head_hook
-from headscope.engine.heads import Head, all_heads, check_heads, heads_by_layer, hook_name, model_shape
+from headscope.engine.heads import Head, all_heads, check_heads, heads_by_layer, model_shape
 from headscope.engine.partial import check_forward_from_layer, forward_from_layer, resid_pre_name
 from headscope.engine.runner import auto_batch_size, last_position_states, model_device, progress_note, run_batched
 from headscope.engine.tokens import TokenBatch, as_token_batch, iter_batches
 from headscope.errors import ArgumentError, InputError
 from headscope.files import atomic_torch_save
+from headscope.identity import ModelIdentity, metric_identity, model_identity
 from headscope.interventions import DEFAULT_UNIFORM_EPSILON, ablate, head_output_means
 from headscope.models import model_name
 from headscope.results import HeadScores
@@ -79,12 +80,17 @@ def ablation_scan(
         heads: heads to scan (default all); the others are NaN.
         batch_size: examples per chunk (default from memory).
         skip_layers: run each head's layer onwards only (False: a full forward per head group).
-        checkpoint: a file to save progress to and resume from.
+        checkpoint: a file to save progress to and resume from. It records the model's
+            identity (``headscope.identity``): a checkpoint of another model or other weights is
+            refused (``IdentityMismatchError``). The metric needs a ``cache_key`` attribute (a
+            string that changes whenever what it computes changes): a function's name does not
+            say which metric a saved scan measured.
         positions: the positions whose logits ``metric`` reads (default all). The unembedding
             is then computed only there and the logits elsewhere are zero: on a large vocabulary
             the unembedding is a large share of each run.
     """
     _check_method(method, factor)
+    metric_key = _checkpointed_metric(metric, checkpoint, "ablation_scan")  # before any work
     batch = as_token_batch(model, tokens)
     selected = _scanned_heads(model, heads)
     shape = model_shape(model)
@@ -97,10 +103,11 @@ def ablation_scan(
         )
     means = _means_for(model, method, selected, batch if reference is None else reference, chunk_size, progress)
     read = _logits_reader(model, positions)
-    signature = _signature(model, batch, metric, method, factor, selected)
-    fresh = {"signature": signature, "done": [], "sums": torch.zeros(shape.n_layers, shape.n_heads),
-             "counts": torch.zeros(shape.n_layers, shape.n_heads)}
-    state = _load_checkpoint(checkpoint, signature, fresh, progress)
+    signature = _signature(batch, metric_key, method, factor, selected)
+    identity = model_identity(model) if checkpoint is not None else None
+    fresh = {"signature": signature, "identity": _identity_record(identity), "done": [],
+             "sums": torch.zeros(shape.n_layers, shape.n_heads), "counts": torch.zeros(shape.n_layers, shape.n_heads)}
+    state = _load_checkpoint(checkpoint, signature, identity, fresh, progress)
     sums, counts = state["sums"].to(device), state["counts"].to(device)
     layer_heads = heads_by_layer(selected)
     done = {tuple(unit) for unit in state["done"]}
@@ -184,10 +191,12 @@ def readout_scan(
     shape = model_shape(model)
     chunk_size = batch_size or auto_batch_size(model, batch.tokens.shape[1])
     means = _means_for(model, method, selected, batch, chunk_size, progress)
-    signature = _signature(model, batch, "readout", method, factor, selected)
-    fresh = {"signature": signature, "done": [], "clean": torch.zeros(len(batch), shape.d_model),
+    signature = _signature(batch, "readout", method, factor, selected)
+    identity = model_identity(model) if checkpoint is not None else None
+    fresh = {"signature": signature, "identity": _identity_record(identity), "done": [],
+             "clean": torch.zeros(len(batch), shape.d_model),
              "ablated": torch.full((shape.n_layers, shape.n_heads, len(batch), shape.d_model), math.nan)}
-    state = _load_checkpoint(checkpoint, signature, fresh, progress)
+    state = _load_checkpoint(checkpoint, signature, identity, fresh, progress)
     layer_heads = heads_by_layer(selected)
     done = {tuple(unit) for unit in state["done"]}
     read = lambda run, chunk: last_position_states(model, chunk, run)  # noqa: E731
@@ -486,23 +495,55 @@ def _activations_and_gradients(model: Any, chunk: TokenBatch, kind: str, metric:
 
 
 def _metric_name(metric: Callable) -> str:
-    return getattr(metric, "__qualname__", None) or getattr(metric, "__name__", None) or type(metric).__name__
+    """The metric's name in the results' config (its ``name`` attribute first): a label, not an
+    identity (see :func:`headscope.identity.metric_identity`)."""
+    return (getattr(metric, "name", None) or getattr(metric, "__qualname__", None) or getattr(metric, "__name__", None)
+            or type(metric).__name__)
 
 
-def _signature(model, batch: TokenBatch, metric, method, factor, heads: list[Head]) -> str:
+def _checkpointed_metric(metric: Callable, checkpoint: Optional[Union[str, Path]], caller: str) -> str:
+    """The metric's identity for the checkpoint's signature (``""`` without a checkpoint).
+
+    Raises:
+        ArgumentError: a checkpoint asked for a metric without a ``cache_key``.
+    """
+    if checkpoint is None:
+        return ""
+    key = metric_identity(metric)
+    if key is None:
+        raise ArgumentError(
+            f"{caller}(checkpoint=...) must know which metric a saved scan measured, and the metric "
+            f"{_metric_name(metric)!r} has no 'cache_key' (a name does not identify a function: two closures share "
+            f"one). Give it a cache_key, a string you change whenever what the metric computes changes, e.g. "
+            f"`metric.cache_key = \"mean-loss-v1\"`, or drop checkpoint=.")
+    return key
+
+
+def _identity_record(identity: Optional[ModelIdentity]) -> Optional[dict[str, str]]:
+    return identity.to_dict() if identity is not None else None
+
+
+def _signature(batch: TokenBatch, metric_key: str, method, factor, heads: list[Head]) -> str:
+    """What a checkpoint must match to be resumed (the model is checked apart: its identity)."""
     digest = hashlib.sha256()
     digest.update(batch.tokens.cpu().numpy().tobytes())
     digest.update(batch.attention_mask.cpu().numpy().tobytes())
-    digest.update(repr((model_name(model), _metric_name(metric), method, factor, [tuple(h) for h in heads])).encode())
+    digest.update(repr((metric_key, method, factor, [tuple(h) for h in heads])).encode())
     return digest.hexdigest()
 
 
-def _load_checkpoint(path: Optional[Union[str, Path]], signature: str, fresh: dict,
+def _load_checkpoint(path: Optional[Union[str, Path]], signature: str, identity: Optional[ModelIdentity], fresh: dict,
                      progress: Optional[bool] = None) -> dict:
     """The saved state when ``path`` holds one for this very scan, else ``fresh``. The state is
-    tensors, lists, numbers and a string, so it loads with ``weights_only=True`` (no pickled code);
-    a file that does not load is named in a warning and the scan starts over."""
-    if path is None or not Path(path).is_file():
+    tensors, lists, numbers and strings, so it loads with ``weights_only=True`` (no pickled code);
+    a file that does not load is named in a warning and the scan starts over; a checkpoint of
+    another scan of this model is overwritten as the scan goes.
+
+    Raises:
+        IdentityMismatchError: the checkpoint was written for another model, other weights (also
+            this model before a weight edit) or other library versions.
+    """
+    if path is None or identity is None or not Path(path).is_file():
         return fresh
     try:
         saved = torch.load(path, weights_only=True)
@@ -510,6 +551,9 @@ def _load_checkpoint(path: Optional[Union[str, Path]], signature: str, fresh: di
         warnings.warn(f"The scan checkpoint {path} cannot be read ({type(exc).__name__}); starting the scan over "
                       "(it is overwritten as the scan goes).", stacklevel=3)
         return fresh
+    if isinstance(saved, dict):
+        identity.check_matches(saved.get("identity"), source=f"The scan checkpoint {path}",
+                               fix=f"pass another checkpoint path, or delete {path} to start the scan over")
     if isinstance(saved, dict) and saved.get("signature") == signature:
         progress_note(f"resumed: {len(saved.get('done', []))} finished (chunk, layer) units from the scan checkpoint "
                       f"{path}", progress)

@@ -26,6 +26,7 @@ from headscope.engine.heads import Head, model_shape
 from headscope.engine.runner import progress_step, run_batched
 from headscope.engine.tokens import as_token_batch
 from headscope.errors import ArgumentError, EmptyResultError
+from headscope.identity import metric_identity, model_identity
 from headscope.interventions import ablate, head_output_means
 from headscope.results import HeadScores, check_scores_model
 from headscope.stats import bootstrap_difference_ci, random_head_sets
@@ -108,9 +109,11 @@ def validate(
         task: a ``ValidationTask`` replacing the detector's data and metric.
         method: ablation method of ``hs.ablate`` (the mean is taken over the task's own data);
             by default the task's ``default_method`` (``"mean"`` for the forward-pass detectors).
-        cache: a dict shared by several ``validate`` calls on the same, unchanged model (the atlas
-            passes one): tasks with the same tokens and metric then share the clean run and the
-            head-output means instead of recomputing them.
+        cache: a dict shared by several ``validate`` calls (the atlas passes one): tasks with the
+            same tokens on the same model share the head-output means, and the clean run when
+            their metric has a ``cache_key`` (``headscope.identity.metric_identity``; a metric
+            without one is run again). Entries are keyed by the model's identity, so a model
+            whose weights changed since never gets another's values.
         progress: bars per run (``None``: on a terminal only); off a terminal ``True`` prints a
             start and a finish line per run (means, clean, top-k, each random set) to stderr.
         check_model: refuse scores labelled with another model's name (``False``: use them
@@ -206,12 +209,13 @@ def _measure_forward(
     random sets...]`` as ``validate`` passes them (``label`` starts each progress line)."""
     data = as_token_batch(model, task.data)
     layers = {Head.parse(h).layer for heads in head_sets if heads for h in heads}
+    identity = model_identity(model) if cache is not None else None
     data_key = _tokens_key(data)
     if cache is not None and method == "mean":  # every layer's means, for any later task on these tokens
-        if ("means", data_key) not in cache:
-            cache[("means", data_key)] = head_output_means(model, set(range(model_shape(model).n_layers)), data,
-                                                           batch_size, progress)
-        means = cache[("means", data_key)]
+        if ("means", identity, data_key) not in cache:
+            cache[("means", identity, data_key)] = head_output_means(model, set(range(model_shape(model).n_layers)),
+                                                                     data, batch_size, progress)
+        means = cache[("means", identity, data_key)]
     else:  # one pass for the mean outputs of every layer any set touches, shared by all sets
         means = head_output_means(model, layers, data, batch_size, progress) if method == "mean" and layers else None
     reduce = lambda logits, cache, chunk: task.metric(logits, chunk).float().cpu()  # noqa: E731
@@ -219,12 +223,13 @@ def _measure_forward(
     rows = []
     for index, heads in enumerate(head_sets):
         if heads is None:
-            clean_key = ("clean", data_key, task.metric_name)
-            if cache is not None and clean_key in cache:
+            metric_key = metric_identity(task.metric)  # None: the metric cannot be identified, never cached
+            clean_key = ("clean", identity, data_key, metric_key, task.last_position)
+            if cache is not None and metric_key is not None and clean_key in cache:
                 rows.append(cache[clean_key])
                 continue
             rows.append(run_batched(model, data, reduce, batch_size=batch_size, progress=progress, desc=f"{label}clean", logits=logits))
-            if cache is not None:
+            if cache is not None and metric_key is not None:
                 cache[clean_key] = rows[-1]
             continue
         what = f"top-{len(heads)}" if index == 1 else f"random {len(heads)}-set {index - 1}/{len(head_sets) - 2}"

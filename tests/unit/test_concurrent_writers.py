@@ -1,5 +1,6 @@
 """Several processes saving results into one folder under the same names: no writer fails, no
-reader ever sees a torn file, and no temporary file is left behind (real processes, spawned)."""
+reader ever sees a torn file, and no temporary file is left behind (real processes, spawned);
+several processes appending lines to one file never interleave them."""
 
 import json
 import multiprocessing
@@ -61,6 +62,51 @@ def test_processes_saving_the_same_names_never_fail_or_tear_a_file(tmp_path):
     leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
     assert leftovers == []
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{n}.json" for n in NAMES] + ["scan.ckpt"])
+
+
+APPENDS = 40
+LINE_BYTES = 200_000  # several pages per line: an unlocked append could be split
+
+
+def append_lines(path: str, seed: int, queue) -> None:
+    """One writer: ``APPENDS`` long JSON lines appended to one file with ``append_line``."""
+    try:
+        from headscope.files import append_line
+
+        for i in range(APPENDS):
+            append_line(path, json.dumps({"writer": seed, "i": i, "pad": str(seed) * LINE_BYTES}))
+        queue.put((seed, None))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+        queue.put((seed, traceback.format_exc()))
+
+
+def test_processes_appending_to_one_file_never_interleave_their_lines(tmp_path):
+    path = tmp_path / "needles.jsonl"
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=append_lines, args=(str(path), seed, queue)) for seed in range(PROCESSES)]
+    for worker in workers:
+        worker.start()
+    reports = dict(queue.get(timeout=120) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=30)
+    assert reports == {seed: None for seed in range(PROCESSES)}, "\n".join(filter(None, reports.values()))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]  # every line whole
+    assert len(rows) == PROCESSES * APPENDS
+    for seed in range(PROCESSES):
+        mine = [row for row in rows if row["writer"] == seed]
+        assert [row["i"] for row in mine] == list(range(APPENDS))
+        assert all(row["pad"] == str(seed) * LINE_BYTES for row in mine)
+
+
+def test_an_append_after_a_torn_line_starts_a_line_of_its_own(tmp_path):
+    from headscope.files import append_line
+
+    path = tmp_path / "needles.jsonl"
+    path.write_text('{"a": 1}\n{"cut off mid-wri')  # a writer killed mid-line
+    append_line(path, '{"b": 2}')
+    append_line(path, '{"c": 3}')
+    assert path.read_text() == '{"a": 1}\n{"cut off mid-wri\n{"b": 2}\n{"c": 3}\n'
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -128,7 +128,7 @@ def test_readout_scan_with_a_background_group(tiny_llama):
 def test_an_interrupted_readout_scan_resumes(tiny_llama, tmp_path):
     path = tmp_path / "scan.pt"
     full = readout_scan(tiny_llama, PROMPTS, factor=1e-5, batch_size=2, checkpoint=path)
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     assert state["done"][3] == [1, 1]
     state["done"] = state["done"][:3]  # as if stopped before the last unit (chunk 1 = row 2, layer 1)
     state["ablated"][1, :, 2:] = float("nan")

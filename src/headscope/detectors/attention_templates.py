@@ -9,7 +9,6 @@ not TransformerLens ``detect_head``'s "mul" measure, which caps near 0.5 on two 
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, Union
 
@@ -23,7 +22,7 @@ from headscope.engine.metrics import masked_mean, next_token_losses
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, bos_token_id, pad_token_id
 from headscope.errors import DataError, InputError, SettingError
-from headscope.models import weights_fingerprint
+from headscope.identity import RecentCache, model_identity, tensor_digest
 from headscope.results import HeadScores
 from headscope.significance import Significance
 from headscope.tasks.natural_text import TextWindows, read_documents, split_windows, text_windows
@@ -134,17 +133,24 @@ def repeated_loss_task(model: Any, config: RepeatedTokensConfig) -> ValidationTa
     def repeated_targets(chunk: TokenBatch) -> Tensor:
         return targets[None, : chunk.tokens.shape[1] - 1].to(chunk.tokens.device) & chunk.attention_mask[:, 1:].bool()
 
-    return loss_task(task.tokens, repeated_targets, "loss on repeated tokens (nats)")
+    return loss_task(task.tokens, repeated_targets, "loss on repeated tokens (nats)",
+                     f"targets {tensor_digest(targets)}")
 
 
-def loss_task(data: Any, targets_of: Callable[[TokenBatch], Tensor], metric_name: str) -> ValidationTask:
+def loss_task(
+    data: Any, targets_of: Callable[[TokenBatch], Tensor], metric_name: str, targets_key: str
+) -> ValidationTask:
     """A validation task whose metric is each row's mean next-token loss over the targets
-    ``targets_of(chunk)`` marks (``[batch, pos - 1]``: ``logits[:, i]`` predicts ``tokens[:, i + 1]``)."""
+    ``targets_of(chunk)`` marks (``[batch, pos - 1]``: ``logits[:, i]`` predicts ``tokens[:, i + 1]``).
+    ``targets_key`` names what ``targets_of`` reads besides the chunk: with the metric's name it
+    makes the metric's ``cache_key`` (``headscope.identity.metric_identity``), so validations of
+    tasks on the same tokens share one clean run."""
 
     def target_loss(logits: Tensor, chunk: TokenBatch) -> Tensor:
         losses = next_token_losses(logits, chunk.tokens)
         return masked_mean(losses, targets_of(chunk).to(losses.device))
 
+    target_loss.cache_key = f"next-token loss | {metric_name} | {targets_key}"  # type: ignore[attr-defined]
     return ValidationTask(data=data, metric=target_loss, metric_name=metric_name, ablation_hurts_when="increases")
 
 
@@ -161,7 +167,8 @@ def text_loss_task(model: Any, config: RepeatedTokensConfig) -> ValidationTask:
     def predictable_targets(chunk: TokenBatch) -> Tensor:
         return induction_predictable(chunk.tokens, chunk.attention_mask, task.offset)
 
-    return loss_task(task.batch, predictable_targets, "loss on induction-predictable tokens of held-out text (nats)")
+    return loss_task(task.batch, predictable_targets, "loss on induction-predictable tokens of held-out text (nats)",
+                     f"induction-predictable from offset {task.offset}")
 
 
 def earlier_copies(tokens: Tensor, mask: Tensor, offset: int) -> Bool[Tensor, "batch q k"]:
@@ -390,7 +397,8 @@ def chunk_templates(templates: dict[str, tuple[Tensor, Tensor]]) -> Callable[[To
     return take
 
 
-_NULLS: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, Tensor]]]" = weakref.WeakKeyDictionary()
+# {detector name: null} per (model identity, task settings, data file hash): the last few only.
+_NULLS = RecentCache(size=8)
 
 
 def template_null(
@@ -399,13 +407,12 @@ def template_null(
 ) -> Float[Tensor, "n_layers n_heads"]:
     """``detector``'s null: its template's mean share of attention per head, measured on
     :func:`unrepeated_like` tokens (same shape, fresh seed, no token repeats). One forward pass
-    measures the templates of every registered template detector at once, kept per model,
-    settings and weights (any in-place change to a parameter makes a new key), so the template
-    detectors of one atlas share it."""
+    measures the templates of every registered template detector at once, kept per model
+    identity (``headscope.identity``: any change to the weights makes a new key), settings and
+    data file, so the template detectors of one atlas share it; the last few keys only."""
     config = detector.config
     data_hash = file_sha256(config.data) if config.data else None
-    key = repr((task_settings(config), data_hash, weights_fingerprint(model)))
-    cached = _NULLS.setdefault(model, {}).setdefault(key, {})
+    cached = _NULLS.get_or_set((model_identity(model), repr(task_settings(config)), data_hash), dict)
     if detector.name not in cached:
         task = scoring_task(model, config)
         n_layers = model_shape(model).n_layers

@@ -54,7 +54,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector, setting
-from headscope.engine.heads import hook_name, model_shape
+from headscope.engine.heads import model_shape
 from headscope.engine.metrics import final_logits
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, row_tokens, tokenize
@@ -302,8 +302,6 @@ def final_head_attributions(
 class LogitDifference:
     """``metric(logits, chunk)``: logit(context answer) - logit(memorised answer) at each row's last
     position. Rows are matched to items by their tokens, so chunked and repeated batches work."""
-
-    __qualname__ = "LogitDifference"
 
     def __init__(self, model: Any, items: list[ConflictItem]) -> None:
         batch = tokenize(model, [i.prompt for i in items])

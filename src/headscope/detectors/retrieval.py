@@ -67,7 +67,9 @@ from headscope.engine.decoding import (
     greedy_decode_rows,
 )
 from headscope.engine.heads import Head, check_heads
-from headscope.errors import DataError, EmptyResultError, InputError
+from headscope.errors import DataError, EmptyResultError, InputError, ResultFileError
+from headscope.files import append_line
+from headscope.identity import ModelIdentity, model_identity
 from headscope.interventions import DEFAULT_UNIFORM_EPSILON, ablate_per_row
 from headscope.results import HeadScores
 from headscope.significance import Significance
@@ -110,7 +112,8 @@ class RetrievalConfig(DetectorConfig):
                                                "match of the greedy answer", choices=NEEDLE_METRICS)
     mask_epsilon: float = setting(DEFAULT_UNIFORM_EPSILON, "query scale of the decode-time uniform-attention mask",
                                   min=0, exclusive=True)
-    checkpoint: Optional[str] = setting(None, "a JSONL file: per-sample results kept, a rerun resumes", path=True)
+    checkpoint: Optional[str] = setting(None, "a JSONL file: per-sample results kept, a rerun resumes (one file per "
+                                              "model: another model's is refused)", path=True)
     data: Optional[str] = setting(None, 'your needles, a JSONL file of {"needle", "question", "answer"} lines (the '
                                         "answer a part of the needle), instead of the shipped ones", path=True)
     haystack: Optional[str] = setting(None, "your filler, a UTF-8 text file, instead of the shipped essays (never "
@@ -131,15 +134,24 @@ class NeedleOutcome:
     copy_scores: Float[Tensor, "n_layers n_heads"]
 
     def to_json(self) -> str:
-        row = asdict(self)
-        row["copy_scores"] = self.copy_scores.tolist()
-        return json.dumps(row)
+        """One JSON line (``from_json`` reads it back)."""
+        return json.dumps(self.to_row())
 
     @classmethod
     def from_json(cls, line: str) -> "NeedleOutcome":
-        row = json.loads(line)
-        row["copy_scores"] = torch.tensor(row["copy_scores"])
-        return cls(**row)
+        """The outcome of a line written by ``to_json``."""
+        return cls.from_row(json.loads(line))
+
+    def to_row(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (``copy_scores`` as nested lists)."""
+        row = asdict(self)
+        row["copy_scores"] = self.copy_scores.tolist()
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "NeedleOutcome":
+        """The outcome of a dict written by ``to_row``."""
+        return cls(**{**row, "copy_scores": torch.tensor(row["copy_scores"])})
 
 
 @register_detector
@@ -393,38 +405,78 @@ def needle_scan(
 ) -> list[NeedleOutcome]:
     """:func:`answer_needle` for every sample; with ``checkpoint``, each outcome is appended to a
     JSONL file as soon as it is known and samples already there are not recomputed (matched by
-    :func:`sample_key`, which ``data_tag`` extends for your own data files)."""
-    done = _read_checkpoint(checkpoint)
+    :func:`sample_key`, which ``data_tag`` extends for your own data files).
+
+    Each checkpoint line carries the model's identity (``headscope.identity``); appends are
+    locked (``headscope.files.append_line``), so several processes may share the file.
+
+    Raises:
+        IdentityMismatchError: the checkpoint holds answers of another model, of other weights
+            (also this model before a weight edit) or of other library versions.
+    """
+    identity = model_identity(model) if checkpoint is not None else None
+    done = _read_checkpoint(checkpoint, identity)
     outcomes = []
     for sample in tqdm(samples, desc="needles", disable=progress is False, leave=False):
         key = sample_key(sample, data_tag)
         if key not in done:
             done[key] = replace(answer_needle(model, sample, max_new_tokens, prefill_chunk), key=key)
-            _append_checkpoint(checkpoint, done[key])
+            _append_checkpoint(checkpoint, done[key], identity)
         outcomes.append(done[key])
     return outcomes
 
 
-def _read_checkpoint(path: Optional[Union[str, Path]]) -> dict[str, NeedleOutcome]:
-    if path is None or not Path(path).exists():
+def _read_checkpoint(path: Optional[Union[str, Path]], identity: Optional[ModelIdentity]) -> dict[str, NeedleOutcome]:
+    """The outcomes of a checkpoint by key; a line cut off by an interruption is skipped (its
+    sample is recomputed); a line of another identity refuses the whole file."""
+    if path is None or identity is None or not Path(path).exists():
         return {}
     outcomes = {}
     for line in Path(path).read_text().splitlines():
+        row = _checked_row(line, path, identity)
+        if row is None:
+            continue
         try:
-            outcome = NeedleOutcome.from_json(line)
-        except (json.JSONDecodeError, TypeError, KeyError):
-            continue  # a line cut off by an interruption: that sample is recomputed
+            outcome = NeedleOutcome.from_row(row)
+        except (TypeError, KeyError, ValueError):
+            continue  # not an outcome (a torn line that happens to parse): that sample is recomputed
         outcomes[outcome.key] = outcome
     return outcomes
 
 
-def _append_checkpoint(path: Optional[Union[str, Path]], outcome: NeedleOutcome) -> None:
-    if path is None:
+def _checked_row(line: Union[str, bytes], path: Union[str, Path], identity: ModelIdentity) -> Optional[dict[str, Any]]:
+    """A checkpoint line's outcome fields after its identity passed the check; None for a line
+    that is not a JSON object (cut off, empty).
+
+    Raises:
+        IdentityMismatchError: the line was written for another identity, or without one.
+    """
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(row, dict):
+        return None
+    saved = row.pop("identity", None)
+    if saved is not None:
+        try:
+            saved = ModelIdentity.from_dict(saved)
+        except ResultFileError:
+            return None  # a damaged line: its sample is recomputed
+    identity.check_matches(saved, source=f"The needle checkpoint {path}",
+                           fix=f"give each model its own checkpoint file (the retrieval setting checkpoint=..., e.g. "
+                               f"with the model's name in it), or delete {path} to decode every needle again")
+    return row
+
+
+def _append_checkpoint(path: Optional[Union[str, Path]], outcome: NeedleOutcome,
+                       identity: Optional[ModelIdentity]) -> None:
+    """One line, ``{"identity": ..., **outcome}``, appended under a lock; the file's first line
+    is checked under the same lock, so a file another process began for another model is refused."""
+    if path is None or identity is None:
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        handle.write(outcome.to_json() + "\n")
-        handle.flush()
+    line = json.dumps({"identity": identity.to_dict(), **outcome.to_row()})
+    append_line(path, line, check=lambda first: _checked_row(first, path, identity) if first.strip() else None)
 
 
 # --- causal check -------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ last position (what correct-letter heads write; ablating them should lower it).
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -69,7 +68,7 @@ from headscope.engine.unembed import (
     head_output_weights,
 )
 from headscope.errors import DataError, InputError, SettingError
-from headscope.models import weights_fingerprint
+from headscope.identity import RecentCache, model_identity
 from headscope.results import HeadScores
 from headscope.significance import Significance
 from headscope.stats import DEFAULT_ALPHA, binomial_critical_accuracy
@@ -80,6 +79,8 @@ KEY_POSITIONS = ("line_end", "option_end")  # where an option's key is read; the
 POSITIONS = (*KEY_POSITIONS, "letter")
 METHODS = tuple(f"{score}_{position}" for score in SCORES for position in POSITIONS)
 END_ALIAS = "end"  # "qk_end", "attention_end": the paper's key position, "line_end"
+# Which questions a model answers in free form, per (model identity, settings, questions): the last few.
+_KNOWN = RecentCache(size=4)
 
 
 QUESTION_SETS = ("synthetic", "world")  # the shipped sets; your own: the ``data`` setting
@@ -363,8 +364,8 @@ class SelectCopyDetector(Detector):
     def prompts(self, model: Any, batch_size: Optional[int] = None) -> tuple[list[mc.MCPrompt], dict[str, Any]]:
         """The prompts to score (known questions only, when ``only_known``) and the knowledge check
         (run only when ``only_known``).
-        The check runs once per model (and weights) for this detector instance (``score`` and
-        ``validation_task`` of one instance share it)."""
+        The check runs once per model identity (weights included), settings and questions, for
+        the last few of them (``score`` and ``validation_task`` share it)."""
         config: SelectCopyConfig = self.config
         self.check_data()
         questions = load_questions(config)
@@ -383,12 +384,9 @@ class SelectCopyDetector(Detector):
 
     def _known(self, model: Any, questions: list[mc.MCQuestion], batch_size: Optional[int]) -> Tensor:
         config: SelectCopyConfig = self.config
-        key = (id(model), weights_fingerprint(model), repr(config))
-        cached = getattr(self, "_known_cache", None)
-        if cached is None or cached[0] != key or cached[1]() is not model:
-            known = knows_answer(model, questions, config.knowledge_shots, config.seed, batch_size)
-            self._known_cache = (key, weakref.ref(model), known)
-        return self._known_cache[2]
+        key = (model_identity(model), repr(config), repr(questions))
+        return _KNOWN.get_or_set(key, lambda: knows_answer(model, questions, config.knowledge_shots, config.seed,
+                                                           batch_size))
 
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None,
               prompts: Optional[Sequence[mc.MCPrompt]] = None) -> HeadScores:
