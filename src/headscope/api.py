@@ -11,7 +11,7 @@ from headscope.detectors.base import Detector, get_detector, plain_config
 from headscope.engine.heads import check_head_hooks, model_shape
 from headscope.engine.runner import progress_note
 from headscope.errors import ResultFileError, ResultFileWarning
-from headscope.models import model_name
+from headscope.identity import ModelIdentity, model_identity
 from headscope.results import HeadScores
 
 DetectorLike = Union[str, Detector, type]
@@ -56,17 +56,21 @@ def scan(
     progress: Optional[bool] = None,
     top_k: int = 10,
 ) -> dict[str, HeadScores]:
-    """Run several detectors; with ``out``, each result is saved (``<out>/<name>.json``) as soon as
-    it is done, and with ``resume`` a detector whose file exists for this model is loaded, not
-    recomputed — an interrupted scan loses nothing that had finished. Each reused file is named
-    in a "resumed" line on stderr (unless ``progress=False``); a saved file that cannot be read is
-    named in a ``ResultFileWarning`` and recomputed."""
+    """Run several detectors; with ``out``, each result is saved (``<out>/<name>.json``, with the
+    model's identity in its metadata) as soon as it is done, and with ``resume`` a detector whose
+    file exists for this model is loaded, not recomputed — an interrupted scan loses nothing that
+    had finished. Each reused file is named in a "resumed" line on stderr (unless
+    ``progress=False``); a saved file that cannot be read is named in a ``ResultFileWarning`` and
+    recomputed, one of other settings is recomputed, and one written for another model identity
+    (another model, other weights, other library versions) is refused with an
+    ``IdentityMismatchError``."""
     check_head_hooks(model)
     instances = [get_detector(d) for d in detectors]  # fail on an unknown name before any work
+    identity = model_identity(model) if out is not None else None
     results: dict[str, HeadScores] = {}
     for detector in instances:
         path = Path(out) / f"{detector.name}.json" if out is not None else None
-        saved = _saved_scores(model, detector, path) if path is not None and resume else None
+        saved = _saved_scores(model, identity, detector, path) if path is not None and resume else None
         if saved is not None:
             progress_note(f"resumed {detector.name}: its scores for {saved.model} are read from {path} (pass "
                           "resume=False, or --no-resume, to recompute)", progress)
@@ -74,15 +78,20 @@ def scan(
             continue
         scores = detector.score(model, batch_size=batch_size, progress=progress)
         if path is not None:
+            scores.metadata["identity"] = identity.to_dict()
             scores.save(path, top_k=top_k)
         results[detector.name] = scores
     return results
 
 
-def _saved_scores(model: Any, detector: Detector, path: Path) -> Optional[HeadScores]:
-    """The scores saved at ``path`` when they are this model's with this detector's settings;
-    None when there are none, or they are another model's or settings' (recomputed), or the
-    file cannot be read (named in a warning, recomputed and overwritten)."""
+def _saved_scores(model: Any, identity: ModelIdentity, detector: Detector, path: Path) -> Optional[HeadScores]:
+    """The scores saved at ``path`` when they are this model identity's with this detector's
+    settings; None when there are none, or they are another settings' (recomputed), or the file
+    cannot be read (named in a warning, recomputed and overwritten).
+
+    Raises:
+        IdentityMismatchError: the file was written for another model identity, or records none.
+    """
     if not path.is_file():
         return None
     try:
@@ -91,7 +100,9 @@ def _saved_scores(model: Any, detector: Detector, path: Path) -> Optional[HeadSc
         warnings.warn(f"{exc} Computing {detector.name} again.", ResultFileWarning, stacklevel=3)
         return None
     shape = model_shape(model)
-    if saved.model != model_name(model) or saved.config != plain_config(detector):
+    identity.check_matches(saved.metadata.get("identity"), source=f"The saved scores {path}",
+                           fix="pass resume=False (--no-resume) to compute them again, or another out folder")
+    if saved.config != plain_config(detector):
         return None
     if (saved.n_layers, saved.n_heads) != (shape.n_layers, shape.n_heads):
         warnings.warn(f"The saved scores {path} are labelled {saved.model} but have {saved.n_layers} x {saved.n_heads} "

@@ -201,6 +201,22 @@ def test_an_atlas_part_is_refused_for_another_model_and_after_a_weight_edit(tmp_
     assert rebuilt.environment["weights"] == model_identity(model).weights
 
 
+def test_saved_scan_scores_are_refused_for_another_model_and_after_a_weight_edit(tmp_path):
+    model = tiny_model(n_layers=2, n_heads=4, d_vocab=128)
+    detector = hs.get_detector("previous_token", **SMALL)
+    first = hs.scan(model, [detector], out=tmp_path, progress=False)["previous_token"]
+    saved = hs.HeadScores.load(tmp_path / "previous_token.json")
+    assert saved.metadata["identity"] == model_identity(model).to_dict()
+    assert torch.equal(hs.scan(model, [detector], out=tmp_path, progress=False)["previous_token"].values, first.values)
+    with pytest.raises(IdentityMismatchError, match=r"saved scores .*previous_token\.json .*resume=False"):
+        hs.scan(tiny_model(n_layers=2, n_heads=4, d_vocab=128, seed=1), [detector], out=tmp_path, progress=False)
+    edit_through_data(model)
+    with pytest.raises(IdentityMismatchError, match=r"\(weights "):
+        hs.scan(model, [detector], out=tmp_path, progress=False)
+    again = hs.scan(model, [detector], out=tmp_path, resume=False, progress=False)["previous_token"]
+    assert again.metadata["identity"]["weights"] == model_identity(model).weights
+
+
 # --- in-memory caches ---------------------------------------------------------------------------
 
 def test_default_means_follow_a_weight_edit_and_stay_bounded(llama):
