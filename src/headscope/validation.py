@@ -111,8 +111,8 @@ def validate(
         cache: a dict shared by several ``validate`` calls on the same, unchanged model (the atlas
             passes one): tasks with the same tokens and metric then share the clean run and the
             head-output means instead of recomputing them.
-        progress: bars per run (``None``: on a terminal only); off a terminal ``True`` prints a
-            start and a finish line per run (means, clean, top-k, each random set) to stderr.
+        progress: a bar per run: means, clean, top-k, each random set (the rule of
+            :mod:`headscope.engine.runner`).
         check_model: refuse scores labelled with another model's name (``False``: use them
             anyway, e.g. the same model loaded under another name). Scores of another shape are
             always refused.

@@ -66,6 +66,7 @@ from headscope.engine.decoding import (
     greedy_decode_rows,
 )
 from headscope.engine.heads import Head, check_heads
+from headscope.engine.runner import bar_disabled
 from headscope.errors import DataError, EmptyResultError, InputError
 from headscope.files import atomic_savefig
 from headscope.interventions import DEFAULT_UNIFORM_EPSILON, ablate_per_row
@@ -396,7 +397,7 @@ def needle_scan(
     :func:`sample_key`, which ``data_tag`` extends for your own data files)."""
     done = _read_checkpoint(checkpoint)
     outcomes = []
-    for sample in tqdm(samples, desc="needles", disable=progress is False, leave=False):
+    for sample in tqdm(samples, desc="needles", disable=bar_disabled(progress), leave=False):
         key = sample_key(sample, data_tag)
         if key not in done:
             done[key] = replace(answer_needle(model, sample, max_new_tokens, prefill_chunk), key=key)
@@ -455,7 +456,7 @@ def measure_needles(
         raise InputError(f"Unknown needle metric(s) {', '.join(unknown)}; choose from {', '.join(NEEDLE_METRICS)}.")
     head_sets = [None if heads is None else tuple(check_heads(model, heads)) for heads in head_sets]
     values = {name: torch.zeros(len(head_sets), len(samples)) for name in metrics}
-    for column, sample in enumerate(tqdm(samples, desc="needles", disable=progress is False, leave=False)):
+    for column, sample in enumerate(tqdm(samples, desc="needles", disable=bar_disabled(progress), leave=False)):
         prefix = Prefix(model, sample.tokens, prefill_chunk)
         for first in range(0, len(head_sets), rows_per_batch):
             group = head_sets[first : first + rows_per_batch]

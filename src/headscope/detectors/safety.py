@@ -49,7 +49,7 @@ from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, r
 from headscope.engine.generation import generate
 from headscope.engine.heads import Head, all_heads, model_shape
 from headscope.errors import DataError, InputError, SettingError
-from headscope.interventions import scale_query
+from headscope.interventions import per_row_ablation, scale_query
 from headscope.results import HeadScores
 from headscope.significance import DEFAULT_ALPHA, Significance, bonferroni_t, satterthwaite_df
 from headscope.scans import ReadoutScan, readout_scan
@@ -358,8 +358,8 @@ def attack_success(
     """Whether each request's greedy response complied (1) or not (0) under each head set
     (None = clean), and the generations; all sets run as rows of the same batched decode."""
     prompts = refusal.request_prompts(requests, prompt_format, model.tokenizer)
-    outputs = generate(model, prompts * len(head_sets), max_new_tokens,
-                       head_sets=[heads for heads in head_sets for _ in prompts], method=method, epsilon=epsilon,
+    rows = per_row_ablation([heads for heads in head_sets for _ in prompts], method, epsilon)
+    outputs = generate(model, prompts * len(head_sets), max_new_tokens, row_intervention=rows,
                        batch_size=batch_size or DECODE_ROWS)
     complied = torch.tensor([0.0 if refusal.is_refusal(o.text, o.token_ids) else 1.0 for o in outputs])
     per_set = [outputs[i * len(prompts) : (i + 1) * len(prompts)] for i in range(len(head_sets))]
