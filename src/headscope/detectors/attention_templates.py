@@ -266,6 +266,17 @@ class AttentionTemplateDetector(Detector):
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> HeadScores:
         return score_together(model, [self], batch_size, progress)[self.name]
 
+    def pass_key(self, model: Any) -> dict[str, Any]:
+        """The task settings: template detectors that agree on them share one scoring pass."""
+        return task_settings(self.config)
+
+    @classmethod
+    def score_together(
+        cls, model: Any, detectors: list[Detector], batch_size: Optional[int] = None, progress: Optional[bool] = None
+    ) -> dict[str, HeadScores]:
+        """One forward pass over the shared task scores every template (the module's :func:`score_together`)."""
+        return score_together(model, detectors, batch_size, progress)  # type: ignore[arg-type]
+
     def significance(
         self, model: Any, scores: HeadScores, batch_size: Optional[int] = None, progress: Optional[bool] = None
     ) -> list[Significance]:

@@ -146,6 +146,7 @@ class NeedleOutcome:
 @register_detector
 class RetrievalDetector(Detector):
     name = "retrieval"
+    atlas_order = 50
     Config = RetrievalConfig
     summary = "copy-paste rate from the needle at decode steps, top-1 attention (Wu et al. 2024)"
     cost = "score 27 s (9 needle samples of 300-800 tokens, ~3 s each), validation 11 s"

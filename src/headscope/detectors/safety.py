@@ -108,6 +108,11 @@ class SafetyDetector(Detector):
     """Ships, dataset-level Ships and Sahara on harmful requests (Zhou et al. 2024)."""
 
     name = "safety"
+    atlas_order = 80
+    # the atlas's safety scan (every head ablated on every query, plus the same scan of harmless
+    # requests for the significance rule) on 16 requests instead of 32 halves its longest stage
+    # (~200 s instead of ~400 s on a 2-core CPU)
+    atlas_defaults = {"n_queries": 16}
     Config = SafetyConfig
     summary = "KL of the next-token distribution on harmful requests when a head attends uniformly (Ships)"
     cost = "score 84 s, significance (harmless control) 95 s, validation (greedy decodes) 97 s"

@@ -334,6 +334,7 @@ MAJORITY_RULE = ("the role's definition (a head that selects the correct option 
 @register_detector
 class SelectCopyDetector(Detector):
     name = "select_copy"
+    atlas_order = 70
     Config = SelectCopyConfig
     summary = "accuracy of each head's QK-score / attention to the correct option (Tulchinskii et al. 2024)"
     cost = "score 369 s (free-form knowledge check of 1300 questions, then the ~335 known), validation 133 s"

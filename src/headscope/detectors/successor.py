@@ -115,6 +115,7 @@ class SuccessionPrompt:
 @register_detector
 class SuccessorDetector(Detector):
     name = "successor"
+    atlas_order = 40
     Config = SuccessorConfig
     summary = "successor top among task tokens: effective OV circuit and in-context direct logits (Gould et al. 2023)"
     cost = "score 2 s, significance 0.5 s, validation 7 s"
