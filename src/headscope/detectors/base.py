@@ -12,7 +12,10 @@ A detector is a class with a registered ``name``, a config dataclass (``Config``
         def validation_task(self, model): ...
 
 Configs follow scikit-learn's habit: every setting is a keyword with a default, settable at
-construction (``get_detector("induction", block_len=50)``) and recorded in the results.
+construction (``get_detector("induction", block_len=50)``) and recorded in the results. What the
+atlas needs of a detector it reads here too: ``atlas_order``, ``atlas_defaults``, and for a family
+that shares a scoring pass ``pass_key`` and ``score_together``. CONTRIBUTING.md gives the steps
+of adding a detector.
 """
 
 from __future__ import annotations
