@@ -488,8 +488,13 @@ def shares_pass(model: Any, detector: Detector, other: Detector) -> bool:
     """Whether ``detector`` can be scored in ``other``'s pass: equal pass keys (not None) and the
     same ``score_together``."""
     key = other.pass_key(model)
-    return (key is not None and detector.pass_key(model) == key
-            and type(detector).score_together.__func__ is type(other).score_together.__func__)  # type: ignore[attr-defined]
+    return key is not None and detector.pass_key(model) == key and _shared_scorer(detector) is _shared_scorer(other)
+
+
+def _shared_scorer(detector: Detector) -> Any:
+    """The function behind the class's ``score_together`` (one per detector family)."""
+    scorer = type(detector).score_together
+    return getattr(scorer, "__func__", scorer)
 
 
 def code_fingerprint(detector: Detector, stage: str) -> str:
