@@ -8,8 +8,7 @@
     hs.validate(model, scores, k=5)
 """
 
-__version__ = "0.1.0"
-
+from headscope.versions import HEADSCOPE_VERSION as __version__
 from headscope.api import detect, scan
 from headscope.atlas import Atlas, AtlasSettings, atlas
 from headscope.compare import AtlasComparison, compare

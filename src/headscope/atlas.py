@@ -33,27 +33,19 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from headscope.detectors.attention_templates import AttentionTemplateDetector, score_together, task_settings
-from headscope.detectors.base import Detector, get_detector, list_detectors, plain_config
+from headscope.detectors.base import Detector, detector_class, get_detector, list_detectors, plain_config
 from headscope.engine.heads import Head, check_head_hooks, model_shape
-from headscope.engine.runner import progress_note
+from headscope.engine.runner import bar_disabled, progress_note
 from headscope.errors import ArgumentError, IdentityMismatchError, ResultFileError, ResultFileWarning, SettingError
 from headscope.identity import ModelIdentity, model_identity, weights_digest
 from headscope.models import model_name
 from headscope.results import HeadScores, role_overlap, write_text_atomic
 from headscope.significance import Significance
 from headscope.validation import ValidationResult, check_counts, validate
-from headscope.versions import installed_version
+from headscope.versions import HEADSCOPE_VERSION, installed_version
 
 ATLAS_FORMAT_VERSION = 1
-# The order of the report: the induction circuit first, then the roles that build on it
-ATLAS_ORDER = ("induction", "previous_token", "duplicate_token", "successor", "retrieval", "memory_context",
-               "select_copy", "safety")
 STAGES = ("scores", "significance", "validation")
-# Settings the atlas uses unless told otherwise: the safety scan (every head ablated on every
-# query, plus the same scan of harmless requests for the significance rule) on 16 requests
-# instead of 32 halves the atlas's longest stage (~200 s instead of ~400 s on a 2-core CPU).
-ATLAS_DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {"safety": {"n_queries": 16}}
 
 
 @dataclass
@@ -66,7 +58,7 @@ class AtlasSettings:
         k: heads ablated by the validation; n_random: random ``k``-sets it compares against.
         seed: seed of the random head sets.
         settings: config overrides per detector, e.g. ``{"retrieval": {"lengths": [300]}}``, on top
-            of ``ATLAS_DEFAULT_SETTINGS`` (the safety scan on 16 requests).
+            of each detector's ``atlas_defaults`` (:func:`detector_settings`).
         overlap_k: top-``k`` used for the score-map overlaps beside the significant-set overlaps.
     """
 
@@ -181,9 +173,11 @@ class Atlas:
         significance, and the role map's role."""
         import pandas as pd
 
-        return pd.DataFrame(self._head_rows())
+        return pd.DataFrame(self.head_rows())
 
-    def _head_rows(self) -> list[dict[str, Any]]:
+    def head_rows(self) -> list[dict[str, Any]]:
+        """One dict per head (``layer``, ``head``, ``name``, then the columns of :meth:`to_frame`),
+        in layer-major order: what ``heads.csv`` holds."""
         names, index, strength = self.role_map()
         roles = self.roles
         masks = {role: sig.mask for role, sig in roles.items()}  # each computed once, not per head
@@ -308,8 +302,9 @@ def atlas(
     calls significant (its own rule, see ``Detector.significance``), and, with ``validate``, the
     causal check of its top-``k`` heads against ``n_random`` random ``k``-sets.
 
-    Detectors that share forward runs share them (the attention-template detectors score in one
-    pass over their repeated-token task and share one null run). With ``out``, each stage of each
+    Detectors that can share forward runs share them: those whose ``Detector.pass_key`` is equal
+    are scored in one pass by their class's ``score_together`` (the attention-template detectors
+    score in one pass over their repeated-token task). With ``out``, each stage of each
     detector is saved under ``<out>/parts/`` when done; with ``resume``, saved stages whose model
     and settings match are loaded instead of recomputed. ``progress`` shows a bar per detector.
 
@@ -328,8 +323,7 @@ def atlas(
     if unknown_settings:
         raise SettingError(f"settings given for {', '.join(unknown_settings)}, which this atlas does not run "
                            f"({', '.join(names)}): add the detector to the run or drop its settings.")
-    settings = {name: {**ATLAS_DEFAULT_SETTINGS.get(name, {}), **(settings or {}).get(name, {})} for name in names
-                if name in ATLAS_DEFAULT_SETTINGS or name in (settings or {})}
+    settings = detector_settings(names, settings)
     instances = [get_detector(name, **settings.get(name, {})) for name in names]  # fail before any work
     config = AtlasSettings(detectors=[d.name for d in instances], validate=validate, k=k, n_random=n_random,
                            seed=seed, settings=settings)
@@ -343,9 +337,27 @@ def atlas(
 
 
 def all_detectors() -> list[str]:
-    """Every registered detector, the library's own in ``ATLAS_ORDER`` and then the rest by name."""
-    registered = list_detectors()
-    return [n for n in ATLAS_ORDER if n in registered] + [n for n in registered if n not in ATLAS_ORDER]
+    """Every registered detector in the atlas's order: those with an ``atlas_order`` by it (lower
+    first), then the rest by name."""
+
+    def position(name: str) -> tuple[bool, int, str]:
+        order = detector_class(name).atlas_order
+        return order is None, order or 0, name
+
+    return sorted(list_detectors(), key=position)
+
+
+def detector_settings(names: Sequence[str],
+                      settings: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, dict[str, Any]]:
+    """The settings the atlas gives each of ``names``: the detector's ``atlas_defaults`` with
+    ``settings[name]`` on top, for each detector that has either (the others run on defaults).
+
+    Raises:
+        UnknownDetectorError: a name that is not registered.
+    """
+    given = settings or {}
+    merged = {name: {**detector_class(name).atlas_defaults, **given.get(name, {})} for name in names}
+    return {name: values for name, values in merged.items() if detector_class(name).atlas_defaults or name in given}
 
 
 class _Builder:
@@ -375,8 +387,7 @@ class _Builder:
         name = detector.name
         self.timings[name] = {}
         stages = STAGES if self.config.validate else STAGES[:2]
-        show = self.progress is not False
-        with tqdm(total=len(stages), desc=f"{name:>16}", unit="stage", disable=not show,
+        with tqdm(total=len(stages), desc=f"{name:>16}", unit="stage", disable=bar_disabled(self.progress),
                   bar_format="{desc} {bar:12} {n_fmt}/{total_fmt} stages [{elapsed}]{postfix}") as bar:
             for stage in stages:
                 bar.set_postfix_str(stage)
@@ -446,13 +457,12 @@ class _Builder:
                         progress=self.progress, cache=self.validation_cache)
 
     def _score(self, detector: Detector) -> HeadScores:
-        """One detector's scores; an attention-template detector scores every not-yet-scored
-        template detector with the same settings in the same pass."""
-        if isinstance(detector, AttentionTemplateDetector):
-            shared = task_settings(detector.config)
-            group = [d for d in self.detectors if isinstance(d, AttentionTemplateDetector) and task_settings(d.config) == shared
+        """One detector's scores; a detector with a :meth:`~Detector.pass_key` scores every
+        not-yet-scored detector that shares its pass (:func:`shares_pass`) in that pass."""
+        if detector.pass_key(self.model) is not None:
+            group = [d for d in self.detectors if shares_pass(self.model, d, detector)
                      and d.name not in self.scores and not self._saved(d, "scores")]
-            results = score_together(self.model, group, self.batch_size, self.progress)
+            results = type(detector).score_together(self.model, group, self.batch_size, self.progress)
             for other in group:  # kept, and saved at once: an interrupt loses none of the shared pass
                 if other.name != detector.name:
                     self.shared_scores[other.name] = (results[other.name], detector.name)
@@ -475,6 +485,19 @@ class _Builder:
         if stage == "validation":
             key.update(k=self.config.k, n_random=self.config.n_random, seed=self.config.seed)
         return key
+
+
+def shares_pass(model: Any, detector: Detector, other: Detector) -> bool:
+    """Whether ``detector`` can be scored in ``other``'s pass: equal pass keys (not None) and the
+    same ``score_together``."""
+    key = other.pass_key(model)
+    return key is not None and detector.pass_key(model) == key and _shared_scorer(detector) is _shared_scorer(other)
+
+
+def _shared_scorer(detector: Detector) -> Any:
+    """The function behind the class's ``score_together`` (one per detector family)."""
+    scorer = type(detector).score_together
+    return getattr(scorer, "__func__", scorer)
 
 
 def code_fingerprint(detector: Detector, stage: str) -> str:
@@ -651,12 +674,11 @@ def _decode(stage: str, value: Any) -> Any:
 def environment(model: Any) -> dict[str, Any]:
     """Versions, device and weights (their XXH3-128, as in ``headscope.identity``) an atlas was
     made with."""
-    from headscope import __version__
     from headscope.engine.runner import model_device, model_dtype
 
     device = model_device(model)
     return {
-        "headscope": __version__,
+        "headscope": HEADSCOPE_VERSION,
         "torch": torch.__version__,
         **{package: installed_version(package) or "not installed" for package in ("transformer-lens", "transformers")},
         "python": platform.python_version(),

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from headscope import __version__
 from headscope.api import scan
-from headscope.atlas import ATLAS_DEFAULT_SETTINGS, atlas
+from headscope.atlas import atlas
+from headscope.atlas import detector_settings as atlas_detector_settings
 from headscope.compare import compare
 from headscope.detectors.base import Detector, detector_of_scores, get_detector, list_detectors
 from headscope.detectors.settings import DATA_SETTING, describe_settings, range_text, setting_fields, suggest
@@ -285,7 +286,7 @@ def run_atlas(args: argparse.Namespace) -> int:
     run_all = args.detectors.strip() == "all"
     names = list_detectors() if run_all else detector_names(args.detectors)
     settings = detector_settings(names, args)
-    build_detectors(names, {n: {**ATLAS_DEFAULT_SETTINGS.get(n, {}), **settings.get(n, {})} for n in names})
+    build_detectors(names, atlas_detector_settings(names, settings))  # checked before the model loads
     check_out_folder(args.out)
     model = _load(args)
     started = time.time()

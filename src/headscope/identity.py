@@ -50,7 +50,7 @@ from torch import Tensor
 
 from headscope.errors import IdentityMismatchError, ResultFileError
 from headscope.models import model_name
-from headscope.versions import installed_version
+from headscope.versions import HEADSCOPE_VERSION, installed_version
 
 CHUNK_BYTES = 1 << 26  # 64 MiB per host copy of a tensor on another device
 SHOWN_DIGITS = 12  # of a weights hash in a message
@@ -145,9 +145,7 @@ def model_identity(model: Any) -> ModelIdentity:
 
 @functools.lru_cache(maxsize=1)
 def _library_versions() -> dict[str, str]:
-    from headscope import __version__
-
-    return {"headscope": str(__version__), "torch": str(torch.__version__),  # TorchVersion is no plain str
+    return {"headscope": HEADSCOPE_VERSION, "torch": str(torch.__version__),  # TorchVersion is no plain str
             "transformer_lens": installed_version("transformer-lens") or "not installed",
             "transformers": installed_version("transformers") or "not installed"}
 

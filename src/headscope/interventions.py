@@ -96,8 +96,7 @@ def ablate(
             default is a short English text shipped with headscope.
         means: for ``"mean"``, precomputed ``head_output_means`` (layer → [n_heads, d_head]) to
             use instead of a pass over ``reference`` (several ablations, one pass).
-        progress: a bar (or, off a terminal, start and finish lines) while the means are computed;
-            ``None`` shows the bar on a terminal only.
+        progress: a bar while the means are computed (the rule of :mod:`headscope.engine.runner`).
 
     Raises:
         ArgumentError: no heads, or a non-positive or non-finite ``epsilon`` for ``"uniform"``.
@@ -206,6 +205,23 @@ def ablate_per_row(
 
         hooks.append((name, mix))
     return hooked(model, hooks)
+
+
+def per_row_ablation(
+    head_sets: Sequence[Optional[HeadsLike]], method: str = "zero", epsilon: float = DEFAULT_UNIFORM_EPSILON,
+) -> Callable[[Any, Sequence[int]], contextlib.AbstractContextManager]:
+    """``enter(model, rows)``: :func:`ablate_per_row` with ``head_sets[i]`` for each prompt index
+    ``i`` in ``rows`` (the prompts a batched run holds, in its row order): the ``row_intervention``
+    of :func:`headscope.engine.generation.generate`, one head set (or None) per prompt."""
+
+    def enter(model: Any, rows: Sequence[int]) -> contextlib.AbstractContextManager:
+        missing = [row for row in rows if not 0 <= row < len(head_sets)]
+        if missing:
+            raise ArgumentError(f"per_row_ablation has {len(head_sets)} head sets, but a run holds prompt {missing[0]}: "
+                                "give one head set (or None for a clean row) per prompt.")
+        return ablate_per_row(model, [head_sets[row] for row in rows], method, epsilon)
+
+    return enter
 
 
 def scale_output(model: Any, heads: HeadsLike, factor: float) -> contextlib.AbstractContextManager:
@@ -441,8 +457,7 @@ def head_output_means(
 ) -> dict[int, Float[Tensor, "n_heads d_head"]]:
     """Mean of ``hook_z`` per head over every real token of ``reference`` except position 0.
 
-    ``progress``: a bar "mean head outputs" (``None``: on a terminal only; off a terminal,
-    ``True`` prints a start and a finish line instead)."""
+    ``progress``: a bar "mean head outputs" (the rule of :mod:`headscope.engine.runner`)."""
     layers = sorted(set(layers))
     batch = as_token_batch(model, reference)
     names = [hook_name(layer, "z") for layer in layers]

@@ -357,7 +357,7 @@ def _blend(hex_colour: str, amount: float) -> str:
 def write_csv_files(atlas: "Atlas", directory: Path) -> None:
     """``heads.csv`` (one row per head), ``validation.csv``, ``significance.csv``, ``overlap.csv``,
     and ``failures.csv`` when a detector failed."""
-    _write_csv(directory / "heads.csv", atlas._head_rows())
+    _write_csv(directory / "heads.csv", atlas.head_rows())
     _write_csv(directory / "validation.csv", [
         {key: (json.dumps(value) if isinstance(value, (list, dict)) else value) for key, value in v.to_dict().items()}
         for v in atlas.validations.values() if v is not None])

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from headscope.engine.architecture import head_hook
 from headscope.engine.heads import Head, all_heads, check_heads, heads_by_layer, model_shape
 from headscope.engine.partial import check_forward_from_layer, forward_from_layer, resid_pre_name
-from headscope.engine.runner import auto_batch_size, last_position_states, model_device, progress_note, run_batched
+from headscope.engine.runner import (auto_batch_size, bar_disabled, last_position_states, model_device, progress_note,
+                                     run_batched)
 from headscope.engine.tokens import TokenBatch, as_token_batch, iter_batches
 from headscope.errors import ArgumentError, InputError
 from headscope.files import atomic_torch_save
@@ -112,7 +113,7 @@ def ablation_scan(
     layer_heads = heads_by_layer(selected)
     done = {tuple(unit) for unit in state["done"]}
     n_units = -(-len(batch) // chunk_size) * len(layer_heads)
-    disable = None if progress is None else not progress
+    disable = bar_disabled(progress)
     with torch.no_grad(), tqdm(total=n_units - len(done), desc="ablation scan", unit="layer", disable=disable) as bar:
         for index, (_rows, chunk) in enumerate(iter_batches(batch, chunk_size)):
             layers = [layer for layer in layer_heads if (index, layer) not in done]
@@ -200,7 +201,7 @@ def readout_scan(
     layer_heads = heads_by_layer(selected)
     done = {tuple(unit) for unit in state["done"]}
     read = lambda run, chunk: last_position_states(model, chunk, run)  # noqa: E731
-    disable = None if progress is None else not progress
+    disable = bar_disabled(progress)
     n_units = -(-len(batch) // chunk_size) * len(layer_heads)
     outer = background(model) if background is not None else contextlib.nullcontext()
     with torch.no_grad(), outer, tqdm(total=n_units - len(done), desc="readout scan", unit="layer", disable=disable) as bar:
@@ -414,7 +415,7 @@ def naive_ablation_scan(
         return run_batched(model, batch, lambda logits, cache, chunk: metric(logits, chunk).float(), batch_size=size)
 
     clean = run()
-    for head in tqdm(selected, desc="naive scan", disable=None if progress is None else not progress):
+    for head in tqdm(selected, desc="naive scan", disable=bar_disabled(progress)):
         if method == "scale":
             context = scale_output(model, [head], factor)
         elif method == "uniform" and factor is not None:
@@ -450,7 +451,7 @@ def attribution_scan(
     scale = {"zero": 0.0, "uniform": DEFAULT_UNIFORM_EPSILON if factor is None else factor, "scale": factor}.get(method)
     totals = torch.zeros(shape.n_layers, shape.n_heads, device=model_device(model))
     for _rows, chunk in tqdm(list(iter_batches(batch, size)), desc="attribution scan",
-                             disable=None if progress is None else not progress):
+                             disable=bar_disabled(progress)):
         chunk = chunk.to(model_device(model))
         for layer, (clean, grad) in enumerate(_activations_and_gradients(model, chunk, kind, metric)):
             if method == "mean":

@@ -114,8 +114,8 @@ def validate(
             their metric has a ``cache_key`` (``headscope.identity.metric_identity``; a metric
             without one is run again). Entries are keyed by the model's identity, so a model
             whose weights changed since never gets another's values.
-        progress: bars per run (``None``: on a terminal only); off a terminal ``True`` prints a
-            start and a finish line per run (means, clean, top-k, each random set) to stderr.
+        progress: a bar per run: means, clean, top-k, each random set (the rule of
+            :mod:`headscope.engine.runner`).
         check_model: refuse scores labelled with another model's name (``False``: use them
             anyway, e.g. the same model loaded under another name). Scores of another shape are
             always refused.

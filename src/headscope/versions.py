@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, requires, version
 from typing import Optional
 
+HEADSCOPE_VERSION = "0.1.0"  # this release (``headscope.__version__``; the same as pyproject.toml's)
 # The libraries whose releases change what a forward pass, a cache or a checkpoint does.
 CORE_PACKAGES = ("torch", "transformers", "transformer-lens", "gguf")
 _warned = False

@@ -178,7 +178,8 @@ def test_interrupted_atlas_recomputes_only_what_is_missing(model, tmp_path, monk
     assert "previous_token.validation.json" not in saved and "duplicate_token.significance.json" not in saved
 
     scored, calls[:] = [], []
-    real_score_together = atlas_module.score_together
+    templates_module = importlib.import_module("headscope.detectors.attention_templates")
+    real_score_together = templates_module.score_together  # every template scoring pass, shared or not
 
     def counting_score_together(model, detectors, *args):
         scored.extend(d.name for d in detectors)
@@ -186,7 +187,7 @@ def test_interrupted_atlas_recomputes_only_what_is_missing(model, tmp_path, monk
 
     monkeypatch.setattr(atlas_module, "validate", lambda model, scores, **kw: (calls.append(scores.detector),
                                                                                  real_validate(model, scores, **kw))[1])
-    monkeypatch.setattr(atlas_module, "score_together", counting_score_together)
+    monkeypatch.setattr(templates_module, "score_together", counting_score_together)
     calls_significance = []
     real_significance = hs.get_detector("duplicate_token").significance.__func__
 

@@ -141,6 +141,8 @@ ROWS = [
     ("config-entry-not-object", "scan --config {d}/notobject.json", ["notobject.json", "induction", "JSON object"]),
     ("config-wrong-type", "scan --config {d}/four.json", ["'block_len'", "induction", "'four'", "int"]),
     ("config-out-of-range", "scan --config {d}/range.json", ["'copying_positions'", "-1", "at least 0"]),
+    ("config-wrong-type-atlas", "atlas --config {d}/four.json", ["'block_len'", "induction", "'four'", "int"]),
+    ("config-out-of-range-atlas", "atlas --config {d}/range.json", ["'copying_positions'", "-1", "at least 0"]),
     ("config-not-a-choice", "scan --config {d}/choice.json", ["'copying_vocabulary'", "'ful'", "did you mean 'full'"]),
     ("config-unknown-detector-scan", "scan --config {d}/nodetector.json", ["'inducton'", "Did you mean 'induction'"]),
     ("config-unknown-detector-atlas", "atlas --config {d}/nodetector.json", ["'inducton'", "Did you mean 'induction'"]),

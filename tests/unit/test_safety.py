@@ -17,7 +17,7 @@ from headscope.detectors.safety import (
 )
 from headscope.engine.generation import final_states, generate
 from headscope.errors import InputError, ModelNotAvailableError
-from headscope.interventions import scale_query
+from headscope.interventions import per_row_ablation, scale_query
 from headscope.organisms import apply_low_rank_delta, head_delta_norms, load_low_rank_delta, save_low_rank_delta
 from headscope.scans import readout_scan
 from headscope.tasks import refusal
@@ -74,7 +74,8 @@ def test_left_padded_batch_generation_equals_one_prompt_at_a_time(tiny_llama):
 
 def test_per_row_head_sets_equal_separate_ablated_generations(tiny_llama):
     sets = [None, [(0, 1)], [(1, 0), (1, 3)]]
-    rows = generate(tiny_llama, PROMPTS, max_new_tokens=5, stop_ids=[], head_sets=sets, method="uniform", epsilon=1e-5)
+    rows = generate(tiny_llama, PROMPTS, max_new_tokens=5, stop_ids=[],
+                    row_intervention=per_row_ablation(sets, "uniform", 1e-5))
     for prompt, heads, row in zip(PROMPTS, sets, rows, strict=True):
         if heads is None:
             expected = generate(tiny_llama, [prompt], max_new_tokens=5, stop_ids=[])[0]

@@ -273,6 +273,17 @@ class AttentionTemplateDetector(Detector):
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> HeadScores:
         return score_together(model, [self], batch_size, progress)[self.name]
 
+    def pass_key(self, model: Any) -> dict[str, Any]:
+        """The task settings: template detectors that agree on them share one scoring pass."""
+        return task_settings(self.config)
+
+    @classmethod
+    def score_together(
+        cls, model: Any, detectors: list[Detector], batch_size: Optional[int] = None, progress: Optional[bool] = None
+    ) -> dict[str, HeadScores]:
+        """One forward pass over the shared task scores every template (the module's :func:`score_together`)."""
+        return score_together(model, detectors, batch_size, progress)  # type: ignore[arg-type]
+
     def significance(
         self, model: Any, scores: HeadScores, batch_size: Optional[int] = None, progress: Optional[bool] = None
     ) -> list[Significance]:
@@ -326,9 +337,9 @@ def score_together(
     on_text = isinstance(task, TextWindows)
     extras = {d.name: ([], None) if on_text else d.extra_scores(model, task) for d in detectors}
 
-    def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
+    def reduce(logits: Tensor, cache: dict, chunk: TokenBatch, rows: slice) -> dict[str, Tensor]:
         out = {}
-        for name, (template, queries) in templates(chunk).items():
+        for name, (template, queries) in templates(rows).items():
             out[name] = template_scores(cache, n_layers, template, queries, chunk)
             extra_fn = extras[name][1]
             out.update({f"{name}.{key}": value for key, value in (extra_fn(cache, chunk) if extra_fn else {}).items()})
@@ -384,14 +395,11 @@ def text_metadata(task: TextWindows, config: RepeatedTokensConfig) -> dict[str, 
             "copying": "not measured on text data (it reads the repeated-token task's blocks)"}
 
 
-def chunk_templates(templates: dict[str, tuple[Tensor, Tensor]]) -> Callable[[TokenBatch], dict[str, tuple[Tensor, Tensor]]]:
-    """``take(chunk)``: each template's rows for the next chunk of a ``run_batched`` pass (chunks
-    come in row order). Templates shared by every row (``[q, k]``) are handed on as they are."""
-    start = [0]
+def chunk_templates(templates: dict[str, tuple[Tensor, Tensor]]) -> Callable[[slice], dict[str, tuple[Tensor, Tensor]]]:
+    """``take(rows)``: each template's ``rows`` (the chunk a ``run_batched`` reduce gets). Templates
+    shared by every row (``[q, k]``) are handed on as they are."""
 
-    def take(chunk: TokenBatch) -> dict[str, tuple[Tensor, Tensor]]:
-        rows = slice(start[0], start[0] + len(chunk))
-        start[0] += len(chunk)
+    def take(rows: slice) -> dict[str, tuple[Tensor, Tensor]]:
         return {name: (t[rows] if t.ndim == 3 else t, q[rows] if q.ndim == 2 else q) for name, (t, q) in templates.items()}
 
     return take
@@ -419,8 +427,8 @@ def template_null(
         measured = {d.name: d.templates_for(task) for d in [*_registered_templates(), detector] if d.name not in cached}
         templates = chunk_templates(measured)  # text: each window's own template on its random-token twin
 
-        def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
-            return {name: template_scores(cache, n_layers, t, q, chunk) for name, (t, q) in templates(chunk).items()}
+        def reduce(logits: Tensor, cache: dict, chunk: TokenBatch, rows: slice) -> dict[str, Tensor]:
+            return {name: template_scores(cache, n_layers, t, q, chunk) for name, (t, q) in templates(rows).items()}
 
         per_example = run_batched(model, null_tokens(model, task, config), reduce, pattern_hooks(model), batch_size,
                                   progress, desc="template null", logits="last")  # {name: [batch, L, H]}

@@ -12,7 +12,10 @@ A detector is a class with a registered ``name``, a config dataclass (``Config``
         def validation_task(self, model): ...
 
 Configs follow scikit-learn's habit: every setting is a keyword with a default, settable at
-construction (``get_detector("induction", block_len=50)``) and recorded in the results.
+construction (``get_detector("induction", block_len=50)``) and recorded in the results. What the
+atlas needs of a detector it reads here too: ``atlas_order``, ``atlas_defaults``, and for a family
+that shares a scoring pass ``pass_key`` and ``score_together``. CONTRIBUTING.md gives the steps
+of adding a detector.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from headscope.errors import DataError, EmptyResultError, SettingError, UnknownD
 from headscope.models import model_name
 from headscope.results import HeadScores
 from headscope.significance import Significance
+from headscope.versions import HEADSCOPE_VERSION
 
 MetricFn = Callable[[Float[Tensor, "batch pos vocab"], TokenBatch], Float[Tensor, " batch"]]
 MeasureFn = Callable[[Any, list, str], Float[Tensor, "sets examples"]]
@@ -85,8 +89,13 @@ class Detector(ABC):
     name: ClassVar[str]
     Config: ClassVar[type] = DetectorConfig
     summary: ClassVar[str] = ""
-    cost: ClassVar[str] = ""
-    renamed_settings: ClassVar[dict[str, str]] = {}  # old setting name -> new, still accepted with a warning  # rough time of one score() on a stated model and machine, for 'headscope detectors'
+    cost: ClassVar[str] = ""  # rough time of one score() on a stated model and machine, for 'headscope detectors'
+    renamed_settings: ClassVar[dict[str, str]] = {}  # old setting name -> new, still accepted with a warning
+    # Where the atlas puts this detector: ordered ones by ``atlas_order`` (lower first), then those
+    # without one (None) by name.
+    atlas_order: ClassVar[Optional[int]] = None
+    # Settings the atlas uses for this detector unless told otherwise (e.g. a smaller request set).
+    atlas_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: Optional[Any] = None, **overrides: Any) -> None:
         """``config``: a ``Config`` instance, a dict of settings (e.g. a saved result's config) or
@@ -151,6 +160,21 @@ class Detector(ABC):
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> HeadScores:
         """Score every head of ``model``."""
 
+    def pass_key(self, model: Any) -> Any:
+        """What this detector's scoring pass over ``model`` depends on, when the pass can be shared:
+        detectors whose keys are equal (``==``, never None) and whose class has the same
+        :meth:`score_together` are scored in one pass by it (the atlas does). ``None``, the default:
+        scored alone by :meth:`score`."""
+        return None
+
+    @classmethod
+    def score_together(
+        cls, model: Any, detectors: list["Detector"], batch_size: Optional[int] = None, progress: Optional[bool] = None
+    ) -> dict[str, HeadScores]:
+        """``{name: scores}`` of ``detectors`` (equal :meth:`pass_key`) from one shared pass; each
+        must equal what its own :meth:`score` gives. The default scores each one alone."""
+        return {d.name: d.score(model, batch_size=batch_size, progress=progress) for d in detectors}
+
     @abstractmethod
     def validation_task(self, model: Any) -> ValidationTask:
         """The data and behavioural metric used to validate this detector's top heads."""
@@ -176,11 +200,9 @@ class Detector(ABC):
             EmptyResultError: every value is NaN (a result that carries nothing is an error, never
                 a grid handed on); ``metadata["nan_reason"]``, if given, says why.
         """
-        from headscope import __version__
-
         check_not_empty(self.name, values, (metadata or {}).get("nan_reason"))
 
-        info = {"headscope_version": __version__, "summary": self.summary}
+        info = {"headscope_version": HEADSCOPE_VERSION, "summary": self.summary}
         info.update(metadata or {})
         return HeadScores(
             values=values,
@@ -255,16 +277,25 @@ def list_detectors() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def detector_class(name: str) -> type[Detector]:
+    """The registered class of the detector called ``name``.
+
+    Raises:
+        UnknownDetectorError: no detector of that name (with the closest registered name).
+    """
+    if name not in _REGISTRY:
+        hint = suggest(name, _REGISTRY)
+        raise UnknownDetectorError(
+            f"Unknown detector {name!r}.{hint} Known detectors: {', '.join(list_detectors())}. "
+            f"Register your own with @headscope.register_detector."
+        )
+    return _REGISTRY[name]
+
+
 def get_detector(detector: Union[str, Detector, type[Detector]], config: Any = None, **overrides: Any) -> Detector:
     """A detector instance from a name, a class or an instance (overrides applied)."""
     if isinstance(detector, Detector):
         return type(detector)(detector.config, **overrides) if overrides or config else detector
     if isinstance(detector, type) and issubclass(detector, Detector):
         return detector(config, **overrides)
-    if detector not in _REGISTRY:
-        hint = suggest(detector, _REGISTRY)
-        raise UnknownDetectorError(
-            f"Unknown detector {detector!r}.{hint} Known detectors: {', '.join(list_detectors())}. "
-            f"Register your own with @headscope.register_detector."
-        )
-    return _REGISTRY[detector](config, **overrides)
+    return detector_class(detector)(config, **overrides)

@@ -23,6 +23,7 @@ from headscope.tasks.repeated_tokens import RepeatedTokens
 @register_detector
 class DuplicateTokenDetector(AttentionTemplateDetector):
     name = "duplicate_token"
+    atlas_order = 30
     score_name = "duplicate_token"
     summary = "attention to earlier copies of the current token"
     cost = "score shared with induction (8 s for the three template roles), validation 34 s"

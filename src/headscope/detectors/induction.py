@@ -65,6 +65,7 @@ class InductionConfig(RepeatedTokensConfig):
 @register_detector
 class InductionDetector(AttentionTemplateDetector):
     name = "induction"
+    atlas_order = 10  # the atlas's order: the induction circuit first, then the roles that build on it
     Config = InductionConfig
     score_name = "prefix_matching"
     summary = "attention from a repeated token to the token after its earlier copies (Olsson et al. 2022)"

@@ -98,6 +98,7 @@ class MemoryContextConfig(DetectorConfig):
 @register_detector
 class MemoryContextDetector(Detector):
     name = "memory_context"
+    atlas_order = 60
     Config = MemoryContextConfig
     summary = "direct logit attribution onto context answer minus memorised answer (Yu et al. 2023)"
     cost = "score 2 s, validation 7 s"

@@ -39,6 +39,7 @@ from headscope.tasks.repeated_tokens import RepeatedTokens
 @register_detector
 class PreviousTokenDetector(AttentionTemplateDetector):
     name = "previous_token"
+    atlas_order = 20
     score_name = "previous_token"
     summary = "attention to the immediately preceding token"
     cost = "score shared with induction (8 s for the three template roles), validation 34 s"

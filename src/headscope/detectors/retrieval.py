@@ -67,6 +67,7 @@ from headscope.engine.decoding import (
     greedy_decode_rows,
 )
 from headscope.engine.heads import Head, check_heads
+from headscope.engine.runner import bar_disabled
 from headscope.errors import DataError, EmptyResultError, InputError, ResultFileError
 from headscope.files import append_line
 from headscope.identity import ModelIdentity, model_identity
@@ -157,6 +158,7 @@ class NeedleOutcome:
 @register_detector
 class RetrievalDetector(Detector):
     name = "retrieval"
+    atlas_order = 50
     Config = RetrievalConfig
     summary = "copy-paste rate from the needle at decode steps, top-1 attention (Wu et al. 2024)"
     cost = "score 27 s (9 needle samples of 300-800 tokens, ~3 s each), validation 11 s"
@@ -417,7 +419,7 @@ def needle_scan(
     identity = model_identity(model) if checkpoint is not None else None
     done = _read_checkpoint(checkpoint, identity)
     outcomes = []
-    for sample in tqdm(samples, desc="needles", disable=progress is False, leave=False):
+    for sample in tqdm(samples, desc="needles", disable=bar_disabled(progress), leave=False):
         key = sample_key(sample, data_tag)
         if key not in done:
             done[key] = replace(answer_needle(model, sample, max_new_tokens, prefill_chunk), key=key)
@@ -507,7 +509,7 @@ def measure_needles(
         raise InputError(f"Unknown needle metric(s) {', '.join(unknown)}; choose from {', '.join(NEEDLE_METRICS)}.")
     head_sets = [None if heads is None else tuple(check_heads(model, heads)) for heads in head_sets]
     values = {name: torch.zeros(len(head_sets), len(samples)) for name in metrics}
-    for column, sample in enumerate(tqdm(samples, desc="needles", disable=progress is False, leave=False)):
+    for column, sample in enumerate(tqdm(samples, desc="needles", disable=bar_disabled(progress), leave=False)):
         prefix = Prefix(model, sample.tokens, prefill_chunk)
         for first in range(0, len(head_sets), rows_per_batch):
             group = head_sets[first : first + rows_per_batch]

@@ -49,7 +49,7 @@ from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, r
 from headscope.engine.generation import generate
 from headscope.engine.heads import Head, all_heads, model_shape
 from headscope.errors import DataError, InputError, SettingError
-from headscope.interventions import scale_query
+from headscope.interventions import per_row_ablation, scale_query
 from headscope.results import HeadScores
 from headscope.significance import Significance
 from headscope.stats import DEFAULT_ALPHA, bonferroni_t, satterthwaite_df
@@ -109,6 +109,11 @@ class SafetyDetector(Detector):
     """Ships, dataset-level Ships and Sahara on harmful requests (Zhou et al. 2024)."""
 
     name = "safety"
+    atlas_order = 80
+    # the atlas's safety scan (every head ablated on every query, plus the same scan of harmless
+    # requests for the significance rule) on 16 requests instead of 32 halves its longest stage
+    # (~200 s instead of ~400 s on a 2-core CPU)
+    atlas_defaults = {"n_queries": 16}
     Config = SafetyConfig
     summary = "KL of the next-token distribution on harmful requests when a head attends uniformly (Ships)"
     cost = "score 84 s, significance (harmless control) 95 s, validation (greedy decodes) 97 s"
@@ -359,8 +364,8 @@ def attack_success(
     """Whether each request's greedy response complied (1) or not (0) under each head set
     (None = clean), and the generations; all sets run as rows of the same batched decode."""
     prompts = refusal.request_prompts(requests, prompt_format, model.tokenizer)
-    outputs = generate(model, prompts * len(head_sets), max_new_tokens,
-                       head_sets=[heads for heads in head_sets for _ in prompts], method=method, epsilon=epsilon,
+    rows = per_row_ablation([heads for heads in head_sets for _ in prompts], method, epsilon)
+    outputs = generate(model, prompts * len(head_sets), max_new_tokens, row_intervention=rows,
                        batch_size=batch_size or DECODE_ROWS)
     complied = torch.tensor([0.0 if refusal.is_refusal(o.text, o.token_ids) else 1.0 for o in outputs])
     per_set = [outputs[i * len(prompts) : (i + 1) * len(prompts)] for i in range(len(head_sets))]

@@ -226,22 +226,20 @@ def option_readout(
              for name in (q[0], k[0], hook_name(layer, "pattern"), *head_output_hooks(model, layer))] + [FINAL_SCALE]
     letter_rows = model.W_U.detach().float().T[encoded.letter_ids]  # [n, options, d_model]
     w_norm, w_o = final_norm_weight(model).float(), head_output_weights(model)
-    done = [0]  # rows of earlier chunks (run_batched keeps the order)
 
-    def reduce(last_logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
-        index = torch.arange(done[0], done[0] + len(chunk))
-        done[0] += len(chunk)
+    def reduce(last_logits: Tensor, cache: dict, chunk: TokenBatch, rows: slice) -> dict[str, Tensor]:
+        index = torch.arange(rows.start, rows.stop)  # the chunk's prompts
         device = last_logits.device
-        rows, last = torch.arange(len(chunk), device=device), chunk.last_positions
+        in_chunk, last = torch.arange(len(chunk), device=device), chunk.last_positions
         out: dict[str, Tensor] = {}
         at_positions = {"line_end": encoded.line_ends, "option_end": encoded.option_ends, "letter": encoded.letters}
         for position, at in ((position, at_positions[position][index].to(device)) for position in POSITIONS):
-            out[f"qk_{position}"] = _stack_layers([_qk_scores(cache, query_keys[layer], rows, last, at, shape.group_size)
+            out[f"qk_{position}"] = _stack_layers([_qk_scores(cache, query_keys[layer], in_chunk, last, at, shape.group_size)
                                                    for layer in range(shape.n_layers)])
-            out[f"attention_{position}"] = _stack_layers([_attention(cache, layer, rows, last, at)
+            out[f"attention_{position}"] = _stack_layers([_attention(cache, layer, in_chunk, last, at)
                                                           for layer in range(shape.n_layers)])
         out["letter_logits"] = last_logits.float().gather(1, encoded.letter_ids[index].to(device)).cpu()
-        scale = cache[FINAL_SCALE][rows, last, 0].float()
+        scale = cache[FINAL_SCALE][in_chunk, last, 0].float()
         directions = w_norm * _correct_minus_wrong(letter_rows[index], encoded.answers[index], encoded.option_mask[index]).to(device)
         out["correct_letter"] = final_position_attributions(model, cache, last, directions, scale, w_o).cpu()
         return out
@@ -337,6 +335,7 @@ MAJORITY_RULE = ("the role's definition (a head that selects the correct option 
 @register_detector
 class SelectCopyDetector(Detector):
     name = "select_copy"
+    atlas_order = 70
     Config = SelectCopyConfig
     summary = "accuracy of each head's QK-score / attention to the correct option (Tulchinskii et al. 2024)"
     cost = "score 369 s (free-form knowledge check of 1300 questions, then the ~335 known), validation 133 s"

@@ -116,6 +116,7 @@ class SuccessionPrompt:
 @register_detector
 class SuccessorDetector(Detector):
     name = "successor"
+    atlas_order = 40
     Config = SuccessorConfig
     summary = "successor top among task tokens: effective OV circuit and in-context direct logits (Gould et al. 2023)"
     cost = "score 2 s, significance 0.5 s, validation 7 s"
@@ -328,22 +329,19 @@ def contextual_success(
     w_o, post_weights = head_output_weights(model), post_attention_weights(model)
     hooks = [head_output_hooks(model, layer) for layer in range(shape.n_layers)]
     names = [name for layer_hooks in hooks for name in layer_hooks]
-    done = [0]
 
-    def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> Tensor:
+    def reduce(logits: Tensor, cache: dict, chunk: TokenBatch, rows: slice) -> Tensor:
         outputs = torch.stack([
             last_position_head_outputs(model, cache[z], chunk.last_positions, w_o[layer], post_weights[layer],
                                        cache[scale[0]] if scale else None)
             for layer, (z, *scale) in enumerate(hooks)
         ], dim=1)  # [batch, n_layers, n_heads, d_model]
         success = []
-        for row in range(len(chunk)):
-            prompt = prompts[done[0] + row]
+        for row, prompt in enumerate(prompts[rows]):
             ids = prompt.task.task_token_ids
             target = sorted(prompt.task.token_ids).index(prompt.target_index)
             head_logits = outputs[row] @ unembed[:, torch.tensor(ids, device=logits.device)]  # [layers, heads, n_task]
             success.append(head_logits.argmax(dim=-1) == target)
-        done[0] += len(chunk)
         return torch.stack(success).cpu()
 
     return run_batched(model, tokenize(model, [p.text for p in prompts]), reduce, names, batch_size, progress,

@@ -30,6 +30,7 @@ from torch import Tensor
 from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.kv_cache import cache_kwarg_alias, check_filled, is_verified, verify_once
 from headscope.engine.runner import model_device
+from headscope.engine.stops import StopTracker
 from headscope.engine.tokens import TokenBatch, check_batch
 from headscope.errors import InputError, PromptTooLongError
 
@@ -196,12 +197,10 @@ def greedy_decode_rows(
     """``rows`` greedy decodes of the same prompt as one batch, e.g. under an intervention that
     acts per row (:func:`~headscope.interventions.ablate_per_row`); one trace per row."""
     _check_room(model, prefix, max_new_tokens)
-    stops = torch.tensor(sorted(set(int(i) for i in stop_ids)), dtype=torch.long)
+    stops = StopTracker(rows, max_new_tokens, stop_ids)
     enter = intervention or _no_intervention
     current = prefix.last_tokens(rows)
     steps_tokens, steps_logprobs, steps_keys = [], [], []
-    finished = torch.zeros(rows, dtype=torch.bool)
-    length = torch.full((rows,), max_new_tokens)
     prefix.expand(rows)
     try:
         with torch.no_grad(), cache_kwarg_alias(model), enter(model), \
@@ -210,10 +209,7 @@ def greedy_decode_rows(
                 logits, _ = model(current, return_type="logits_and_cache", past_key_values=prefix.cache)
                 logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)
                 tokens = logprobs.argmax(dim=-1)
-                stopping = torch.isin(tokens.cpu(), stops) & ~finished
-                length[stopping] = step
-                finished |= stopping
-                if bool(finished.all()):
+                if stops.update(step, tokens):
                     break
                 steps_tokens.append(tokens.cpu())
                 steps_logprobs.append(logprobs.gather(1, tokens[:, None])[:, 0].cpu())
@@ -224,7 +220,7 @@ def greedy_decode_rows(
         prefix.rewind()
     shape = model_shape(model)
     return [
-        _row_trace(prefix, row, int(length[row]), bool(finished[row]), steps_tokens, steps_logprobs,
+        _row_trace(prefix, row, int(stops.lengths[row]), bool(stops.finished[row]), steps_tokens, steps_logprobs,
                    steps_keys if record_top_keys else None, shape)
         for row in range(rows)
     ]

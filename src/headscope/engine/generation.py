@@ -5,8 +5,9 @@ Prompts of different lengths are padded on the *left* for generation, so that ev
 token is the last column; position ids count real tokens only (a padded row gets the same
 positions, hence the same rotary phases, as an unpadded run: tested to 1e-4). Interventions are
 active for the whole generation (prefill and every step), as in Zhou et al.'s generations with
-heads masked; ``head_sets`` ablates a different head set in each row (several conditions in one
-batched run, which is what makes decoding cheap on a CPU).
+heads masked; a ``row_intervention`` acts differently on each row, e.g. ablates a different head
+set per row (:func:`headscope.interventions.per_row_ablation`: several conditions in one batched
+run, which is what makes decoding cheap on a CPU).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from torch import Tensor
 
 from headscope.engine.kv_cache import cache_kwarg_alias, check_filled, verify_once
 from headscope.engine.runner import auto_batch_size, model_device, run_batched
+from headscope.engine.stops import StopTracker
 from headscope.engine.tokens import TokenBatch, as_token_batch, check_batch
 
 Intervention = Callable[[Any], ContextManager]
+RowIntervention = Callable[[Any, list[int]], ContextManager]  # (model, prompt indices of the batch's rows)
 
 
 @dataclass
@@ -57,9 +60,7 @@ def generate(
     max_new_tokens: int = 32,
     stop_ids: Optional[Sequence[int]] = None,
     intervention: Optional[Intervention] = None,
-    head_sets: Optional[Sequence[Any]] = None,
-    method: str = "uniform",
-    epsilon: float = 1e-5,
+    row_intervention: Optional[RowIntervention] = None,
     batch_size: Optional[int] = None,
 ) -> list[Generation]:
     """Greedy continuations of ``prompts`` (strings, id lists or a ``TokenBatch``).
@@ -68,16 +69,14 @@ def generate(
         stop_ids: tokens that end a row (default: the tokenizer's EOS); not included in the output.
         intervention: a context-manager factory (``lambda m: hs.ablate(m, heads)``) active
             throughout.
-        head_sets: one head set (or None) per prompt: row ``i`` runs with ``head_sets[i]``
-            ablated by ``method`` (``hs.ablate_per_row``; ``epsilon`` for ``"uniform"``).
+        row_intervention: ``row_intervention(model, rows)``, entered around each batched run
+            instead of ``intervention``, with ``rows`` the indices of the prompts in the run's rows
+            (in that order; prompts of similar length run together). E.g.
+            ``per_row_ablation(head_sets, "uniform")``: prompt ``i`` runs with ``head_sets[i]`` ablated.
         batch_size: prompts per batched run (default from the memory budget).
     """
-    from headscope.interventions import ablate_per_row
-
     batch = as_token_batch(model, prompts)
     check_batch(model, batch, extra_tokens=max_new_tokens)
-    if head_sets is not None and len(head_sets) != len(batch):
-        raise ValueError(f"head_sets has {len(head_sets)} entries for {len(batch)} prompts; give one per prompt.")
     stops = _stop_ids(model, stop_ids)
     size = batch_size or auto_batch_size(model, int(batch.lengths.max()) + max_new_tokens)
     order = torch.argsort(batch.lengths, stable=True).tolist()  # similar lengths together: less padding
@@ -85,9 +84,8 @@ def generate(
     for start in range(0, len(batch), size):
         rows = order[start : start + size]
         enter = intervention or (lambda m: contextlib.nullcontext())
-        if head_sets is not None:
-            sets = [head_sets[row] for row in rows]
-            enter = lambda m, sets=sets: ablate_per_row(m, sets, method, epsilon)  # noqa: E731
+        if row_intervention is not None:
+            enter = lambda m, rows=rows: row_intervention(m, rows)  # noqa: E731
         with enter(model):
             outputs = _generate_chunk(model, batch.select(rows), max_new_tokens, stops)
         for row, output in zip(rows, outputs, strict=True):
@@ -95,21 +93,21 @@ def generate(
     return results  # type: ignore[return-value]
 
 
-def _stop_ids(model: Any, stop_ids: Optional[Sequence[int]]) -> Tensor:
+def _stop_ids(model: Any, stop_ids: Optional[Sequence[int]]) -> Sequence[int]:
+    """``stop_ids``, or the tokenizer's EOS when None."""
     if stop_ids is None:
         eos = getattr(model.tokenizer, "eos_token_id", None)
-        stop_ids = [] if eos is None else [eos]
-    return torch.tensor(sorted({int(i) for i in stop_ids}), dtype=torch.long)
+        return [] if eos is None else [eos]
+    return stop_ids
 
 
-def _generate_chunk(model: Any, chunk: TokenBatch, max_new_tokens: int, stops: Tensor) -> list[Generation]:
+def _generate_chunk(model: Any, chunk: TokenBatch, max_new_tokens: int, stop_ids: Sequence[int]) -> list[Generation]:
     from transformers import DynamicCache
 
     device = model_device(model)
     tokens, mask = (t.to(device) for t in left_padded(chunk, pad_id=int(chunk.tokens[0, 0])))
     cache = DynamicCache()
-    generated, finished = [], torch.zeros(len(chunk), dtype=torch.bool)
-    lengths = torch.full((len(chunk),), max_new_tokens)
+    generated, stops = [], StopTracker(len(chunk), max_new_tokens, stop_ids)
     current, positions = tokens, _positions(mask)
     with torch.no_grad(), cache_kwarg_alias(model):
         for step in range(max_new_tokens):
@@ -120,11 +118,8 @@ def _generate_chunk(model: Any, chunk: TokenBatch, max_new_tokens: int, stops: T
             elif step == 1:
                 _verify_padded_step(model, torch.cat([tokens, current], dim=1), mask, logits[:, -1])
             next_tokens = logits[:, -1].argmax(dim=-1)
-            stopping = torch.isin(next_tokens.cpu(), stops) & ~finished
-            lengths[stopping] = step
-            finished |= stopping
             generated.append(next_tokens.cpu())
-            if bool(finished.all()):
+            if stops.update(step, next_tokens):
                 break
             current = next_tokens[:, None]
             mask = torch.cat([mask, mask.new_ones(len(chunk), 1)], dim=1)
@@ -132,8 +127,8 @@ def _generate_chunk(model: Any, chunk: TokenBatch, max_new_tokens: int, stops: T
     steps = torch.stack(generated, dim=1)
     outputs = []
     for row in range(len(chunk)):
-        ids = steps[row, : int(lengths[row])].tolist()
-        outputs.append(Generation(ids, model.tokenizer.decode(ids), bool(finished[row])))
+        ids = steps[row, : int(stops.lengths[row])].tolist()
+        outputs.append(Generation(ids, model.tokenizer.decode(ids), bool(stops.finished[row])))
     return outputs
 
 

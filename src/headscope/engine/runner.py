@@ -2,23 +2,30 @@
 
 ``run_batched(model, data, reduce, names=...)`` splits the data into chunks, runs each chunk with
 its attention mask, hands ``reduce(logits, cache, chunk)`` the logits and the requested
-activations, and concatenates what ``reduce`` returns along the batch dimension. Nothing but the
-reduced values outlives a chunk, so memory stays bounded by one chunk.
+activations, and concatenates what ``reduce`` returns along the batch dimension. A reduce that
+reads per-row data of its own (targets, templates) declares a ``rows`` parameter and gets the
+chunk's rows of ``data`` as a slice. Nothing but the reduced values outlives a chunk, so memory
+stays bounded by one chunk.
 
 ``logits="last"`` runs the unembedding at each row's last real position only and hands ``reduce``
 ``[batch, vocab]`` logits: for a 49k vocabulary that saves a fifth to a third of a short prompt's
 forward (measured on SmolLM2, CPU) when a reduce needs the last position or no logits at all.
 
-Progress follows one convention everywhere (``progress=`` of every public function): ``True``
-shows it, ``False`` hides it, ``None`` shows bars on a terminal only. Where stderr is not a
-terminal (a log file, a pipe, CI), ``progress=True`` prints a start and a finish line per step
-instead of a bar (:func:`progress_step`), and one-off notes such as "resumed ..." are printed
-unless ``progress=False`` (:func:`progress_note`).
+Progress follows one rule everywhere (``progress=`` of every public function), defined here only:
+
+- ``True``: shown. Bars are drawn; where stderr is not a terminal (a log file, a pipe, CI), the
+  chunked runs print a start and a finish line per step instead of their bar (:func:`progress_step`).
+- ``None`` (the default): bars on a terminal only, nothing in their place elsewhere.
+- ``False``: nothing.
+
+Bars take ``disable=bar_disabled(progress)``. One-off notes that say what a run reused and from
+where ("resumed ...", :func:`progress_note`) are no bars: they are printed unless ``progress=False``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -36,7 +43,7 @@ GPU_MEMORY_FRACTION = 0.5
 MAX_BATCH_SIZE = 256
 
 Reduced = Union[Tensor, Mapping[str, Tensor]]
-ReduceFn = Callable[[Float[Tensor, "batch pos vocab"], dict, TokenBatch], Reduced]
+ReduceFn = Callable[..., Reduced]  # reduce(logits, cache, chunk) or reduce(logits, cache, chunk, rows)
 
 
 def model_device(model: Any) -> torch.device:
@@ -133,7 +140,8 @@ def run_batched(
     """Run ``data`` in chunks and concatenate ``reduce(logits, cache, chunk)`` over chunks.
 
     ``reduce`` must return a tensor (or a dict of tensors) whose first dimension is the chunk's
-    rows. ``logits="all"``: ``[batch, pos, vocab]``; ``"last"``: ``[batch, vocab]`` at each row's
+    rows. A ``reduce`` with a parameter named ``rows`` is called with ``rows=slice(start, stop)``,
+    the rows of ``data`` in the chunk (chunks come in order). ``logits="all"``: ``[batch, pos, vocab]``; ``"last"``: ``[batch, vocab]`` at each row's
     last real position, the unembedding computed there only; ``"last_states"``: instead of logits,
     the unembedding's input there ``[batch, d_model]`` (the final normalised states). Runs
     without gradients; the model is not changed.
@@ -146,9 +154,10 @@ def run_batched(
     chunks = iter_batches(batch, size)
     n_chunks = -(-len(batch) // size)
     lines = _lines_instead_of_bar(progress)
+    with_rows = takes_rows(reduce)
     with torch.no_grad(), progress_step(f"{desc}: {len(batch)} examples", progress):
-        for _rows, chunk in tqdm(chunks, total=n_chunks, desc=desc, disable=True if lines else _disable(progress),
-                                 leave=False):
+        for rows, chunk in tqdm(chunks, total=n_chunks, desc=desc, disable=True if lines else bar_disabled(progress),
+                                leave=False):
             if logits == "all":
                 chunk_logits, cache = forward_with_cache(model, chunk, names)
             else:
@@ -156,9 +165,19 @@ def run_batched(
                 with unembed_last_position_only(model, chunk.to(model_device(model)), captured):
                     chunk_logits, cache = forward_with_cache(model, chunk, names)
                 chunk_logits = chunk_logits[:, -1] if logits == "last" else captured["states"]
-            parts.append(reduce(chunk_logits, cache, chunk.to(chunk_logits.device)))
+            extra = {"rows": rows} if with_rows else {}
+            parts.append(reduce(chunk_logits, cache, chunk.to(chunk_logits.device), **extra))
             del chunk_logits, cache
     return _concatenate(parts)
+
+
+def takes_rows(reduce: Callable[..., Any]) -> bool:
+    """Whether ``reduce`` declares a ``rows`` parameter (:func:`run_batched` then passes the chunk's rows)."""
+    try:
+        parameters = inspect.signature(reduce).parameters
+    except (TypeError, ValueError):  # a built-in without a signature
+        return False
+    return "rows" in parameters and parameters["rows"].kind is not inspect.Parameter.POSITIONAL_ONLY
 
 
 def progress_note(message: str, progress: Optional[bool]) -> None:
@@ -187,8 +206,8 @@ def _lines_instead_of_bar(progress: Optional[bool]) -> bool:
     return progress is True and not (callable(isatty) and isatty())
 
 
-def _disable(progress: Optional[bool]) -> Optional[bool]:
-    """tqdm's ``disable``: None shows a bar only on a terminal."""
+def bar_disabled(progress: Optional[bool]) -> Optional[bool]:
+    """tqdm's ``disable`` for ``progress`` (the module's rule): None shows a bar on a terminal only."""
     return None if progress is None else not progress
 
 
