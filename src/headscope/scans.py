@@ -491,7 +491,7 @@ def _activations_and_gradients(model: Any, chunk: TokenBatch, kind: str, metric:
     return [(view(activations[name]), view(grad)) for (name, view), grad in zip(hooks, grads, strict=True)]
 
 
-def _metric_name(metric: Callable) -> str:
+def _metric_name(metric: Union[Callable, str]) -> str:
     return getattr(metric, "__qualname__", None) or getattr(metric, "__name__", None) or type(metric).__name__
 
 
