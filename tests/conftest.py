@@ -1,14 +1,38 @@
-"""Shared fixtures: tiny native models (fast) and the bundled pretrained model (loaded once)."""
+"""Shared fixtures: tiny native models (fast) and the bundled pretrained model (loaded once).
+
+Every test runs with the ``headscope`` package's annotations checked at run time: jaxtyping's
+import hook wraps each function and dataclass of ``headscope`` in ``@jaxtyped(typechecker=
+beartype.beartype)``, so a tensor whose shape or dtype disagrees with its ``Float[Tensor, "batch
+pos"]`` annotation (or an argument of the wrong type) fails the test, and a dimension name means
+one size within a call. beartype rather than typeguard: jaxtyping's documentation supports
+typeguard 2 only (3 and 4, the venv has 4.6, have known issues with it), and beartype checks in
+constant time per call (one item of a container, not every item). Set ``HEADSCOPE_TYPECHECK=0`` to run without the checks,
+e.g. to time the tests or to tell a checking failure from a behaviour one.
+"""
 
 from __future__ import annotations
 
 import os
-
-import pytest
-import torch
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TYPECHECK = os.environ.get("HEADSCOPE_TYPECHECK", "1") != "0"
+HOOKED = any(type(finder).__name__ == "_JaxtypingFinder" for finder in sys.meta_path)  # this file runs
+# twice, as conftest and as tests.conftest (tests import its helpers): the hook is installed once
+if TYPECHECK and not HOOKED:  # before anything imports headscope: the hook only wraps modules imported after it
+    if "headscope" in sys.modules:
+        raise RuntimeError("headscope was imported before tests/conftest.py installed the type-checking import hook; "
+                           "run pytest from the repository root, or set HEADSCOPE_TYPECHECK=0.")
+    from jaxtyping import install_import_hook
+
+    # is_pep484_tower: an int passes where a float is annotated, as PEP 484 (and mypy) allow
+    install_import_hook("headscope", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def tiny_model(n_layers=2, n_heads=4, n_kv_heads=None, d_vocab=64, n_ctx=64, attn_only=True, seed=0, rotary=False):
@@ -111,14 +135,63 @@ def tiny_llama(tmp_path_factory):
 
 
 PRETRAINED_FIXTURES = ("smollm",)
+REPRO_DIR = Path(__file__).parent / "repro"
+
+
+def pytest_configure(config):
+    # beartype nags about typing.Sequence & co. (PEP 585); headscope keeps them for Python 3.10 style
+    config.addinivalue_line("filterwarnings", "ignore::beartype.roar.BeartypeDecorHintPep585DeprecationWarning")
+    config.addinivalue_line("markers", "wrong_type: passes an argument of the wrong type on purpose, to test "
+                                       "headscope's own error message; runs without the annotation checks")
 
 
 def pytest_collection_modifyitems(config, items):
     """A test that loads a pretrained model belongs to the slow lane: mark it ``repro`` so that
-    ``pytest -m "not repro"`` (the fast lane) never loads one, wherever the test lives."""
+    ``pytest -m "not repro"`` (the fast lane) never loads one, wherever the test lives; so is
+    every test under tests/repro, marked or not."""
     for item in items:
-        if any(name in getattr(item, "fixturenames", ()) for name in PRETRAINED_FIXTURES):
+        if item.path.is_relative_to(REPRO_DIR) or any(name in getattr(item, "fixturenames", ())
+                                                       for name in PRETRAINED_FIXTURES):
             item.add_marker(pytest.mark.repro)
+
+
+@pytest.fixture(autouse=True)
+def no_pretrained_model_in_the_fast_lane(request, monkeypatch):
+    """Outside the ``repro`` lane, reaching for a bundled pretrained model's weights (SmolLM2,
+    Gemma 3, or an organism built on them) fails the test before anything loads: unit tests run on
+    tiny random models. A missing model package still raises its own error first, so the tests of
+    those messages stay in the fast lane."""
+    if request.node.get_closest_marker("repro"):
+        return
+    from headscope import models
+
+    locate = models._bundled_gguf
+
+    def refuse(bundled, cache_dir):
+        if any(bundled is known for known in models.BUNDLED_MODELS.values()):
+            models._find_packages(bundled)  # ModelNotAvailableError when not installed
+            pytest.fail(f"{request.node.nodeid} loads the bundled pretrained model {bundled.name!r} but is not marked "
+                        "repro: use a tiny model (tests/families.py, tiny_model), or take the smollm fixture "
+                        "(which marks the test repro).", pytrace=False)
+        return locate(bundled, cache_dir)
+
+    monkeypatch.setattr(models, "_bundled_gguf", refuse)
+
+
+@pytest.fixture(autouse=True)
+def annotations_unchecked_where_marked(request):
+    """A ``wrong_type`` test runs with the annotation checks off: it tests the error a user gets
+    (users run unchecked), which the checker would otherwise pre-empt with a TypeCheckError."""
+    if not (TYPECHECK and request.node.get_closest_marker("wrong_type")):
+        yield
+        return
+    import jaxtyping
+
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ import math
 import operator
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, SupportsIndex, Union
 
 import torch
 from jaxtyping import Float
@@ -58,7 +58,7 @@ ABLATION_METHODS = ("zero", "mean", "resample", "uniform")
 RESIDUAL_HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 DEFAULT_UNIFORM_EPSILON = 1e-5
 
-HeadsLike = Union[Iterable[Union[Head, Sequence[int], str]], Head, str]
+HeadsLike = Union[Iterable[Union[Head, Sequence[int], str]], Head, Sequence[int], str]
 HookList = list[tuple[str, Callable]]
 
 # Mean head outputs over the shipped reference text ({layer: [n_heads, d_head]}), per model
@@ -269,7 +269,7 @@ def add_vector(
     vector: Float[Tensor, " d"],
     layer: int,
     hook: str = "resid_pre",
-    positions: Optional[Union[int, Sequence[int]]] = None,
+    positions: Optional[Union[SupportsIndex, Iterable[SupportsIndex]]] = None,
     head: Optional[Union[Head, Sequence[int], str]] = None,
     scale: float = 1.0,
 ) -> contextlib.AbstractContextManager:
@@ -340,7 +340,7 @@ def edit(
     remove: Float[Tensor, " d_model"],
     add: Float[Tensor, " d_model"],
     layer: int,
-    positions: Optional[Union[int, Sequence[int]]] = None,
+    positions: Optional[Union[SupportsIndex, Iterable[SupportsIndex]]] = None,
     scale: float = 1.0,
 ) -> contextlib.AbstractContextManager:
     """Swap feature ``remove`` for ``add`` in the residual stream entering ``layer`` at ``positions``

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -154,13 +155,13 @@ class ReadoutScan:
     method: str
     factor: Optional[float]
 
-    def logits(self, model: Any, states: Tensor) -> Tensor:
+    def logits(self, model: Any, states: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
         """Logits of states of shape ``[..., d_model]`` (the unembedding, chunked)."""
-        flat = states.reshape(-1, states.shape[-1])
+        flat, batch_shape = einops.pack([states], "* d_model")
         with torch.no_grad():
             out = torch.cat([model.unembed(part.to(model_device(model))[:, None])[:, 0].float().cpu()
                              for part in flat.split(256)])
-        return out.view(*states.shape[:-1], -1)
+        return einops.unpack(out, batch_shape, "* d_vocab")[0]
 
 
 def readout_scan(
@@ -229,7 +230,8 @@ def _layer_states(
 
     def states(heads: list[int]) -> Tensor:
         out, _ = _run_group(model, chunk, residual, layer, heads, method, factor, means, skip_layers, read)
-        return out.float().cpu().view(len(heads), len(chunk), -1)
+        return einops.rearrange(out.float().cpu(), "(copies batch) d_model -> copies batch d_model",
+                                copies=len(heads), batch=len(chunk))
 
     return torch.cat(_in_groups(model, chunk, layer_heads, states))
 
@@ -309,7 +311,9 @@ def _layer_effects(
 
     def effects(heads: list[int]) -> Tensor:
         logits, repeated = _run_group(model, chunk, residual, layer, heads, method, factor, means, skip_layers, read)
-        return metric(logits, repeated).float().view(len(heads), rows) - clean_metric[None]
+        per_copy = einops.rearrange(metric(logits, repeated).float(), "(copies batch) -> copies batch",
+                                    copies=len(heads), batch=rows)
+        return per_copy - clean_metric[None]
 
     return torch.cat(_in_groups(model, chunk, layer_heads, effects))
 
@@ -373,8 +377,10 @@ def _batched_ablation_hook(
     def hook(activation: Tensor, hook: Any) -> Tensor:
         out = activation.clone()
         per_head = heads_view(out)
-        view = per_head.unflatten(0, (len(heads), rows))  # [copies, rows, pos, n_heads, d_head]
-        chosen = view[copy_index, :, :, head_index]  # [copies, rows, pos, d_head]
+        # a view (splitting an axis never copies), so the assignment below edits ``out``
+        view = einops.rearrange(per_head, "(copies batch) pos n_heads d_head -> copies batch pos n_heads d_head",
+                                copies=len(heads), batch=rows)
+        chosen = view[copy_index, :, :, head_index]  # [copies, batch, pos, d_head]
         if method == "mean":
             replacement = mean[head_index].to(view)[:, None, None, :].expand_as(chosen)
         elif method == "resample":
@@ -460,8 +466,8 @@ def attribution_scan(
                 change = clean.roll(1, dims=0) - clean
             else:
                 change = clean * (scale - 1.0)
-            valid = chunk.attention_mask[:, :, None, None].to(clean)
-            totals[layer] += (grad * change * valid).sum(dim=(0, 1, 3))
+            valid = einops.rearrange(chunk.attention_mask, "batch pos -> batch pos 1 1").to(clean)
+            totals[layer] += einops.reduce(grad * change * valid, "batch pos n_heads d_head -> n_heads", "sum")
     return HeadScores(
         values=(totals / len(batch)).float().cpu(),
         detector=f"attribution_scan:{method}",
@@ -495,7 +501,7 @@ def _activations_and_gradients(model: Any, chunk: TokenBatch, kind: str, metric:
     return [(view(activations[name]), view(grad)) for (name, view), grad in zip(hooks, grads, strict=True)]
 
 
-def _metric_name(metric: Callable) -> str:
+def _metric_name(metric: Union[Callable, str]) -> str:
     """The metric's name in the results' config (its ``name`` attribute first): a label, not an
     identity (see :func:`headscope.identity.metric_identity`)."""
     return (getattr(metric, "name", None) or getattr(metric, "__qualname__", None) or getattr(metric, "__name__", None)

@@ -73,14 +73,12 @@ def test_template_significance_is_above_each_roles_own_null_and_the_majority_flo
 
 
 def test_uniform_share_of_the_previous_token_template():
-    detector = hs.get_detector("previous_token", n_sequences=1, block_len=4, n_repeats=2)
-
-    class Task:  # 1 BOS + 8 tokens: queries 2..8 each see i + 1 keys
-        tokens, offset = torch.zeros(1, 9, dtype=torch.long), 1
-
-    template, queries = detector.template(Task)
     from headscope.detectors.attention_templates import uniform_share
+    from headscope.tasks.repeated_tokens import RepeatedTokens
 
+    detector = hs.get_detector("previous_token", n_sequences=1, block_len=4, n_repeats=2)
+    task = RepeatedTokens(torch.zeros(1, 9, dtype=torch.long), block_len=4, n_repeats=2, has_bos=True)
+    template, queries = detector.template(task)  # 1 BOS + 8 tokens: queries 2..8 each see i + 1 keys
     assert uniform_share(template, queries) == pytest.approx(sum(1 / (i + 1) for i in range(2, 9)) / 7)
 
 

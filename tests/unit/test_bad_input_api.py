@@ -77,7 +77,14 @@ def logits(model):
         return model(TOKENS)
 
 
-@pytest.mark.parametrize("row", sorted(INTERVENTION_ROWS))
+WRONG_TYPE_ROWS = {"add_vector positions 'last'", "k=1.5"}  # headscope's own check, not the annotation's
+
+
+def rows(table):
+    return [pytest.param(row, marks=pytest.mark.wrong_type) if row in WRONG_TYPE_ROWS else row for row in sorted(table)]
+
+
+@pytest.mark.parametrize("row", rows(INTERVENTION_ROWS))
 def test_a_bad_intervention_raises_one_named_error_and_leaves_the_model_as_it_was(tiny, row):
     make, argument = INTERVENTION_ROWS[row]
     before = logits(tiny)
@@ -131,7 +138,7 @@ VALIDATE_ROWS = {  # keyword arguments of validate on the tiny model's 8 heads, 
 }
 
 
-@pytest.mark.parametrize("row", sorted(VALIDATE_ROWS))
+@pytest.mark.parametrize("row", rows(VALIDATE_ROWS))
 def test_validate_refuses_bad_arguments_before_any_run(tiny, row, monkeypatch):
     options, error, argument = VALIDATE_ROWS[row]
     options = {"k": 1, **options}
@@ -306,6 +313,7 @@ def test_settings_that_only_fail_together_are_refused_at_construction():
     assert hs.get_detector("safety", sahara_steps=3, sahara_candidates=3).config.sahara_candidates == 3
 
 
+@pytest.mark.wrong_type
 @pytest.mark.parametrize("factor", ["2", True, [2.0]])
 def test_a_scan_factor_that_is_no_number_is_named(tiny, factor):
     with pytest.raises(hs.ArgumentError, match="'factor' parameter of the scan must be a number"):

@@ -93,7 +93,7 @@ def test_unrelated_answers_share_no_answer_with_the_item():
     from headscope.detectors.memory_context import unrelated_answers
     from headscope.tasks.conflicts import ConflictItem
 
-    fields = {f: None for f in ConflictItem.__dataclass_fields__}
+    fields = {f: "" for f in ConflictItem.__dataclass_fields__}
     items = [ConflictItem(**{**fields, "context_token": c, "memory_token": m}) for c, m in [(1, 2), (2, 3), (4, 5), (1, 6)]]
     for item, other in zip(items, unrelated_answers(items), strict=True):
         assert not {item.context_token, item.memory_token} & {other.context_token, other.memory_token}

@@ -177,3 +177,12 @@ def test_model_with_missing_head_hooks_is_refused(monkeypatch):
     monkeypatch.setattr(type(model), "hook_dict", property(lambda self: hook_dict))
     with pytest.raises(hs.UnsupportedModelError, match="no per-head attention hooks"):
         hs.detect(model, "induction")
+
+
+def test_the_fast_lane_refuses_a_bundled_pretrained_model(monkeypatch):
+    """tests/conftest.py fails a test outside the repro lane that would load SmolLM2 or Gemma 3,
+    before anything loads (here with the packages taken as installed)."""
+    monkeypatch.setattr(models, "_find_packages", lambda bundled: ["/nowhere"])
+    for name in models.BUNDLED_MODELS:
+        with pytest.raises(pytest.fail.Exception, match=f"pretrained model '{name}' but is not marked repro"):
+            hs.load_model(name, device="cpu")

@@ -239,17 +239,20 @@ def test_a_bad_data_line_is_one_cli_error_before_the_model_loads(tmp_path, capsy
 def test_detect_hands_items_built_in_python_to_score(monkeypatch):
     """``hs.detect(model, "memory_context", items=...)`` (issue 19's table): items are no setting,
     they go to ``score``; settings still go to the config."""
+    import torch
+
     from headscope.detectors.memory_context import MemoryContextDetector
 
     seen = {}
+    scored = hs.HeadScores(torch.zeros(2, 4), "memory_context", "m")
 
     def fake_score(self, model, batch_size=None, progress=None, items=None):
         seen.update(items=items, seed=self.config.seed)
-        return "scored"
+        return scored
 
     monkeypatch.setattr(MemoryContextDetector, "score", fake_score)
     monkeypatch.setattr("headscope.api.check_head_hooks", lambda model: None)
-    assert hs.detect(object(), "memory_context", items=["an item"], seed=3) == "scored"
+    assert hs.detect(object(), "memory_context", items=["an item"], seed=3) is scored
     assert seen == {"items": ["an item"], "seed": 3}
     with pytest.raises(hs.SettingError, match="has no setting itemz"):
         hs.detect(object(), "memory_context", itemz=["an item"])

@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -114,22 +115,25 @@ def copying_scores(
     sources = sources.to(chunk.tokens.device)
     targets = chunk.tokens[:, sources]  # [batch, P]: the token an induction head copies
     if candidates is not None:
-        columns = unembed[:, candidates].permute(1, 0, 2)  # [batch, d_model, n]
+        columns = einops.rearrange(unembed[:, candidates], "d_model batch n -> batch d_model n")
         targets = (candidates[:, None, :] == targets[:, :, None]).float().argmax(dim=-1)  # index in row
     shares, top1 = [], []
     post_weights = post_attention_weights(model)  # a post-attention norm's weights; its scale cancels in the share
     for layer in range(shape.n_layers):
-        values = cache[hook_name(layer, "v")][:, sources]  # [batch, P, kv_heads, d_head]
-        values = values.repeat_interleave(shape.group_size, dim=2).float()  # [batch, P, heads, d_head]
-        w_o = model.blocks[layer].attn.W_O.detach().float()  # [heads, d_head, d_model]
-        outputs = torch.einsum("bphd,hdm->bphm", values, w_o)
+        values = cache[hook_name(layer, "v")][:, sources].float()  # [batch, P, n_kv_heads, d_head]
+        values = einops.repeat(values, "batch P n_kv_heads d_head -> batch P (n_kv_heads group) d_head",
+                               group=shape.group_size)  # each query head reads its KV group's value
+        w_o = model.blocks[layer].attn.W_O.detach().float()
+        outputs = einops.einsum(values, w_o,
+                                "batch P n_heads d_head, n_heads d_head d_model -> batch P n_heads d_model")
         if post_weights[layer] is not None:
             outputs = outputs * post_weights[layer]
         if candidates is None:
             logits = direct_logits(model, outputs, unembed)  # [batch, P, heads, vocab]
         else:
-            logits = torch.einsum("bphm,bmn->bphn", center_for_norm(model, outputs), columns)  # [batch, P, heads, n]
-        index = targets[:, :, None, None].expand(-1, -1, shape.n_heads, 1)
+            logits = einops.einsum(center_for_norm(model, outputs), columns,
+                                   "batch P n_heads d_model, batch d_model n -> batch P n_heads n")
+        index = einops.repeat(targets, "batch P -> batch P n_heads 1", n_heads=shape.n_heads)
         gains = torch.relu(logits - logits.mean(dim=-1, keepdim=True))
         share = gains.gather(-1, index).squeeze(-1) / gains.sum(dim=-1).clamp_min(1e-12)
         shares.append((2 * share - 1).mean(dim=1))  # [batch, heads]

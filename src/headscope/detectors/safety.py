@@ -309,7 +309,7 @@ def dataset_ships_scores(scan: ReadoutScan, rank: int = 1, reference: Optional[T
 
 def sahara(
     model: Any,
-    prompts: Sequence[str],
+    prompts: Any,
     steps: int = 3,
     epsilon: float = 1e-5,
     rank: int = 1,

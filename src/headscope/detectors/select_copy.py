@@ -261,7 +261,8 @@ def _attention(
 ) -> Float[Tensor, "batch n_heads n_options"]:
     """Post-softmax attention from the last token to each option's position."""
     from_last = cache[hook_name(layer, "pattern")][rows, :, last]  # [batch, heads, key_pos]
-    return from_last.gather(2, at[:, None, :].expand(-1, from_last.shape[1], -1))
+    index = einops.repeat(at, "batch n_options -> batch n_heads n_options", n_heads=from_last.shape[1])
+    return from_last.gather(2, index)
 
 
 def _qk_scores(
@@ -272,7 +273,8 @@ def _qk_scores(
     (query_name, query_view), (key_name, key_view) = hooks
     query = query_view(cache[query_name])[rows, last].float()  # [batch, n_heads, d_head]
     keys = key_view(cache[key_name])[rows[:, None], at].float()  # [batch, n_options, n_kv_heads, d_head]
-    keys = keys.repeat_interleave(group_size, dim=2)  # [batch, n_options, n_heads, d_head]
+    keys = einops.repeat(keys, "batch n_options n_kv_heads d_head -> batch n_options (n_kv_heads group) d_head",
+                         group=group_size)  # each query head meets its KV group's key
     return einops.einsum(query, keys, "batch n_heads d_head, batch n_options n_heads d_head -> batch n_heads n_options")
 
 

@@ -48,7 +48,7 @@ from typing import Any, Optional
 
 import einops
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector, setting
@@ -293,7 +293,7 @@ def head_ov_logits(
         return torch.stack([center_for_norm(model, output) @ unembed for output in outputs])
 
 
-def effective_ov_success(model: Any, task: SuccessionTask, config: SuccessorConfig) -> Float[Tensor, "pairs n_layers n_heads"]:
+def effective_ov_success(model: Any, task: SuccessionTask, config: SuccessorConfig) -> Bool[Tensor, "pairs n_layers n_heads"]:
     """For each pair and head: is the successor the top task token of the head's effective OV logits?"""
     predictions, targets = effective_ov_predictions(model, task, config)
     return predictions == targets[:, None, None]
@@ -321,7 +321,7 @@ def effective_ov_predictions(
 
 def contextual_success(
     model: Any, prompts: list[SuccessionPrompt], batch_size: Optional[int] = None, progress: Optional[bool] = None
-) -> Float[Tensor, "prompts n_layers n_heads"]:
+) -> Bool[Tensor, "prompts n_layers n_heads"]:
     """Per prompt and head: is the correct successor the top task token of the head's direct logits
     at the final position?"""
     shape = model_shape(model)

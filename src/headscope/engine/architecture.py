@@ -79,11 +79,11 @@ class Architecture:
     def query_hook(self, layer: int) -> str:
         """The hook whose per-head slices are the query that meets the keys (after any QK-norm,
         before RoPE): scaling a slice by ε makes that head's attention uniform."""
-        return hook_name(layer, "q_normed" if self.qk_norm else "q")  # type: ignore[arg-type]
+        return hook_name(layer, "q_normed" if self.qk_norm else "q")
 
     def key_hook(self, layer: int) -> str:
         """The hook holding the key the query meets (after any QK-norm, before RoPE)."""
-        return hook_name(layer, "k_normed" if self.qk_norm else "k")  # type: ignore[arg-type]
+        return hook_name(layer, "k_normed" if self.qk_norm else "k")
 
     def post_attention_scale_hook(self, layer: int) -> Optional[str]:
         """The post-attention norm's per-position scale (divisor) of ``layer``, if the model has one."""
@@ -112,9 +112,9 @@ def _measure(model: Any) -> Architecture:
         norm_offset=1.0 if getattr(cfg, "rmsnorm_uses_offset", False) else 0.0,
         post_attention_norm="blocks.0.ln1_post.hook_scale" in fired,
         post_mlp_norm="blocks.0.ln2_post.hook_scale" in fired,
-        qk_norm=hook_name(0, "q_normed") in fired,  # type: ignore[arg-type]
-        query_layout=_layout(fired.get(hook_name(0, "q_normed"), None), shape.n_heads),  # type: ignore[arg-type]
-        key_layout=_layout(fired.get(hook_name(0, "k_normed"), None), shape.n_kv_heads),  # type: ignore[arg-type]
+        qk_norm=hook_name(0, "q_normed") in fired,
+        query_layout=_layout(fired.get(hook_name(0, "q_normed"), None), shape.n_heads),
+        key_layout=_layout(fired.get(hook_name(0, "k_normed"), None), shape.n_kv_heads),
         embedding_scale=_embedding_scale(model),
         logit_softcap=softcap if softcap > 0 else None,
         parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Literal, NamedTuple, Sequence, Union
 
 from headscope.errors import HeadIndexError, UnsupportedModelError
 
-HeadKind = Literal["q", "k", "v", "z", "pattern", "attn_scores", "rot_q", "rot_k"]
+HeadKind = Literal["q", "k", "v", "z", "pattern", "attn_scores", "rot_q", "rot_k", "q_normed", "k_normed"]
 PER_QUERY_HEAD_HOOKS = ("q", "z", "pattern", "attn_scores", "rot_q")
 PER_KV_HEAD_HOOKS = ("k", "v", "rot_k")
 REQUIRED_HOOKS = ("q", "k", "v", "z", "pattern")
@@ -103,10 +103,10 @@ def model_shape(model: Any) -> ModelShape:
 def hook_name(layer: int, kind: HeadKind) -> str:
     """TransformerLens hook name of an attention activation, e.g. ``blocks.3.attn.hook_z``.
 
-    ``q``/``k`` are pre-RoPE, ``rot_q``/``rot_k`` post-RoPE; ``attn_scores`` is after the causal
-    mask and before softmax; ``pattern`` after softmax. Shapes: ``q``/``z`` ``[batch, pos, n_heads,
-    d_head]``; ``k``/``v`` ``[batch, pos, n_kv_heads, d_head]``; ``pattern`` ``[batch, n_heads,
-    query_pos, key_pos]``.
+    ``q``/``k`` are pre-RoPE, ``rot_q``/``rot_k`` post-RoPE, ``q_normed``/``k_normed`` after QK-norm
+    (models that have one); ``attn_scores`` is after the causal mask and before softmax;
+    ``pattern`` after softmax. Shapes: ``q``/``z`` ``[batch, pos, n_heads, d_head]``; ``k``/``v``
+    ``[batch, pos, n_kv_heads, d_head]``; ``pattern`` ``[batch, n_heads, query_pos, key_pos]``.
     """
     return f"blocks.{layer}.attn.hook_{kind}"
 
@@ -139,7 +139,9 @@ def check_head(model: Any, head: Union[Head, Sequence[int], str]) -> Head:
     return parsed
 
 
-def check_heads(model: Any, heads: Iterable[Union[Head, Sequence[int], str]]) -> list[Head]:
+def check_heads(
+    model: Any, heads: Union[Iterable[Union[Head, Sequence[int], str]], Head, Sequence[int], str]
+) -> list[Head]:
     """Parse and check several heads; a single head is accepted too. Order kept, duplicates dropped."""
     if isinstance(heads, (Head, str)) or (
         isinstance(heads, tuple) and len(heads) == 2 and all(isinstance(x, int) for x in heads)

@@ -75,8 +75,9 @@ def forward_from_layer(
     residual: Float[Tensor, "batch pos d_model"],
     layer: int,
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
-) -> Float[Tensor, "batch pos vocab"]:
-    """Logits of the model run from block ``layer`` on, given the residual entering it."""
+) -> Float[Tensor, "batch logit_pos vocab"]:
+    """Logits of the model run from block ``layer`` on, given the residual entering it (at every
+    position, ``logit_pos == pos``, unless a hook on the unembedding's input selects some)."""
     if layer == 0:
         residual = residual.clone()
     with blocks_skipped_below(model, layer):

@@ -12,7 +12,7 @@ shares of a ReLU'd distribution) can skip it. LayerNorm models also subtract the
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import einops
 import torch
@@ -24,7 +24,15 @@ from headscope.engine.heads import hook_name, model_shape
 
 FINAL_SCALE = "ln_final.hook_scale"  # the final norm's per-position scale (cache it for attributions)
 
-__all__ = ["FINAL_SCALE", "final_norm_weight", "direct_unembed", "center_for_norm", "direct_logits",
+
+@runtime_checkable
+class Cache(Protocol):
+    """Activations by hook name: the dict of ``run_with_cache(..., return_cache_object=False)`` or a
+    TransformerLens ``ActivationCache``."""
+
+    def __getitem__(self, name: str) -> Tensor: ...
+
+__all__ = ["Cache", "FINAL_SCALE", "final_norm_weight", "direct_unembed", "center_for_norm", "direct_logits",
            "head_output_weights", "head_output_hooks", "post_attention_weights", "last_position_head_outputs",
            "final_position_attributions", "head_contributions", "attention_bias_contribution", "logits_from_residual"]
 
@@ -93,7 +101,7 @@ def last_position_head_outputs(
 
 def final_position_attributions(
     model: Any,
-    cache: dict,
+    cache: Cache,
     last: Tensor,
     directions: Float[Tensor, "batch d_model"],
     scale: Float[Tensor, " batch"],
@@ -114,7 +122,7 @@ def final_position_attributions(
     return torch.stack(per_layer, dim=1)
 
 
-def head_contributions(model: Any, cache: dict, layer: int) -> Float[Tensor, "batch pos n_heads d_model"]:
+def head_contributions(model: Any, cache: Cache, layer: int) -> Float[Tensor, "batch pos n_heads d_model"]:
     """What each head of ``layer`` adds to the residual stream at every position: ``z W_O^h``, or,
     through a post-attention norm, ``w_post ⊙ z W_O^h / scale_post`` with the run's own scale
     (:func:`head_output_hooks` must be in ``cache``). With :func:`attention_bias_contribution` the
@@ -126,7 +134,7 @@ def head_contributions(model: Any, cache: dict, layer: int) -> Float[Tensor, "ba
     return _through_post_norm(model, layer, outputs, cache, names, head_axis=True)
 
 
-def attention_bias_contribution(model: Any, cache: dict, layer: int) -> Float[Tensor, "batch pos d_model"]:
+def attention_bias_contribution(model: Any, cache: Cache, layer: int) -> Float[Tensor, "batch pos d_model"]:
     """What the attention output bias of ``layer`` adds to the residual (zeros without one)."""
     names = head_output_hooks(model, layer)
     z = cache[names[0]]
@@ -137,7 +145,7 @@ def attention_bias_contribution(model: Any, cache: dict, layer: int) -> Float[Te
     return _through_post_norm(model, layer, outputs, cache, names, head_axis=False)
 
 
-def _through_post_norm(model: Any, layer: int, outputs: Tensor, cache: dict, names: list[str], head_axis: bool) -> Tensor:
+def _through_post_norm(model: Any, layer: int, outputs: Tensor, cache: Cache, names: list[str], head_axis: bool) -> Tensor:
     weight = post_attention_weights(model)[layer]
     if weight is None:
         return outputs
