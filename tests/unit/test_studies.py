@@ -2,7 +2,6 @@
 sweeps, steering and transfer tables measure what they claim, and needle heatmaps average the
 right cells."""
 
-from types import SimpleNamespace
 
 import matplotlib
 import pytest
@@ -13,6 +12,7 @@ from headscope.detectors.memory_context import MemoryContextDetector
 from headscope.studies.memory_context import answer_rates, prefers_context, split_items, steer, sweep, transfer_table
 from headscope.studies.retrieval import _cell_means, plot_needle_heatmaps
 from headscope.tasks.conflicts import ConflictItem, conflict_prompt, first_token
+from headscope.tasks.haystack import HaystackSample, Needle
 
 matplotlib.use("Agg")
 
@@ -82,7 +82,10 @@ def test_a_transfer_table_has_a_row_per_source_and_target_beside_the_clean_rate(
 
 
 def test_needle_heatmaps_average_each_length_and_depth_cell(tmp_path):
-    samples = [SimpleNamespace(length=length, depth=depth) for length in (300, 550) for depth in (0, 50) for _ in range(2)]
+    needle = Needle("The code is 42.", "What is the code?", "42")
+    samples = [HaystackSample(torch.zeros(4, dtype=torch.long), "", needle, (0, 1), length, depth, "plain",
+                              torch.zeros(1, dtype=torch.long))
+               for length in (300, 550) for depth in (0, 50) for _ in range(2)]
     per_sample = torch.arange(len(samples), dtype=torch.float)  # cell (length, depth) holds two consecutive values
     grid = _cell_means(samples, per_sample, [300, 550], [0, 50])
     assert grid.tolist() == [[0.5, 4.5], [2.5, 6.5]]  # rows: depths, columns: lengths
