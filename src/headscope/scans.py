@@ -41,9 +41,9 @@ from headscope.engine.partial import check_forward_from_layer, forward_from_laye
 from headscope.engine.runner import (auto_batch_size, bar_disabled, last_position_states, model_device, progress_note,
                                      run_batched)
 from headscope.engine.tokens import TokenBatch, as_token_batch, iter_batches
-from headscope.errors import ArgumentError, InputError
+from headscope.errors import ArgumentError, IdentityMismatchError, InputError, ResultFileError
 from headscope.files import atomic_torch_save
-from headscope.identity import ModelIdentity, metric_identity, model_identity
+from headscope.identity import ModelIdentity, metric_identity, model_identity, tensor_digest
 from headscope.interventions import DEFAULT_UNIFORM_EPSILON, ablate, head_output_means
 from headscope.models import model_name
 from headscope.results import HeadScores
@@ -103,13 +103,14 @@ def ablation_scan(
             "Resample ablation takes each head's output from the next example of the same chunk, so "
             "every chunk needs at least 2 examples; change batch_size or the number of examples."
         )
+    identity = model_identity(model) if checkpoint is not None else None
+    saved = _read_checkpoint(checkpoint, identity)  # another model's is refused before any work
     means = _means_for(model, method, selected, batch if reference is None else reference, chunk_size, progress)
     read = _logits_reader(model, positions)
-    signature = _signature(batch, metric_key, method, factor, selected)
-    identity = model_identity(model) if checkpoint is not None else None
+    signature = _signature(batch, (metric_key, method, factor, chunk_size, positions), selected, means)
     fresh = {"signature": signature, "identity": _identity_record(identity), "done": [],
              "sums": torch.zeros(shape.n_layers, shape.n_heads), "counts": torch.zeros(shape.n_layers, shape.n_heads)}
-    state = _load_checkpoint(checkpoint, signature, identity, fresh, progress)
+    state = _resumed(saved, fresh, checkpoint, progress)
     sums, counts = state["sums"].to(device), state["counts"].to(device)
     layer_heads = heads_by_layer(selected)
     done = {tuple(unit) for unit in state["done"]}
@@ -192,13 +193,14 @@ def readout_scan(
     selected = _scanned_heads(model, heads)
     shape = model_shape(model)
     chunk_size = batch_size or auto_batch_size(model, batch.tokens.shape[1])
-    means = _means_for(model, method, selected, batch, chunk_size, progress)
-    signature = _signature(batch, "readout", method, factor, selected)
     identity = model_identity(model) if checkpoint is not None else None
+    saved = _read_checkpoint(checkpoint, identity)  # another model's is refused before any work
+    means = _means_for(model, method, selected, batch, chunk_size, progress)
+    signature = _signature(batch, ("readout", method, factor, chunk_size), selected, means)
     fresh = {"signature": signature, "identity": _identity_record(identity), "done": [],
              "clean": torch.zeros(len(batch), shape.d_model),
              "ablated": torch.full((shape.n_layers, shape.n_heads, len(batch), shape.d_model), math.nan)}
-    state = _load_checkpoint(checkpoint, signature, identity, fresh, progress)
+    state = _resumed(saved, fresh, checkpoint, progress)
     layer_heads = heads_by_layer(selected)
     done = {tuple(unit) for unit in state["done"]}
     read = lambda run, chunk: last_position_states(model, chunk, run)  # noqa: E731
@@ -530,38 +532,51 @@ def _identity_record(identity: Optional[ModelIdentity]) -> Optional[dict[str, st
     return identity.to_dict() if identity is not None else None
 
 
-def _signature(batch: TokenBatch, metric_key: str, method, factor, heads: list[Head]) -> str:
-    """What a checkpoint must match to be resumed (the model is checked apart: its identity)."""
+def _signature(batch: TokenBatch, settings: tuple, heads: list[Head], means: Optional[dict[int, Tensor]]) -> str:
+    """What a checkpoint must match to be resumed (the model is checked apart: its identity): the
+    inputs, the settings (metric key, method, factor, chunk size: the saved units are (chunk,
+    layer) pairs, positions) and the mean outputs a mean ablation writes in."""
     digest = hashlib.sha256()
     digest.update(batch.tokens.cpu().numpy().tobytes())
     digest.update(batch.attention_mask.cpu().numpy().tobytes())
-    digest.update(repr((metric_key, method, factor, [tuple(h) for h in heads])).encode())
+    digest.update(repr((settings, [tuple(h) for h in heads])).encode())
+    for layer, mean in sorted((means or {}).items()):
+        digest.update(f"means {layer}".encode())
+        digest.update(tensor_digest(mean).encode())
     return digest.hexdigest()
 
 
-def _load_checkpoint(path: Optional[Union[str, Path]], signature: str, identity: Optional[ModelIdentity], fresh: dict,
-                     progress: Optional[bool] = None) -> dict:
-    """The saved state when ``path`` holds one for this very scan, else ``fresh``. The state is
-    tensors, lists, numbers and strings, so it loads with ``weights_only=True`` (no pickled code);
-    a file that does not load is named in a warning and the scan starts over; a checkpoint of
-    another scan of this model is overwritten as the scan goes.
+def _read_checkpoint(path: Optional[Union[str, Path]], identity: Optional[ModelIdentity]) -> Optional[dict]:
+    """The state saved at ``path`` when it is this model identity's, else None (no file, or one
+    that does not load or holds no readable identity: named in a warning, the scan starts over
+    and overwrites it). The state is tensors, lists, numbers and strings, so it loads with
+    ``weights_only=True`` (no pickled code).
 
     Raises:
         IdentityMismatchError: the checkpoint was written for another model, other weights (also
             this model before a weight edit) or other library versions.
     """
     if path is None or identity is None or not Path(path).is_file():
-        return fresh
+        return None
     try:
         saved = torch.load(path, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - cut off, not a checkpoint, or holding other objects
-        warnings.warn(f"The scan checkpoint {path} cannot be read ({type(exc).__name__}); starting the scan over "
-                      "(it is overwritten as the scan goes).", stacklevel=3)
-        return fresh
-    if isinstance(saved, dict):
+        if not isinstance(saved, dict):
+            raise ResultFileError("not a scan checkpoint")
         identity.check_matches(saved.get("identity"), source=f"The scan checkpoint {path}",
                                fix=f"pass another checkpoint path, or delete {path} to start the scan over")
-    if isinstance(saved, dict) and saved.get("signature") == signature:
+    except IdentityMismatchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - cut off, not a checkpoint, holding other objects, a damaged identity
+        warnings.warn(f"The scan checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); starting the scan "
+                      "over (it is overwritten as the scan goes).", stacklevel=3)
+        return None
+    return saved
+
+
+def _resumed(saved: Optional[dict], fresh: dict, path: Optional[Union[str, Path]], progress: Optional[bool]) -> dict:
+    """``saved`` when it is a checkpoint of this very scan (same signature), else ``fresh``: a
+    checkpoint of another scan of this model is overwritten as the scan goes."""
+    if saved is not None and saved.get("signature") == fresh["signature"]:
         progress_note(f"resumed: {len(saved.get('done', []))} finished (chunk, layer) units from the scan checkpoint "
                       f"{path}", progress)
         return saved

@@ -67,6 +67,50 @@ def test_an_interrupted_scan_resumes_from_its_checkpoint(model, prompts, tmp_pat
     torch.testing.assert_close(resumed.values, complete.values, rtol=0, atol=1e-6)
 
 
+def keyed_loss(logits, batch):
+    return mean_loss(logits, batch)
+
+
+keyed_loss.cache_key = "mean next-token loss"
+
+
+def test_a_checkpoint_of_another_chunk_size_or_reference_starts_over(model, prompts, tmp_path):
+    """The saved units are (chunk, layer) pairs and the sums of a mean ablation depend on the
+    means: resuming across another batch size or reference would count rows twice or mix means."""
+    checkpoint = tmp_path / "scan.ckpt"
+    calls = []
+
+    def interrupted(logits, batch):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return mean_loss(logits, batch)
+
+    interrupted.cache_key = keyed_loss.cache_key
+    with pytest.raises(KeyboardInterrupt):
+        hs.ablation_scan(model, prompts, interrupted, batch_size=2, checkpoint=checkpoint)
+    assert 0 < len(torch.load(checkpoint, weights_only=True)["done"])
+    other_chunks = hs.ablation_scan(model, prompts, keyed_loss, batch_size=3, checkpoint=checkpoint)
+    torch.testing.assert_close(other_chunks.values, hs.ablation_scan(model, prompts, keyed_loss, batch_size=3).values,
+                               rtol=0, atol=1e-6)
+    hs.ablation_scan(model, prompts, keyed_loss, method="mean", batch_size=2, checkpoint=checkpoint)
+    other = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(7))
+    resumed = hs.ablation_scan(model, prompts, keyed_loss, method="mean", reference=other, batch_size=2,
+                               checkpoint=checkpoint)
+    direct = hs.ablation_scan(model, prompts, keyed_loss, method="mean", reference=other, batch_size=2)
+    torch.testing.assert_close(resumed.values, direct.values, rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_with_a_damaged_identity_is_named_and_started_over(model, prompts, tmp_path):
+    checkpoint = tmp_path / "scan.ckpt"
+    complete = hs.ablation_scan(model, prompts, keyed_loss, batch_size=2, checkpoint=checkpoint)
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save(dict(state, identity={"model": "native"}), checkpoint)
+    with pytest.warns(UserWarning, match=r"scan checkpoint .* cannot be read .*not a model identity"):
+        again = hs.ablation_scan(model, prompts, keyed_loss, batch_size=2, checkpoint=checkpoint)
+    torch.testing.assert_close(again.values, complete.values, rtol=0, atol=1e-6)
+
+
 def test_attribution_scan_tracks_the_exact_effects_and_leaves_no_gradients(model, prompts):
     exact = hs.ablation_scan(model, prompts, mean_loss, method="scale", factor=0.9)
     estimate = hs.attribution_scan(model, prompts, mean_loss, method="scale", factor=0.9)
