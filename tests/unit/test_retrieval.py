@@ -145,6 +145,8 @@ def test_needle_scan_resumes_after_an_interruption(tiny_llama, tmp_path, monkeyp
     outcomes = needle_scan(tiny_llama, samples, max_new_tokens=3, checkpoint=checkpoint, progress=False)
     assert len(calls) == 4 and len(outcomes) == 4  # two before the interruption, two after
     assert [o.length for o in outcomes] == [80, 80, 100, 100]
+    longer = needle_scan(tiny_llama, samples, max_new_tokens=5, checkpoint=checkpoint, progress=False)
+    assert len(calls) == 8 and len(longer) == 4  # answers decoded for another length are not reused
 
 
 def test_retrieval_detector_runs_end_to_end_on_a_tiny_model(tiny_llama):

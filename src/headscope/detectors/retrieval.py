@@ -407,7 +407,8 @@ def needle_scan(
 ) -> list[NeedleOutcome]:
     """:func:`answer_needle` for every sample; with ``checkpoint``, each outcome is appended to a
     JSONL file as soon as it is known and samples already there are not recomputed (matched by
-    :func:`sample_key`, which ``data_tag`` extends for your own data files).
+    :func:`sample_key`, which ``data_tag`` extends for your own data files, and by
+    ``max_new_tokens``: an answer decoded for another length is another outcome).
 
     Each checkpoint line carries the model's identity (``headscope.identity``); appends are
     locked (``headscope.files.append_line``), so several processes may share the file.
@@ -420,7 +421,7 @@ def needle_scan(
     done = _read_checkpoint(checkpoint, identity)
     outcomes = []
     for sample in tqdm(samples, desc="needles", disable=bar_disabled(progress), leave=False):
-        key = sample_key(sample, data_tag)
+        key = f"{sample_key(sample, data_tag)}|max_new_tokens={max_new_tokens}"
         if key not in done:
             done[key] = replace(answer_needle(model, sample, max_new_tokens, prefill_chunk), key=key)
             _append_checkpoint(checkpoint, done[key], identity)
