@@ -10,7 +10,7 @@ from typing import Any, Iterable, Optional, Union
 from headscope.detectors.base import Detector, get_detector, plain_config
 from headscope.engine.heads import check_head_hooks, model_shape
 from headscope.engine.runner import progress_note
-from headscope.errors import ResultFileError, ResultFileWarning
+from headscope.errors import IdentityMismatchError, ResultFileError, ResultFileWarning
 from headscope.identity import ModelIdentity, model_identity
 from headscope.results import HeadScores
 
@@ -67,10 +67,12 @@ def scan(
     check_head_hooks(model)
     instances = [get_detector(d) for d in detectors]  # fail on an unknown name before any work
     identity = model_identity(model) if out is not None else None
+    paths = {d.name: Path(out) / f"{d.name}.json" if out is not None else None for d in instances}
+    reusable = {d.name: _saved_scores(model, identity, d, paths[d.name]) if out is not None and resume else None
+                for d in instances}  # every file is checked before any work: another model's is refused first
     results: dict[str, HeadScores] = {}
     for detector in instances:
-        path = Path(out) / f"{detector.name}.json" if out is not None else None
-        saved = _saved_scores(model, identity, detector, path) if path is not None and resume else None
+        path, saved = paths[detector.name], reusable[detector.name]
         if saved is not None:
             progress_note(f"resumed {detector.name}: its scores for {saved.model} are read from {path} (pass "
                           "resume=False, or --no-resume, to recompute)", progress)
@@ -100,8 +102,15 @@ def _saved_scores(model: Any, identity: ModelIdentity, detector: Detector, path:
         warnings.warn(f"{exc} Computing {detector.name} again.", ResultFileWarning, stacklevel=3)
         return None
     shape = model_shape(model)
-    identity.check_matches(saved.metadata.get("identity"), source=f"The saved scores {path}",
-                           fix="pass resume=False (--no-resume) to compute them again, or another out folder")
+    try:
+        identity.check_matches(saved.metadata.get("identity"), source=f"The saved scores {path}",
+                               fix="pass resume=False (--no-resume) to compute them again, or another out folder")
+    except IdentityMismatchError:
+        raise
+    except ResultFileError as exc:  # a damaged identity record: the file cannot be read
+        warnings.warn(f"The saved scores {path} cannot be read: {exc} Computing {detector.name} again.",
+                      ResultFileWarning, stacklevel=3)
+        return None
     if saved.config != plain_config(detector):
         return None
     if (saved.n_layers, saved.n_heads) != (shape.n_layers, shape.n_heads):

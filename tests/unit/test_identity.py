@@ -217,6 +217,30 @@ def test_saved_scan_scores_are_refused_for_another_model_and_after_a_weight_edit
     assert again.metadata["identity"]["weights"] == model_identity(model).weights
 
 
+def test_a_scan_refuses_another_models_file_before_scoring_anything(tmp_path, monkeypatch):
+    model, other = tiny_model(n_layers=2, n_heads=4, d_vocab=128), tiny_model(n_layers=2, n_heads=4, d_vocab=128, seed=1)
+    duplicate = hs.get_detector("duplicate_token", **SMALL)
+    hs.scan(other, [duplicate], out=tmp_path, progress=False)
+    previous = hs.get_detector("previous_token", **SMALL)
+    monkeypatch.setattr(type(previous), "score", lambda *a, **k: pytest.fail("scored before the refusal"))
+    with pytest.raises(IdentityMismatchError, match="duplicate_token.json"):
+        hs.scan(model, [previous, duplicate], out=tmp_path, progress=False)
+    assert not (tmp_path / "previous_token.json").exists()
+
+
+def test_saved_scan_scores_with_a_damaged_identity_are_named_and_recomputed(tmp_path):
+    model = tiny_model(n_layers=2, n_heads=4, d_vocab=128)
+    detector = hs.get_detector("previous_token", **SMALL)
+    first = hs.scan(model, [detector], out=tmp_path, progress=False)["previous_token"]
+    path = tmp_path / "previous_token.json"
+    data = json.loads(path.read_text())
+    data["metadata"]["identity"] = {"model": "native"}
+    path.write_text(json.dumps(data))
+    with pytest.warns(hs.ResultFileWarning, match="cannot be read: not a model identity"):
+        again = hs.scan(model, [detector], out=tmp_path, progress=False)["previous_token"]
+    assert torch.equal(again.values, first.values) and again.metadata["identity"] == model_identity(model).to_dict()
+
+
 # --- in-memory caches ---------------------------------------------------------------------------
 
 def test_default_means_follow_a_weight_edit_and_stay_bounded(llama):
