@@ -67,12 +67,10 @@ def scan(
     check_head_hooks(model)
     instances = [get_detector(d) for d in detectors]  # fail on an unknown name before any work
     identity = model_identity(model) if out is not None else None
-    paths = {d.name: Path(out) / f"{d.name}.json" if out is not None else None for d in instances}
-    reusable = {d.name: _saved_scores(model, identity, d, paths[d.name]) if out is not None and resume else None
-                for d in instances}  # every file is checked before any work: another model's is refused first
+    reusable = saved_scores(model, instances, out) if out is not None and resume else {}  # refusals before any work
     results: dict[str, HeadScores] = {}
     for detector in instances:
-        path, saved = paths[detector.name], reusable[detector.name]
+        path, saved = (Path(out) / f"{detector.name}.json" if out is not None else None), reusable.get(detector.name)
         if saved is not None:
             progress_note(f"resumed {detector.name}: its scores for {saved.model} are read from {path} (pass "
                           "resume=False, or --no-resume, to recompute)", progress)
@@ -84,6 +82,23 @@ def scan(
             scores.save(path, top_k=top_k)
         results[detector.name] = scores
     return results
+
+
+def saved_scores(model: Any, detectors: Iterable[DetectorLike], out: Union[str, Path]) -> dict[str, HeadScores]:
+    """The scores in ``out`` that ``scan(..., out=out)`` would reuse, by detector name: checks
+    every ``<out>/<name>.json`` of the run at once, so that a file of another model is refused
+    before any detector runs.
+
+    Raises:
+        IdentityMismatchError: a file was written for another model identity, or records none.
+    """
+    identity = model_identity(model)
+    found = {}
+    for detector in (get_detector(d) for d in detectors):
+        saved = _saved_scores(model, identity, detector, Path(out) / f"{detector.name}.json")
+        if saved is not None:
+            found[detector.name] = saved
+    return found
 
 
 def _saved_scores(model: Any, identity: ModelIdentity, detector: Detector, path: Path) -> Optional[HeadScores]:

@@ -530,8 +530,8 @@ class _PartStore:
     the model's identity (``headscope.identity``: name, weights hash, dtype, library versions).
 
     A part written for another identity (another model, the same model before a weight edit,
-    other library versions) is refused with ``IdentityMismatchError``: never reused, never
-    silently overwritten. A part of other settings or code (its ``key``) is computed again. A
+    other library versions) is refused with ``IdentityMismatchError`` on resume: never reused.
+    With ``resume=False`` every part is computed again and overwritten. A part of other settings or code (its ``key``) is computed again. A
     part that cannot be used (not JSON, cut off, the wrong shape) is named in a
     ``ResultFileWarning``, moved aside to ``<part>.damaged`` and computed again."""
 

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headscope import __version__
-from headscope.api import scan
+from headscope.api import saved_scores, scan
 from headscope.atlas import atlas
 from headscope.atlas import detector_settings as atlas_detector_settings
 from headscope.compare import compare
@@ -266,6 +266,8 @@ def run_scan(args: argparse.Namespace) -> int:
     check_out_folder(args.out)
     model = _load(args)
     out = Path(args.out)
+    if not args.no_resume:
+        saved_scores(model, detectors, out)  # another model's file in --out is refused before any detector runs
     bar = tqdm(detectors, desc="detectors", unit="detector", disable=False)
     for detector in bar:
         name = detector.name

@@ -5,7 +5,7 @@ Every cache, checkpoint and atlas part headscope keeps is keyed by a :class:`Mod
 * ``model``: the model's name (``cfg.model_name``: the bundled name, the file's stem, the
   folder's name or the hub name);
 * ``weights``: XXH3-128 of every parameter and buffer, in name order, each with its name, dtype
-  and shape (``headscope.models`` checks the weight cache with the same hash);
+  and shape (the same algorithm as the weight cache's file checksums in ``headscope.models``);
 * ``dtype``, and the versions of headscope, torch, transformer_lens and transformers.
 
 A file written for another identity is never reused: :meth:`ModelIdentity.check_matches` raises
@@ -114,7 +114,7 @@ class ModelIdentity:
         """
         if saved is None:
             raise IdentityMismatchError(
-                f"{source} records no model identity (an older headscope wrote it), so it cannot be told apart from "
+                f"{source} records no model identity (an older headscope wrote it, or it was saved outside headscope's resumable runs), so it cannot be told apart from "
                 f"another model's or other weights' results. headscope never reuses such results: {fix}.")
         if not isinstance(saved, ModelIdentity):
             saved = ModelIdentity.from_dict(saved)

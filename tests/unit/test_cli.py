@@ -70,3 +70,17 @@ def test_data_flag_sets_the_detectors_data_setting(tmp_path):
                  f"induction={text}", "--out", str(tmp_path / "out")]) == 0
     saved = json.loads((tmp_path / "out" / "induction.json").read_text())
     assert saved["config"]["data"] == str(text) and list(saved["config"]["data_sha256"]) == [str(text)]
+
+
+def test_scan_refuses_another_models_saved_scores_before_running_any_detector(folder, tmp_path, capsys):
+    other = str(tiny_llama_folder(tmp_path / "other"))  # the same weights under another name: another model
+    out = tmp_path / "results"
+    small = tmp_path / "small.json"
+    small.write_text('{"previous_token": {"block_len": 10, "n_repeats": 2, "n_sequences": 4}}')
+    assert main(["scan", "--model", other, "--detectors", "previous_token", "--out", str(out), "--config", str(small)]) == 0
+    capsys.readouterr()
+    code = main(["scan", "--model", folder, "--detectors", "induction,previous_token", "--out", str(out),
+                 "--config", str(small)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("headscope: error: The saved scores") and "--no-resume" in err[-1]
+    assert not (out / "induction.json").exists()  # refused before the first detector ran

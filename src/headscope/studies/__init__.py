@@ -3,7 +3,7 @@
 A detector (``headscope.detectors``) defines a head role: its config, its score, its
 significance rule and its validation task. A study is what a paper does *with* those heads once
 they are found: steering sweeps and transfer tables of memory heads (``studies.memory_context``),
-option-order and split-stability studies of select-and-copy heads (``studies.select_copy``),
+method comparisons (a head against the letter logits) and split-stability studies of select-and-copy heads (``studies.select_copy``),
 needle heatmaps (``studies.retrieval``), mod-10 features and effective-OV conventions of successor
 heads (``studies.successor``). Sahara and the attack success rate stay in
 ``headscope.detectors.safety``: the detector's score runs Sahara (``sahara_steps``) and its
