@@ -531,9 +531,10 @@ class _PartStore:
 
     A part written for another identity (another model, the same model before a weight edit,
     other library versions) is refused with ``IdentityMismatchError`` on resume: never reused.
-    With ``resume=False`` every part is computed again and overwritten. A part of other settings or code (its ``key``) is computed again. A
-    part that cannot be used (not JSON, cut off, the wrong shape) is named in a
-    ``ResultFileWarning``, moved aside to ``<part>.damaged`` and computed again."""
+    With ``resume=False`` every part is computed again and overwritten. A part of other settings
+    or code (its ``key``) is computed again. A part that cannot be used (not JSON, cut off, the
+    wrong shape) is named in a ``ResultFileWarning``, moved aside to ``<part>.damaged`` and
+    computed again."""
 
     def __init__(self, folder: Path, identity: ModelIdentity, read: bool = True,
                  shape: Optional[tuple[int, int]] = None) -> None:
