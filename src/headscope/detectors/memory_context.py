@@ -281,13 +281,10 @@ def final_head_attributions(
         directions["unrelated"] = answer_directions(model, unrelated_answers(items))
     w_o = head_output_weights(model)
     names = [name for layer in range(shape.n_layers) for name in head_output_hooks(model, layer)] + [FINAL_SCALE]
-    offset = [0]
 
-    def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
-        rows = torch.arange(len(chunk), device=logits.device)
+    def reduce(logits: Tensor, cache: dict, chunk: TokenBatch, rows: slice) -> dict[str, Tensor]:
+        index, rows = rows, torch.arange(len(chunk), device=logits.device)  # rows of the data; rows of the chunk
         last = chunk.last_positions
-        index = slice(offset[0], offset[0] + len(chunk))
-        offset[0] += len(chunk)
         scale = cache[FINAL_SCALE][rows, last, 0].float() if scale_from is None else scale_from["scale"][index]
         out = {name: final_position_attributions(model, cache, last, d[index].to(logits.device), scale, w_o)
                for name, d in directions.items()}

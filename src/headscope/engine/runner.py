@@ -141,10 +141,11 @@ def run_batched(
 
     ``reduce`` must return a tensor (or a dict of tensors) whose first dimension is the chunk's
     rows. A ``reduce`` with a parameter named ``rows`` is called with ``rows=slice(start, stop)``,
-    the rows of ``data`` in the chunk (chunks come in order). ``logits="all"``: ``[batch, pos, vocab]``; ``"last"``: ``[batch, vocab]`` at each row's
-    last real position, the unembedding computed there only; ``"last_states"``: instead of logits,
-    the unembedding's input there ``[batch, d_model]`` (the final normalised states). Runs
-    without gradients; the model is not changed.
+    the rows of ``data`` in the chunk (chunks come in order). ``logits="all"``: ``[batch, pos,
+    vocab]``; ``"last"``: ``[batch, vocab]`` at each row's last real position, the unembedding
+    computed there only; ``"last_states"``: instead of logits, the unembedding's input there
+    ``[batch, d_model]`` (the final normalised states). Runs without gradients; the model is not
+    changed.
     """
     if logits not in ("all", "last", "last_states"):
         raise ValueError(f"logits must be 'all', 'last' or 'last_states', got {logits!r}.")
