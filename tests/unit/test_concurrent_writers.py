@@ -38,10 +38,12 @@ def save_and_read(folder: str, seed: int, queue) -> None:
         queue.put((seed, traceback.format_exc()))
 
 
-def test_processes_saving_the_same_names_never_fail_or_tear_a_file(tmp_path):
+def run_workers(target, path) -> None:
+    """``target(path, seed, queue)`` in ``PROCESSES`` spawned processes at once; each must report
+    ``(seed, None)`` (or its traceback) and exit 0."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    workers = [context.Process(target=save_and_read, args=(str(tmp_path), seed, queue)) for seed in range(PROCESSES)]
+    workers = [context.Process(target=target, args=(path, seed, queue)) for seed in range(PROCESSES)]
     for worker in workers:
         worker.start()
     reports = dict(queue.get(timeout=120) for _ in workers)
@@ -49,6 +51,10 @@ def test_processes_saving_the_same_names_never_fail_or_tear_a_file(tmp_path):
         worker.join(timeout=30)
     assert all(worker.exitcode == 0 for worker in workers)
     assert reports == {seed: None for seed in range(PROCESSES)}, "\n".join(filter(None, reports.values()))
+
+
+def test_processes_saving_the_same_names_never_fail_or_tear_a_file(tmp_path):
+    run_workers(save_and_read, str(tmp_path))
 
     import torch
 
@@ -82,15 +88,7 @@ def append_lines(path: str, seed: int, queue) -> None:
 
 def test_processes_appending_to_one_file_never_interleave_their_lines(tmp_path):
     path = tmp_path / "needles.jsonl"
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    workers = [context.Process(target=append_lines, args=(str(path), seed, queue)) for seed in range(PROCESSES)]
-    for worker in workers:
-        worker.start()
-    reports = dict(queue.get(timeout=120) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=30)
-    assert reports == {seed: None for seed in range(PROCESSES)}, "\n".join(filter(None, reports.values()))
+    run_workers(append_lines, str(path))
     rows = [json.loads(line) for line in path.read_text().splitlines()]  # every line whole
     assert len(rows) == PROCESSES * APPENDS
     for seed in range(PROCESSES):
