@@ -6,14 +6,8 @@ beartype.beartype)``, so a tensor whose shape or dtype disagrees with its ``Floa
 pos"]`` annotation (or an argument of the wrong type) fails the test, and a dimension name means
 one size within a call. beartype rather than typeguard: jaxtyping's documentation supports
 typeguard 2 only (3 and 4, the venv has 4.6, have known issues with it), and beartype checks in
-constant time per call (one item of a container, not every item).
-
-``HEADSCOPE_TYPECHECK`` chooses where: unset or ``1``, the fast lane (every test not marked
-``repro``) is checked and the reproductions on the pretrained models run unchecked (they call the
-same functions as the unit tests on bigger inputs; checking them added ~3 minutes to the suite,
-most of it in select_copy's 85k small calls); ``all``, every test is checked (the whole suite
-passed so at 30e8055); ``0``, nothing is, e.g. to time the tests or to tell a checking failure
-from a behaviour one.
+constant time per call (one item of a container, not every item). Set ``HEADSCOPE_TYPECHECK=0`` to run without the checks,
+e.g. to time the tests or to tell a checking failure from a behaviour one.
 """
 
 from __future__ import annotations
@@ -25,8 +19,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-TYPECHECK_MODE = os.environ.get("HEADSCOPE_TYPECHECK", "1")
-TYPECHECK = TYPECHECK_MODE != "0"
+TYPECHECK = os.environ.get("HEADSCOPE_TYPECHECK", "1") != "0"
 HOOKED = any(type(finder).__name__ == "_JaxtypingFinder" for finder in sys.meta_path)  # this file runs
 # twice, as conftest and as tests.conftest (tests import its helpers): the hook is installed once
 if TYPECHECK and not HOOKED:  # before anything imports headscope: the hook only wraps modules imported after it
@@ -183,22 +176,6 @@ def no_pretrained_model_in_the_fast_lane(request, monkeypatch):
         return locate(bundled, cache_dir)
 
     monkeypatch.setattr(models, "_bundled_gguf", refuse)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    """A ``repro`` test runs unchecked (set-up, call and tear-down, so its module's fixtures too)
-    unless ``HEADSCOPE_TYPECHECK=all``: see the module's docstring."""
-    unchecked = TYPECHECK and TYPECHECK_MODE != "all" and item.get_closest_marker("repro") is not None
-    if unchecked:
-        import jaxtyping
-
-        jaxtyping.config.update("jaxtyping_disable", True)
-    try:
-        yield
-    finally:
-        if unchecked:
-            jaxtyping.config.update("jaxtyping_disable", False)
 
 
 @pytest.fixture(autouse=True)
