@@ -67,7 +67,7 @@ def scan(
     check_head_hooks(model)
     instances = [get_detector(d) for d in detectors]  # fail on an unknown name before any work
     identity = model_identity(model) if out is not None else None
-    reusable = saved_scores(model, instances, out) if out is not None and resume else {}  # refusals before any work
+    reusable = saved_scores(model, instances, out, identity) if out is not None and resume else {}  # refusals first
     results: dict[str, HeadScores] = {}
     for detector in instances:
         path, saved = (Path(out) / f"{detector.name}.json" if out is not None else None), reusable.get(detector.name)
@@ -84,15 +84,16 @@ def scan(
     return results
 
 
-def saved_scores(model: Any, detectors: Iterable[DetectorLike], out: Union[str, Path]) -> dict[str, HeadScores]:
+def saved_scores(model: Any, detectors: Iterable[DetectorLike], out: Union[str, Path],
+                 identity: Optional[ModelIdentity] = None) -> dict[str, HeadScores]:
     """The scores in ``out`` that ``scan(..., out=out)`` would reuse, by detector name: checks
     every ``<out>/<name>.json`` of the run at once, so that a file of another model is refused
-    before any detector runs.
+    before any detector runs. ``identity``: the model's, when the caller has hashed it already.
 
     Raises:
         IdentityMismatchError: a file was written for another model identity, or records none.
     """
-    identity = model_identity(model)
+    identity = identity or model_identity(model)
     found = {}
     for detector in (get_detector(d) for d in detectors):
         saved = _saved_scores(model, identity, detector, Path(out) / f"{detector.name}.json")
