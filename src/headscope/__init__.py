@@ -62,8 +62,11 @@ from headscope.results import HeadScores, role_overlap
 from headscope.scans import ablation_scan, attribution_scan, naive_ablation_scan
 from headscope.significance import Significance
 from headscope.validation import ValidationResult, validate
+from headscope.viz.patterns import AttentionPatterns, attention_patterns
 
 __all__ = [
+    "AttentionPatterns",
+    "attention_patterns",
     "Atlas",
     "AtlasComparison",
     "AtlasSettings",
