@@ -171,3 +171,15 @@ def test_detectors_that_cannot_score_a_random_model_say_why():
         hs.detect(model, "retrieval", progress=False, **{**RUNNABLE["retrieval"], "rouge_threshold": 0.5})
     with pytest.raises(hs.InputError, match="Only 0 questions are left"):
         hs.detect(model, "select_copy", progress=False, n_questions=40, n_dev=10)
+
+
+def test_attention_patterns_are_each_familys_own_attention(family_with_text):
+    """hs.attention_patterns reads every family's query-head patterns: causal rows that sum to 1
+    and equal the model's hook_pattern, with the prompt's tokens (the byte tokenizer's characters)."""
+    name, model = family_with_text
+    patterns = hs.attention_patterns(model, "abcab", heads=["L0H0", "L1H3"])
+    _, cache = model.run_with_cache(hs.tokenize(model, "abcab").tokens)
+    torch.testing.assert_close(patterns["L1H3"], cache["blocks.1.attn.hook_pattern"][0, 3].float())
+    torch.testing.assert_close(patterns.values.sum(-1), torch.ones(2, len(patterns.tokens)))
+    assert patterns.values.triu(diagonal=1).abs().max() == 0, name
+    assert "".join(patterns.tokens[1:]) == "abcab" and active_hooks(model) == 0
