@@ -1,0 +1,146 @@
+"""Every result's ``.plot()``: a matplotlib Figure with the labels, ticks, bars and legend entries
+it promises, saved atomically as PNG and SVG, and matplotlib's backend left as the caller had it
+(pyplot not even imported when the caller had not)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+import headscope as hs
+from headscope.viz.figures import finish, layer_step, value_formatter
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def head_scores(n_layers: int = 3, n_heads: int = 4) -> hs.HeadScores:
+    values = torch.linspace(0.0, 1.0, n_layers * n_heads).reshape(n_layers, n_heads)
+    values[0, 0] = float("nan")
+    return hs.HeadScores(values, "induction", "toy", extras={"copying": values * 1e-12},
+                         metadata={"score": "prefix_matching"})
+
+
+def every_plot() -> dict[str, Figure]:
+    """One figure per kind of plot, from results built by hand (no model)."""
+    return {"head_scores": head_scores().plot()}
+
+
+def colour_bar(figure: Figure):
+    """The colour bar's axes (the figure's axes that is not the heatmap's)."""
+    return figure.axes[1]
+
+
+def test_head_scores_plot_labels_the_colour_bar_and_ticks_every_head_and_layer():
+    figure = head_scores().plot()
+    assert isinstance(figure, Figure)
+    heatmap = figure.axes[0]
+    assert heatmap.get_xlabel() == "head" and heatmap.get_ylabel() == "layer"
+    assert [t.get_text() for t in heatmap.get_xticklabels()] == ["0", "1", "2", "3"]
+    assert [t.get_text() for t in heatmap.get_yticklabels()] == ["0", "1", "2"]
+    assert colour_bar(figure).get_ylabel() == "prefix_matching"
+    assert heatmap.get_title() == "induction — toy"
+
+
+def test_head_scores_plot_of_an_extra_names_the_extra():
+    figure = head_scores().plot(extra="copying")
+    assert colour_bar(figure).get_ylabel() == "copying" and figure.axes[0].get_title() == "induction · copying — toy"
+
+
+def test_colour_bar_ticks_never_print_a_zero_as_a_tiny_number():
+    """The report's old colour bar said ``1.85e-10`` for its minimum."""
+    values = torch.tensor([[1.85e-10, 0.1], [0.2, 0.3]])
+    labels = [t.get_text() for t in colour_bar(hs.HeadScores(values, "d", "m").plot()).get_yticklabels()]
+    assert labels[0] == "0.00" and labels[-1] in ("0.30", "0.35") and all(len(label) == 4 for label in labels)
+    assert value_formatter(0.0, 0.5)(1.85e-10) == "0.00" and value_formatter(0.0, 5.0)(-1e-12) == "0.0"
+    assert value_formatter(0.0, 1e-3)(1e-19) == "0.0e+00"
+
+
+def test_head_scores_plot_names_the_extras_when_given_an_unknown_one():
+    with pytest.raises(hs.errors.ArgumentError, match="no extra 'nope'.*'copying'"):
+        head_scores().plot(extra="nope")
+
+
+def test_a_deep_model_gets_a_readable_layer_step():
+    assert layer_step(32) == 1 and layer_step(36) == 2 and layer_step(80) == 4
+    figure = hs.HeadScores(torch.rand(36, 3), "d", "m").plot()
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()][:3] == ["0", "2", "4"]
+
+
+def test_the_constant_map_has_one_colour_bar_tick_saying_its_value():
+    figure = hs.HeadScores(torch.zeros(2, 3), "d", "m").plot()
+    assert [t.get_text() for t in colour_bar(figure).get_yticklabels()] == ["0"]
+
+
+def test_plot_draws_on_given_axes_and_returns_their_figure():
+    figure = Figure()
+    ax = figure.add_subplot()
+    assert head_scores().plot(ax=ax) is figure
+
+
+@pytest.mark.parametrize("suffix,magic", [("png", b"\x89PNG"), ("svg", b"<?xml")])
+def test_every_plot_saves_atomically_as_png_and_svg(tmp_path, suffix, magic):
+    for name, figure in every_plot().items():
+        path = tmp_path / name / f"plot.{suffix}"
+        path.parent.mkdir()
+        assert finish(figure, path) is figure
+        assert path.read_bytes()[: len(magic)] == magic, name
+        assert [p.name for p in path.parent.iterdir()] == [path.name], f"{name}: a temporary file was left behind"
+
+
+def test_the_path_argument_of_each_plot_saves_the_figure(tmp_path):
+    path = tmp_path / "scores.svg"
+    figure = head_scores().plot(path=path)
+    assert isinstance(figure, Figure) and b"<svg" in path.read_bytes()[:400]
+
+
+CHECK = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import matplotlib
+before = matplotlib.rcParams._get_backend_or_none()
+from tests.unit.test_plots import every_plot
+figures = every_plot()
+seen = {"before": before, "after": matplotlib.rcParams._get_backend_or_none(),
+        "pyplot": "matplotlib.pyplot" in sys.modules, "figures": sorted(figures)}
+import matplotlib.pyplot as plt
+matplotlib.use("svg")
+managed = every_plot()
+seen.update(svg_after=matplotlib.get_backend(), managed=len(plt.get_fignums()), n=len(managed))
+print(json.dumps(seen))
+"""
+
+
+def test_plots_leave_the_backend_alone_and_import_no_pyplot():
+    """In a fresh interpreter: no plot imports pyplot or picks a backend; after the caller chose
+    one and imported pyplot, the plots keep it and go through pyplot (so Jupyter shows them)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HEADSCOPE_TYPECHECK": "0"}
+    env.pop("MPLBACKEND", None)
+    result = subprocess.run([sys.executable, "-c", CHECK, str(ROOT)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["before"] is None and seen["after"] is None and not seen["pyplot"], seen
+    assert seen["figures"] == sorted(every_plot())
+    assert seen["svg_after"] == "svg" and seen["managed"] == seen["n"], seen
+
+
+def test_in_a_jupyter_kernel_a_plot_shows_once_without_importing_pyplot_first(tmp_path, monkeypatch):
+    """Jupyter's inline display shows pyplot's figures only: in a kernel the plots go through
+    pyplot (with the kernel's own backend) even when the notebook never imported it."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
+    monkeypatch.setenv("HEADSCOPE_TYPECHECK", "0")
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell("import torch, headscope as hs\n"
+                                                "hs.HeadScores(torch.rand(2, 3), 'd', 'm').plot();")]
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    images = [out for out in notebook.cells[0].outputs if "image/png" in out.get("data", {})]
+    assert len(images) == 1, notebook.cells[0].outputs
