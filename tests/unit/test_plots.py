@@ -15,6 +15,7 @@ import torch
 from matplotlib.figure import Figure
 
 import headscope as hs
+from headscope.validation import ValidationResult
 from headscope.viz.figures import finish, layer_step, value_formatter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,9 +28,17 @@ def head_scores(n_layers: int = 3, n_heads: int = 4) -> hs.HeadScores:
                          metadata={"score": "prefix_matching"})
 
 
+def validation(significant: bool = True) -> ValidationResult:
+    low, high = (0.8, 1.4) if significant else (-0.2, 1.4)
+    return ValidationResult("induction", "toy", "loss on repeated tokens", "mean", 2, ["L1H0", "L2H3"],
+                            [["L0H1", "L1H1"], ["L0H2", "L2H2"], ["L0H0", "L2H1"]], clean=2.1, top_k=3.4, random_k=2.3,
+                            random_k_per_draw=[2.2, 2.4, 2.3], difference=1.1, ci_low=low, ci_high=high,
+                            n_examples=16, ablation_hurts_when="increases")
+
+
 def every_plot() -> dict[str, Figure]:
     """One figure per kind of plot, from results built by hand (no model)."""
-    return {"head_scores": head_scores().plot()}
+    return {"head_scores": head_scores().plot(), "validation": validation().plot()}
 
 
 def colour_bar(figure: Figure):
@@ -82,6 +91,26 @@ def test_plot_draws_on_given_axes_and_returns_their_figure():
     figure = Figure()
     ax = figure.add_subplot()
     assert head_scores().plot(ax=ax) is figure
+
+
+def test_validation_plot_shows_clean_top_random_draws_and_the_difference_with_its_interval():
+    result = validation()
+    ax = validation().plot().axes[0]
+    assert ax.get_ylabel() == "loss on repeated tokens"
+    bars = [patch.get_height() for patch in ax.containers[0]]
+    assert bars == pytest.approx([result.clean, result.top_k, result.random_k])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["clean", "top-2", "random-2\n(mean)"]
+    (draws,) = ax.collections[:1]
+    assert sorted(y for _, y in draws.get_offsets()) == pytest.approx(sorted(result.random_k_per_draw))
+    (interval,) = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    (segment,) = interval.lines[2][0].get_segments()
+    assert [y for _, y in segment] == pytest.approx([result.random_k + result.ci_low, result.random_k + result.ci_high])
+    assert "— significant" in ax.get_title()
+    assert len(ax.get_legend().get_texts()) == 3 and "95% CI [+0.8, +1.4]" in ax.get_legend().get_texts()[2].get_text()
+
+
+def test_validation_plot_title_says_not_significant_when_the_interval_holds_zero():
+    assert "not significant" in validation(significant=False).plot().axes[0].get_title()
 
 
 @pytest.mark.parametrize("suffix,magic", [("png", b"\x89PNG"), ("svg", b"<?xml")])

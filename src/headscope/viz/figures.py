@@ -146,9 +146,10 @@ def head_heatmap(
 def difference_bars(
     ax: Any, conditions: Sequence[tuple[str, float]], *, reference: float, compared: int, difference: float,
     ci: tuple[float, float], draws: Sequence[float] = (), draws_at: int = -1, ylabel: str = "",
+    reference_label: str = "",
 ) -> None:
     """One bar per ``(label, value)`` of ``conditions``; ``draws`` as dots over bar ``draws_at``; a
-    dashed line at ``reference``; and on bar ``compared`` the difference from the reference with
+    dashed line at ``reference`` (labelled ``reference_label`` in the legend); and on bar ``compared`` the difference from the reference with
     its 95% interval ``ci`` as an error bar at ``reference + difference``: the interval misses the
     dashed line exactly when it excludes 0."""
     positions = list(range(len(conditions)))
@@ -160,10 +161,10 @@ def difference_bars(
         where = positions[draws_at]
         spread = [where + 0.24 * (i / max(len(draws) - 1, 1) - 0.5) for i in range(len(draws))]
         ax.scatter(spread, list(draws), s=14, color="#424242", zorder=3, label=f"each of {len(draws)} draws")
-    ax.axhline(reference, color="#616161", linestyle="--", linewidth=1)
+    ax.axhline(reference, color="#616161", linestyle="--", linewidth=1, label=reference_label or None)
     low, high = reference + ci[0], reference + ci[1]
     middle = reference + difference
     ax.errorbar([positions[compared]], [middle], yerr=[[max(middle - low, 0.0)], [max(high - middle, 0.0)]], fmt="o", color="#000000",
                 capsize=5, zorder=4, label=f"difference {difference:+.3g}, 95% CI [{ci[0]:+.3g}, {ci[1]:+.3g}]")
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
