@@ -15,7 +15,10 @@ import torch
 from matplotlib.figure import Figure
 
 import headscope as hs
+from headscope.atlas import Atlas, AtlasSettings, RoleMap
+from headscope.significance import Significance
 from headscope.validation import ValidationResult
+from headscope.viz.figures import NO_ROLE, ROLE_COLOURS
 from headscope.viz.figures import finish, layer_step, value_formatter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,9 +39,22 @@ def validation(significant: bool = True) -> ValidationResult:
                             n_examples=16, ablation_hurts_when="increases")
 
 
+ROLES = ("induction", "previous_token", "duplicate_token")
+
+
+def hand_atlas() -> Atlas:
+    """Three roles on a 6 x 8 model, each significant where its random statistic is above 0.7."""
+    generator = torch.Generator().manual_seed(0)
+    stats = {role: torch.rand(6, 8, generator=generator) for role in ROLES}
+    return Atlas("toy", (6, 8), {role: hs.HeadScores(v, role, "toy") for role, v in stats.items()},
+                 {role: [Significance(role, role, v, 0.7, f"{role} share", "a threshold")] for role, v in stats.items()},
+                 {role: None for role in ROLES}, AtlasSettings(list(ROLES)))
+
+
 def every_plot() -> dict[str, Figure]:
     """One figure per kind of plot, from results built by hand (no model)."""
-    return {"head_scores": head_scores().plot(), "validation": validation().plot()}
+    return {"head_scores": head_scores().plot(), "validation": validation().plot(),
+            "role_map": hand_atlas().role_map().plot()}
 
 
 def colour_bar(figure: Figure):
@@ -111,6 +127,60 @@ def test_validation_plot_shows_clean_top_random_draws_and_the_difference_with_it
 
 def test_validation_plot_title_says_not_significant_when_the_interval_holds_zero():
     assert "not significant" in validation(significant=False).plot().axes[0].get_title()
+
+
+def test_role_map_is_a_named_tuple_that_still_unpacks_in_three():
+    role_map = hand_atlas().role_map()
+    names, index, strength = role_map
+    assert isinstance(role_map, RoleMap) and role_map.names == names == list(ROLES)
+    assert role_map.index is index and role_map.strength is strength and index.shape == strength.shape == (6, 8)
+
+
+def test_role_map_plot_colours_each_head_by_its_role_lighter_when_weaker_with_counts_in_the_legend():
+    from matplotlib.colors import to_rgb
+
+    role_map = hand_atlas().role_map()
+    figure = role_map.plot(title="role map — toy")
+    ax = figure.axes[0]
+    counts = [int((role_map.index == i).sum()) for i in range(3)]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [f"{name} ({n})" for name, n in zip(ROLES, counts, strict=True)] + [f"none ({48 - sum(counts)})"]
+    assert sum(counts) > 0 and 48 - sum(counts) > 0
+    assert [patch.get_facecolor()[:3] for patch in ax.get_legend().get_patches()] == [
+        to_rgb(c) for c in (*ROLE_COLOURS[:3], NO_ROLE)]
+    cells = ax.get_images()[0].get_array()
+    empty = (role_map.index < 0).nonzero()[0].tolist()
+    assert tuple(cells[empty[0], empty[1]][:3]) == pytest.approx(to_rgb(NO_ROLE), abs=1e-6)
+    strongest = int(role_map.strength.flatten().argmax())
+    layer, head = divmod(strongest, 8)
+    role = int(role_map.index[layer, head])
+    assert tuple(cells[layer, head][:3]) == pytest.approx(to_rgb(ROLE_COLOURS[role]), abs=1e-6)
+    weakest = min(((l, h) for l in range(6) for h in range(8) if role_map.index[l, h] >= 0),
+                  key=lambda cell: float(role_map.strength[cell]))
+    assert min(cells[weakest][:3]) > min(to_rgb(ROLE_COLOURS[int(role_map.index[weakest])]))  # lighter
+    assert ax.get_xlabel() == "head" and ax.get_ylabel() == "layer" and ax.get_title() == "role map — toy"
+    assert len(ax.get_xticks()) == 8 and len(ax.get_yticks()) == 6
+
+
+@pytest.fixture(scope="module")
+def tiny_atlas():
+    """A real atlas of the template detectors on the tiny model (a few seconds), as test_atlas builds it."""
+    from tests.conftest import tiny_model
+    from tests.unit.test_atlas import small_atlas
+
+    return small_atlas(tiny_model(), k=1, n_random=2)
+
+
+def test_a_real_atlas_plots_its_role_map_scores_significance_and_validation(tiny_atlas):
+    names, index, strength = tiny_atlas.role_map()
+    figure = tiny_atlas.role_map().plot(title=tiny_atlas.model)
+    assert isinstance(figure, Figure)
+    assert len(figure.axes[0].get_legend().get_texts()) == len(names) + 1 == 4
+    validation = tiny_atlas.validations["induction"]
+    ax = validation.plot().axes[0]
+    assert ax.get_ylabel() == validation.metric_name and len(ax.collections[0].get_offsets()) == 2
+    scores = tiny_atlas.scores["induction"]
+    assert scores.plot().axes[1].get_ylabel() == scores.metadata["score"] == "prefix_matching"
 
 
 @pytest.mark.parametrize("suffix,magic", [("png", b"\x89PNG"), ("svg", b"<?xml")])

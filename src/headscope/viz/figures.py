@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from headscope.files import atomic_savefig
@@ -141,6 +141,42 @@ def head_heatmap(
         bar.ax.yaxis.set_major_formatter(FuncFormatter(value_formatter(low, high)))
     bar.ax.tick_params(labelsize=7)
     return bar
+
+
+def role_colours(names: Sequence[str]) -> dict[str, str]:
+    """Each role's colour: :data:`ROLE_COLOURS` in the roles' order, repeating after ten."""
+    return {name: ROLE_COLOURS[i % len(ROLE_COLOURS)] for i, name in enumerate(names)}
+
+
+def lighter(colour: str, amount: float) -> tuple[float, float, float]:
+    """``colour`` mixed with white as RGB: ``amount`` 1 is the colour, 0 is white."""
+    from matplotlib.colors import to_rgb
+
+    return tuple(amount * part + (1.0 - amount) for part in to_rgb(colour))  # type: ignore[return-value]
+
+
+def role_map_image(
+    ax: Any, names: Sequence[str], index: Int[Tensor, "n_layers n_heads"], strength: Float[Tensor, "n_layers n_heads"],
+    *, title: str,
+) -> None:
+    """Draw each head in its strongest role's colour (``index`` into ``names``, -1: no role in
+    :data:`NO_ROLE`), lighter the weaker its ``strength`` (0..1; 0.35 + 0.65 x strength of the
+    colour, as the report's role map), with a legend of the roles and how many heads each has."""
+    from matplotlib.colors import to_rgb
+    from matplotlib.patches import Patch
+
+    colours = role_colours(names)
+    cells = [[to_rgb(NO_ROLE) if role < 0 else lighter(colours[names[role]], 0.35 + 0.65 * float(power))
+              for role, power in zip(row_index, row_strength, strict=True)]
+             for row_index, row_strength in zip(index.tolist(), strength.tolist(), strict=True)]
+    ax.imshow(cells, aspect="auto", origin="upper", interpolation="nearest")
+    head_axes(ax, *index.shape)
+    ax.set_title(title, fontsize=9)
+    counts = [int((index == i).sum()) for i in range(len(names))] + [int((index < 0).sum())]
+    handles = [Patch(facecolor=colours[name], label=f"{name} ({count})") for name, count in zip(names, counts[:-1], strict=True)]
+    handles.append(Patch(facecolor=NO_ROLE, label=f"none ({counts[-1]})"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False,
+              title="strongest role\n(lighter = weaker)", title_fontsize=7)
 
 
 def difference_bars(
