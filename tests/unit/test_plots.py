@@ -51,10 +51,16 @@ def hand_atlas() -> Atlas:
                  {role: None for role in ROLES}, AtlasSettings(list(ROLES)))
 
 
+def significance() -> Significance:
+    generator = torch.Generator().manual_seed(0)
+    return Significance("induction", "induction", torch.rand(6, 8, generator=generator), 0.7, "prefix_matching share",
+                        "a rule", effect=torch.rand(6, 8, generator=generator), floor=0.2)
+
+
 def every_plot() -> dict[str, Figure]:
     """One figure per kind of plot, from results built by hand (no model)."""
     return {"head_scores": head_scores().plot(), "validation": validation().plot(),
-            "role_map": hand_atlas().role_map().plot()}
+            "role_map": hand_atlas().role_map().plot(), "significance": significance().plot()}
 
 
 def colour_bar(figure: Figure):
@@ -162,6 +168,21 @@ def test_role_map_plot_colours_each_head_by_its_role_lighter_when_weaker_with_co
     assert len(ax.get_xticks()) == 8 and len(ax.get_yticks()) == 6
 
 
+def test_significance_plot_outlines_the_significant_heads_and_states_the_threshold():
+    from matplotlib.patches import Rectangle
+
+    result = significance()
+    figure = result.plot()
+    ax, bar = figure.axes
+    outlined = {(round(r.get_y() + 0.5), round(r.get_x() + 0.5)) for r in ax.patches if isinstance(r, Rectangle)}
+    assert outlined == {(h.layer, h.head) for h in result.heads} and 0 < len(outlined) < 48
+    assert set(result.heads) < set(result.as_scores().above(result.threshold))  # the floor removes some
+    assert ax.get_title() == f"induction: {len(outlined)} significant heads (outlined)\nstatistic > 0.7, effect > 0.2"
+    assert bar.get_ylabel() == "prefix_matching share (threshold 0.7)"
+    assert [line.get_ydata()[0] for line in bar.lines] == [pytest.approx(0.7)]
+    assert len(ax.get_xticks()) == 8 and len(ax.get_yticks()) == 6
+
+
 @pytest.fixture(scope="module")
 def tiny_atlas():
     """A real atlas of the template detectors on the tiny model (a few seconds), as test_atlas builds it."""
@@ -181,6 +202,10 @@ def test_a_real_atlas_plots_its_role_map_scores_significance_and_validation(tiny
     assert ax.get_ylabel() == validation.metric_name and len(ax.collections[0].get_offsets()) == 2
     scores = tiny_atlas.scores["induction"]
     assert scores.plot().axes[1].get_ylabel() == scores.metadata["score"] == "prefix_matching"
+    for role, result in tiny_atlas.roles.items():
+        heatmap, bar = result.plot().axes
+        assert heatmap.get_title().startswith(f"{role}: {len(result.heads)} significant head")
+        assert f"(threshold {result.threshold:.3g})" in bar.get_ylabel().replace("\n", " ")
 
 
 @pytest.mark.parametrize("suffix,magic", [("png", b"\x89PNG"), ("svg", b"<?xml")])

@@ -143,6 +143,16 @@ def head_heatmap(
     return bar
 
 
+def outline_heads(ax: Any, mask: Any, colour: str = "#000000") -> int:
+    """Outline the cells of ``ax``'s head grid where ``mask[layer, head]`` is true; returns how many."""
+    from matplotlib.patches import Rectangle
+
+    cells = [(int(layer), int(head)) for layer, head in mask.nonzero().tolist()]
+    for layer, head in cells:
+        ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1.0, 1.0, fill=False, edgecolor=colour, linewidth=1.8))
+    return len(cells)
+
+
 def role_colours(names: Sequence[str]) -> dict[str, str]:
     """Each role's colour: :data:`ROLE_COLOURS` in the roles' order, repeating after ten."""
     return {name: ROLE_COLOURS[i % len(ROLE_COLOURS)] for i, name in enumerate(names)}
