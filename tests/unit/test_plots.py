@@ -17,11 +17,23 @@ from matplotlib.figure import Figure
 import headscope as hs
 from headscope.atlas import Atlas, AtlasSettings, RoleMap
 from headscope.significance import Significance
+from headscope.studies.memory_context import SteerResult, SweepResult
+from headscope.studies.retrieval import plot_needle_heatmaps
+from headscope.studies.select_copy import MethodComparison
+from headscope.tasks.haystack import HaystackSample, Needle
 from headscope.validation import ValidationResult
 from headscope.viz.figures import NO_ROLE, ROLE_COLOURS
 from headscope.viz.figures import finish, layer_step, value_formatter
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def close_pyplot_figures():
+    """Should anything in this process have imported pyplot, the figures it manages are closed."""
+    yield
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
 
 
 def head_scores(n_layers: int = 3, n_heads: int = 4) -> hs.HeadScores:
@@ -57,10 +69,36 @@ def significance() -> Significance:
                         "a rule", effect=torch.rand(6, 8, generator=generator), floor=0.2)
 
 
+def sweep_result() -> SweepResult:
+    return SweepResult(["L1H2", "L0H3"], [-1.0, 0.0, 1.0, 2.0], [0.1, 0.3, 0.5, 0.7], [0.8, 0.6, 0.4, 0.2],
+                       [0.2, 0.4, 0.6, 0.8], extra={"kind": "output"})
+
+
+def steer_result() -> SteerResult:
+    return SteerResult("context", ["L1H2"], 2.0, "values", clean_rate=0.4, steered_rate=0.7, random_rate=0.45,
+                       difference=0.25, ci_low=0.1, ci_high=0.4, n_items=20, dev_sweep=sweep_result())
+
+
+def method_comparison() -> MethodComparison:
+    return MethodComparison("qk_end", "L2H1", dev_accuracy=0.8, test_accuracy=0.75, letter_accuracy=0.6,
+                            difference=0.15, ci_low=0.05, ci_high=0.25, p_value=0.01, random_head_accuracy=0.3, n_test=40)
+
+
+def needle_figure() -> Figure:
+    needle = Needle("The code is 42.", "What is the code?", "42")
+    samples = [HaystackSample(torch.zeros(4, dtype=torch.long), "", needle, (0, 1), length, depth, "plain",
+                              torch.zeros(1, dtype=torch.long))
+               for length in (300, 550) for depth in (0, 50)]
+    values = torch.tensor([1.0, 0.5, 0.25, 0.0])
+    return plot_needle_heatmaps(samples, {"clean": values, "masked": values / 2}, label="ROUGE recall")
+
+
 def every_plot() -> dict[str, Figure]:
     """One figure per kind of plot, from results built by hand (no model)."""
     return {"head_scores": head_scores().plot(), "validation": validation().plot(),
-            "role_map": hand_atlas().role_map().plot(), "significance": significance().plot()}
+            "role_map": hand_atlas().role_map().plot(), "significance": significance().plot(),
+            "sweep": sweep_result().plot(), "steer": steer_result().plot(), "select_copy": method_comparison().plot(),
+            "needles": needle_figure(), "compare": hs.compare(hand_atlas(), hand_atlas()).plot()}
 
 
 def colour_bar(figure: Figure):
@@ -181,6 +219,36 @@ def test_significance_plot_outlines_the_significant_heads_and_states_the_thresho
     assert bar.get_ylabel() == "prefix_matching share (threshold 0.7)"
     assert [line.get_ydata()[0] for line in bar.lines] == [pytest.approx(0.7)]
     assert len(ax.get_xticks()) == 8 and len(ax.get_yticks()) == 6
+
+
+def test_sweep_plot_draws_one_curve_per_rate_against_the_scale():
+    result = sweep_result()
+    ax = result.plot().axes[0]
+    curves = [line for line in ax.lines if list(line.get_xdata()) == result.scales]
+    assert [list(line.get_ydata()) for line in curves] == [result.context_rate, result.memory_rate, result.prefers_context]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "top-1 is the context answer", "top-1 is the memorised answer", "logit prefers the context answer",
+        "scale 1 (clean)"]
+    assert ax.get_xlabel() == "scale of the heads' output" and ax.get_ylabel() == "share of items"
+    assert "L1H2, L0H3" in ax.get_title()
+
+
+def test_steer_and_method_comparison_plots_show_three_bars_and_the_interval():
+    for result, reference, bars in ((steer_result(), 0.45, [0.4, 0.7, 0.45]), (method_comparison(), 0.6, [0.75, 0.6, 0.3])):
+        ax = result.plot().axes[0]
+        assert [patch.get_height() for patch in ax.containers[0]] == pytest.approx(bars)
+        (interval,) = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+        (segment,) = interval.lines[2][0].get_segments()
+        assert [y for _, y in segment] == pytest.approx([reference + result.ci_low, reference + result.ci_high])
+        assert len(ax.get_legend().get_texts()) == 2 and ax.get_ylim()[0] == 0.0 and ax.get_ylim()[1] >= 1.0
+
+
+def test_needle_heatmaps_and_the_atlas_comparison_return_figures_made_without_pyplot():
+    figure = needle_figure()
+    assert isinstance(figure, Figure) and figure.axes[2].get_ylabel() == "ROUGE recall"
+    assert [ax.get_title() for ax in figure.axes[:2]] == ["clean\nmean 0.44", "masked\nmean 0.22"]
+    comparison = hs.compare(hand_atlas(), hand_atlas()).plot()
+    assert isinstance(comparison, Figure) and len([ax for ax in comparison.axes if ax.axison]) == 3
 
 
 @pytest.fixture(scope="module")
