@@ -183,7 +183,8 @@ def role_map_image(
     head_axes(ax, *index.shape)
     ax.set_title(title, fontsize=9)
     counts = [int((index == i).sum()) for i in range(len(names))] + [int((index < 0).sum())]
-    handles = [Patch(facecolor=colours[name], label=f"{name} ({count})") for name, count in zip(names, counts[:-1], strict=True)]
+    handles = [Patch(facecolor=colours[name], label=f"{name} ({count})")
+               for name, count in zip(names, counts[:-1], strict=True)]
     handles.append(Patch(facecolor=NO_ROLE, label=f"none ({counts[-1]})"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False,
               title="strongest role\n(lighter = weaker)", title_fontsize=7)
@@ -195,9 +196,9 @@ def difference_bars(
     reference_label: str = "",
 ) -> None:
     """One bar per ``(label, value)`` of ``conditions``; ``draws`` as dots over bar ``draws_at``; a
-    dashed line at ``reference`` (labelled ``reference_label`` in the legend); and on bar ``compared`` the difference from the reference with
-    its 95% interval ``ci`` as an error bar at ``reference + difference``: the interval misses the
-    dashed line exactly when it excludes 0."""
+    dashed line at ``reference`` (``reference_label`` in the legend); and on bar ``compared`` the
+    difference from the reference with its 95% interval ``ci`` as an error bar at ``reference +
+    difference``: the interval misses the dashed line exactly when it excludes 0."""
     positions = list(range(len(conditions)))
     colours = ["#9e9e9e"] * len(conditions)
     colours[compared] = ROLE_COLOURS[0]
@@ -210,7 +211,8 @@ def difference_bars(
     ax.axhline(reference, color="#616161", linestyle="--", linewidth=1, label=reference_label or None)
     low, high = reference + ci[0], reference + ci[1]
     middle = reference + difference
-    ax.errorbar([positions[compared]], [middle], yerr=[[max(middle - low, 0.0)], [max(high - middle, 0.0)]], fmt="o", color="#000000",
+    spread_below, spread_above = max(middle - low, 0.0), max(high - middle, 0.0)
+    ax.errorbar([positions[compared]], [middle], yerr=[[spread_below], [spread_above]], fmt="o", color="#000000",
                 capsize=5, zorder=4, label=f"difference {difference:+.3g}, 95% CI [{ci[0]:+.3g}, {ci[1]:+.3g}]")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
