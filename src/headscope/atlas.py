@@ -26,7 +26,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -43,9 +43,43 @@ from headscope.results import HeadScores, role_overlap, write_text_atomic
 from headscope.significance import Significance
 from headscope.validation import ValidationResult, check_counts, validate
 from headscope.versions import HEADSCOPE_VERSION, installed_version
+from headscope.viz.figures import axes_for, finish, head_figsize, role_map_image
 
 ATLAS_FORMAT_VERSION = 1
 STAGES = ("scores", "significance", "validation")
+
+
+class RoleMap(NamedTuple):
+    """Each head's strongest significant role (:meth:`Atlas.role_map`); unpacks as
+    ``names, index, strength = atlas.role_map()``.
+
+    Attributes:
+        names: the roles, in the atlas's order (``index`` points into it).
+        index: ``[n_layers, n_heads]``, each head's role (-1: no significant role).
+        strength: ``[n_layers, n_heads]``, where the head sits between its role's threshold (0)
+            and the role's strongest head (1) (:meth:`Significance.strength`).
+    """
+
+    names: list[str]
+    index: Int[Tensor, "n_layers n_heads"]
+    strength: Float[Tensor, "n_layers n_heads"]
+
+    def plot(self, ax: Any = None, path: Optional[Union[str, Path]] = None, title: str = "role map") -> Any:
+        """The layer x head grid, each head in its role's colour (the report's palette), lighter
+        when weaker, grey with none; the legend gives each role's number of heads.
+
+        Args:
+            ax: matplotlib axes to draw on (default: a new figure; the backend is never switched).
+            path: save the figure there too (the suffix picks the format), atomically.
+            title: the axes' title (e.g. the model's name).
+
+        Returns:
+            The matplotlib ``Figure``.
+        """
+        n_layers, n_heads = self.index.shape
+        figure, ax = axes_for(ax, head_figsize(n_layers, n_heads, extra_width=2.2))
+        role_map_image(ax, self.names, self.index, self.strength, title=title)
+        return finish(figure, path)
 
 
 @dataclass
@@ -142,16 +176,17 @@ class Atlas:
                 })
         return rows
 
-    def role_map(self) -> tuple[list[str], Int[Tensor, "n_layers n_heads"], Float[Tensor, "n_layers n_heads"]]:
-        """Each head's strongest significant role: role names, ``index[layer, head]`` into them
-        (-1: no significant role) and the strength (0..1, see ``Significance.strength``)."""
+    def role_map(self) -> RoleMap:
+        """Each head's strongest significant role: a :class:`RoleMap` of the role names,
+        ``index[layer, head]`` into them (-1: no significant role) and the strength (0..1, see
+        ``Significance.strength``); ``atlas.role_map().plot()`` draws it."""
         names = list(self.roles)
         if not names:
-            return names, torch.full(self.shape, -1, dtype=torch.long), torch.zeros(self.shape)
+            return RoleMap(names, torch.full(self.shape, -1, dtype=torch.long), torch.zeros(self.shape))
         strengths = torch.stack([self.roles[name].strength() for name in names])  # [roles, L, H]
         best, index = strengths.max(dim=0)
         index = torch.where(best > 0, index, torch.full_like(index, -1))
-        return names, index, best
+        return RoleMap(names, index, best)
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per role: detector, number of significant heads, the strongest ones, the rule,

@@ -27,8 +27,9 @@ from torch import Tensor
 from headscope.atlas import Atlas
 from headscope.engine.heads import Head
 from headscope.errors import InputError
-from headscope.files import atomic_savefig, atomic_write_text
+from headscope.files import atomic_write_text
 from headscope.results import ranking_agreement
+from headscope.viz.figures import finish, new_figure
 
 DEPTH_BINS = 6  # relative-depth bins of the depth profiles (fewer when a model has fewer layers)
 
@@ -110,20 +111,16 @@ class AtlasComparison:
 
         return pd.DataFrame([dict(asdict(r), verdict=r.verdict) for r in self.roles])
 
-    def plot(self, path: Optional[Union[str, Path]] = None):
+    def plot(self, path: Optional[Union[str, Path]] = None) -> Any:
         """One panel per role computed in both atlases: the share of heads significant at each
         relative depth, A beside B (heads aligned by depth, so models of any two shapes compare).
-        Saves a PNG if ``path``; returns the figure."""
-        import matplotlib
-
-        if path is not None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
+        Saves the figure at ``path`` too (the suffix picks the format); returns the matplotlib
+        ``Figure`` (matplotlib's backend is never switched)."""
         roles = [r for r in self.roles if r.status == "both"]
         columns = min(4, max(len(roles), 1))
         rows = max(1, math.ceil(len(roles) / columns))
-        figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows), squeeze=False, sharex=True)
+        figure = new_figure((3.2 * columns, 2.4 * rows), layout="constrained")
+        axes = figure.subplots(rows, columns, squeeze=False, sharex=True)
         centres = [(i + 0.5) / self.depth_bins for i in range(self.depth_bins)]
         width = 0.4 / self.depth_bins
         for ax, change in zip(axes.flat, roles):
@@ -140,11 +137,7 @@ class AtlasComparison:
             ax.set_ylabel("share of heads significant")
         if roles:
             axes.flat[0].legend(fontsize=7)
-        figure.tight_layout()
-        if path is not None:
-            atomic_savefig(figure, path, dpi=120)
-            plt.close(figure)
-        return figure
+        return finish(figure, path)
 
     def depth_table(self) -> str:
         """Each role's depth profile in A and B as text, one row per role."""

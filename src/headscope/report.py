@@ -22,15 +22,13 @@ from torch import Tensor
 
 from headscope.engine.heads import Head
 from headscope.results import write_text_atomic
+from headscope.viz.figures import NO_ROLE, ROLE_COLOURS
 
 if TYPE_CHECKING:  # pragma: no cover
     from headscope.atlas import Atlas
     from headscope.significance import Significance
 
 SECTIONS = ("summary", "role-map", "heatmaps", "validation", "significance", "overlap", "configs")
-ROLE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-                "#bcbd22", "#7f7f7f")
-NO_ROLE = "#e8e8e8"
 # viridis at 0, 0.25, 0.5, 0.75, 1 and a blue-white-red map for signed scores
 SEQUENTIAL = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
 DIVERGING = ((33, 102, 172), (146, 197, 222), (247, 247, 247), (244, 165, 130), (178, 24, 43))

@@ -13,8 +13,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.engine.heads import Head, HeadScore
-from headscope.errors import ResultFileError, ScoresMismatchError
-from headscope.files import atomic_savefig, atomic_write_text
+from headscope.errors import ArgumentError, ResultFileError, ScoresMismatchError
+from headscope.files import atomic_write_text
+from headscope.viz.figures import axes_for, finish, head_figsize, head_heatmap
 
 FORMAT_VERSION = 1
 
@@ -145,32 +146,30 @@ class HeadScores:
         ``[n_layers, n_heads]`` and, with ``check_name``, the same model name."""
         check_scores_model(model, self, argument=argument, check_name=check_name)
 
-    def plot(self, ax=None, path: Optional[Union[str, Path]] = None, extra: Optional[str] = None, cmap: str = "viridis"):
-        """Heatmap of the scores (layer on the y axis, head on the x axis); saves a PNG if ``path``."""
-        import matplotlib
+    def plot(self, ax: Any = None, path: Optional[Union[str, Path]] = None, extra: Optional[str] = None,
+             cmap: str = "viridis") -> Any:
+        """Heatmap of the scores: layer on the y axis, every head ticked on the x axis, a colour bar
+        labelled with what the values are (the detector's score name, or ``extra``'s name).
 
-        if ax is None and path is not None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        Args:
+            ax: matplotlib axes to draw on (default: a new figure; matplotlib's backend is never
+                switched, see :mod:`headscope.viz.figures`).
+            path: save the figure there too (PNG, SVG, PDF: the suffix decides), atomically.
+            extra: draw this extra score instead of the main one.
+            cmap: a matplotlib colour map name.
 
+        Returns:
+            The matplotlib ``Figure``.
+        """
+        if extra is not None and extra not in self.extras:
+            raise ArgumentError(f"The {self.detector} scores have no extra {extra!r}; their extras are "
+                             f"{', '.join(map(repr, self.extras)) or 'none'}: pass one of them or extra=None.")
         values = self.values if extra is None else self.extras[extra]
-        own_figure = ax is None
-        if own_figure:
-            fig, ax = plt.subplots(figsize=(1.0 + 0.45 * self.n_heads, 1.2 + 0.22 * self.n_layers))
-        image = ax.imshow(values.numpy(), aspect="auto", cmap=cmap, origin="upper")
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_xticks(range(self.n_heads))
-        ax.set_yticks(range(0, self.n_layers, max(1, self.n_layers // 15)))
+        label = extra if extra is not None else self.metadata.get("score", f"{self.detector} score")
+        figure, ax = axes_for(ax, head_figsize(self.n_layers, self.n_heads))
         title = f"{self.detector}{'' if extra is None else ' · ' + extra} — {self.model}"
-        ax.set_title(title, fontsize=9)
-        ax.figure.colorbar(image, ax=ax, fraction=0.08)
-        if path is not None:
-            ax.figure.tight_layout()
-            atomic_savefig(ax.figure, path, dpi=120)
-            if own_figure:
-                plt.close(ax.figure)
-        return ax
+        head_heatmap(ax, values, label=str(label), title=title, cmap=cmap)
+        return finish(figure, path)
 
     def __repr__(self) -> str:
         best = ", ".join(f"{Head(r.layer, r.head)}={r.score:.3f}" for r in self.top(3))

@@ -13,8 +13,10 @@ test, permutation nulls) live in :mod:`headscope.stats`, so every detector state
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from headscope.engine.heads import Head
 from headscope.results import HeadScores, from_json_matrix, to_json_matrix
+from headscope.viz.figures import axes_for, finish, head_figsize, head_heatmap, outline_heads
 
 @dataclass
 class Significance:
@@ -111,6 +114,32 @@ class Significance:
         relative = ((self.statistic - self.threshold) / span).clamp(min=0.0, max=1.0)
         # a head exactly at the top has strength 1; the least significant one just above 0
         return torch.where(self.mask, relative.clamp(min=1e-6), torch.zeros_like(relative))
+
+    def plot(self, ax: Any = None, path: Optional[Union[str, Path]] = None, cmap: str = "viridis") -> Any:
+        """The role's statistic as a heatmap with the significant heads outlined; the colour bar
+        is labelled with the statistic and marks the threshold (a red line), the title gives the
+        count and the rule's numbers (threshold, and the effect-size floor when there is one).
+
+        Args:
+            ax: matplotlib axes to draw on (default: a new figure; the backend is never switched).
+            path: save the figure there too (the suffix picks the format), atomically.
+            cmap: a matplotlib colour map name.
+
+        Returns:
+            The matplotlib ``Figure``.
+        """
+        figure, ax = axes_for(ax, head_figsize(*self.statistic.shape))
+        n = len(self.heads)
+        floor = "" if math.isinf(self.floor) else f", {'statistic' if self.effect is None else 'effect'} > {self.floor:.3g}"
+        rule = f"statistic > {self.threshold:.3g}{floor}"
+        title = f"{self.role}: {n} significant head{'s' if n != 1 else ''} (outlined)\n{rule}"
+        label = textwrap.fill(f"{self.statistic_name} (threshold {self.threshold:.3g})", 42)
+        bar = head_heatmap(ax, self.statistic, label=label, title=title, cmap=cmap)
+        low, high = bar.ax.get_ylim()
+        if low <= self.threshold <= high:
+            bar.ax.axhline(self.threshold, color="#d50000", linewidth=1.5)
+        outline_heads(ax, self.mask)
+        return finish(figure, path)
 
     def to_dict(self) -> dict[str, Any]:
         return {

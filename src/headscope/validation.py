@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -30,6 +31,7 @@ from headscope.identity import metric_identity, model_identity
 from headscope.interventions import ablate, head_output_means
 from headscope.results import HeadScores, check_scores_model
 from headscope.stats import bootstrap_difference_ci, random_head_sets
+from headscope.viz.figures import axes_for, difference_bars, finish
 
 
 @dataclass
@@ -71,6 +73,29 @@ class ValidationResult:
         """Inverse of ``to_dict`` (derived keys such as ``significant`` are recomputed)."""
         names = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in names})
+
+    def plot(self, ax: Any = None, path: Optional[Union[str, Path]] = None) -> Any:
+        """The metric clean, with the top-``k`` heads ablated and with random ``k``-sets ablated
+        (each draw a dot, their mean a bar); on the top-``k`` bar the top-minus-random difference
+        with its 95% CI as an error bar drawn from the random mean (dashed): the interval misses
+        the dashed line when the difference is significant, as the title says.
+
+        Args:
+            ax: matplotlib axes to draw on (default: a new figure; the backend is never switched).
+            path: save the figure there too (the suffix picks the format), atomically.
+
+        Returns:
+            The matplotlib ``Figure``.
+        """
+        figure, ax = axes_for(ax, (4.6, 4.0))
+        conditions = [("clean", self.clean), (f"top-{self.k}", self.top_k), (f"random-{self.k}\n(mean)", self.random_k)]
+        difference_bars(ax, conditions, reference=self.random_k, compared=1, difference=self.difference,
+                        ci=(self.ci_low, self.ci_high), draws=self.random_k_per_draw, draws_at=2,
+                        ylabel=self.metric_name, reference_label=f"random-{self.k} mean")
+        verdict = "significant" if self.significant else "not significant"
+        ax.set_title(f"{self.detector}: {self.method} ablation of {self.k} heads — {verdict}\n{self.model}, "
+                     f"{self.n_examples} examples", fontsize=9)
+        return finish(figure, path)
 
     def __str__(self) -> str:
         return (

@@ -3,7 +3,6 @@ sweeps, steering and transfer tables measure what they claim, and needle heatmap
 right cells."""
 
 
-import matplotlib
 import pytest
 import torch
 
@@ -13,8 +12,6 @@ from headscope.studies.memory_context import answer_rates, prefers_context, spli
 from headscope.studies.retrieval import _cell_means, plot_needle_heatmaps
 from headscope.tasks.conflicts import ConflictItem, conflict_prompt, first_token
 from headscope.tasks.haystack import HaystackSample, Needle
-
-matplotlib.use("Agg")
 
 CLOZE = "{s} w10"
 

@@ -9,7 +9,8 @@ scale picked on dev items, applied to held-out items, against random heads with 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -21,6 +22,7 @@ from headscope.interventions import scale_output, scale_values
 from headscope.results import HeadScores
 from headscope.stats import bootstrap_difference_ci, random_head_sets
 from headscope.tasks.conflicts import ConflictItem
+from headscope.viz.figures import axes_for, difference_bars, finish
 
 
 @dataclass
@@ -33,6 +35,31 @@ class SweepResult:
     memory_rate: list[float]  # top-1 token is the memorised answer's first token
     prefers_context: list[float]  # logit(context) > logit(memorised)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def plot(self, ax: Any = None, path: Optional[Union[str, Path]] = None) -> Any:
+        """The sweep as curves: each rate (top-1 context answer, top-1 memorised answer, context
+        preferred by logit) against the scale, with scale 1 (the clean model) dotted.
+
+        Args:
+            ax: matplotlib axes to draw on (default: a new figure; the backend is never switched).
+            path: save the figure there too (the suffix picks the format), atomically.
+
+        Returns:
+            The matplotlib ``Figure``.
+        """
+        figure, ax = axes_for(ax, (5.0, 3.6))
+        for rates, label, marker in ((self.context_rate, "top-1 is the context answer", "o"),
+                                     (self.memory_rate, "top-1 is the memorised answer", "s"),
+                                     (self.prefers_context, "logit prefers the context answer", "^")):
+            ax.plot(self.scales, rates, marker=marker, markersize=4, label=label)
+        if min(self.scales) <= 1.0 <= max(self.scales):
+            ax.axvline(1.0, color="#9e9e9e", linestyle=":", linewidth=1, label="scale 1 (clean)")
+        ax.set_xlabel(f"scale of the heads' {self.extra.get('kind', 'values')}")
+        ax.set_ylabel("share of items")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(f"answer rates as {', '.join(self.heads)} are scaled", fontsize=9)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+        return finish(figure, path)
 
 
 def answer_rates(
@@ -94,6 +121,29 @@ class SteerResult:
     ci_high: float
     n_items: int
     dev_sweep: SweepResult
+
+    def plot(self, ax: Any = None, path: Optional[Union[str, Path]] = None) -> Any:
+        """The held-out share preferring the context answer, clean, steered and with random heads
+        at the same scale, and the steered-minus-random difference with its 95% CI as an error bar
+        from the random rate (``dev_sweep.plot()`` draws how the scale was chosen).
+
+        Args:
+            ax: matplotlib axes to draw on (default: a new figure; the backend is never switched).
+            path: save the figure there too (the suffix picks the format), atomically.
+
+        Returns:
+            The matplotlib ``Figure``.
+        """
+        figure, ax = axes_for(ax, (4.6, 4.0))
+        conditions = [("clean", self.clean_rate), ("steered", self.steered_rate), ("random heads", self.random_rate)]
+        difference_bars(ax, conditions, reference=self.random_rate, compared=1, difference=self.difference,
+                        ci=(self.ci_low, self.ci_high), ylabel="share preferring the context answer",
+                        reference_label="random heads")
+        low, high = ax.get_ylim()
+        ax.set_ylim(min(0.0, low), max(1.0, high))  # a share, unless the interval reaches past it
+        ax.set_title(f"steer to {self.steer_to}: {', '.join(self.heads)} {self.kind} x {self.scale:g}\n"
+                     f"{self.n_items} held-out items", fontsize=9)
+        return finish(figure, path)
 
 
 def split_items(items: list[ConflictItem], dev_fraction: float = 0.5, seed: int = 0) -> tuple[list, list]:

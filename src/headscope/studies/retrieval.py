@@ -8,14 +8,14 @@ measurements (``headscope.detectors.retrieval``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headscope.files import atomic_savefig
 from headscope.tasks.haystack import HaystackSample
+from headscope.viz.figures import finish, new_figure
 
 
 def plot_needle_heatmaps(
@@ -25,14 +25,15 @@ def plot_needle_heatmaps(
     path: Optional[Union[str, Path]] = None,
     vmin: float = 0.0,
     vmax: float = 1.0,
-):
-    """One length × depth heatmap per condition (cell colour = mean over the cell's samples)."""
-    import matplotlib.pyplot as plt
-
+    label: str = "mean over the cell's samples",
+) -> Any:
+    """One length x depth heatmap per condition (cell colour = mean over the cell's samples), a
+    shared colour bar labelled ``label`` (e.g. the metric's name); saves the figure at ``path``
+    too; returns the matplotlib ``Figure`` (matplotlib's backend is never switched)."""
     lengths = sorted({s.length for s in samples})
     depths = sorted({s.depth for s in samples})
-    figure, axes = plt.subplots(1, len(conditions), figsize=(3.4 * len(conditions) + 1, 3.6), squeeze=False,
-                                constrained_layout=True)
+    figure = new_figure((3.4 * len(conditions) + 1, 3.6), layout="constrained")
+    axes = figure.subplots(1, len(conditions), squeeze=False)
     for ax, (name, per_sample) in zip(axes[0], conditions.items(), strict=True):
         grid = _cell_means(samples, per_sample, lengths, depths)
         image = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=vmin, vmax=vmax, aspect="auto")
@@ -42,11 +43,10 @@ def plot_needle_heatmaps(
         if ax is axes[0][0]:
             ax.set_ylabel("needle depth")
         ax.set_title(f"{name}\nmean {float(per_sample.float().mean()):.2f}", fontsize=9)
-    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    bar = figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    bar.set_label(label, fontsize=8)
     figure.suptitle(title, fontsize=10)
-    if path is not None:
-        atomic_savefig(figure, path, dpi=110, bbox_inches="tight")
-    return figure
+    return finish(figure, path, dpi=110)
 
 
 def _cell_means(samples, per_sample: Tensor, lengths: list, depths: list) -> Tensor:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from headscope.detectors.select_copy import OptionReadout, _best_head
 from headscope.stats import paired_bootstrap_ci, paired_permutation_p
+from headscope.viz.figures import axes_for, difference_bars, finish
 
 
 @dataclass
@@ -34,6 +36,28 @@ class MethodComparison:
     p_value: float  # paired permutation test of the difference
     random_head_accuracy: float  # mean held-out accuracy over every head (the random-head control)
     n_test: int
+
+    def plot(self, ax: Any = None, path: Optional[Union[str, Path]] = None) -> Any:
+        """Held-out accuracy of the chosen head, of the letter logits and of a random head, with
+        the head-minus-letters difference and its 95% CI as an error bar from the letters' accuracy.
+
+        Args:
+            ax: matplotlib axes to draw on (default: a new figure; the backend is never switched).
+            path: save the figure there too (the suffix picks the format), atomically.
+
+        Returns:
+            The matplotlib ``Figure``.
+        """
+        figure, ax = axes_for(ax, (4.6, 4.0))
+        conditions = [(f"{self.head}\n({self.method})", self.test_accuracy), ("letter logits", self.letter_accuracy),
+                      ("random head\n(mean)", self.random_head_accuracy)]
+        difference_bars(ax, conditions, reference=self.letter_accuracy, compared=0, difference=self.difference,
+                        ci=(self.ci_low, self.ci_high), ylabel="held-out accuracy", reference_label="letter logits")
+        low, high = ax.get_ylim()
+        ax.set_ylim(min(0.0, low), max(1.0, high))  # a share, unless the interval reaches past it
+        ax.set_title(f"{self.method}: {self.head} against the letters, p = {self.p_value:.3g}\n"
+                     f"{self.n_test} held-out questions", fontsize=9)
+        return finish(figure, path)
 
 
 def compare(
