@@ -398,10 +398,12 @@ def _head_neighbours_html(atlas: "Atlas", head: Head, kv: int, group: list[Head]
     around = [("previous head", Head(head.layer, head.head - 1)), ("next head", Head(head.layer, head.head + 1)),
               ("same head, layer below", Head(head.layer - 1, head.head)),
               ("same head, layer above", Head(head.layer + 1, head.head))]
-    rows = [[_e(what), _head_link(other, pages), _e(", ".join(_roles_of(atlas, other)) or "none")]
-            for what, other in around if 0 <= other.layer < n_layers and 0 <= other.head < n_heads]
-    rows += [[_e("same KV group"), _head_link(other, pages), _e(", ".join(_roles_of(atlas, other)) or "none")]
-             for other in shared]
+    relations: dict[Head, list[str]] = {}
+    for what, other in around + [("same KV group", other) for other in shared]:
+        if 0 <= other.layer < n_layers and 0 <= other.head < n_heads:
+            relations.setdefault(other, []).append(what)
+    rows = [[_e(", ".join(what)), _head_link(other, pages), _e(", ".join(_roles_of(atlas, other)) or "none")]
+            for other, what in relations.items()]
     return kv_text + _table(["neighbour", "head", "significant for"], rows)
 
 

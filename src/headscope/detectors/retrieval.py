@@ -233,21 +233,23 @@ class RetrievalDetector(Detector):
         return pool[start : start + n_cells]
 
     def examples(self, model: Any) -> list[Example]:
-        """The two shortest of its first six scored needles, each beside short filler sentences,
-        with the question and the answer appended: at the answer's tokens a retrieval head looks back
-        at the same tokens in the needle (none without a tokenizer: the needles are text)."""
+        """The two shortest of its first six scored needles, each beside a short filler sentence,
+        with the question and the answer's first words appended: at the answer's tokens a retrieval
+        head looks back at the same tokens in the needle (none without a tokenizer: the needles are
+        text)."""
         if not has_tokenizer(model):
             return []
         own = self.filler()
         sentences = own.sentences[:20] if own is not None else filler_sentences()
-        short = (sorted(sentences, key=len)[:3] * 3)[:3]  # a text of fewer sentences repeats them
+        short = (sorted(sentences, key=len)[:2] * 2)[:2]  # a text of one sentence repeats it
         needles = sorted(self.needles()[:6], key=lambda n: len(n.needle) + len(n.question) + len(n.answer))[:2]
         shown = []
         for index, needle in enumerate(needles):
-            hay = [short[0], needle.needle, short[1]] if index == 0 else [needle.needle, short[2]]
-            text = " ".join(hay) + "\n\n" + QUESTION_TEMPLATE.format(question=needle.question) + " " + needle.answer
-            shown.append((f"a needle {'between' if index == 0 else 'before'} filler sentences, the answer "
-                          f"'{needle.answer}' appended", text))
+            hay = [short[0], needle.needle] if index == 0 else [needle.needle, short[1]]
+            answer = " ".join(needle.answer.split()[:6])  # its first words show the copying; all of it is long
+            text = " ".join(hay) + "\n\n" + QUESTION_TEMPLATE.format(question=needle.question) + " " + answer
+            shown.append((f"a needle {'after' if index == 0 else 'before'} a filler sentence, the answer's start "
+                          f"'{answer}' appended", text))
         return shown
 
     def filler(self) -> Optional[HaystackText]:
