@@ -318,7 +318,8 @@ class Atlas:
                              for name, f in failures.items())
 
         detectors = {name: f for name, f in self.failures.items() if name != PATTERNS_STEP}
-        parts = [f"{len(detectors)} of {len(self.settings.detectors)} detectors failed ({listed(detectors)})"] if detectors else []
+        parts = ([f"{len(detectors)} of {len(self.settings.detectors)} detectors failed ({listed(detectors)})"]
+                 if detectors else [])
         if PATTERNS_STEP in self.failures:
             parts.append(f"the attention patterns failed ({listed({PATTERNS_STEP: self.failures[PATTERNS_STEP]})})")
         return "; ".join(parts)
@@ -369,6 +370,10 @@ def atlas(
     failure (stage, error, message) is kept in ``Atlas.failures`` and, with ``out``, saved as
     ``<out>/parts/<detector>.failed.json``; the other detectors run, and a rerun computes only
     what failed or is missing. ``on_error="raise"`` re-raises at once.
+
+    Last, the attention patterns of every significant head are drawn on its detectors' examples
+    and on a natural sentence (``Atlas.patterns``, a few short forward runs; saved as a part and
+    reused on resume, a failure recorded under ``PATTERNS_STEP`` like a detector's).
     """
     if on_error not in ("record", "raise"):
         raise ArgumentError(f"on_error must be 'record' or 'raise', got {on_error!r}.")

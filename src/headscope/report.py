@@ -184,8 +184,8 @@ def _heatmaps_html(atlas: "Atlas", pages: set[Head]) -> str:
         label = sig.statistic_name if role != sig.detector else f"{sig.detector} score"
         svg = heatmap_svg(values, sig.mask, f"{role}", label, pages)
         explain = role_explanation(atlas, sig.detector, role)
-        figures.append(f"<figure class='role' id='role-{_e(role)}' style='max-width: {_card_width(svg)}px'><h3>{_e(role)}</h3>"
-                       f"<p class='explain'>{_e(explain)}</p>{svg}<figcaption><b>{_e(role)}</b>: {_e(label)}; "
+        figures.append(f"<figure class='role' id='role-{_e(role)}' style='max-width: {_card_width(svg)}px'>"
+                       f"<h3>{_e(role)}</h3><p class='explain'>{_e(explain)}</p>{svg}<figcaption><b>{_e(role)}</b>: {_e(label)}; "
                        f"outlined: the {len(sig.heads)} significant heads.</figcaption></figure>")
     unassigned = [name for name in atlas.scores if not atlas.significance.get(name)]
     for name in unassigned:
@@ -291,7 +291,8 @@ def render_head_page(atlas: "Atlas", head: Head) -> str:
         _head_nav(atlas, head, pages),
         f"<h1>{head} — {_e(atlas.model)}</h1>",
         f"<p class='sub'>layer {head.layer} of {atlas.shape[0]}, query head {head.head} of {atlas.shape[1]} · "
-        f"KV head {kv} · significant for {', '.join(_role_link(r, '../report.html') for r in held) or 'no role'}</p>",
+        f"{f'KV head {kv} · ' if atlas.n_kv_heads is not None else ''}significant for "
+        f"{', '.join(_role_link(r, '../report.html') for r in held) or 'no role'}</p>",
         _section("scores", "Scores in every role", _head_scores_html(atlas, head)),
         _section("validation", "Validation of its detectors' top heads", _head_validation_html(atlas, head, held)),
         _section("patterns", "Attention patterns", _head_patterns_html(atlas, head)),
@@ -325,7 +326,8 @@ def _head_scores_html(atlas: "Atlas", head: Head) -> str:
         effect_cell = _num(effect) if sig.effect is not None else "<td>the statistic</td>"
         floor = _num(sig.floor) if not math.isinf(sig.floor) else "<td>none</td>"
         rows.append([_role_link(role, "../report.html"), _e(sig.detector), _e(sig.statistic_name), _num(value),
-                     f"<td class='num'>{_rank(sig.statistic, value)}</td>", _num(sig.threshold), effect_cell, floor, verdict])
+                     f"<td class='num'>{_rank(sig.statistic, value)}</td>", _num(sig.threshold), effect_cell, floor,
+                     verdict])
     for name in (n for n in atlas.scores if not atlas.significance.get(n)):
         value = float(atlas.scores[name].values[head.layer, head.head])
         rows.append([_e(name), _e(name), _e(f"{name} score"), _num(value), _e(_rank(atlas.scores[name].values, value)),
@@ -395,6 +397,8 @@ def _head_neighbours_html(atlas: "Atlas", head: Head, kv: int, group: list[Head]
                f"{', '.join(_head_link(h, pages) for h in shared)} (grouped-query attention: an ablation of keys "
                "or values acts on the whole group).</p>" if shared else
                f"<p>It has its own keys and values (KV head {kv}; no grouped-query attention).</p>")
+    if atlas.n_kv_heads is None:
+        kv_text = "<p>Its KV group is not recorded (an atlas saved before headscope recorded it).</p>"
     around = [("previous head", Head(head.layer, head.head - 1)), ("next head", Head(head.layer, head.head + 1)),
               ("same head, layer below", Head(head.layer - 1, head.head)),
               ("same head, layer above", Head(head.layer + 1, head.head))]
