@@ -513,7 +513,12 @@ def _text_width(text: str, font_size: float) -> float:
 
 
 def _cell_size(n_heads: int, scale: float) -> float:
-    return max(MIN_CELL, min(CELL * scale, GRID_WIDTH / max(n_heads, 1)))
+    """Pixels per head: ``CELL`` (times ``scale``), larger for a few heads (a grid at least ~180 px
+    wide), smaller for many (at most ``GRID_WIDTH``), never below ``MIN_CELL``."""
+    cell = CELL * scale
+    if n_heads * cell < 180:
+        cell = min(1.6 * cell, 180 / max(n_heads, 1))
+    return max(MIN_CELL, min(cell, GRID_WIDTH / max(n_heads, 1)))
 
 
 def _grid_svg(values: Tensor, colour, tooltip, outline: Optional[Tensor], title: str, label: str,
