@@ -64,3 +64,42 @@ def open_report(path: Path, sections: Sequence[str], screenshot: Optional[Path] 
         finally:
             browser.close()
     return seen
+
+
+HEAD_SECTIONS = ("scores", "validation", "patterns", "neighbours")
+
+
+def open_head_page(path: Path, screenshot: Optional[Path] = None) -> dict[str, Any]:
+    """Load a head page (``heads/L18H6.html``) and describe it as :func:`open_report` does, plus
+    ``views``: per attention pattern view, its ``tokens`` (the text of its token spans) and the
+    token colours before and after hovering its first token (``before``, ``after``), and
+    ``links``: every href on the page."""
+    from playwright.sync_api import sync_playwright
+
+    seen: dict[str, Any] = {"console": [], "errors": [], "requests": [], "visible": {}, "views": []}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda message: seen["console"].append([message.type, message.text]))
+            page.on("pageerror", lambda error: seen["errors"].append(str(error)))
+            page.on("request", lambda request: seen["requests"].append(request.url))
+            page.goto(Path(path).resolve().as_uri(), wait_until="load")
+            for section in HEAD_SECTIONS:
+                locator = page.locator(f"section#{section}")
+                seen["visible"][section] = locator.count() == 1 and locator.is_visible()
+            views = page.locator(".hs-pv")
+            for index in range(views.count()):
+                tokens = views.nth(index).locator(".hs-tok")
+                colours = "els => els.map(e => e.style.background)"
+                view = {"tokens": tokens.all_inner_texts(), "before": tokens.evaluate_all(colours)}
+                tokens.first.hover()
+                view["after"] = tokens.evaluate_all(colours)
+                seen["views"].append(view)
+            seen["links"] = page.eval_on_selector_all("a", "els => els.map(e => e.getAttribute('href'))")
+            if screenshot is not None:
+                page.mouse.move(0, 0)
+                page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return seen

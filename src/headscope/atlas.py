@@ -4,11 +4,16 @@ role overlaps and a role map — the library's main job.
     atlas = hs.atlas(model)                 # all registered detectors
     atlas.significant_heads("induction")    # [Head(18, 6), ...]
     atlas.overlap()                         # Jaccard matrix of the roles' significant heads
-    atlas.save("atlas/")                    # report.html, atlas.json, CSV files, role_map.svg
+    atlas.save("atlas/")                    # report.html, heads/*.html, atlas.json, CSV files, ...
+
+After the detectors, the atlas draws the attention patterns of the significant heads
+(``Atlas.patterns``): each detector's heads on its own examples (``Detector.examples``) and every
+significant head on a natural sentence, a few short forward runs.
 
 With ``out``, each detector's scores, significance and validation are written to
-``<out>/parts/`` as soon as each is done; a rerun with ``resume=True`` (the default) loads every
-part whose model and settings match and computes only what is missing.
+``<out>/parts/`` as soon as each is done, and the patterns as ``parts/attention_patterns.patterns.json``;
+a rerun with ``resume=True`` (the default) loads every part whose model and settings match and
+computes only what is missing.
 """
 
 from __future__ import annotations
@@ -33,7 +38,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from headscope.detectors.base import Detector, detector_class, get_detector, list_detectors, plain_config
+from headscope.detectors.base import (
+    Detector,
+    detector_class,
+    get_detector,
+    has_tokenizer,
+    list_detectors,
+    plain_config,
+)
 from headscope.engine.heads import Head, check_head_hooks, model_shape
 from headscope.engine.runner import bar_disabled, progress_note
 from headscope.errors import ArgumentError, IdentityMismatchError, ResultFileError, ResultFileWarning, SettingError
@@ -44,9 +56,13 @@ from headscope.significance import Significance
 from headscope.validation import ValidationResult, check_counts, validate
 from headscope.versions import HEADSCOPE_VERSION, installed_version
 from headscope.viz.figures import axes_for, finish, head_figsize, role_map_image
+from headscope.viz.patterns import NATURAL_SENTENCE, AttentionPatterns, attention_patterns
 
 ATLAS_FORMAT_VERSION = 1
 STAGES = ("scores", "significance", "validation")
+PATTERNS_STEP = "attention_patterns"  # the step after the detectors: its part, failure and timings go by this name
+NATURAL = "natural_sentence"  # the key in Atlas.patterns of the natural sentence over every significant head
+PATTERN_TOKENS = 128  # the longest example drawn (examples are ~60 tokens; a byte-level tokenizer needs more)
 
 
 class RoleMap(NamedTuple):
@@ -117,7 +133,14 @@ class Atlas:
         settings: the :class:`AtlasSettings`; environment: library versions, device, date.
         timings: seconds per detector and stage; a resumed stage keeps the time it first took.
         failures: per detector that raised, ``{"stage", "error", "message"}``; its stages before the
-            failing one are kept, the rest are missing. Empty when every detector finished.
+            failing one are kept, the rest are missing. Empty when every detector finished. A failed
+            patterns step is kept under ``PATTERNS_STEP``.
+        patterns: attention patterns of the significant heads: per detector with significant heads,
+            one :class:`~headscope.viz.patterns.AttentionPatterns` per example of the detector over
+            those heads, and under ``NATURAL`` one over every significant head on
+            ``NATURAL_SENTENCE`` (with a tokenizer). Saved as ``patterns.json`` beside ``atlas.json``.
+        n_kv_heads: key/value heads per layer (fewer than the query heads with grouped-query
+            attention; None: as many, or not recorded).
     """
 
     model: str
@@ -129,8 +152,27 @@ class Atlas:
     environment: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: dict[str, dict[str, str]] = field(default_factory=dict)
+    patterns: dict[str, list[AttentionPatterns]] = field(default_factory=dict)
+    n_kv_heads: Optional[int] = None
 
     # ----- reading the atlas -------------------------------------------------------------
+    def kv_group(self, head: Head) -> tuple[int, list[Head]]:
+        """The KV head ``head`` reads its keys and values from, and every query head of its layer
+        that shares it (``engine.heads.kv_head`` / ``kv_group``, from the recorded ``n_kv_heads``)."""
+        size = self.shape[1] // (self.n_kv_heads or self.shape[1])
+        kv = head.head // size
+        return kv, [Head(head.layer, kv * size + offset) for offset in range(size)]
+
+    def patterns_of(self, head: Union[Head, str, tuple[int, int]]) -> dict[str, list[AttentionPatterns]]:
+        """The attention patterns drawn of ``head``, each cut to that head alone: per key of
+        :attr:`patterns` (its detectors, then ``NATURAL``) that shows it."""
+        head = Head.parse(head)
+        found = {key: [p.subset([head]) for p in drawn if head in p.heads] for key, drawn in self.patterns.items()}
+        return {key: views for key, views in found.items() if views}
+
+    def significant_anywhere(self) -> list[Head]:
+        """Every head significant in some role, in layer-major order."""
+        return sorted({head for sig in self.roles.values() for head in sig.heads})
     @property
     def roles(self) -> dict[str, Significance]:
         """Every role with its significance, in detector order (a detector may define several)."""
@@ -249,6 +291,7 @@ class Atlas:
             "significance": {name: [sig.to_dict() for sig in sigs] for name, sigs in self.significance.items()},
             "validations": {name: (v.to_dict() if v is not None else None) for name, v in self.validations.items()},
             "failures": self.failures,
+            "n_kv_heads": self.n_kv_heads,
             "overlap": {"roles": names, "jaccard": [[_number(x) for x in row] for row in matrix.tolist()],
                         "pairs": self.overlap_table()},
         }
@@ -265,10 +308,12 @@ class Atlas:
             environment=data.get("environment", {}),
             timings=data.get("timings", {}),
             failures=data.get("failures", {}),
+            n_kv_heads=data.get("n_kv_heads"),
         )
 
     def save(self, directory: Union[str, Path]) -> Path:
-        """Write ``report.html`` (self-contained), ``role_map.svg``, ``atlas.json`` and CSV files
+        """Write ``report.html`` (self-contained) with a page per significant head in ``heads/``,
+        ``role_map.svg``, ``atlas.json``, ``patterns.json`` (:attr:`patterns`) and CSV files
         (``heads.csv``, ``validation.csv``, ``significance.csv``, ``overlap.csv``) to ``directory``;
         returns the report's path."""
         from headscope.report import write_csv_files, write_report
@@ -276,30 +321,43 @@ class Atlas:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_text_atomic(directory / "atlas.json", json.dumps(self.to_dict(), indent=1))
+        write_text_atomic(directory / "patterns.json", json.dumps(_encode("patterns", self.patterns)))
         write_csv_files(self, directory)
         return write_report(self, directory)
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Atlas":
-        """An atlas from a folder written by ``save`` (or its ``atlas.json``)."""
+        """An atlas from a folder written by ``save`` (or its ``atlas.json``), with the patterns of
+        the ``patterns.json`` beside it when there is one."""
         path = Path(path)
         if path.is_dir():
             path = path / "atlas.json"
         if not path.is_file():
             raise FileNotFoundError(f"No atlas at {path}: pass a folder written by Atlas.save or its atlas.json.")
+        patterns = path.with_name("patterns.json")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            atlas = cls.from_dict(json.loads(path.read_text()))
+            if patterns.is_file():
+                path = patterns
+                atlas.patterns = _decode("patterns", json.loads(patterns.read_text()))
+            return atlas
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             raise ResultFileError(f"The atlas file {path} is not a complete atlas ({type(exc).__name__}: {exc}); it may "
                                   "be cut off or another kind of file: run the atlas again to rewrite it.") from exc
 
     def failure_summary(self) -> str:
-        """One line naming each failed detector, its stage and error ('' when none failed)."""
-        if not self.failures:
-            return ""
-        failed = "; ".join(f"{name} in {f['stage']}: {f['error']}: {_first_line(f['message'])}"
-                           for name, f in self.failures.items())
-        return f"{len(self.failures)} of {len(self.settings.detectors)} detectors failed ({failed})"
+        """One line naming each failed detector (and a failed patterns step), its stage and error
+        ('' when none failed)."""
+        def listed(failures: dict[str, dict[str, str]]) -> str:
+            return "; ".join(f"{name} in {f['stage']}: {f['error']}: {_first_line(f['message'])}"
+                             for name, f in failures.items())
+
+        detectors = {name: f for name, f in self.failures.items() if name != PATTERNS_STEP}
+        parts = ([f"{len(detectors)} of {len(self.settings.detectors)} detectors failed ({listed(detectors)})"]
+                 if detectors else [])
+        if PATTERNS_STEP in self.failures:
+            parts.append(f"the attention patterns failed ({listed({PATTERNS_STEP: self.failures[PATTERNS_STEP]})})")
+        return "; ".join(parts)
 
     def __repr__(self) -> str:
         parts = [f"{role}={len(sig.heads)}" for role, sig in self.roles.items()]
@@ -347,6 +405,10 @@ def atlas(
     failure (stage, error, message) is kept in ``Atlas.failures`` and, with ``out``, saved as
     ``<out>/parts/<detector>.failed.json``; the other detectors run, and a rerun computes only
     what failed or is missing. ``on_error="raise"`` re-raises at once.
+
+    Last, the attention patterns of every significant head are drawn on its detectors' examples
+    and on a natural sentence (``Atlas.patterns``, a few short forward runs; saved as a part and
+    reused on resume, a failure recorded under ``PATTERNS_STEP`` like a detector's).
     """
     if on_error not in ("record", "raise"):
         raise ArgumentError(f"on_error must be 'record' or 'raise', got {on_error!r}.")
@@ -414,9 +476,65 @@ class _Builder:
     def run(self) -> Atlas:
         for detector in self.detectors:
             self._run_detector(detector)
+        patterns = self._patterns()
         shape = model_shape(self.model)
         return Atlas(model_name(self.model), (shape.n_layers, shape.n_heads), self.scores, self.significance,
-                     self.validations, self.config, environment(self.model), self.timings, self.failures)
+                     self.validations, self.config, environment(self.model), self.timings, self.failures, patterns,
+                     shape.n_kv_heads)
+
+    def _patterns(self) -> dict[str, list[AttentionPatterns]]:
+        """The attention patterns of the significant heads (:attr:`Atlas.patterns`), one forward run
+        per example: loaded from the part when the heads, examples and drawing code are unchanged.
+        A failure (an example the model cannot run, say) is recorded under ``PATTERNS_STEP`` like a
+        detector's, keeping the patterns drawn; it ends the atlas only with ``on_error="raise"``."""
+        self.timings[PATTERNS_STEP] = {}
+        patterns: dict[str, list[AttentionPatterns]] = {}
+        key: dict[str, Any] = {}
+        started = time.time()
+        try:
+            requests = self._pattern_requests()
+            key = {"requests": hashlib.sha256(json.dumps(requests).encode()).hexdigest()[:16],
+                   "code": patterns_fingerprint()}
+            saved = self.store.read(PATTERNS_STEP, "patterns", key) if self.store is not None and requests else None
+            if saved is not None:
+                self.timings[PATTERNS_STEP] = {"patterns": saved[1], "resumed": True}
+                return saved[0]
+            for request in requests:
+                drawn = attention_patterns(self.model, request["prompt"], request["heads"], title=request["title"],
+                                           max_tokens=PATTERN_TOKENS)
+                drawn.notes.update(detector=request["key"], prompt=request["prompt"])
+                patterns.setdefault(request["key"], []).append(drawn)
+        except Exception as error:  # noqa: BLE001 - the patterns illustrate; they must not end the atlas
+            self._fail(PATTERNS_STEP, "patterns", error, key)
+            return patterns
+        if not requests:
+            del self.timings[PATTERNS_STEP]
+            return patterns
+        seconds = round(time.time() - started, 2)
+        self.timings[PATTERNS_STEP] = {"patterns": seconds}
+        if self.store is not None:
+            self.store.write(PATTERNS_STEP, "patterns", key, _encode("patterns", patterns), seconds)
+            self.store.clear_failure(PATTERNS_STEP)
+        return patterns
+
+    def _pattern_requests(self) -> list[dict[str, Any]]:
+        """What :meth:`_patterns` draws: each detector's examples over its significant heads (of all
+        its roles), then ``NATURAL_SENTENCE`` over every significant head when the model has a
+        tokenizer; each ``{"key", "title", "prompt", "heads"}``."""
+        requests: list[dict[str, Any]] = []
+        every: set[Head] = set()
+        for detector in self.detectors:
+            heads = sorted({head for sig in self.significance.get(detector.name, []) for head in sig.heads})
+            if not heads:
+                continue
+            every.update(heads)
+            names = [str(head) for head in heads]
+            requests += [{"key": detector.name, "title": title, "prompt": prompt, "heads": names}
+                         for title, prompt in detector.examples(self.model)]
+        if every and has_tokenizer(self.model):
+            requests.append({"key": NATURAL, "title": "a natural sentence", "prompt": NATURAL_SENTENCE,
+                             "heads": [str(head) for head in sorted(every)]})
+        return requests
 
     def _run_detector(self, detector: Detector) -> None:
         name = detector.name
@@ -429,7 +547,7 @@ class _Builder:
                 try:
                     self._stage(detector, stage)
                 except Exception as error:  # noqa: BLE001 - one detector's failure must not end the atlas
-                    self._fail(detector, stage, error)
+                    self._fail(detector.name, stage, error, self._key(detector, stage))
                     bar.set_postfix_str(f"FAILED in {stage}: {type(error).__name__}")
                     return
                 bar.update(1)
@@ -446,16 +564,16 @@ class _Builder:
             progress_note(f"atlas: {name}: resumed {', '.join(reused)} from {self.store.folder}/{name}.<stage>.json "
                           "(pass resume=False, or --no-resume, to recompute)", self.progress)
 
-    def _fail(self, detector: Detector, stage: str, error: Exception) -> None:
-        """Record a detector's failure (and save it as a part); re-raise when asked to."""
+    def _fail(self, name: str, stage: str, error: Exception, key: dict[str, Any]) -> None:
+        """Record the failure of detector (or step) ``name`` in ``stage`` (and save it beside the
+        parts, with the ``key`` of the stage); re-raise when asked to."""
         if self.raise_errors:
             raise error
         failure = {"stage": stage, "error": type(error).__name__, "message": str(error)}
-        self.failures[detector.name] = failure
-        self.timings[detector.name]["failed"] = stage
+        self.failures[name] = failure
+        self.timings[name]["failed"] = stage
         if self.store is not None:
-            self.store.write_failure(detector.name, self._key(detector, stage), failure,
-                                     "".join(traceback.format_exception(error)))
+            self.store.write_failure(name, key, failure, "".join(traceback.format_exception(error)))
 
     def _stage(self, detector: Detector, stage: str) -> None:
         name = detector.name
@@ -550,6 +668,14 @@ def code_fingerprint(detector: Detector, stage: str) -> str:
     for path in sorted({_source_file(source) for source in sources if source is not None} - {None}):
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]
+
+
+def patterns_fingerprint() -> str:
+    """A short hash of the code that draws the atlas's attention patterns (``viz/patterns.py``): a
+    saved patterns part drawn by other code is drawn again."""
+    import headscope.viz.patterns
+
+    return hashlib.sha256(Path(_source_file(headscope.viz.patterns) or "").read_bytes()).hexdigest()[:16]
 
 
 def _source_file(source: Any) -> Optional[str]:
@@ -675,6 +801,8 @@ class _PartStore:
 
 
 def _encode(stage: str, value: Any) -> Any:
+    if stage == "patterns":
+        return {key: [p.to_dict() for p in drawn] for key, drawn in value.items()}
     if stage == "scores":
         return value.to_dict()
     if stage == "significance":
@@ -691,6 +819,11 @@ def _check_part(stage: str, value: Any, shape: Optional[tuple[int, int]]) -> Non
             if shape is not None and tuple(sig.statistic.shape) != shape:
                 raise ResultFileError(f"a statistic of shape {tuple(sig.statistic.shape)}, but the model has {shape}")
             float(sig.threshold)
+    if stage == "patterns" and shape is not None:
+        for drawn in (p for group in value.values() for p in group):
+            outside = [str(h) for h in drawn.heads if not (h.layer < shape[0] and h.head < shape[1])]
+            if outside:
+                raise ResultFileError(f"patterns of {', '.join(outside)}, which the model of shape {shape} lacks")
     if stage == "validation" and value is not None:
         for number in (value.clean, value.top_k, value.random_k, value.difference, value.ci_low, value.ci_high):
             float(number)
@@ -703,6 +836,7 @@ def _decode(stage: str, value: Any) -> Any:
         "scores": HeadScores.from_dict,
         "significance": lambda sigs: [Significance.from_dict(s) for s in sigs],
         "validation": lambda v: ValidationResult.from_dict(v) if v is not None else None,
+        "patterns": lambda groups: {key: [AttentionPatterns.from_dict(p) for p in drawn] for key, drawn in groups.items()},
     }
     return decoders[stage](value)
 

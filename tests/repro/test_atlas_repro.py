@@ -3,13 +3,15 @@ tests find, and its report opens cleanly in a real browser.
 
 The full atlas (every detector, validated) takes minutes on a CPU and is the README's first
 command; here the atlas runs the four cheapest detectors without validation (~25 s), which is
-enough to check the significance rules against the detectors' own reproduction tests.
+enough to check the significance rules against the detectors' own reproduction tests, and the
+report's head pages with their attention patterns.
 """
 
 import pytest
 
 import headscope as hs
-from tests.browser import open_report
+from headscope.viz.patterns import NATURAL_SENTENCE, _visible
+from tests.browser import open_head_page, open_report
 
 pytestmark = pytest.mark.repro
 
@@ -78,3 +80,28 @@ def test_report_loads_in_headless_chromium_with_every_section_and_no_console_err
     assert seen["console"] == [] and seen["errors"] == []
     assert seen["requests"] == [(out / "report.html").resolve().as_uri()]
     assert (tmp_path / "report.png").stat().st_size > 10_000
+    report = (out / "report.html").read_text()
+    for head in result.significant_anywhere():
+        assert f"<a href='heads/{head}.html'><rect" in report and (out / "heads" / f"{head}.html").is_file()
+
+
+def test_two_head_pages_open_cleanly_with_patterns_on_the_prompts_tokens(atlas, tmp_path):
+    """The pages of the strongest induction head and the strongest context head: every section
+    visible, no console message or page error, nothing fetched; a pattern view per example of the
+    head's detector and one of the natural sentence, each holding its prompt's tokens, and
+    hovering a token recolours it. Screenshots kept in the test's tmp folder."""
+    result, out = atlas
+    assert result.failures == {}
+    for head in (result.significant_heads("induction")[0], result.significant_heads("context")[0]):
+        path = out / "heads" / f"{head}.html"
+        page = open_head_page(path, screenshot=tmp_path / f"{head}.png")
+        print(head, {key: page[key] for key in ("visible", "console", "errors", "requests")},
+              [view["tokens"][:12] for view in page["views"]])
+        assert all(page["visible"].values()) and page["console"] == [] and page["errors"] == []
+        assert page["requests"] == [path.resolve().as_uri()]
+        groups = result.patterns_of(head)
+        views = [view for group in groups.values() for view in group]
+        assert len(views) >= 3 and "".join(groups["natural_sentence"][0].tokens).endswith(NATURAL_SENTENCE)
+        assert [v["tokens"] for v in page["views"]] == [[_visible(t) or "∅" for t in v.tokens] for v in views]
+        assert all(v["before"] != v["after"] for v in page["views"])
+        assert (tmp_path / f"{head}.png").stat().st_size > 10_000

@@ -69,6 +69,14 @@ class FirstTokenDetector(Detector):
     summary = "attention to the first position (attention sink; Xiao et al. 2023)"
     cost = "score under 1 s on a tiny model"
     atlas_defaults = {"n_sequences": 8}  # the atlas scores a smaller sample; no atlas_order: after the library's own
+    explanation = {"first_token": (
+        "A first-token head parks its attention on the first position when no other token needs it, an 'attention "
+        "sink' (Xiao et al. 2023, 'Efficient Streaming Language Models with Attention Sinks'). The score is the mean "
+        "attention to position 0 over random tokens.")}
+
+    def examples(self, model: Any) -> list[tuple[str, list[int]]]:
+        """One row of its own random tokens (the first scored row, cut to 16 tokens)."""
+        return [("a row of its random tokens", random_rows(model, self.config, self.config.seed)[0, :16].tolist())]
 
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> HeadScores:
         n_layers = model_shape(model).n_layers

@@ -40,7 +40,7 @@ def test_contributing_names_every_step_the_example_takes(example):
     steps = (ROOT / "CONTRIBUTING.md").read_text()
     for word in ("DetectorConfig", "setting(", "score", "significance", "validation_task", "@register_detector",
                  "Data:", "Score:", "Significance:", "Validation metric:", "atlas_order", "atlas_defaults",
-                 "pass_key", "score_together", "tests/unit/example_detector.py"):
+                 "pass_key", "score_together", "explanation", "examples(", "tests/unit/example_detector.py"):
         assert word in steps, word
     for section in ("Data:", "Score:", "Significance:", "Validation metric:"):  # the docstring rule
         assert section in example.__doc__, section

@@ -10,13 +10,13 @@ not TransformerLens ``detect_head``'s "mul" measure, which caps near 0.5 on two 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, setting
+from headscope.detectors.base import Detector, DetectorConfig, Example, ValidationTask, has_tokenizer, setting
 from headscope.engine.heads import Head, hook_name, model_shape
 from headscope.engine.metrics import masked_mean, next_token_losses
 from headscope.engine.runner import run_batched
@@ -229,6 +229,27 @@ def repeat_template(task: RepeatedTokens, shift: int) -> tuple[Float[Tensor, "q 
             template[query, copy + shift] = 1.0
             copy -= task.block_len
     return template, queries
+
+
+EXAMPLE_BLOCK = 12  # ids of a token example's block (3 repeats and the BOS: 37 tokens, a readable pattern)
+EXAMPLE_TEXT_TOKENS = 60  # tokens of a window of the user's text shown as an example
+
+
+def template_examples(model: Any, config: RepeatedTokensConfig, texts: Sequence[tuple[str, str]]) -> list[Example]:
+    """A template detector's examples: ``texts`` (``(title, text)``, when the model has a
+    tokenizer), then one of its own task: the first ``EXAMPLE_TEXT_TOKENS`` tokens of the first
+    scored window of the user's text (``data``), or the first random-token sequence, its block cut
+    to ``EXAMPLE_BLOCK`` ids, repeated up to 3 times."""
+    shown = list(texts) if has_tokenizer(model) else []
+    task = scoring_task(model, config)
+    if isinstance(task, TextWindows):
+        row = task.tokens[0][task.attention_mask[0].bool()]
+        return shown + [(f"your text: the first {EXAMPLE_TEXT_TOKENS} tokens of a scored window",
+                         row[:EXAMPLE_TEXT_TOKENS].tolist())]
+    width, repeats = min(task.block_len, EXAMPLE_BLOCK), min(task.n_repeats, 3)
+    block = task.tokens[0, task.offset : task.offset + width].tolist()
+    return shown + [(f"its task: {width} random tokens repeated {repeats} times",
+                     task.tokens[0, : task.offset].tolist() + block * repeats)]
 
 
 ExtraScores = Callable[[dict, TokenBatch], dict[str, Tensor]]

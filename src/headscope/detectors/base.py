@@ -14,8 +14,10 @@ A detector is a class with a registered ``name``, a config dataclass (``Config``
 Configs follow scikit-learn's habit: every setting is a keyword with a default, settable at
 construction (``get_detector("induction", block_len=50)``) and recorded in the results. What the
 atlas needs of a detector it reads here too: ``atlas_order``, ``atlas_defaults``, and for a family
-that shares a scoring pass ``pass_key`` and ``score_together``. CONTRIBUTING.md gives the steps
-of adding a detector.
+that shares a scoring pass ``pass_key`` and ``score_together``; what the report shows of it,
+``explanation`` (each role in plain words) and ``examples(model)`` (short prompts of its own data,
+whose attention patterns the atlas draws for each significant head). CONTRIBUTING.md gives the
+steps of adding a detector.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from headscope.results import HeadScores
 from headscope.significance import Significance
 from headscope.versions import HEADSCOPE_VERSION
 
+Example = tuple[str, Union[str, list[int]]]  # (title, prompt): text, or token ids for a token-level task
 MetricFn = Callable[[Float[Tensor, "batch pos vocab"], TokenBatch], Float[Tensor, " batch"]]
 MeasureFn = Callable[[Any, list, str], Float[Tensor, "sets examples"]]
 
@@ -96,6 +99,9 @@ class Detector(ABC):
     atlas_order: ClassVar[Optional[int]] = None
     # Settings the atlas uses for this detector unless told otherwise (e.g. a smaller request set).
     atlas_defaults: ClassVar[dict[str, Any]] = {}
+    # Per role the detector defines: what a head of the role does, the paper, and how headscope
+    # measures it, in two or three plain sentences (shown above the role's heatmap in the report).
+    explanation: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: Optional[Any] = None, **overrides: Any) -> None:
         """``config``: a ``Config`` instance, a dict of settings (e.g. a saved result's config) or
@@ -160,6 +166,14 @@ class Detector(ABC):
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> HeadScores:
         """Score every head of ``model``."""
 
+    def examples(self, model: Any) -> list[Example]:
+        """Two or three short ``(title, prompt)`` pairs from this detector's own data or task, each
+        at most about 60 tokens: text, or token ids where the task is made of ids. The atlas draws
+        the attention patterns of the role's significant heads on them (``hs.attention_patterns``).
+        Text needs the model's tokenizer: without one, give token ids or nothing. The default:
+        none."""
+        return []
+
     def pass_key(self, model: Any) -> Any:
         """What this detector's scoring pass over ``model`` depends on, when the pass can be shared:
         detectors whose keys are equal (``==``, never None) and whose class has the same
@@ -215,6 +229,11 @@ class Detector(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+def has_tokenizer(model: Any) -> bool:
+    """Whether ``model`` can turn text into tokens (text examples need it)."""
+    return getattr(model, "tokenizer", None) is not None
 
 
 def check_not_empty(name: str, values: Tensor, reason: Optional[str] = None) -> None:

@@ -46,8 +46,9 @@ from headscope.detectors.attention_templates import (
     RepeatedTokensConfig,
     copy_template,
     repeat_template,
+    template_examples,
 )
-from headscope.detectors.base import register_detector, setting
+from headscope.detectors.base import Example, register_detector, setting
 from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.tokens import TokenBatch
 from headscope.engine.unembed import center_for_norm, direct_logits, direct_unembed, post_attention_weights
@@ -71,6 +72,19 @@ class InductionDetector(AttentionTemplateDetector):
     score_name = "prefix_matching"
     summary = "attention from a repeated token to the token after its earlier copies (Olsson et al. 2022)"
     cost = "score 8 s (with previous_token and duplicate_token), random-token null 4 s, validation 51 s"
+    explanation = {"induction": (
+        "An induction head continues a repeat: at a token seen before, it attends to the token that followed the "
+        "earlier occurrence and copies it, so '... A B ... A' predicts 'B' (Olsson et al. 2022, 'In-context Learning "
+        "and Induction Heads'). headscope scores the share of attention a head puts on that following token in "
+        "random tokens repeated several times, and validates by ablating the top heads and measuring the loss on "
+        "the repeated tokens.")}
+
+    def examples(self, model: Any) -> list[Example]:
+        """A sentence said twice (an induction head looks from the second copy to the word after the
+        first), then a sequence of its own repeated-token task."""
+        return template_examples(model, self.config, [(
+            "a sentence said twice",
+            "The keeper wrote in his log every night. The keeper wrote in his log every night.")])
 
     def template(self, task: RepeatedTokens) -> tuple[Tensor, Tensor]:
         return repeat_template(task, shift=1)

@@ -53,7 +53,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector, setting
+from headscope.detectors.base import (
+    Detector,
+    DetectorConfig,
+    Example,
+    ValidationTask,
+    has_tokenizer,
+    register_detector,
+    setting,
+)
 from headscope.engine.heads import model_shape
 from headscope.engine.metrics import final_logits
 from headscope.engine.runner import run_batched
@@ -74,6 +82,7 @@ from headscope.tasks.conflicts import (
     RELATIONS,
     ConflictItem,
     conflict_items,
+    conflict_prompt,
     min_subjects_for_split,
     read_conflict_facts,
     split_by_subject,
@@ -102,6 +111,44 @@ class MemoryContextDetector(Detector):
     Config = MemoryContextConfig
     summary = "direct logit attribution onto context answer minus memorised answer (Yu et al. 2023)"
     cost = "score 2 s, validation 7 s"
+    explanation = {
+        "context": (
+            "A context head pushes the model towards what the prompt says when it contradicts a fact the model "
+            "knows ('The capital of France is Lima. The capital of France is' -> Lima); memory heads push the other "
+            "way (Yu, Merullo, Pavlick 2023; Jin et al. 2024). headscope measures each head's direct logit "
+            "attribution at the last position onto the context answer minus the memorised one, tests it across "
+            "items with a t-test, and validates on held-out subjects by the logit difference with the top heads "
+            "ablated."),
+        "memory": (
+            "A memory head pushes the model towards the fact it memorised when the prompt states another answer "
+            "('The capital of France is Lima. The capital of France is' -> Paris); context heads push the other "
+            "way (Yu, Merullo, Pavlick 2023; Jin et al. 2024). headscope measures each head's direct logit "
+            "attribution at the last position onto the memorised answer minus the context one and tests it across "
+            "items with a t-test."),
+    }
+
+    def examples(self, model: Any) -> list[Example]:
+        """Conflict prompts of its first two relations' first facts (or the first two facts of ``data``), in its
+        first format, each fact contradicted by another answer of its relation; built from the
+        facts alone, without the check of what the model knows (none without a tokenizer)."""
+        if not has_tokenizer(model):
+            return []
+        config = self.config
+        if config.data:
+            facts = read_conflict_facts(config.data, config.formats)
+            chosen = [(f.relation, f.subject, f.answer, f.counterfactual or next(
+                (g.answer for g in facts if g.relation == f.relation and g.answer != f.answer), "something else"),
+                {"cloze": f.cloze, "question": f.question, "context": f.context}) for f in facts[:2]]
+        else:
+            chosen = []
+            for relation, index in ([(r, 0) for r in config.relations[:2]] + [(config.relations[0], 1)])[:2]:
+                facts = RELATIONS[relation].facts
+                subject, answer = facts[index]
+                counter = next(other for _, other in facts[index + 1:] if other != answer)
+                chosen.append((relation, subject, answer, counter, {}))
+        return [(f"{subject}: the prompt says '{counter}', memory says '{answer}'",
+                 conflict_prompt(relation, config.formats[0], subject, counter, **templates))
+                for relation, subject, answer, counter, templates in chosen]
 
     def items(self, model: Any, split: str = "all") -> list[ConflictItem]:
         """The conflict items of the facts ``model`` knows: ``"all"`` of them, the ``"score"`` part

@@ -30,9 +30,10 @@ from headscope.detectors.attention_templates import (
     AttentionTemplateDetector,
     previous_template,
     scoring_task,
+    template_examples,
     uniform_share,
 )
-from headscope.detectors.base import register_detector
+from headscope.detectors.base import Example, register_detector
 from headscope.tasks.repeated_tokens import RepeatedTokens
 
 
@@ -43,6 +44,16 @@ class PreviousTokenDetector(AttentionTemplateDetector):
     score_name = "previous_token"
     summary = "attention to the immediately preceding token"
     cost = "score shared with induction (8 s for the three template roles), validation 34 s"
+    explanation = {"previous_token": (
+        "A previous-token head attends from each token to the one just before it, copying what came before into "
+        "the current position; it is the first half of the induction circuit (Elhage et al. 2021; Olsson et al. "
+        "2022). headscope scores the mean attention to the preceding token and calls a head significant when that "
+        "beats what position alone gives and holds a majority of its attention.")}
+
+    def examples(self, model: Any) -> list[Example]:
+        """A plain sentence (every token has a predecessor), then a sequence of its own task."""
+        return template_examples(model, self.config, [(
+            "a plain sentence", "She packed her bag, locked the door and walked to the station in the rain.")])
 
     def template(self, task: RepeatedTokens) -> tuple[Tensor, Tensor]:
         width = task.tokens.shape[1]

@@ -57,7 +57,15 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector, setting
+from headscope.detectors.base import (
+    Detector,
+    DetectorConfig,
+    Example,
+    ValidationTask,
+    has_tokenizer,
+    register_detector,
+    setting,
+)
 from headscope.engine.decoding import (
     DEFAULT_PREFILL_CHUNK,
     DecodeTrace,
@@ -77,11 +85,13 @@ from headscope.significance import Significance
 from headscope.tasks.haystack import (
     FORMATS,
     N_GENERATED_FACTS,
+    QUESTION_TEMPLATE,
     HaystackSample,
     HaystackText,
     Needle,
     code_needles,
     fact_needles,
+    filler_sentences,
     needle_grid,
     read_haystack,
     read_needles,
@@ -162,6 +172,13 @@ class RetrievalDetector(Detector):
     Config = RetrievalConfig
     summary = "copy-paste rate from the needle at decode steps, top-1 attention (Wu et al. 2024)"
     cost = "score 27 s (9 needle samples of 300-800 tokens, ~3 s each), validation 11 s"
+    explanation = {"retrieval": (
+        "A retrieval head finds a fact hidden in a long context and copies it into the answer: while the model "
+        "writes the answer, the head attends to the very token of the needle it is about to emit (Wu et al. "
+        "2024, 'Retrieval Head Mechanistically Explains Long-Context Factuality'). headscope decodes answers to "
+        "needle-in-a-haystack questions and scores the share of needle tokens a head copies by its top-1 "
+        "attention; it validates by masking the top heads at decode steps and measuring the answers on new "
+        "needles.")}
 
     def needles(self, held_out: bool = False) -> list[Needle]:
         """One needle per sample of the grid, in the grid's order: the scored ones (from
@@ -214,6 +231,26 @@ class RetrievalDetector(Detector):
                 "smaller."
             )
         return pool[start : start + n_cells]
+
+    def examples(self, model: Any) -> list[Example]:
+        """The two shortest of its first six scored needles, each beside a short filler sentence,
+        with the question and the answer's first words appended: at the answer's tokens a retrieval
+        head looks back at the same tokens in the needle (none without a tokenizer: the needles are
+        text)."""
+        if not has_tokenizer(model):
+            return []
+        own = self.filler()
+        sentences = own.sentences[:20] if own is not None else filler_sentences()
+        short = (sorted(sentences, key=len)[:2] * 2)[:2]  # a text of one sentence repeats it
+        needles = sorted(self.needles()[:6], key=lambda n: len(n.needle) + len(n.question) + len(n.answer))[:2]
+        shown = []
+        for index, needle in enumerate(needles):
+            hay = [short[0], needle.needle] if index == 0 else [needle.needle, short[1]]
+            answer = " ".join(needle.answer.split()[:6])  # its first words show the copying; all of it is long
+            text = " ".join(hay) + "\n\n" + QUESTION_TEMPLATE.format(question=needle.question) + " " + answer
+            shown.append((f"a needle {'after' if index == 0 else 'before'} a filler sentence, the answer's start "
+                          f"'{answer}' appended", text))
+        return shown
 
     def filler(self) -> Optional[HaystackText]:
         """The ``haystack`` text, or ``None`` for the shipped filler."""

@@ -45,7 +45,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector, setting
+from headscope.detectors.base import (
+    Detector,
+    DetectorConfig,
+    Example,
+    ValidationTask,
+    has_tokenizer,
+    register_detector,
+    setting,
+)
 from headscope.engine.generation import generate
 from headscope.engine.heads import Head, all_heads, model_shape
 from headscope.errors import DataError, InputError, SettingError
@@ -118,6 +126,23 @@ class SafetyDetector(Detector):
     summary = "KL of the next-token distribution on harmful requests when a head attends uniformly (Ships)"
     cost = "score 84 s, significance (harmless control) 95 s, validation (greedy decodes) 97 s"
     renamed_settings = {"requests_file": "data"}
+    explanation = {"safety": (
+        "A safety head helps the model refuse harmful requests: making its attention uniform alone changes what "
+        "the model says next on harmful requests, and can make it comply (Zhou et al. 2024, 'On the Role of "
+        "Attention Heads in Large Language Model Safety'). headscope measures Ships, the KL divergence of the "
+        "next-token distribution when the head attends uniformly, on harmful requests against as many harmless "
+        "ones, and validates by the attack success rate on held-out requests with the top heads ablated.")}
+
+    def examples(self, model: Any) -> list[Example]:
+        """Two of the harmful requests it scores and one harmless request, in its prompt format;
+        none without a tokenizer."""
+        if not has_tokenizer(model):
+            return []
+        harmful = self.queries()[:2]
+        harmless = self._harmless(1)
+        prompts = refusal.request_prompts(harmful + harmless, self.config.prompt_format, model.tokenizer)
+        titles = ["a harmful request"] * len(harmful) + ["a harmless request, for contrast"] * len(harmless)
+        return list(zip(titles, prompts, strict=True))
 
     def check_data(self) -> None:
         """Read ``data`` without a model: every line, and enough requests on both sides of the split

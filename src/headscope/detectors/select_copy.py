@@ -53,7 +53,15 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector, setting
+from headscope.detectors.base import (
+    Detector,
+    DetectorConfig,
+    Example,
+    ValidationTask,
+    has_tokenizer,
+    register_detector,
+    setting,
+)
 from headscope.engine.architecture import head_hook
 from headscope.engine.generation import final_states
 from headscope.engine.heads import Head, hook_name, model_shape
@@ -341,6 +349,21 @@ class SelectCopyDetector(Detector):
     Config = SelectCopyConfig
     summary = "accuracy of each head's QK-score / attention to the correct option (Tulchinskii et al. 2024)"
     cost = "score 369 s (free-form knowledge check of 1300 questions, then the ~335 known), validation 133 s"
+    explanation = {"select_copy": (
+        "A select-and-copy head answers a multiple-choice question by attention: from the last prompt token its "
+        "query matches the key of the correct option's line, and it copies that option's letter (Tulchinskii et "
+        "al. 2024, 'Listening to the Wise Few'). headscope scores the accuracy of each head's query-key score over "
+        "the options on questions the model knows, tests it on held-out questions against guessing, and validates "
+        "by the correct letter's logit margin with the top heads ablated.")}
+
+    def examples(self, model: Any) -> list[Example]:
+        """The first two questions of its set, in its format (few-shot shown without its shots,
+        to stay short); none without a tokenizer."""
+        if not has_tokenizer(model):
+            return []
+        shown = "chat" if self.config.format == "chat" else "plain"
+        return [(f"answer {mc.LETTERS[q.answer]} ({q.answer_text})", mc.mc_prompt(q, shown).text)
+                for q in load_questions(self.config)[:2]]
 
     def check_data(self) -> None:
         """Read your questions file (``data``, or a path in ``questions``) without a model: every

@@ -51,7 +51,15 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from headscope.detectors.base import Detector, DetectorConfig, ValidationTask, register_detector, setting
+from headscope.detectors.base import (
+    Detector,
+    DetectorConfig,
+    Example,
+    ValidationTask,
+    has_tokenizer,
+    register_detector,
+    setting,
+)
 from headscope.engine.heads import model_shape
 from headscope.engine.metrics import final_logits
 from headscope.engine.runner import run_batched
@@ -120,6 +128,12 @@ class SuccessorDetector(Detector):
     Config = SuccessorConfig
     summary = "successor top among task tokens: effective OV circuit and in-context direct logits (Gould et al. 2023)"
     cost = "score 2 s, significance 0.5 s, validation 7 s"
+    explanation = {"successor": (
+        "A successor head maps a token of an ordered sequence to the next one: Monday to Tuesday, 3 to 4, March "
+        "to April (Gould et al. 2023, 'Successor Heads'). headscope scores the head's effective OV circuit, the "
+        "share of items whose successor gets the highest logit when the head reads the item, checks it on prompts "
+        "such as ' Monday, Tuesday, Wednesday,', and validates by the model's top-1 accuracy on held-out "
+        "succession prompts with the top heads ablated.")}
 
     def tasks(self, model: Any) -> list[SuccessionTask]:
         """The shipped ``tasks`` in every form, or with ``data`` the lists of the file, kept where
@@ -154,6 +168,18 @@ class SuccessorDetector(Detector):
                 f"L items gives L - {self.config.context_items} prompts in each form (L if it wraps), where its items "
                 "are single tokens: add items or lists."
             )
+
+    def examples(self, model: Any) -> list[Example]:
+        """Three in-context succession prompts of its dev half, each from another task, in the
+        order of the tasks (none without a tokenizer: the tasks are text)."""
+        if not has_tokenizer(model):
+            return []
+        first: dict[str, SuccessionPrompt] = {}
+        for prompt in self.prompts(model, "dev"):
+            first.setdefault(prompt.task.name, prompt)
+        order = [task.name for task in self.tasks(model)]
+        chosen = sorted(first.values(), key=lambda p: order.index(p.task.name))[:3]
+        return [(f"{p.task.name}: the next item is '{p.task.texts[p.target_index].strip()}'", p.text) for p in chosen]
 
     def prompts(self, model: Any, split: str = "dev") -> list[SuccessionPrompt]:
         """Succession prompts of every task, the pairs split in halves by ``seed`` (dev / test)."""

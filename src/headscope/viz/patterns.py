@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import itertools
 import json
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -70,6 +71,12 @@ class AttentionPatterns:
         if parsed not in self.heads:
             raise KeyError(f"{parsed} is not in these patterns; they hold {', '.join(map(str, self.heads))}.")
         return self.heads.index(parsed)
+
+    def subset(self, heads: Sequence[HeadLike]) -> "AttentionPatterns":
+        """The patterns of ``heads`` only (in that order), same tokens, title and notes."""
+        index = [self._index(head) for head in heads]
+        return AttentionPatterns(self.model, list(self.tokens), [self.heads[i] for i in index], self.values[index],
+                                 self.title, dict(self.notes))
 
     def top_keys(self, head: HeadLike, query: int = -1, k: int = 3) -> list[tuple[int, str, float]]:
         """The ``k`` keys ``head`` attends to most from ``query``: ``(position, token, weight)``."""
@@ -197,8 +204,8 @@ _STYLE = """
          border-radius: 3px; background: #f6f6f6; cursor: pointer; }
 .hs-pv .hs-heads button.on { background: #1f4e8c; color: #fff; border-color: #1f4e8c; }
 .hs-pv .hs-text { line-height: 1.9; }
-.hs-pv .hs-tok { padding: 1px 1px; margin: 0 1px; border-radius: 2px; white-space: pre; cursor: default;
-         border: 1px solid transparent; }
+.hs-pv .hs-tok { display: inline-block; line-height: 1.35; padding: 1px 1px; margin: 1px 1px; border-radius: 2px;
+         white-space: pre; cursor: default; border: 1px solid transparent; }
 .hs-pv .hs-tok.q { border-color: #d62728; }
 .hs-pv .hs-note { color: #666; font-size: 11px; margin-top: 3px; }
 """
@@ -237,7 +244,7 @@ _SCRIPT = """
 
 def pattern_view_html(patterns: AttentionPatterns, query: int = -1) -> str:
     """The interactive view of ``patterns`` as one self-contained ``<div>``."""
-    view_id = f"hs-pv-{next(_VIEW_IDS)}-{abs(hash((patterns.model, tuple(patterns.tokens)))) % 10**8}"
+    view_id = f"hs-pv-{next(_VIEW_IDS)}-{zlib.crc32(json.dumps([patterns.model, patterns.tokens]).encode()):08x}"
     query = query % len(patterns.tokens)
     row = patterns.values[0, query]
     tokens = "".join(
