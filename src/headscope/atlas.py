@@ -48,7 +48,14 @@ from headscope.detectors.base import (
 )
 from headscope.engine.heads import Head, check_head_hooks, model_shape
 from headscope.engine.runner import bar_disabled, progress_note
-from headscope.errors import ArgumentError, IdentityMismatchError, ResultFileError, ResultFileWarning, SettingError
+from headscope.errors import (
+    ArgumentError,
+    IdentityMismatchError,
+    PromptTooLongError,
+    ResultFileError,
+    ResultFileWarning,
+    SettingError,
+)
 from headscope.identity import ModelIdentity, model_identity, weights_digest
 from headscope.models import model_name
 from headscope.results import HeadScores, role_overlap, write_text_atomic
@@ -334,16 +341,13 @@ class Atlas:
             path = path / "atlas.json"
         if not path.is_file():
             raise FileNotFoundError(f"No atlas at {path}: pass a folder written by Atlas.save or its atlas.json.")
-        patterns = path.with_name("patterns.json")
         try:
             atlas = cls.from_dict(json.loads(path.read_text()))
-            if patterns.is_file():
-                path = patterns
-                atlas.patterns = _decode("patterns", json.loads(patterns.read_text()))
-            return atlas
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             raise ResultFileError(f"The atlas file {path} is not a complete atlas ({type(exc).__name__}: {exc}); it may "
                                   "be cut off or another kind of file: run the atlas again to rewrite it.") from exc
+        atlas.patterns = _load_patterns(path.with_name("patterns.json"), atlas)
+        return atlas
 
     def failure_summary(self) -> str:
         """One line naming each failed detector (and a failed patterns step), its stage and error
@@ -498,12 +502,9 @@ class _Builder:
             saved = self.store.read(PATTERNS_STEP, "patterns", key) if self.store is not None and requests else None
             if saved is not None:
                 self.timings[PATTERNS_STEP] = {"patterns": saved[1], "resumed": True}
+                self.store.clear_failure(PATTERNS_STEP)
                 return saved[0]
-            for request in requests:
-                drawn = attention_patterns(self.model, request["prompt"], request["heads"], title=request["title"],
-                                           max_tokens=PATTERN_TOKENS)
-                drawn.notes.update(detector=request["key"], prompt=request["prompt"])
-                patterns.setdefault(request["key"], []).append(drawn)
+            skipped = self._draw(requests, patterns)
         except Exception as error:  # noqa: BLE001 - the patterns illustrate; they must not end the atlas
             self._fail(PATTERNS_STEP, "patterns", error, key)
             return patterns
@@ -511,11 +512,28 @@ class _Builder:
             del self.timings[PATTERNS_STEP]
             return patterns
         seconds = round(time.time() - started, 2)
-        self.timings[PATTERNS_STEP] = {"patterns": seconds}
+        self.timings[PATTERNS_STEP] = {"patterns": seconds, **({"skipped": skipped} if skipped else {})}
         if self.store is not None:
             self.store.write(PATTERNS_STEP, "patterns", key, _encode("patterns", patterns), seconds)
             self.store.clear_failure(PATTERNS_STEP)
         return patterns
+
+    def _draw(self, requests: list[dict[str, Any]], patterns: dict[str, list[AttentionPatterns]]) -> list[str]:
+        """Draw each request into ``patterns``; an example longer than ``PATTERN_TOKENS`` tokens is
+        left out with a note (its title and length are returned), never cut or fatal."""
+        skipped = []
+        for request in requests:
+            try:
+                drawn = attention_patterns(self.model, request["prompt"], request["heads"], title=request["title"],
+                                           max_tokens=PATTERN_TOKENS)
+            except PromptTooLongError as error:
+                skipped.append(f"{request['key']}: {request['title']}")
+                progress_note(f"atlas: attention patterns: left out the {request['key']} example "
+                              f"{request['title']!r}: {error}", self.progress)
+                continue
+            drawn.notes.update(detector=request["key"], prompt=request["prompt"])
+            patterns.setdefault(request["key"], []).append(drawn)
+        return skipped
 
     def _pattern_requests(self) -> list[dict[str, Any]]:
         """What :meth:`_patterns` draws: each detector's examples over its significant heads (of all
@@ -839,6 +857,26 @@ def _decode(stage: str, value: Any) -> Any:
         "patterns": lambda groups: {key: [AttentionPatterns.from_dict(p) for p in drawn] for key, drawn in groups.items()},
     }
     return decoders[stage](value)
+
+
+def _load_patterns(path: Path, atlas: Atlas) -> dict[str, list[AttentionPatterns]]:
+    """The patterns saved beside an atlas; none (with a ``ResultFileWarning``) when the file is
+    damaged or was drawn of another model or of heads the atlas lacks. They illustrate the
+    atlas, so a bad file never makes it unloadable."""
+    if not path.is_file():
+        return {}
+    try:
+        patterns = _decode("patterns", json.loads(path.read_text()))
+        _check_part("patterns", patterns, atlas.shape)
+        others = sorted({p.model for group in patterns.values() for p in group} - {atlas.model})
+        if others:
+            raise ResultFileError(f"patterns of {', '.join(others)}, not of {atlas.model}")
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        warnings.warn(ResultFileWarning(f"{path} is left out ({type(exc).__name__}: {exc}): the atlas loads without "
+                                        "attention patterns; run the atlas again (or save it) to redraw them."),
+                      stacklevel=3)
+        return {}
+    return patterns
 
 
 def environment(model: Any) -> dict[str, Any]:

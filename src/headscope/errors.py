@@ -18,6 +18,13 @@ class HeadIndexError(HeadscopeError, IndexError):
     """A (layer, head) address outside the model."""
 
 
+class HeadNotShownError(HeadscopeError, KeyError):
+    """A head asked of a result (attention patterns) that does not hold it."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class InputError(HeadscopeError, ValueError):
     """Prompts or tokens that cannot be run: empty, too long, bad ids."""
 

@@ -336,7 +336,7 @@ def _head_scores_html(atlas: "Atlas", head: Head) -> str:
                       "verdict"], rows))
 
 
-def _rank(values: Tensor, value: float) -> str:
+def _rank(values: Float[Tensor, "n_layers n_heads"], value: float) -> str:
     finite = values[~torch.isnan(values)]
     if math.isnan(value):
         return "—"
@@ -370,7 +370,8 @@ def _head_patterns_html(atlas: "Atlas", head: Head) -> str:
     parts = []
     for key, views in atlas.patterns_of(head).items():
         parts.append(f"<h3>{_e(f'On {key} examples' if key in atlas.scores else 'On a natural sentence')}</h3>")
-        parts += [f"<div class='view'>{view.to_html()}{_prompt_note(view)}</div>" for view in views]
+        parts += [f"<div class='view'>{view.to_html(view_id=f'view-{len(parts)}-{n}')}{_prompt_note(view)}</div>"
+                  for n, view in enumerate(views)]
     if not parts:
         failed = any(f.get("stage") == "patterns" for f in atlas.failures.values())
         why = (" (drawing them failed: see the report's summary)" if failed else

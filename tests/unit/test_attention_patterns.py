@@ -7,9 +7,15 @@ import torch
 
 import headscope as hs
 from headscope.engine.heads import hook_name
-from tests.conftest import active_hooks
+from tests.conftest import active_hooks, tiny_text_llama_folder
 
 PROMPT = "w5 w6 w7 w8 w5 w6 w7"
+
+
+@pytest.fixture(scope="module")
+def tiny_text_llama(tmp_path_factory):
+    """A tiny random Llama whose byte-level tokenizer runs any text."""
+    return hs.load_model(tiny_text_llama_folder(tmp_path_factory.mktemp("text-llama")), device="cpu")
 
 
 def test_patterns_are_the_models_own_attention_rows_on_the_prompts_tokens(tiny_llama):
@@ -107,3 +113,34 @@ def test_a_pattern_that_is_not_finite_is_an_error_not_a_picture(tiny_llama, monk
     monkeypatch.setattr(module, "forward_with_cache", nan_cache)
     with pytest.raises(hs.EmptyResultError, match="NaN"):
         hs.attention_patterns(tiny_llama, PROMPT, heads=["L0H0"])
+
+
+def test_text_that_looks_like_html_cannot_break_out_of_the_views_script(tiny_text_llama):
+    """A prompt holding '<!--<script>' or '</script>' is data: the view's JSON carries no '<'
+    (a raw '<!--<script>' inside a script element swallows the rest of the page)."""
+    patterns = hs.attention_patterns(tiny_text_llama, "a <!--<script> b </script> & c", heads=["L0H0"])
+    html = patterns.to_html()
+    data = html.split("<script type='application/json'>", 1)[1].split("</script>", 1)[0]
+    assert "<" not in data and ">" not in data and "&" not in data
+    assert html.count("<script") == 2 and html.count("</script>") == 2
+    import json
+
+    assert json.loads(data)["tokens"] == patterns.tokens
+
+
+def test_the_view_starts_at_the_query_asked_for_and_refuses_one_outside_the_prompt(tiny_llama):
+    patterns = hs.attention_patterns(tiny_llama, PROMPT, heads=["L0H0"])
+    assert '"query": 2' in patterns.to_html(query=2) and '"query": 7' in patterns.to_html()
+    for bad in (8, -9):
+        with pytest.raises(hs.InputError, match="outside the prompt's 8 tokens"):
+            patterns.to_svg(query=bad)
+        with pytest.raises(hs.InputError, match="outside"):
+            patterns.top_keys("L0H0", query=bad)
+    assert patterns.to_html(view_id="view-1").startswith("<div class='hs-pv' id='view-1'>")
+
+
+def test_a_cut_off_patterns_file_is_an_error_naming_the_head(tiny_llama):
+    data = hs.attention_patterns(tiny_llama, PROMPT, heads=["L0H0", "L1H1"]).to_dict()
+    data["rows"][1] = data["rows"][1][:-1]
+    with pytest.raises(hs.ResultFileError, match="L1H1"):
+        hs.AttentionPatterns.from_dict(data)

@@ -336,3 +336,29 @@ def test_in_a_jupyter_kernel_a_plot_shows_once_without_importing_pyplot_first(tm
     nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     images = [out for out in notebook.cells[0].outputs if "image/png" in out.get("data", {})]
     assert len(images) == 1, notebook.cells[0].outputs
+
+
+SAVE_LOOP = """
+import json, sys, warnings
+sys.path.insert(0, sys.argv[1])
+import matplotlib
+matplotlib.use("agg")
+import matplotlib.pyplot as plt
+from tests.unit.test_plots import head_scores
+warnings.simplefilter("error")  # matplotlib warns once more than 20 figures are open
+for n in range(25):
+    figure = head_scores().plot(path=sys.argv[2])
+kept = head_scores().plot()
+print(json.dumps({"open": plt.get_fignums(), "kept_managed": plt.fignum_exists(kept.number)}))
+"""
+
+
+def test_saving_plots_in_a_loop_leaves_no_pyplot_figure_open(tmp_path):
+    """A script that imported pyplot and saves plots in a loop: each saved figure is closed (no
+    'more than 20 figures' warning); a plot not saved stays open for plt.show()."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HEADSCOPE_TYPECHECK": "0"}
+    result = subprocess.run([sys.executable, "-c", SAVE_LOOP, str(ROOT), str(tmp_path / "s.png")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(seen["open"]) == 1 and seen["kept_managed"], seen

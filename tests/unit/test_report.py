@@ -20,6 +20,7 @@ import pytest
 
 import headscope as hs
 from headscope.detectors.attention_templates import AttentionTemplateDetector
+from headscope.detectors.base import detector_class
 from headscope.viz.patterns import NATURAL_SENTENCE, _visible
 from tests.browser import open_head_page, open_report
 from tests.conftest import tiny_model
@@ -238,3 +239,38 @@ def test_the_report_and_two_head_pages_open_cleanly_in_chromium(saved, tmp_path)
         assert [v["tokens"] for v in page["views"]] == [[_visible(t) or "∅" for t in v.tokens] for v in views]
         assert all(v["before"] != v["after"] for v in page["views"])
         assert "../report.html" in page["links"] and (tmp_path / f"{head}.png").stat().st_size > 10_000
+
+
+def test_an_example_too_long_to_read_is_left_out_with_a_note_not_a_failure(model, tmp_path, monkeypatch):
+    """An example over the patterns' token limit is left out (named in the timings), the other
+    examples and the natural sentence are drawn, and the atlas records no failure."""
+    top_two_significant(monkeypatch)
+    monkeypatch.setattr(atlas_module, "PATTERN_TOKENS", len(NATURAL_SENTENCE) + 2)  # byte tokens: the sentence fits
+    for name in TEMPLATES:
+        cls = detector_class(name)
+        monkeypatch.setattr(cls, "examples", lambda self, m, real=cls.examples: [("far too long", "word " * 200),
+                                                                                 *real(self, m)])
+    result = text_atlas(model, out=tmp_path, validate=False)
+    skipped = result.timings[atlas_module.PATTERNS_STEP]["skipped"]
+    assert result.failures == {} and len(skipped) == len(TEMPLATES)
+    assert all(entry.endswith(": far too long") for entry in skipped)
+    assert result.patterns[atlas_module.NATURAL] and all(
+        p.title != "far too long" for drawn in result.patterns.values() for p in drawn)
+
+
+def test_a_patterns_file_of_another_model_or_cut_off_loads_the_atlas_without_patterns(saved, tmp_path):
+    """patterns.json illustrates the atlas: one of another model, or a damaged one, is left out
+    with a ResultFileWarning naming the file, and the atlas still loads."""
+    _, out = saved
+    shutil.copy(out / "atlas.json", tmp_path / "atlas.json")
+    data = json.loads((out / "patterns.json").read_text())
+    for group in data.values():
+        for drawn in group:
+            drawn["model"] = "another-model"
+    (tmp_path / "patterns.json").write_text(json.dumps(data))
+    with pytest.warns(hs.ResultFileWarning, match="another-model"):
+        assert hs.Atlas.load(tmp_path).patterns == {}
+    (tmp_path / "patterns.json").write_text((out / "patterns.json").read_text()[:-200])
+    with pytest.warns(hs.ResultFileWarning, match="patterns.json"):
+        loaded = hs.Atlas.load(tmp_path)
+    assert loaded.patterns == {} and loaded.scores.keys() == saved[0].scores.keys()

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from headscope.files import atomic_savefig
@@ -37,8 +37,11 @@ def _pyplot_in_use() -> bool:
     """Whether figures should go through pyplot: it is imported already, or this runs in a Jupyter
     kernel (whose inline display shows only pyplot's figures; importing pyplot there picks the
     backend the kernel set, it switches none)."""
-    if "matplotlib.pyplot" in sys.modules:
-        return True
+    return "matplotlib.pyplot" in sys.modules or _in_kernel()
+
+
+def _in_kernel() -> bool:
+    """Whether this runs in a Jupyter kernel."""
     ipython = sys.modules.get("IPython")
     shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
     return getattr(shell, "kernel", None) is not None
@@ -49,7 +52,9 @@ def new_figure(figsize: tuple[float, float], **options: Any) -> Any:
     if _pyplot_in_use():
         import matplotlib.pyplot as plt
 
-        return plt.figure(figsize=figsize, **options)
+        figure = plt.figure(figsize=figsize, **options)
+        figure._headscope_made = True  # finish() may close it once saved
+        return figure
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize, **options)
@@ -64,9 +69,17 @@ def axes_for(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
 
 
 def finish(figure: Any, path: Optional[Union[str, Path]] = None, dpi: int = 120) -> Any:
-    """Save ``figure`` as ``path`` (any format matplotlib writes, atomically) when given; returns it."""
+    """Save ``figure`` as ``path`` (any format matplotlib writes, atomically) when given; returns it.
+
+    A figure :func:`new_figure` made through pyplot is closed once saved (outside Jupyter), so a
+    script that saves plots in a loop holds no open figures; the returned figure still draws
+    and saves."""
     if path is not None:
         atomic_savefig(figure, path, dpi=dpi)
+        if getattr(figure, "_headscope_made", False) and not _in_kernel():
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
     return figure
 
 
@@ -143,7 +156,7 @@ def head_heatmap(
     return bar
 
 
-def outline_heads(ax: Any, mask: Any, colour: str = "#000000") -> int:
+def outline_heads(ax: Any, mask: Bool[Tensor, "n_layers n_heads"], colour: str = "#000000") -> int:
     """Outline the cells of ``ax``'s head grid where ``mask[layer, head]`` is true; returns how many."""
     from matplotlib.patches import Rectangle
 

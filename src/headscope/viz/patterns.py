@@ -11,9 +11,8 @@ one button per head. Its data and script are inline (no network at view time); w
 from __future__ import annotations
 
 import html
-import itertools
 import json
-import zlib
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -24,14 +23,13 @@ from torch import Tensor
 from headscope.engine.heads import Head, all_heads, check_heads, heads_by_layer, hook_name
 from headscope.engine.runner import forward_with_cache
 from headscope.engine.tokens import TokenBatch, pad_rows, tokenize
-from headscope.errors import EmptyResultError, InputError
+from headscope.errors import EmptyResultError, HeadNotShownError, InputError, PromptTooLongError, ResultFileError
 from headscope.models import model_name
 from headscope.viz.figures import axes_for, finish
 
 MAX_TOKENS = 96  # beyond this a pattern is unreadable as text; longer prompts are refused, never cut
 NATURAL_SENTENCE = ("The cat sat on the mat because the mat was warm, and when the dog came in, "
                     "the cat moved to the chair.")
-_VIEW_IDS = itertools.count()
 
 HeadLike = Union[Head, tuple[int, int], str]
 
@@ -69,7 +67,8 @@ class AttentionPatterns:
     def _index(self, head: HeadLike) -> int:
         parsed = Head.parse(head)
         if parsed not in self.heads:
-            raise KeyError(f"{parsed} is not in these patterns; they hold {', '.join(map(str, self.heads))}.")
+            raise HeadNotShownError(f"{parsed} is not in these patterns; they hold {', '.join(map(str, self.heads))}: "
+                                    "draw it with hs.attention_patterns(model, prompt, heads=[...]).")
         return self.heads.index(parsed)
 
     def subset(self, heads: Sequence[HeadLike]) -> "AttentionPatterns":
@@ -80,9 +79,21 @@ class AttentionPatterns:
 
     def top_keys(self, head: HeadLike, query: int = -1, k: int = 3) -> list[tuple[int, str, float]]:
         """The ``k`` keys ``head`` attends to most from ``query``: ``(position, token, weight)``."""
-        row = self[head][query]
+        row = self[head][self.position(query)]
         weights, positions = row.topk(min(k, row.numel()))
         return [(int(p), self.tokens[int(p)], float(w)) for w, p in zip(weights, positions)]
+
+    def position(self, query: int) -> int:
+        """``query`` as a position from the start (negative counts from the end, as in Python).
+
+        Raises:
+            InputError: a position outside the prompt's tokens.
+        """
+        n = len(self.tokens)
+        if not -n <= query < n:
+            raise InputError(f"query position {query} is outside the prompt's {n} tokens: give 0..{n - 1}, or a "
+                             "negative position counted from the end (-1 is the last token).")
+        return query % n
 
     # ----- files -----------------------------------------------------------------------------
     def to_dict(self, decimals: int = 3) -> dict[str, Any]:
@@ -94,18 +105,30 @@ class AttentionPatterns:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AttentionPatterns":
+        """Patterns from :meth:`to_dict`'s output.
+
+        Raises:
+            ResultFileError: rows that do not fit the tokens (a cut-off or edited file).
+        """
         n = len(data["tokens"])
         values = torch.zeros(len(data["heads"]), n, n)
+        if len(data["rows"]) != len(data["heads"]):
+            raise ResultFileError(f"attention patterns with {len(data['rows'])} row sets for {len(data['heads'])} heads")
         for index, rows in enumerate(data["rows"]):
+            if [len(row) for row in rows] != list(range(1, n + 1)):
+                raise ResultFileError(f"attention rows of {data['heads'][index]} do not fit the {n} tokens "
+                                      "(each query q holds q + 1 keys)")
             for q, row in enumerate(rows):
-                values[index, q, : len(row)] = torch.tensor(row, dtype=torch.float32)
+                values[index, q, : q + 1] = torch.tensor(row, dtype=torch.float32)
         return cls(data["model"], list(data["tokens"]), [Head.parse(h) for h in data["heads"]], values,
                    data.get("title", ""), dict(data.get("notes", {})))
 
     # ----- pictures --------------------------------------------------------------------------
-    def to_html(self, query: int = -1) -> str:
-        """The interactive view (self-contained: inline style, data and script)."""
-        return pattern_view_html(self, query)
+    def to_html(self, query: int = -1, view_id: Optional[str] = None) -> str:
+        """The interactive view (self-contained: inline style, data and script), first showing the
+        attention from ``query``. ``view_id``: the view's HTML id, unique on its page (default a
+        random one; give a fixed one for output that is the same on every run)."""
+        return pattern_view_html(self, query, view_id)
 
     def _repr_html_(self) -> str:
         return self.to_html()
@@ -113,7 +136,7 @@ class AttentionPatterns:
     def to_svg(self, head: Optional[HeadLike] = None, query: int = -1, width: int = 640) -> str:
         """A static picture of the view: tokens in reading order, coloured by ``head``'s attention
         from ``query`` (default the last token, outlined)."""
-        return pattern_svg(self, self._index(head if head is not None else self.heads[0]), query, width)
+        return pattern_svg(self, self._index(head if head is not None else self.heads[0]), self.position(query), width)
 
     def plot(self, head: Optional[HeadLike] = None, ax: Any = None, path: Any = None, cmap: str = "Blues") -> Any:
         """Matplotlib heatmap of one head's pattern (query token down, key token across); saves
@@ -157,7 +180,7 @@ def attention_patterns(
     batch = _prompt_batch(model, prompt, prepend_bos)
     length = int(batch.tokens.shape[1])
     if length > max_tokens:
-        raise InputError(f"The prompt has {length} tokens, more than max_tokens={max_tokens}: a pattern that long "
+        raise PromptTooLongError(f"The prompt has {length} tokens, more than max_tokens={max_tokens}: a pattern that long "
                          "does not read as text. Shorten the prompt or pass a larger max_tokens.")
     if chosen is None:
         chosen = all_heads(model)
@@ -216,7 +239,7 @@ _SCRIPT = """
   if (!root) { return; }
   var data = JSON.parse(root.querySelector('script[type="application/json"]').textContent);
   var toks = root.querySelectorAll('.hs-tok'), buttons = root.querySelectorAll('.hs-heads button');
-  var note = root.querySelector('.hs-note'), head = 0, query = toks.length - 1;
+  var note = root.querySelector('.hs-note'), head = 0, query = data.query;
   function paint() {
     var row = data.rows[head][query];
     for (var k = 0; k < toks.length; k++) {
@@ -242,10 +265,11 @@ _SCRIPT = """
 """
 
 
-def pattern_view_html(patterns: AttentionPatterns, query: int = -1) -> str:
-    """The interactive view of ``patterns`` as one self-contained ``<div>``."""
-    view_id = f"hs-pv-{next(_VIEW_IDS)}-{zlib.crc32(json.dumps([patterns.model, patterns.tokens]).encode()):08x}"
-    query = query % len(patterns.tokens)
+def pattern_view_html(patterns: AttentionPatterns, query: int = -1, view_id: Optional[str] = None) -> str:
+    """The interactive view of ``patterns`` as one self-contained ``<div>`` (see
+    :meth:`AttentionPatterns.to_html`)."""
+    view_id = view_id or f"hs-pv-{uuid.uuid4().hex[:16]}"
+    query = patterns.position(query)
     row = patterns.values[0, query]
     tokens = "".join(
         f"<span class='hs-tok{' q' if k == query else ''}' style='background:{_shade(float(row[k]))};"
@@ -253,20 +277,25 @@ def pattern_view_html(patterns: AttentionPatterns, query: int = -1) -> str:
         for k, t in enumerate(patterns.tokens))
     buttons = "".join(f"<button type='button'{' class=on' if i == 0 else ''}>{h}</button>"
                       for i, h in enumerate(patterns.heads))
-    data = json.dumps(patterns.to_dict()).replace("</", "<\\/")
+    data = script_safe_json({**patterns.to_dict(), "query": query})
     title = f"<div class='hs-title'>{html.escape(patterns.title)}</div>" if patterns.title else ""
-    return (f"<div class='hs-pv' id='{view_id}'><style>{_STYLE}</style>{title}"
+    return (f"<div class='hs-pv' id='{html.escape(view_id, quote=True)}'><style>{_STYLE}</style>{title}"
             f"<div class='hs-heads'>{buttons}</div><div class='hs-text'>{tokens}</div>"
-            f"<div class='hs-note'>{patterns.heads[0]}: attention from the outlined (last) token. "
+            f"<div class='hs-note'>{patterns.heads[0]}: attention from the outlined token. "
             "Hover a token to make it the query.</div>"
             f"<script type='application/json'>{data}</script>"
-            f"<script>{_SCRIPT % {'id': json.dumps(view_id)}}</script></div>")
+            f"<script>{_SCRIPT % {'id': script_safe_json(view_id)}}</script></div>")
+
+
+def script_safe_json(value: Any) -> str:
+    """JSON that cannot end or re-open the ``<script>`` element it sits in: ``<``, ``>`` and ``&``
+    written as ``\\u`` escapes (text such as ``<!--<script>`` would otherwise swallow the page)."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def pattern_svg(patterns: AttentionPatterns, index: int, query: int = -1, width: int = 640) -> str:
     """Static SVG: the tokens wrapped into lines, each shaded by head ``index``'s attention from
     ``query`` (outlined in red)."""
-    query = query % len(patterns.tokens)
     row = patterns.values[index, query]
     char, line_height, x, y = 7.2, 22, 6, 34
     parts = []
