@@ -2,7 +2,7 @@
 checks of tests/unit/test_architectures.py, with the measured numbers (run from the repository root:
 .venv/bin/python scripts/architecture_matrix.py; ~1 min on 2 cores)."""
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import torch, headscope as hs
+import headscope as hs
 from tests.families import FAMILIES, tiny_family_model
 from tests.unit.test_architectures import TOKENS, HEADS, uniform_deviation, logits
 from headscope.engine.heads import hook_name
