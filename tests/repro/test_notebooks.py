@@ -5,6 +5,7 @@ Jupyter (``<results>``: the folder in ``HEADSCOPE_RESULTS_DIR``, else ``results/
 repository root). The notebooks are committed without outputs."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -45,11 +46,25 @@ def figures(outputs: list) -> list:
     return [o for o in outputs if o.get("output_type") in ("display_data", "execute_result") and "image/png" in o.get("data", {})]
 
 
+# nbconvert's lab template, less the scripts it would fetch from a CDN when the page is opened
+# (require.js, MathJax): the rendering is read offline, and the notebooks need neither.
+OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+"""
+
+
 def render_html(notebook, path: Path) -> Path:
-    """The executed notebook as one self-contained HTML page, written atomically."""
+    """The executed notebook as one self-contained HTML page (nothing fetched when opened),
+    written atomically."""
+    from jinja2 import DictLoader
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_notebook_node(notebook)
+    exporter = HTMLExporter(extra_loaders=[DictLoader({"offline.html.j2": OFFLINE_TEMPLATE})],
+                            template_file="offline.html.j2")
+    body, _ = exporter.from_notebook_node(notebook)
+    fetched = re.findall(r"""<(?:script|link|img)[^>]+(?:src|href)=["']?(https?://[^"' >]+)""", body)
+    assert not fetched, f"the HTML rendering of the notebook would fetch {fetched[:3]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, body)
 
