@@ -27,7 +27,7 @@ from torch import Tensor
 from headscope.engine.heads import Head
 from headscope.errors import UnknownDetectorError
 from headscope.results import write_text_atomic
-from headscope.viz.figures import NO_ROLE, ROLE_COLOURS, number_format
+from headscope.viz.figures import NO_ROLE, number_format, role_colours, role_shade
 
 if TYPE_CHECKING:  # pragma: no cover
     from headscope.atlas import Atlas
@@ -87,9 +87,10 @@ def write_head_pages(atlas: "Atlas", folder: Path) -> list[Path]:
         if stale.name not in wanted:
             stale.unlink(missing_ok=True)
     paths = []
+    pages = set(heads)
     for head in heads:
         path = folder / f"{head}.html"
-        write_text_atomic(path, render_head_page(atlas, head))
+        write_text_atomic(path, render_head_page(atlas, head, pages))
         paths.append(path)
     return paths
 
@@ -278,11 +279,12 @@ def _configs_html(atlas: "Atlas") -> str:
 
 
 # ----- head pages ----------------------------------------------------------------------------
-def render_head_page(atlas: "Atlas", head: Head) -> str:
+def render_head_page(atlas: "Atlas", head: Head, pages: Optional[set[Head]] = None) -> str:
     """The page of one head (``heads/<head>.html``): scores and verdicts in every role, its
-    detectors' validation, its attention patterns, its KV group and neighbours."""
-    pages = set(atlas.significant_anywhere())
-    held = [role for role, sig in atlas.roles.items() if bool(sig.mask[head.layer, head.head])]
+    detectors' validation, its attention patterns, its KV group and neighbours. ``pages``: the
+    heads that have a page (default: every head significant in some role)."""
+    pages = set(atlas.significant_anywhere()) if pages is None else pages
+    held = _roles_of(atlas, head)
     kv, group = atlas.kv_group(head)
     body = [
         _head_nav(atlas, head, pages),
@@ -448,13 +450,11 @@ def role_map_svg(atlas: "Atlas") -> str:
     a head significant in some role links to its page."""
     names, index, strength = atlas.role_map()
     roles = atlas.roles
-    colours = {name: ROLE_COLOURS[i % len(ROLE_COLOURS)] for i, name in enumerate(names)}
+    colours = role_colours(names)
 
     def colour_of(layer: int, head: int) -> str:
         role = int(index[layer, head])
-        if role < 0:
-            return NO_ROLE
-        return _blend(colours[names[role]], 0.35 + 0.65 * float(strength[layer, head]))
+        return NO_ROLE if role < 0 else role_shade(colours[names[role]], float(strength[layer, head]))
 
     masks = {role: sig.mask for role, sig in roles.items()}  # each computed once, not per head
 
@@ -601,12 +601,6 @@ def _interpolate(palette: Sequence[tuple[int, int, int]], t: float) -> str:
     frac = t - i
     rgb = [round(a + (b - a) * frac) for a, b in zip(palette[i], palette[i + 1], strict=True)]
     return "#%02x%02x%02x" % tuple(rgb)
-
-
-def _blend(hex_colour: str, amount: float) -> str:
-    """``hex_colour`` mixed with white: amount 1 = the colour, 0 = white."""
-    rgb = [int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)]
-    return "#%02x%02x%02x" % tuple(round(255 + (c - 255) * amount) for c in rgb)
 
 
 # ----- CSV -----------------------------------------------------------------------------------

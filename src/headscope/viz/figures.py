@@ -171,11 +171,12 @@ def role_colours(names: Sequence[str]) -> dict[str, str]:
     return {name: ROLE_COLOURS[i % len(ROLE_COLOURS)] for i, name in enumerate(names)}
 
 
-def lighter(colour: str, amount: float) -> tuple[float, float, float]:
-    """``colour`` mixed with white as RGB: ``amount`` 1 is the colour, 0 is white."""
-    from matplotlib.colors import to_rgb
-
-    return tuple(amount * part + (1.0 - amount) for part in to_rgb(colour))  # type: ignore[return-value]
+def role_shade(colour: str, strength: float) -> str:
+    """A role's ``#rrggbb`` colour for a head of that ``strength`` (0..1): mixed with white, from
+    0.35 of the colour at strength 0 to all of it at 1 (the report's and ``RoleMap.plot``'s rule)."""
+    amount = 0.35 + 0.65 * strength
+    rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    return "#%02x%02x%02x" % tuple(round(255 + (c - 255) * amount) for c in rgb)
 
 
 def role_map_image(
@@ -183,13 +184,13 @@ def role_map_image(
     *, title: str,
 ) -> None:
     """Draw each head in its strongest role's colour (``index`` into ``names``, -1: no role in
-    :data:`NO_ROLE`), lighter the weaker its ``strength`` (0..1; 0.35 + 0.65 x strength of the
-    colour, as the report's role map), with a legend of the roles and how many heads each has."""
+    :data:`NO_ROLE`), lighter the weaker its ``strength`` (0..1, :func:`role_shade`), with a legend
+    of the roles and how many heads each has."""
     from matplotlib.colors import to_rgb
     from matplotlib.patches import Patch
 
     colours = role_colours(names)
-    cells = [[to_rgb(NO_ROLE) if role < 0 else lighter(colours[names[role]], 0.35 + 0.65 * float(power))
+    cells = [[to_rgb(NO_ROLE if role < 0 else role_shade(colours[names[role]], float(power)))
               for role, power in zip(row_index, row_strength, strict=True)]
              for row_index, row_strength in zip(index.tolist(), strength.tolist(), strict=True)]
     ax.imshow(cells, aspect="auto", origin="upper", interpolation="nearest")
