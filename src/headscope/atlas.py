@@ -46,7 +46,7 @@ from headscope.detectors.base import (
     list_detectors,
     plain_config,
 )
-from headscope.engine.heads import Head, check_head_hooks, model_shape
+from headscope.engine.heads import Head, check_head_hooks, kv_group_of, kv_head_of, model_shape
 from headscope.engine.runner import bar_disabled, progress_note
 from headscope.errors import (
     ArgumentError,
@@ -167,8 +167,8 @@ class Atlas:
         """The KV head ``head`` reads its keys and values from, and every query head of its layer
         that shares it (``engine.heads.kv_head`` / ``kv_group``, from the recorded ``n_kv_heads``)."""
         size = self.shape[1] // (self.n_kv_heads or self.shape[1])
-        kv = head.head // size
-        return kv, [Head(head.layer, kv * size + offset) for offset in range(size)]
+        kv = kv_head_of(head, size)
+        return kv, kv_group_of(head.layer, kv, size)
 
     def patterns_of(self, head: Union[Head, str, tuple[int, int]]) -> dict[str, list[AttentionPatterns]]:
         """The attention patterns drawn of ``head``, each cut to that head alone: per key of
@@ -682,10 +682,7 @@ def code_fingerprint(detector: Detector, stage: str) -> str:
     sources = [cls for cls in type(detector).__mro__ if cls.__module__.startswith("headscope.") or cls is type(detector)]
     sources += {"significance": [headscope.significance, headscope.stats],
                 "validation": [headscope.validation, headscope.stats]}.get(stage, [])
-    digest = hashlib.sha256()
-    for path in sorted({_source_file(source) for source in sources if source is not None} - {None}):
-        digest.update(Path(path).read_bytes())
-    return digest.hexdigest()[:16]
+    return _sources_digest(sources)
 
 
 def patterns_fingerprint() -> str:
@@ -693,7 +690,15 @@ def patterns_fingerprint() -> str:
     saved patterns part drawn by other code is drawn again."""
     import headscope.viz.patterns
 
-    return hashlib.sha256(Path(_source_file(headscope.viz.patterns) or "").read_bytes()).hexdigest()[:16]
+    return _sources_digest([headscope.viz.patterns])
+
+
+def _sources_digest(sources: Sequence[Any]) -> str:
+    """A short hash of the source files of ``sources`` (modules or classes), in path order."""
+    digest = hashlib.sha256()
+    for path in sorted({_source_file(source) for source in sources if source is not None} - {None}):
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _source_file(source: Any) -> Optional[str]:

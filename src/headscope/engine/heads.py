@@ -113,13 +113,22 @@ def hook_name(layer: int, kind: HeadKind) -> str:
 
 def kv_head(model: Any, head: Head) -> int:
     """The KV head a query head reads its keys and values from."""
-    return head.head // model_shape(model).group_size
+    return kv_head_of(head, model_shape(model).group_size)
 
 
 def kv_group(model: Any, layer: int, kv_index: int) -> list[Head]:
     """All query heads that share KV head ``kv_index`` of ``layer``."""
-    size = model_shape(model).group_size
-    return [Head(layer, kv_index * size + offset) for offset in range(size)]
+    return kv_group_of(layer, kv_index, model_shape(model).group_size)
+
+
+def kv_head_of(head: Head, group_size: int) -> int:
+    """:func:`kv_head` without a model: ``group_size`` query heads share each KV head."""
+    return head.head // group_size
+
+
+def kv_group_of(layer: int, kv_index: int, group_size: int) -> list[Head]:
+    """:func:`kv_group` without a model: ``group_size`` query heads share each KV head."""
+    return [Head(layer, kv_index * group_size + offset) for offset in range(group_size)]
 
 
 def check_head(model: Any, head: Union[Head, Sequence[int], str]) -> Head:
