@@ -7,10 +7,11 @@ it when it can). Without it the browser tests skip locally and fail under ``CI=t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import pytest
 
@@ -40,9 +41,29 @@ def open_report(path: Path, sections: Sequence[str], screenshot: Optional[Path] 
     """Load ``path`` and describe it: ``visible[section]``, ``figures[section]`` (SVG count),
     ``tables[section]``, ``console`` ([type, text]), ``errors`` (uncaught page errors), ``requests``
     (every URL the page asked for) and the page's height."""
+    seen: dict[str, Any] = {"figures": {}, "tables": {}}
+    with opened_page(path, seen) as page:
+        for section in sections:
+            locator = page.locator(f"section#{section}")
+            seen["visible"][section] = locator.count() == 1 and locator.is_visible()
+            box = locator.bounding_box() if locator.count() == 1 else None
+            seen["visible"][section] = seen["visible"][section] and box is not None and box["height"] > 40
+            seen["figures"][section] = page.locator(f"section#{section} svg").count()
+            seen["tables"][section] = page.locator(f"section#{section} table").count()
+        seen["height"] = page.evaluate("document.body.scrollHeight")
+        if screenshot is not None:
+            page.screenshot(path=str(screenshot), full_page=True)
+    return seen
+
+
+@contextlib.contextmanager
+def opened_page(path: Path, seen: dict[str, Any]) -> Iterator[Any]:
+    """``path`` loaded in headless Chromium (a 1280 × 900 viewport), recording into ``seen`` every
+    ``console`` message ([type, text]), uncaught page error (``errors``) and requested URL
+    (``requests``); ``visible`` starts empty. The browser is closed on leaving."""
     from playwright.sync_api import sync_playwright
 
-    seen: dict[str, Any] = {"console": [], "errors": [], "requests": [], "visible": {}, "figures": {}, "tables": {}}
+    seen.update(console=[], errors=[], requests=[], visible={})
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
         try:
@@ -51,19 +72,9 @@ def open_report(path: Path, sections: Sequence[str], screenshot: Optional[Path] 
             page.on("pageerror", lambda error: seen["errors"].append(str(error)))
             page.on("request", lambda request: seen["requests"].append(request.url))
             page.goto(Path(path).resolve().as_uri(), wait_until="load")
-            for section in sections:
-                locator = page.locator(f"section#{section}")
-                seen["visible"][section] = locator.count() == 1 and locator.is_visible()
-                box = locator.bounding_box() if locator.count() == 1 else None
-                seen["visible"][section] = seen["visible"][section] and box is not None and box["height"] > 40
-                seen["figures"][section] = page.locator(f"section#{section} svg").count()
-                seen["tables"][section] = page.locator(f"section#{section} table").count()
-            seen["height"] = page.evaluate("document.body.scrollHeight")
-            if screenshot is not None:
-                page.screenshot(path=str(screenshot), full_page=True)
+            yield page
         finally:
             browser.close()
-    return seen
 
 
 HEAD_SECTIONS = ("scores", "validation", "patterns", "neighbours")
@@ -74,32 +85,21 @@ def open_head_page(path: Path, screenshot: Optional[Path] = None) -> dict[str, A
     ``views``: per attention pattern view, its ``tokens`` (the text of its token spans) and the
     token colours before and after hovering its first token (``before``, ``after``), and
     ``links``: every href on the page."""
-    from playwright.sync_api import sync_playwright
-
-    seen: dict[str, Any] = {"console": [], "errors": [], "requests": [], "visible": {}, "views": []}
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("console", lambda message: seen["console"].append([message.type, message.text]))
-            page.on("pageerror", lambda error: seen["errors"].append(str(error)))
-            page.on("request", lambda request: seen["requests"].append(request.url))
-            page.goto(Path(path).resolve().as_uri(), wait_until="load")
-            for section in HEAD_SECTIONS:
-                locator = page.locator(f"section#{section}")
-                seen["visible"][section] = locator.count() == 1 and locator.is_visible()
-            views = page.locator(".hs-pv")
-            for index in range(views.count()):
-                tokens = views.nth(index).locator(".hs-tok")
-                colours = "els => els.map(e => e.style.background)"
-                view = {"tokens": tokens.all_inner_texts(), "before": tokens.evaluate_all(colours)}
-                tokens.first.hover()
-                view["after"] = tokens.evaluate_all(colours)
-                seen["views"].append(view)
-            seen["links"] = page.eval_on_selector_all("a", "els => els.map(e => e.getAttribute('href'))")
-            if screenshot is not None:
-                page.mouse.move(0, 0)
-                page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
+    seen: dict[str, Any] = {"views": []}
+    with opened_page(path, seen) as page:
+        for section in HEAD_SECTIONS:
+            locator = page.locator(f"section#{section}")
+            seen["visible"][section] = locator.count() == 1 and locator.is_visible()
+        views = page.locator(".hs-pv")
+        for index in range(views.count()):
+            tokens = views.nth(index).locator(".hs-tok")
+            colours = "els => els.map(e => e.style.background)"
+            view = {"tokens": tokens.all_inner_texts(), "before": tokens.evaluate_all(colours)}
+            tokens.first.hover()
+            view["after"] = tokens.evaluate_all(colours)
+            seen["views"].append(view)
+        seen["links"] = page.eval_on_selector_all("a", "els => els.map(e => e.getAttribute('href'))")
+        if screenshot is not None:
+            page.mouse.move(0, 0)
+            page.screenshot(path=str(screenshot), full_page=True)
     return seen
