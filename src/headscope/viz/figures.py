@@ -27,8 +27,11 @@ from torch import Tensor
 from headscope.files import atomic_savefig
 
 # One colour per role, in the atlas's role order (repeating after ten), and the colour of no role.
+# Matplotlib's ten category colours, then eight more that none of them resembles: the atlas has 16
+# roles, and two roles of one colour on the role map cannot be told apart.
 ROLE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-                "#bcbd22", "#7f7f7f")
+                "#bcbd22", "#7f7f7f", "#1a1a7e", "#6b8e23", "#800000", "#008080", "#ff1493", "#d4a017",
+                "#4b0082", "#222222")
 NO_ROLE = "#e8e8e8"
 MAX_TICKED_LAYERS = 32  # up to this many layers every layer is ticked, beyond it every step-th
 
@@ -167,7 +170,7 @@ def outline_heads(ax: Any, mask: Bool[Tensor, "n_layers n_heads"], colour: str =
 
 
 def role_colours(names: Sequence[str]) -> dict[str, str]:
-    """Each role's colour: :data:`ROLE_COLOURS` in the roles' order, repeating after ten."""
+    """Each role's colour: :data:`ROLE_COLOURS` in the roles' order (repeating after the last)."""
     return {name: ROLE_COLOURS[i % len(ROLE_COLOURS)] for i, name in enumerate(names)}
 
 
