@@ -20,7 +20,7 @@ from typing import Any, Callable
 import pytest
 
 import headscope as hs
-from headscope.detectors import attention_templates, memory_context, retrieval, safety, select_copy, successor
+from headscope.detectors import attention_templates, copy_suppression, memory_context, retrieval, safety, select_copy, successor
 from headscope.tasks import conflicts, refusal
 from tests.families import tiny_family_model
 
@@ -147,7 +147,17 @@ def successor_probe(model, monkeypatch):
     return {"prompts": ({p.text for p in seen[0]}, set(validation[0]))}
 
 
+def copy_suppression_probe(model, monkeypatch):
+    # ``values`` and the QK/copying extras are weight-based (candidate token ids, no text); the
+    # contextual extra reads the scoring windows of the shipped text, validation the held-out ones.
+    seen = record(monkeypatch, copy_suppression, "context_attributions", lambda model, windows, *a, **k: windows)
+    detector = hs.get_detector("copy_suppression", tokens="all", n_tokens=40)
+    detector.score(model, progress=False)
+    return {"text windows": (rows(seen[0].tokens), rows(detector.validation_task(model).data.tokens))}
+
+
 PROBES: dict[str, Callable] = {
+    "copy_suppression": copy_suppression_probe,
     "induction": template_probe("induction", {}),
     "previous_token": template_probe("previous_token", {}),
     "duplicate_token": template_probe("duplicate_token", {}),

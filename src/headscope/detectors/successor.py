@@ -65,6 +65,7 @@ from headscope.engine.metrics import final_logits
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, row_tokens, tokenize
 from headscope.engine.architecture import architecture
+from headscope.engine.circuits import apply_norm
 from headscope.engine.unembed import (
     center_for_norm,
     final_norm_weight,
@@ -280,17 +281,9 @@ def effective_embeddings(model: Any, token_ids: list[int], embedding: str) -> Fl
         if embedding == "raw":
             return raw
         block = model.blocks[0]
-        hidden = _apply(getattr(block, "ln2", None), raw[None])
-        mlp_out = _apply(getattr(block, "ln2_post", None) if arch.post_mlp_norm else None, block.mlp(hidden))[0].float()
+        hidden = apply_norm(getattr(block, "ln2", None), raw[None])
+        mlp_out = apply_norm(getattr(block, "ln2_post", None) if arch.post_mlp_norm else None, block.mlp(hidden))[0].float()
         return mlp_out if embedding == "mlp0" else raw + mlp_out
-
-
-def _apply(norm: Any, x: Tensor) -> Tensor:
-    """``norm(x)`` in the norm's dtype, or ``x`` where the block has no such norm."""
-    if norm is None:
-        return x
-    dtype = next(norm.parameters(), x).dtype
-    return norm(x.to(dtype)).float()
 
 
 def task_unembed(model: Any, token_ids: list[int], unembed_norm: bool = True) -> Float[Tensor, "d_model n"]:
@@ -311,7 +304,7 @@ def head_ov_logits(
     post_weight = post_attention_weights(model)[layer]
     with torch.no_grad():
         norm = getattr(model.blocks[layer], "ln1", None) if head_input_norm else None
-        x = _apply(norm, embedded[None])[0]
+        x = apply_norm(norm, embedded[None])[0]
         values = einops.einsum(x, attn.W_V.detach().float(), "n d_model, n_kv_heads d_model d_head -> n_kv_heads n d_head")
         outputs = [values[head // group] @ attn.W_O[head].detach().float() for head in heads]  # [n, d_model] each
         if post_weight is not None:

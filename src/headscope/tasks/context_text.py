@@ -1,0 +1,71 @@
+"""Data of the copy-suppression detector: candidate word tokens and windows of shipped natural text.
+
+* Candidate tokens: the tokenizer's *word tokens* (a leading space, then at least two letters,
+  e.g. ``" pier"``, ``" Mary"``: the tokens copy suppression is about in McDougall et al. 2023),
+  or every non-special token id; a seeded sample of them (``candidate_tokens``).
+* Natural text: the two English texts shipped with headscope (``reference_text.txt``, the
+  mean-ablation reference, and ``haystack_filler.txt``, the needle-in-a-haystack filler), cut
+  into windows of ``length`` tokens (``headscope.tasks.natural_text.text_windows``) and split by
+  seed into a scoring half and a held-out half (``split_windows``): no window is in both.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import torch
+
+from headscope.engine.tokens import bos_token_id, pad_token_id
+from headscope.errors import InputError
+from headscope.tasks.natural_text import TextWindows, split_windows, text_windows
+
+SHIPPED_TEXTS = ("data/reference_text.txt", "data/haystack_filler.txt")
+TOKEN_POOLS = ("words", "all")
+
+
+def shipped_documents() -> list[str]:
+    """The shipped English texts, one document each."""
+    return [resources.files("headscope.tasks").joinpath(path).read_text("utf-8") for path in SHIPPED_TEXTS]
+
+
+def is_word_token(text: str) -> bool:
+    """A leading space and then two or more letters only (``" pier"``, not ``"pier"`` or ``" 3"``)."""
+    return text.startswith(" ") and len(text) >= 3 and text[1:].isalpha()
+
+
+def token_pool(model: Any, pool: str) -> list[int]:
+    """Every token id of ``pool``: ``"words"`` (word tokens, needs the tokenizer) or ``"all"``
+    (every id of the unembedding, less the tokenizer's special tokens when it has one)."""
+    if pool not in TOKEN_POOLS:
+        raise InputError(f"Unknown token pool {pool!r}; choose one of {', '.join(TOKEN_POOLS)}.")
+    n_vocab = int(model.W_U.shape[1])
+    tokenizer = getattr(model, "tokenizer", None)
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    if pool == "all":
+        return [i for i in range(n_vocab) if i not in special]
+    if tokenizer is None:
+        raise InputError("The 'words' token pool reads the tokenizer, and this model has none: load it with its "
+                         "tokenizer, or set tokens='all'.")
+    texts = tokenizer.convert_ids_to_tokens(list(range(min(n_vocab, len(tokenizer)))))
+    decoded = [tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in texts]
+    return [i for i, text in enumerate(decoded) if i not in special and is_word_token(text)]
+
+
+def candidate_tokens(model: Any, pool: str, n_tokens: int, seed: int) -> list[int]:
+    """``n_tokens`` ids drawn from the pool without replacement by ``seed`` (all of them when the
+    pool is smaller), sorted by id."""
+    ids = token_pool(model, pool)
+    if len(ids) <= n_tokens:
+        return ids
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:n_tokens]
+    return sorted(ids[i] for i in order.tolist())
+
+
+def context_windows(model: Any, length: int, n_score: int, n_validation: int, seed: int) -> tuple[TextWindows, TextWindows]:
+    """Scoring and held-out windows of ``length`` tokens of the shipped texts (BOS first where the
+    tokenizer has one), split by ``seed``."""
+    if getattr(model, "tokenizer", None) is None:
+        raise InputError("The copy-suppression windows are text: load the model with its tokenizer.")
+    windows = text_windows(model.tokenizer, shipped_documents(), length, bos_token_id(model), pad_token_id(model))
+    return split_windows(windows, n_score, n_validation, seed, "the shipped texts")
