@@ -20,7 +20,8 @@ from typing import Any, Callable
 import pytest
 
 import headscope as hs
-from headscope.detectors import attention_templates, memory_context, retrieval, safety, select_copy, successor
+from headscope.detectors import (attention_templates, memory_context, name_mover, retrieval, safety, select_copy,
+                                 successor)
 from headscope.tasks import conflicts, refusal
 from tests.families import tiny_family_model
 
@@ -147,11 +148,29 @@ def successor_probe(model, monkeypatch):
     return {"prompts": ({p.text for p in seen[0]}, set(validation[0]))}
 
 
+def name_mover_probe(model, monkeypatch):
+    # Every pass of score reads the prompts it was given (clean_pass) or their ABC and control
+    # versions, all built from the scored templates; validation's prompts come from ioi_items.
+    seen = record(monkeypatch, name_mover, "clean_pass", lambda model, items, *a, **k: list(items))
+    detector = hs.get_detector("name_mover", names=tuple("ABCDEFGH"), n_prompts=8, n_validation=4)
+    detector.score(model, progress=False)
+    validation = record(monkeypatch, name_mover, "ioi_items", lambda model, prompts: list(prompts))
+    task = detector.validation_task(model)
+    scored = seen[0]
+    controls = set(name_mover.control_prompts(scored))
+    texts = {i.text for i in scored} | {i.prompt.abc_text for i in scored} | controls
+    validated = validation[0]
+    assert len(validated) == len(task.data)
+    return {"templates": ({i.prompt.template for i in scored}, {p.template for p in validated}),
+            "prompts": (texts, {p.text for p in validated} | {p.abc_text for p in validated})}
+
+
 PROBES: dict[str, Callable] = {
     "induction": template_probe("induction", {}),
     "previous_token": template_probe("previous_token", {}),
     "duplicate_token": template_probe("duplicate_token", {}),
     "memory_context": memory_context_probe,
+    "name_mover": name_mover_probe,
     "retrieval": retrieval_probe({}),
     "safety": safety_probe,
     "select_copy": select_copy_probe({}),
