@@ -60,6 +60,7 @@ prompts; mean-ablating the top name movers lowers it (``ablation_hurts_when="dec
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -511,44 +512,53 @@ def confirm_exactly(model: Any, items: list[IOIItem], receivers: list[tuple[int,
     if n_confirm == 0 or "abc_z" not in inhibition:
         return {"values": values, "pairs": {}}
     order = torch.argsort(torch.nan_to_num(mean, nan=-math.inf).flatten(), descending=True)[:n_confirm]
-    batch = tokenize(model, [i.text for i in items])
     pairs = {}
     for index in order.tolist():
         layer, head = divmod(index, mean.shape[1])
         if math.isnan(float(mean[layer, head])):
             continue
-        patched = patched_metric(model, batch, items, receivers, (layer, head), inhibition)
+        patched = patched_metric(model, items, receivers, [(layer, head)], inhibition["abc_z"])
         values[layer, head] = float(-(patched - clean).mean())
         pairs[f"L{layer}H{head}"] = {"exact": float(values[layer, head]), "estimate": float(mean[layer, head])}
     return {"values": values, "pairs": pairs}
 
 
-def patched_metric(model: Any, batch: TokenBatch, items: list[IOIItem], receivers: list[tuple[int, int]],
-                   head: Optional[tuple[int, int]], inhibition: dict[str, Tensor]) -> Float[Tensor, " n_items"]:
-    """:func:`receiver_metric` per item with ``head``'s END output set to its ABC value (None: clean)."""
-    size = max(1, auto_batch_size(model, batch.tokens.shape[1]))
-    return torch.cat([_patched_chunk(model, chunk.to(model_device(model)), items[rows], receivers, head,
-                                     inhibition["abc_z"][rows]) for rows, chunk in iter_batches(batch, size)])
+def patched_metric(model: Any, items: list[IOIItem], receivers: list[tuple[int, int]], heads: list[tuple[int, int]],
+                   abc_z: Float[Tensor, "n_items n_upstream n_heads d_head"],
+                   batch_size: Optional[int] = None) -> Float[Tensor, " n_items"]:
+    """:func:`receiver_metric` per item with every head of ``heads`` given its END output from the
+    ABC prompt (``abc_z``, :func:`end_outputs` of the items' ABC texts); ``[]``: the clean run.
+    One forward over the items, whatever the number of heads."""
+    batch = tokenize(model, [i.text for i in items])
+    size = batch_size or max(1, auto_batch_size(model, batch.tokens.shape[1]))
+    return torch.cat([_patched_chunk(model, chunk.to(model_device(model)), items[rows], receivers, heads, abc_z[rows])
+                      for rows, chunk in iter_batches(batch, size)])
 
 
 def _patched_chunk(model: Any, batch: TokenBatch, items: list[IOIItem], receivers: list[tuple[int, int]],
-                   head: Optional[tuple[int, int]], abc_z: Tensor) -> Float[Tensor, " batch"]:
+                   heads: list[tuple[int, int]], abc_z: Tensor) -> Float[Tensor, " batch"]:
     last = batch.last_positions
     rows = torch.arange(len(batch), device=last.device)
     patterns: dict[int, Tensor] = {}
-    hooks: list = [(hook_name(layer, "pattern"), (lambda layer: lambda p, hook: patterns.__setitem__(layer, p))(layer))
-                   for layer in sorted({r[0] for r in receivers})]
-    if head is not None:
-        layer, index = head
-        name, view = head_hook(model, layer, "z")
-        source = abc_z[:, layer, index].to(last.device)
 
-        def patch(activation: Tensor, hook: Any) -> Tensor:
+    def keep(layer: int):
+        return lambda pattern, hook: patterns.__setitem__(layer, pattern)
+
+    def patch(layer: int, indices: list[int]):
+        view = head_hook(model, layer, "z")[1]
+
+        def hook(activation: Tensor, hook: Any) -> Tensor:
             out = activation.clone()
-            view(out)[rows, last, index] = source.to(out.dtype)
+            for index in indices:
+                view(out)[rows, last, index] = abc_z[:, layer, index].to(out)
             return out
+        return hook
 
-        hooks.append((name, patch))
+    hooks: list = [(hook_name(layer, "pattern"), keep(layer)) for layer in sorted({r[0] for r in receivers})]
+    by_layer: dict[int, list[int]] = {}
+    for layer, index in heads:
+        by_layer.setdefault(layer, []).append(index)
+    hooks += [(hook_name(layer, "z"), patch(layer, indices)) for layer, indices in sorted(by_layer.items())]
     mask = batch.attention_mask if batch.is_padded else None
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         model(batch.tokens, attention_mask=mask)
@@ -562,6 +572,8 @@ class IOLogitDifference:
     def __init__(self, model: Any, items: list[IOIItem]) -> None:
         batch = tokenize(model, [i.text for i in items])
         self.answers = {row_tokens(batch, row): (i.io_token, i.s_token) for row, i in enumerate(items)}
+        digest = hashlib.sha256(repr(sorted(self.answers.items())).encode()).hexdigest()[:16]
+        self.cache_key = f"ioi logit difference | {digest}"  # validations of the same items share the clean run
 
     def __call__(self, logits: Tensor, chunk: TokenBatch) -> Tensor:
         rows = torch.arange(len(chunk), device=logits.device)
