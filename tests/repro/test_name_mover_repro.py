@@ -44,7 +44,8 @@ def found(smollm):
     roles = {s.role: s for s in detector.significance(smollm, scores)}
     for role in roles.values():
         print(role)
-    print("receivers", scores.metadata["receivers"], "exact vs estimate", scores.metadata["s_inhibition_exact_vs_estimate"])
+    print("receivers", scores.metadata["receivers"], "exact vs estimate",
+          scores.metadata["s_inhibition_exact_vs_estimate"])
     return detector, scores, roles
 
 
@@ -77,8 +78,8 @@ def test_the_strongest_head_suppresses_s_rather_than_moving_io(found):
     _, scores, roles = found
     top = scores.top_heads(1)[0]
     extras = scores.extras
-    print(f"{top}: DLA {scores[top]:.2f}, attention to IO {float(extras['attention_io'][top.layer, top.head]):.2f}, "
-          f"S1 {float(extras['attention_s1'][top.layer, top.head]):.2f}, S2 {float(extras['attention_s2'][top.layer, top.head]):.2f}")
+    attention = {key: float(extras[f"attention_{key}"][top.layer, top.head]) for key in ("io", "s1", "s2")}
+    print(f"{top}: DLA {scores[top]:.2f}, attention from END {attention}")
     assert top not in roles["name_mover"].heads
     assert extras["attention_s2"][top.layer, top.head] > 5 * extras["attention_io"][top.layer, top.head]
 
@@ -127,7 +128,8 @@ def test_s_inhibition_heads_steer_the_name_movers_on_held_out_templates(smollm, 
     randoms = torch.stack([name_mover.patched_metric(smollm, held_out, receivers, draw, abc) for draw in draws])
     low, high = bootstrap_difference_ci(clean, patched, randoms)
     difference = float((patched - randoms.mean(dim=0)).mean())
-    print(f"S-inhibition {inhibitors} patched from ABC on {len(held_out)} held-out prompts: receivers' IO - S attention "
+    print(f"S-inhibition {inhibitors} patched from ABC on {len(held_out)} held-out prompts: receivers' IO - S "
+          "attention "
           f"clean {float(clean.mean()):.3f}, patched {float(patched.mean()):.3f}, random upstream pairs "
           f"{float(randoms.mean()):.3f}; difference {difference:+.3f} [{low:+.3f}, {high:+.3f}]")
     assert high < 0

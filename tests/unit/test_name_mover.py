@@ -226,6 +226,7 @@ def test_a_model_without_a_tokenizer_is_refused():
 @pytest.mark.parametrize("call, message", [
     (lambda: ioi.ioi_prompts([0], ["A", "B"], 4), "at least 3 different"),
     (lambda: ioi.ioi_prompts([], LETTERS, 4), "at least one template"),
+    (lambda: ioi.ioi_prompts([99], LETTERS, 4), "template 99 does not exist"),
     (lambda: ioi.check_template("{n1} and {n2}: {s2} to"), "starts with a slot"),
     (lambda: ioi.check_template("When {n1} met {s2}, to"), "must hold"),
     (lambda: ioi.make_prompt(0, ioi.templates()[0], "AABB", "A", "B", "C", "park", "ball"), "order must be"),

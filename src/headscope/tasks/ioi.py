@@ -148,17 +148,16 @@ def ioi_prompts(
     seed: int = 0,
     places: Optional[Sequence[str]] = None,
     objects: Optional[Sequence[str]] = None,
-    template_texts: Optional[Sequence[str]] = None,
 ) -> list[IOIPrompt]:
-    """``n_prompts`` prompts from the templates ``template_indices`` (of ``template_texts``, default the
-    shipped ones), cycled in both orders (template 1 ABBA, template 1 BABA, template 2 ABBA, ...),
+    """``n_prompts`` prompts from the shipped templates ``template_indices``, cycled in both orders
+    (template 1 ABBA, template 1 BABA, template 2 ABBA, ...),
     each with three distinct names drawn from ``names`` (IO, S and the ABC name) and a place and an
     object drawn from the shipped lists (or those given), all with ``random.Random(seed)``.
 
     Raises:
-        InputError: fewer than 3 names, no template, or ``n_prompts`` below 1.
+        InputError: fewer than 3 names, no template, a template index out of range, or ``n_prompts`` below 1.
     """
-    texts = tuple(template_texts) if template_texts is not None else templates()
+    texts = templates()
     if len(set(names)) < 3:
         raise InputError(f"IOI prompts need at least 3 different single-token names (IO, S and the ABC name); got "
                          f"{len(set(names))}: {list(names)}.")
@@ -167,6 +166,8 @@ def ioi_prompts(
     if n_prompts < 1:
         raise InputError(f"The number of IOI prompts must be at least 1; got {n_prompts}.")
     for index in template_indices:
+        if not 0 <= index < len(texts):
+            raise InputError(f"IOI template {index} does not exist; the shipped templates are 0 to {len(texts) - 1}.")
         check_template(texts[index])
     places = tuple(places or words()["places"])
     objects = tuple(objects or words()["objects"])
