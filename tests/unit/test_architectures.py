@@ -141,6 +141,7 @@ RUNNABLE = {
     "retrieval": dict(lengths=(300,), depths=(0, 100), max_new_tokens=4, format="plain", rouge_threshold=-1.0),
     "select_copy": dict(n_questions=40, n_dev=10, only_known=False),
     "copy_suppression": dict(tokens="all", n_tokens=40, text_length=24, n_sequences=2, n_validation_sequences=2),
+    "name_mover": dict(names=tuple("ABCDEFGH"), n_prompts=8, n_validation=4),  # " A".." Z": single byte tokens
 }
 
 

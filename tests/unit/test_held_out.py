@@ -20,7 +20,8 @@ from typing import Any, Callable
 import pytest
 
 import headscope as hs
-from headscope.detectors import attention_templates, copy_suppression, memory_context, retrieval, safety, select_copy, successor
+from headscope.detectors import (attention_templates, copy_suppression, memory_context, name_mover, retrieval, safety,
+                                 select_copy, successor)
 from headscope.tasks import conflicts, refusal
 from tests.families import tiny_family_model
 
@@ -154,6 +155,21 @@ def copy_suppression_probe(model, monkeypatch):
     detector = hs.get_detector("copy_suppression", tokens="all", n_tokens=40)
     detector.score(model, progress=False)
     return {"text windows": (rows(seen[0].tokens), rows(detector.validation_task(model).data.tokens))}
+def name_mover_probe(model, monkeypatch):
+    # Every pass of score reads the prompts it was given (clean_pass) or their ABC and control
+    # versions, all built from the scored templates; validation's prompts come from ioi_items.
+    seen = record(monkeypatch, name_mover, "clean_pass", lambda model, items, *a, **k: list(items))
+    detector = hs.get_detector("name_mover", names=tuple("ABCDEFGH"), n_prompts=8, n_validation=4)
+    detector.score(model, progress=False)
+    validation = record(monkeypatch, name_mover, "ioi_items", lambda model, prompts: list(prompts))
+    task = detector.validation_task(model)
+    scored = seen[0]
+    controls = set(name_mover.control_prompts(scored))
+    texts = {i.text for i in scored} | {i.prompt.abc_text for i in scored} | controls
+    validated = validation[0]
+    assert len(validated) == len(task.data)
+    return {"templates": ({i.prompt.template for i in scored}, {p.template for p in validated}),
+            "prompts": (texts, {p.text for p in validated} | {p.abc_text for p in validated})}
 
 
 PROBES: dict[str, Callable] = {
@@ -162,6 +178,7 @@ PROBES: dict[str, Callable] = {
     "previous_token": template_probe("previous_token", {}),
     "duplicate_token": template_probe("duplicate_token", {}),
     "memory_context": memory_context_probe,
+    "name_mover": name_mover_probe,
     "retrieval": retrieval_probe({}),
     "safety": safety_probe,
     "select_copy": select_copy_probe({}),

@@ -29,7 +29,7 @@ from tests.families import tiny_family_model
 atlas_module = importlib.import_module("headscope.atlas")  # hs.atlas is the function
 
 TEMPLATES = ["induction", "previous_token", "duplicate_token"]
-LIBRARY = [*TEMPLATES, "successor", "retrieval", "memory_context", "select_copy", "safety"]
+LIBRARY = [*TEMPLATES, "successor", "retrieval", "memory_context", "select_copy", "safety", "name_mover"]
 SMALL = {"n_sequences": 4, "n_validation_sequences": 4, "block_len": 10, "n_repeats": 3}
 SECTIONS = ("summary", "role-map", "heatmaps", "validation", "significance", "overlap", "configs")
 
@@ -201,7 +201,8 @@ def test_a_resaved_atlas_removes_the_pages_of_heads_no_longer_significant(saved,
 @pytest.mark.parametrize("name", LIBRARY)
 def test_every_library_detector_explains_its_roles_and_gives_short_examples(name, model):
     detector = hs.get_detector(name)
-    roles = {"memory_context": {"context", "memory"}}.get(name, {name})
+    roles = {"memory_context": {"context", "memory"},
+             "name_mover": {"name_mover", "negative_name_mover", "s_inhibition"}}.get(name, {name})
     assert set(detector.explanation) == roles
     for text in detector.explanation.values():  # a few plain sentences naming the paper, with its year
         assert 200 <= len(text) <= 650 and re.search(r"\b20\d\d\b", text) and "headscope" in text

@@ -14,6 +14,7 @@ from headscope.detectors import (  # noqa: F401  (registers)
     duplicate_token,
     induction,
     memory_context,
+    name_mover,
     previous_token,
     retrieval,
     safety,
