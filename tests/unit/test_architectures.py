@@ -140,6 +140,8 @@ RUNNABLE = {
     "successor": {}, "safety": dict(n_queries=4, max_new_tokens=4),
     "retrieval": dict(lengths=(300,), depths=(0, 100), max_new_tokens=4, format="plain", rouge_threshold=-1.0),
     "select_copy": dict(n_questions=40, n_dev=10, only_known=False),
+    "function_vector": dict(tasks=("letter_upper",), only_correct=False, n_prompts=2, n_mean_prompts=2,
+                            n_validation_prompts=2),
 }
 
 

@@ -11,6 +11,7 @@ from headscope.detectors.base import (
 )
 from headscope.detectors import (  # noqa: F401  (registers)
     duplicate_token,
+    function_vector,
     induction,
     memory_context,
     previous_token,
