@@ -586,3 +586,162 @@ def _resumed(saved: Optional[dict], fresh: dict, path: Optional[Union[str, Path]
 def _save_checkpoint(path: Optional[Union[str, Path]], state: dict) -> None:
     if path is not None:
         atomic_torch_save(path, state)  # never half-written, also with two writers
+
+
+PatchMetric = Callable[[Float[Tensor, "rows d_vocab"], Tensor], Float[Tensor, " rows"]]
+DEFAULT_ROWS_PER_STEP = 64  # patched heads per cached step (one row each); the KV cache is repeated that often
+
+
+@dataclass
+class PatchScan:
+    """The metric of each example clean and with one head's last-position output replaced.
+
+    ``clean[n]``: example ``n`` unpatched; ``patched[l, h, n]``: with head ``(l, h)``'s output
+    (``hook_z``) at the example's last position set to ``replacements[n, l, h]`` (NaN for heads not
+    scanned). ``effects`` is their difference.
+    """
+
+    clean: Float[Tensor, " examples"]
+    patched: Float[Tensor, "n_layers n_heads examples"]
+    heads: list[Head]
+
+    @property
+    def effects(self) -> Float[Tensor, "n_layers n_heads examples"]:
+        """``patched - clean`` per head and example."""
+        return self.patched - self.clean[None, None]
+
+
+def final_position_patch_scan(
+    model: Any,
+    tokens: Any,
+    replacements: Float[Tensor, "examples n_layers n_heads d_head"],
+    metric: PatchMetric,
+    *,
+    heads: Optional[Sequence[Any]] = None,
+    rows_per_step: int = DEFAULT_ROWS_PER_STEP,
+    progress: Optional[bool] = None,
+) -> PatchScan:
+    """Exact per-head activation patching at each example's last position: the metric with head
+    ``(l, h)``'s output there set to ``replacements[n, l, h]``, for every head and example.
+
+    The patch changes nothing before the last position (attention is causal), so each example's
+    other positions run once, into a KV cache (:class:`headscope.engine.decoding.Prefix`, checked
+    once per model against a plain forward), and every patched run is one cached step of the last
+    token: ``rows_per_step`` heads at a time, each row of the step patching its own head at its own
+    layer. The numbers equal one full forward per head and example with the patch hooked in at the
+    last position (tested against that loop).
+
+    Args:
+        tokens: prompts, a token tensor, id lists or a ``TokenBatch`` (each row at least 2 tokens).
+        replacements: per example, the ``hook_z`` value each head takes at the last position.
+        metric: ``metric(logits, examples) -> [rows]`` from the next-token logits ``[rows, d_vocab]``
+            of a step and the example index of each row (all rows of a step share one example).
+        heads: heads to scan (default all); the others are NaN.
+        rows_per_step: patched heads per cached step.
+
+    Returns:
+        A :class:`PatchScan` (tensors on the CPU, float32).
+
+    Raises:
+        ArgumentError: ``replacements`` of the wrong shape, or ``rows_per_step`` below 1.
+    """
+    from headscope.engine.decoding import Prefix
+
+    batch = as_token_batch(model, tokens)
+    selected = _scanned_heads(model, heads)
+    shape = model_shape(model)
+    _check_replacements(model, batch, replacements, "final_position_patch_scan")
+    if isinstance(rows_per_step, bool) or not isinstance(rows_per_step, int) or rows_per_step < 1:
+        raise ArgumentError(f"The 'rows_per_step' argument of final_position_patch_scan must be a positive integer; "
+                            f"got {rows_per_step!r}.")
+    clean = torch.zeros(len(batch))
+    patched = torch.full((shape.n_layers, shape.n_heads, len(batch)), math.nan)
+    groups = [selected[start: start + rows_per_step] for start in range(0, len(selected), rows_per_step)]
+    with torch.no_grad():
+        for example in tqdm(range(len(batch)), desc="last-position patch scan", disable=bar_disabled(progress)):
+            prefix = Prefix(model, batch.tokens[example, : int(batch.lengths[example])])
+            clean[example] = _patched_step(model, prefix, example, [[]], replacements, metric)[0]
+            for group in groups:
+                values = _patched_step(model, prefix, example, [[h] for h in group], replacements, metric)
+                patched[[h.layer for h in group], [h.head for h in group], example] = values
+    return PatchScan(clean, patched, selected)
+
+
+def final_position_patch_sets(
+    model: Any,
+    tokens: Any,
+    replacements: Float[Tensor, "examples n_layers n_heads d_head"],
+    metric: PatchMetric,
+    head_sets: Sequence[Optional[Sequence[Any]]],
+    *,
+    progress: Optional[bool] = None,
+) -> Float[Tensor, "sets examples"]:
+    """The metric of each example with every head of ``head_sets[i]`` patched together at the last
+    position (``replacements[n, l, h]``, as in :func:`final_position_patch_scan`; ``None`` or an
+    empty set: unpatched): one cached step per example, one row per set.
+
+    Raises:
+        ArgumentError: ``replacements`` of the wrong shape, or no head set.
+    """
+    from headscope.engine.decoding import Prefix
+
+    batch = as_token_batch(model, tokens)
+    _check_replacements(model, batch, replacements, "final_position_patch_sets")
+    if len(head_sets) == 0:
+        raise ArgumentError("The 'head_sets' argument of final_position_patch_sets is empty; pass at least one head "
+                            "set (None for the unpatched run).")
+    rows = [check_heads(model, heads) if heads else [] for heads in head_sets]
+    out = torch.zeros(len(rows), len(batch))
+    with torch.no_grad():
+        for example in tqdm(range(len(batch)), desc="last-position patches", disable=bar_disabled(progress)):
+            prefix = Prefix(model, batch.tokens[example, : int(batch.lengths[example])])
+            out[:, example] = _patched_step(model, prefix, example, rows, replacements, metric)
+    return out
+
+
+def _check_replacements(model: Any, batch: TokenBatch, replacements: Tensor, caller: str) -> None:
+    shape = model_shape(model)
+    expected = (len(batch), shape.n_layers, shape.n_heads, shape.d_head)
+    if tuple(replacements.shape) != expected:
+        raise ArgumentError(f"The 'replacements' argument of {caller} must have shape [examples, n_layers, n_heads, "
+                            f"d_head] = {list(expected)}; got {list(replacements.shape)}.")
+
+
+def _patched_step(
+    model: Any, prefix: Any, example: int, row_heads: list[list[Head]], replacements: Tensor, metric: PatchMetric
+) -> Float[Tensor, " rows"]:
+    """``metric`` of one cached step of the example's last token, row ``r`` patching every head
+    of ``row_heads[r]`` (an empty list: no patch); the cache is rewound afterwards."""
+    from headscope.engine.kv_cache import cache_kwarg_alias
+
+    device = model_device(model)
+    patches = [(row, h) for row, heads in enumerate(row_heads) for h in heads]
+    hooks = []
+    for layer in sorted({h.layer for _, h in patches}):
+        at_layer = [(row, h.head) for row, h in patches if h.layer == layer]
+        row_index = torch.tensor([row for row, _ in at_layer], device=device)
+        head_index = torch.tensor([head for _, head in at_layer])
+        values = replacements[example, layer, head_index].to(device)  # [patches at layer, d_head]
+        name, heads_view = head_hook(model, layer, "z")
+        hooks.append((name, _last_position_patch(heads_view, row_index, head_index.to(device), values)))
+    rows = len(row_heads)
+    prefix.expand(rows)
+    try:
+        with cache_kwarg_alias(model), model.hooks(fwd_hooks=hooks):
+            logits, _ = model(prefix.last_tokens(rows), return_type="logits_and_cache", past_key_values=prefix.cache)
+    finally:
+        prefix.rewind()
+    examples = torch.full((rows,), example, dtype=torch.long, device=logits.device)
+    return metric(logits[:, -1], examples).float().cpu()
+
+
+def _last_position_patch(heads_view: Callable[[Tensor], Tensor], rows: Tensor, heads: Tensor, values: Tensor):
+    """A hook setting head ``heads[i]`` of batch row ``rows[i]`` to ``values[i]`` at the last position."""
+
+    def hook(activation: Tensor, hook: Any) -> Tensor:
+        out = activation.clone()
+        view = heads_view(out)  # [rows, pos, n_heads, d_head], a view of ``out``
+        view[rows, -1, heads] = values.to(view)
+        return out
+
+    return hook

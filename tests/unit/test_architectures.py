@@ -142,6 +142,8 @@ RUNNABLE = {
     "select_copy": dict(n_questions=40, n_dev=10, only_known=False),
     "copy_suppression": dict(tokens="all", n_tokens=40, text_length=24, n_sequences=2, n_validation_sequences=2),
     "name_mover": dict(names=tuple("ABCDEFGH"), n_prompts=8, n_validation=4),  # " A".." Z": single byte tokens
+    "function_vector": dict(tasks=("letter_upper",), only_correct=False, n_prompts=2, n_mean_prompts=2,
+                            n_validation_prompts=2),
 }
 
 

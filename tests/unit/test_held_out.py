@@ -20,8 +20,8 @@ from typing import Any, Callable
 import pytest
 
 import headscope as hs
-from headscope.detectors import (attention_templates, copy_suppression, memory_context, name_mover, retrieval, safety,
-                                 select_copy, successor)
+from headscope.detectors import (attention_templates, copy_suppression, function_vector, memory_context, name_mover,
+                                 retrieval, safety, select_copy, successor)
 from headscope.tasks import conflicts, refusal
 from tests.families import tiny_family_model
 
@@ -174,6 +174,24 @@ def name_mover_probe(model, monkeypatch):
 
 PROBES: dict[str, Callable] = {
     "copy_suppression": copy_suppression_probe,
+def function_vector_probe(model, monkeypatch):
+    # Every prompt score reads (the mean prompts, the scored prompts) passes through
+    # last_position_run; validation's prompts are its task's data. Words are compared too: the
+    # queries and every demonstration's input, so no scored pair reaches validation at all.
+    def words(prompts):
+        return {p.query for p in prompts} | {x for p in prompts for x, _ in p.demos}
+
+    seen = record(monkeypatch, function_vector, "last_position_run", lambda model, prompts, *a, **k: list(prompts))
+    detector = hs.get_detector("function_vector", tasks=("letter_upper",), only_correct=False)
+    detector.score(model, progress=False)
+    scored = [p for prompts in seen for p in prompts]
+    validated = detector.validation_task(model).data
+    return {"prompts": ({p.text for p in scored}, {p.text for p in validated}),
+            "words": (words(scored), words(validated))}
+
+
+PROBES: dict[str, Callable] = {
+    "function_vector": function_vector_probe,
     "induction": template_probe("induction", {}),
     "previous_token": template_probe("previous_token", {}),
     "duplicate_token": template_probe("duplicate_token", {}),

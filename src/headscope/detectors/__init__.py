@@ -12,6 +12,7 @@ from headscope.detectors.base import (
 from headscope.detectors import (  # noqa: F401  (registers)
     copy_suppression,
     duplicate_token,
+    function_vector,
     induction,
     memory_context,
     name_mover,
