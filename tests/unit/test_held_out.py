@@ -20,7 +20,8 @@ from typing import Any, Callable
 import pytest
 
 import headscope as hs
-from headscope.detectors import attention_templates, memory_context, retrieval, safety, select_copy, successor
+from headscope.detectors import (attention_templates, memory_context, retrieval, safety, select_copy, successor,
+                                 truthfulness)
 from headscope.tasks import conflicts, refusal
 from tests.families import tiny_family_model
 
@@ -147,6 +148,22 @@ def successor_probe(model, monkeypatch):
     return {"prompts": ({p.text for p in seen[0]}, set(validation[0]))}
 
 
+def truthfulness_probe(model, monkeypatch):
+    # Scoring runs the probe-train and probe-validation statements (last_token_z, one pass); the
+    # validation's shift directions are fitted on probe-train too (a second last_token_z call,
+    # inside measure), and its metric runs the held-out pairs (true_preference) only.
+    seen = record(monkeypatch, truthfulness, "last_token_z", lambda model, texts, *a, **k: list(texts))
+    detector = hs.get_detector("truthfulness", n_shuffles=1)
+    detector.score(model, progress=False)
+    validated = record(monkeypatch, truthfulness, "true_preference", lambda model, pairs, *a, **k: list(pairs))
+    detector.validation_task(model).measure(model, [None], "shift")
+    scored = set(seen[0])
+    assert set(seen[1]) <= scored  # the directions: probe-train statements, scored data, never held out
+    validated_texts = {text for pairs in validated for pair in pairs for text in (pair.true, pair.false)}
+    return {"statements": (scored, validated_texts),
+            "pairs (their true statements)": (set(seen[0][0::2]), {pair.true for pairs in validated for pair in pairs})}
+
+
 PROBES: dict[str, Callable] = {
     "induction": template_probe("induction", {}),
     "previous_token": template_probe("previous_token", {}),
@@ -156,6 +173,7 @@ PROBES: dict[str, Callable] = {
     "safety": safety_probe,
     "select_copy": select_copy_probe({}),
     "successor": successor_probe,
+    "truthfulness": truthfulness_probe,
 }
 
 # The shipped settings files, where the tiny model can run them (the safety file needs a requests
