@@ -275,3 +275,14 @@ def test_significance_refuses_scores_without_its_extras(model):
     scores.extras.pop("shuffled_accuracy")
     with pytest.raises(hs.InputError, match="rescore them"):
         hs.get_detector("truthfulness").significance(model, scores)
+
+
+def test_heads_with_non_finite_outputs_are_one_clear_error(model, monkeypatch):
+    def broken(model, texts, *args, **kwargs):
+        z = torch.zeros(8, len(texts), 4, dtype=torch.float64)
+        z[3, 0, 0] = math.nan
+        return z
+
+    monkeypatch.setattr(truthfulness, "last_token_z", broken)
+    with pytest.raises(hs.EmptyResultError, match="1 of 8 heads give NaN or infinite outputs"):
+        hs.detect(model, "truthfulness", progress=False)

@@ -72,7 +72,7 @@ from headscope.detectors.base import (
 from headscope.engine.heads import Head, hook_name, model_shape
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, tokenize
-from headscope.errors import InputError
+from headscope.errors import EmptyResultError, InputError
 from headscope.interventions import add_vector
 from headscope.results import HeadScores
 from headscope.significance import Significance
@@ -157,6 +157,7 @@ class TruthfulnessDetector(Detector):
         train_texts, train_labels = statements(split.train)
         validation_texts, validation_labels = statements(split.validation)
         z = last_token_z(model, train_texts + validation_texts, batch_size, progress)
+        check_finite_outputs(z)
         train_z, validation_z = z[:, :len(train_texts)], z[:, len(train_texts):]
         train_y = torch.tensor(train_labels, dtype=torch.float64)
         validation_y = torch.tensor(validation_labels, dtype=torch.float64)
@@ -172,8 +173,7 @@ class TruthfulnessDetector(Detector):
         }
         values = accuracy(validation_logits, validation_y).reshape(grid)
         metadata = {"chance": CHANCE, "n_train_pairs": len(split.train), "n_validation_pairs": len(split.validation),
-                    "n_held_out_pairs": len(split.held_out), "n_shuffles": self.config.n_shuffles,
-                    "nan_reason": "the heads' outputs are not finite"}
+                    "n_held_out_pairs": len(split.held_out), "n_shuffles": self.config.n_shuffles}
         return self.result(model, values.float(), {k: v.float() for k, v in extras.items()}, metadata)
 
     def _shuffled_accuracy(self, train_z: Tensor, validation_z: Tensor,
@@ -252,6 +252,17 @@ def last_token_z(model: Any, texts: list[str], batch_size: Optional[int] = None,
     return z.flatten(1, 2).transpose(0, 1).contiguous()
 
 
+def check_finite_outputs(z: Float[Tensor, "heads statements d_head"]) -> None:
+    """Raise :class:`EmptyResultError` when a head's output is NaN or infinite on a statement
+    (a probe would silently call every such statement false)."""
+    finite = torch.isfinite(z).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        raise EmptyResultError(
+            f"The truthfulness detector cannot probe this model: {int((~finite).sum())} of {len(finite)} heads give NaN "
+            "or infinite outputs on the statements. Check the model's weights and dtype (run 'headscope info' for "
+            "the library versions).")
+
+
 @dataclass
 class Probes:
     """Logistic-regression probes, one per head, on standardised features."""
@@ -297,16 +308,16 @@ def fit_probes(z: Float[Tensor, "heads n d_head"], labels: Float[Tensor, " n"], 
 
 def _probe_objective(x: Tensor, y: Tensor, theta: Tensor, penalty: Tensor) -> Float[Tensor, " heads"]:
     """Summed log-loss plus the L2 penalty, per head."""
-    logits = torch.einsum("hnd,hd->hn", x, theta)
+    logits = (x @ theta[..., None])[..., 0]  # [heads, n]
     log_loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.expand_as(logits), reduction="none")
     return log_loss.sum(dim=1) + 0.5 * (penalty * theta**2).sum(dim=1)
 
 
 def _newton_step(x: Tensor, y: Tensor, theta: Tensor, penalty: Tensor) -> Float[Tensor, "heads d"]:
     """``H^-1 g`` of the objective at ``theta`` for every head."""
-    p = torch.sigmoid(torch.einsum("hnd,hd->hn", x, theta))
-    gradient = torch.einsum("hnd,hn->hd", x, p - y) + penalty * theta
-    hessian = torch.einsum("hnd,hn,hne->hde", x, p * (1 - p), x) + torch.diag(penalty)
+    p = torch.sigmoid((x @ theta[..., None])[..., 0])  # [heads, n]
+    gradient = (x.transpose(1, 2) @ (p - y)[..., None])[..., 0] + penalty * theta
+    hessian = (x * (p * (1 - p))[..., None]).transpose(1, 2) @ x + torch.diag(penalty)  # [heads, d, d]
     hessian = hessian + 1e-10 * torch.eye(x.shape[-1], dtype=torch.float64)  # intercept of a constant-free head
     return torch.linalg.solve(hessian, gradient)
 
