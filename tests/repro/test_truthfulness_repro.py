@@ -8,7 +8,8 @@ probes, 57 score them, 57 are held out), SmolLM2-135M-Instruct (Q4_1 weights deq
    57 probe-validation pairs; 6 heads pass both the exact binomial test of pair accuracy against
    0.5 (Bonferroni over 270 heads: above 0.737) and the shuffled-label control (above 0.605, the
    best accuracy any head's probe reaches after fitting on labels flipped at random per pair).
-   As in the paper's LLaMA-7B (its Fig. 2), they sit in the middle layers (12-17 of 30). The
+   They sit in the middle layers (12-17 of 30), as the paper's best heads sit in LLaMA-7B's
+   early-to-middle layers (its Fig. 2). The
    mass-mean direction alone separates less well here (at most 0.68).
 2. Shifting the top-5 heads' outputs by alpha = 10 standard deviations along their mass-mean
    (true minus false) directions, at every position, raises the model's preference for the true

@@ -46,7 +46,10 @@ the log-probabilities of each statement's tokens from the first one where the pa
 end (the shared start has the same log-probability in both, so this is the whole statements'
 difference). The top-k heads are compared with random k-sets shifted along their own directions;
 ``ablation_hurts_when="increases"``: significant when shifting the top heads raises the preference
-for true statements more than shifting random heads does.
+for true statements more than shifting random heads does. ``alpha`` defaults to 10 (the paper used
+15 on LLaMA-7B): on SmolLM2-135M's probe-validation pairs (never the held-out ones) the top-5
+heads' gain is 0.14, 0.16, 0.16, 0.15, 0.09 nats at alpha 7.5, 10, 12.5, 15, 20; 10 is the smallest
+alpha within 0.01 of the best, and random heads' shifts damage the model less there.
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ class TruthfulnessDetector(Detector):
             return []
         first, second = self.split().train[:2]
         return [("true statement", first.true), ("false statement of the same pair", first.false),
-                ("true statement", second.true)]
+                ("another true statement", second.true)]
 
     def score(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> HeadScores:
         """Fit a probe per head on the probe-train statements and score it on the probe-validation
