@@ -144,6 +144,7 @@ RUNNABLE = {
     "name_mover": dict(names=tuple("ABCDEFGH"), n_prompts=8, n_validation=4),  # " A".." Z": single byte tokens
     "function_vector": dict(tasks=("letter_upper",), only_correct=False, n_prompts=2, n_mean_prompts=2,
                             n_validation_prompts=2),
+    "truthfulness": dict(n_shuffles=1),
 }
 
 

@@ -21,7 +21,7 @@ import pytest
 
 import headscope as hs
 from headscope.detectors import (attention_templates, copy_suppression, function_vector, memory_context, name_mover,
-                                 retrieval, safety, select_copy, successor)
+                                 retrieval, safety, select_copy, successor, truthfulness)
 from headscope.tasks import conflicts, refusal
 from tests.families import tiny_family_model
 
@@ -170,6 +170,20 @@ def name_mover_probe(model, monkeypatch):
     assert len(validated) == len(task.data)
     return {"templates": ({i.prompt.template for i in scored}, {p.template for p in validated}),
             "prompts": (texts, {p.text for p in validated} | {p.abc_text for p in validated})}
+def truthfulness_probe(model, monkeypatch):
+    # Scoring runs the probe-train and probe-validation statements (last_token_z, one pass); the
+    # validation's shift directions are fitted on probe-train too (a second last_token_z call,
+    # inside measure), and its metric runs the held-out pairs (true_preference) only.
+    seen = record(monkeypatch, truthfulness, "last_token_z", lambda model, texts, *a, **k: list(texts))
+    detector = hs.get_detector("truthfulness", n_shuffles=1)
+    detector.score(model, progress=False)
+    validated = record(monkeypatch, truthfulness, "true_preference", lambda model, pairs, *a, **k: list(pairs))
+    detector.validation_task(model).measure(model, [None], "shift")
+    scored = set(seen[0])
+    assert set(seen[1]) <= scored  # the directions: probe-train statements, scored data, never held out
+    validated_texts = {text for pairs in validated for pair in pairs for text in (pair.true, pair.false)}
+    return {"statements": (scored, validated_texts),
+            "pairs (their true statements)": (set(seen[0][0::2]), {pair.true for pairs in validated for pair in pairs})}
 
 
 PROBES: dict[str, Callable] = {
@@ -201,6 +215,7 @@ PROBES: dict[str, Callable] = {
     "safety": safety_probe,
     "select_copy": select_copy_probe({}),
     "successor": successor_probe,
+    "truthfulness": truthfulness_probe,
 }
 
 # The shipped settings files, where the tiny model can run them (the safety file needs a requests

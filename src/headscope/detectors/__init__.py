@@ -21,6 +21,7 @@ from headscope.detectors import (  # noqa: F401  (registers)
     safety,
     select_copy,
     successor,
+    truthfulness,
 )
 
 __all__ = [
