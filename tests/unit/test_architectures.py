@@ -140,6 +140,7 @@ RUNNABLE = {
     "successor": {}, "safety": dict(n_queries=4, max_new_tokens=4),
     "retrieval": dict(lengths=(300,), depths=(0, 100), max_new_tokens=4, format="plain", rouge_threshold=-1.0),
     "select_copy": dict(n_questions=40, n_dev=10, only_known=False),
+    "attention_sink": dict(text_length=16, n_sequences=4, n_validation_sequences=4),
 }
 
 

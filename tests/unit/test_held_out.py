@@ -20,7 +20,15 @@ from typing import Any, Callable
 import pytest
 
 import headscope as hs
-from headscope.detectors import attention_templates, memory_context, retrieval, safety, select_copy, successor
+from headscope.detectors import (
+    attention_sink,
+    attention_templates,
+    memory_context,
+    retrieval,
+    safety,
+    select_copy,
+    successor,
+)
 from headscope.tasks import conflicts, refusal
 from tests.families import tiny_family_model
 
@@ -147,7 +155,22 @@ def successor_probe(model, monkeypatch):
     return {"prompts": ({p.text for p in seen[0]}, set(validation[0]))}
 
 
+def real_rows(batch) -> set[tuple[int, ...]]:
+    """Each row of a padded ``TokenBatch`` without its padding."""
+    return {tuple(tokens[mask.bool()].tolist()) for tokens, mask in zip(batch.tokens, batch.attention_mask)}
+
+
+def attention_sink_probe(model, monkeypatch):
+    # score runs the scored windows (then the same windows without their BOS); validation the held-out ones
+    seen = record(monkeypatch, attention_sink, "run_batched", lambda model, data, *a, **k: real_rows(data))
+    detector = hs.get_detector("attention_sink")
+    detector.score(model, progress=False)
+    held_out = real_rows(detector.validation_task(model).data)
+    return {"text windows": (seen[0], held_out), "windows without the BOS": (seen[1], {row[1:] for row in held_out})}
+
+
 PROBES: dict[str, Callable] = {
+    "attention_sink": attention_sink_probe,
     "induction": template_probe("induction", {}),
     "previous_token": template_probe("previous_token", {}),
     "duplicate_token": template_probe("duplicate_token", {}),
