@@ -21,6 +21,9 @@ function                  hook                   acts on
 ``scale_query``           query (pre-RoPE)*      one query head's query
 ``add_vector``            residual / head hooks  a layer's residual stream or a head's output
 ``DecodeMask``            as ``ablate``          decode steps only (prefill clean): retrieval
+``remove_sink``           ``hook_pattern``       one query head's pattern: no attention on
+                                                 position 0 from later queries, each row
+                                                 re-normalised over its other keys
 ========================  =====================  ==========================================
 
 (*) ``hook_q``, or ``hook_q_normed`` where the model normalises queries (QK-norm: Gemma 3, Qwen3,
@@ -30,6 +33,7 @@ OLMo-2): scaling before the norm would be undone by it. ``engine.architecture`` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -116,6 +120,56 @@ def ablate(
     if method == "resample":
         return _resample(model, checked, reference, batch_size)
     raise InputError(f"The 'method' parameter of ablate must be one of {', '.join(ABLATION_METHODS)}; got {method!r}.")
+
+
+def remove_sink(model: Any, heads: HeadsLike) -> contextlib.AbstractContextManager:
+    """Take the attention sink away from heads for the duration of a ``with`` block: each head's
+    query at position ``i >= 1`` puts no attention on position 0, and its row is re-normalised over
+    the keys ``1..i`` (``A'[i, k] = A[i, k] / (1 - A[i, 0])``); query 0, which can attend only to
+    itself, is left as it is. What Xiao et al. 2023 and Gu et al. 2024 ask of a sink: does the head
+    need somewhere to park attention that it does not want to spend on a token?
+
+    It acts on ``hook_pattern`` (``[batch, n_heads, query_pos, key_pos]``, one query head each, so
+    the other query heads of a KV group are untouched). Rows are counted by absolute position: in a
+    decoding step whose queries come after cached keys, every query is re-normalised. A row whose
+    attention lay wholly on position 0 (the other keys underflowed to 0) becomes all zeros: the
+    head writes nothing there. Batches are right-padded (position 0 is each row's first token).
+
+    Args:
+        heads: ``Head`` objects, ``(layer, head)`` pairs or ``"L18H6"`` strings.
+
+    Returns:
+        A context manager; the hooks are removed on exit, also after an exception.
+
+    Raises:
+        ArgumentError: no heads.
+        HeadIndexError: a head outside the model.
+
+    Example::
+
+        with hs.remove_sink(model, scores.top_heads(5)):
+            logits = model(tokens)
+    """
+    hooks: HookList = []
+    for layer, indices in heads_by_layer(_needed_heads(model, heads, "remove_sink")).items():
+        hooks.append((hook_name(layer, "pattern"), functools.partial(_without_first_key, indices=indices)))
+    return hooked(model, hooks)
+
+
+def _without_first_key(pattern: Float[Tensor, "batch n_heads query_pos key_pos"], hook: Any,
+                       indices: list[int]) -> Float[Tensor, "batch n_heads query_pos key_pos"]:
+    """``pattern`` with the rows of heads ``indices`` for queries at absolute position >= 1 moved
+    off key 0 and re-normalised over the other keys (see :func:`remove_sink`)."""
+    n_queries, n_keys = pattern.shape[-2], pattern.shape[-1]
+    first = max(0, 1 - (n_keys - n_queries))  # the first query row at absolute position >= 1
+    if first >= n_queries:
+        return pattern
+    out = pattern.clone()
+    rows = out[:, indices, first:].float()  # [batch, selected, query_pos, key_pos]
+    rows[..., 0] = 0.0
+    rows = rows / rows.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    out[:, indices, first:] = rows.to(out.dtype)
+    return out
 
 
 def uniform_attention(model: Any, heads: HeadsLike, epsilon: float = DEFAULT_UNIFORM_EPSILON):

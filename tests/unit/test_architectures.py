@@ -145,6 +145,7 @@ RUNNABLE = {
     "function_vector": dict(tasks=("letter_upper",), only_correct=False, n_prompts=2, n_mean_prompts=2,
                             n_validation_prompts=2),
     "truthfulness": dict(n_shuffles=1),
+    "attention_sink": dict(text_length=16, n_sequences=4, n_validation_sequences=4),
 }
 
 

@@ -20,8 +20,19 @@ from typing import Any, Callable
 import pytest
 
 import headscope as hs
-from headscope.detectors import (attention_templates, copy_suppression, function_vector, memory_context, name_mover,
-                                 retrieval, safety, select_copy, successor, truthfulness)
+from headscope.detectors import (
+    attention_sink,
+    attention_templates,
+    copy_suppression,
+    function_vector,
+    memory_context,
+    name_mover,
+    retrieval,
+    safety,
+    select_copy,
+    successor,
+    truthfulness,
+)
 from headscope.tasks import conflicts, refusal
 from tests.families import tiny_family_model
 
@@ -155,6 +166,8 @@ def copy_suppression_probe(model, monkeypatch):
     detector = hs.get_detector("copy_suppression", tokens="all", n_tokens=40)
     detector.score(model, progress=False)
     return {"text windows": (rows(seen[0].tokens), rows(detector.validation_task(model).data.tokens))}
+
+
 def name_mover_probe(model, monkeypatch):
     # Every pass of score reads the prompts it was given (clean_pass) or their ABC and control
     # versions, all built from the scored templates; validation's prompts come from ioi_items.
@@ -170,6 +183,8 @@ def name_mover_probe(model, monkeypatch):
     assert len(validated) == len(task.data)
     return {"templates": ({i.prompt.template for i in scored}, {p.template for p in validated}),
             "prompts": (texts, {p.text for p in validated} | {p.abc_text for p in validated})}
+
+
 def truthfulness_probe(model, monkeypatch):
     # Scoring runs the probe-train and probe-validation statements (last_token_z, one pass); the
     # validation's shift directions are fitted on probe-train too (a second last_token_z call,
@@ -186,8 +201,6 @@ def truthfulness_probe(model, monkeypatch):
             "pairs (their true statements)": (set(seen[0][0::2]), {pair.true for pairs in validated for pair in pairs})}
 
 
-PROBES: dict[str, Callable] = {
-    "copy_suppression": copy_suppression_probe,
 def function_vector_probe(model, monkeypatch):
     # Every prompt score reads (the mean prompts, the scored prompts) passes through
     # last_position_run; validation's prompts are its task's data. Words are compared too: the
@@ -204,7 +217,23 @@ def function_vector_probe(model, monkeypatch):
             "words": (words(scored), words(validated))}
 
 
+def real_rows(batch) -> set[tuple[int, ...]]:
+    """Each row of a padded ``TokenBatch`` without its padding."""
+    return {tuple(tokens[mask.bool()].tolist()) for tokens, mask in zip(batch.tokens, batch.attention_mask)}
+
+
+def attention_sink_probe(model, monkeypatch):
+    # score runs the scored windows (then the same windows without their BOS); validation the held-out ones
+    seen = record(monkeypatch, attention_sink, "run_batched", lambda model, data, *a, **k: real_rows(data))
+    detector = hs.get_detector("attention_sink")
+    detector.score(model, progress=False)
+    held_out = real_rows(detector.validation_task(model).data)
+    return {"text windows": (seen[0], held_out), "windows without the BOS": (seen[1], {row[1:] for row in held_out})}
+
+
 PROBES: dict[str, Callable] = {
+    "attention_sink": attention_sink_probe,
+    "copy_suppression": copy_suppression_probe,
     "function_vector": function_vector_probe,
     "induction": template_probe("induction", {}),
     "previous_token": template_probe("previous_token", {}),

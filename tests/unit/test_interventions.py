@@ -31,6 +31,7 @@ INTERVENTIONS = {
     "scale_values": lambda m: hs.scale_values(m, [(0, 0)], -2.0),
     "scale_values_kv": lambda m: hs.scale_values(m, [(0, 0)], 2.0, per="kv_group"),
     "scale_query": lambda m: hs.scale_query(m, [(1, 3)], 4.0),
+    "remove_sink": lambda m: hs.remove_sink(m, [(0, 1), (1, 2)]),
     "add_vector": lambda m: hs.add_vector(m, torch.ones(64), layer=1, positions=[-1]),
     "add_head_vector": lambda m: hs.add_vector(m, torch.ones(16), layer=0, head=(0, 3)),
 }

@@ -29,8 +29,8 @@ from tests.families import tiny_family_model
 atlas_module = importlib.import_module("headscope.atlas")  # hs.atlas is the function
 
 TEMPLATES = ["induction", "previous_token", "duplicate_token"]
-LIBRARY = [*TEMPLATES, "successor", "retrieval", "memory_context", "select_copy", "safety", "copy_suppression",
-           "name_mover", "function_vector", "truthfulness"]
+LIBRARY = [*TEMPLATES, "successor", "retrieval", "memory_context", "select_copy", "safety", "attention_sink",
+           "copy_suppression", "name_mover", "function_vector", "truthfulness"]
 SMALL = {"n_sequences": 4, "n_validation_sequences": 4, "block_len": 10, "n_repeats": 3}
 SECTIONS = ("summary", "role-map", "heatmaps", "validation", "significance", "overlap", "configs")
 

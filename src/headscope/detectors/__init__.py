@@ -10,6 +10,7 @@ from headscope.detectors.base import (
     unregister_detector,
 )
 from headscope.detectors import (  # noqa: F401  (registers)
+    attention_sink,
     copy_suppression,
     duplicate_token,
     function_vector,
