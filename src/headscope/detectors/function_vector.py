@@ -139,13 +139,21 @@ class FunctionVectorDetector(Detector):
         return out
 
     def examples(self, model: Any) -> list[Example]:
-        """A clean prompt of each of the first three tasks (scored pairs; none without a tokenizer)."""
+        """A clean prompt of each of the first two tasks that this tokenizer leaves enough
+        single-token answers for, then the first one with its labels shuffled (what the heads'
+        means are patched into); scored pairs only, none without a tokenizer."""
         if not has_tokenizer(model):
             return []
-        first: dict[str, ICLPrompt] = {}
-        for prompt in self.prompts(model, "mean"):
-            first.setdefault(prompt.task, prompt)
-        return [(f"{p.task}: '{p.query}' -> '{p.answer}'", p.text) for p in list(first.values())[:3]]
+        clean = []
+        for data in self.task_data(model):
+            if len(data.scored) > self.config.n_shots and len(clean) < 2:
+                clean += build_prompts(data.task, data.scored, 1, self.config.n_shots,
+                                       f"{self.config.seed}:{data.task.name}:mean")
+        examples = [(f"{p.task}: '{p.query}' -> '{p.answer}'", p.text) for p in clean]
+        if clean:
+            examples.append((f"{clean[0].task}, labels shuffled: still '{clean[0].answer}'?",
+                             shuffled(clean[0], self.config.seed).text))
+        return examples
 
     def task_means(self, model: Any, batch_size: Optional[int] = None, progress: Optional[bool] = None,
                    control: bool = True) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
