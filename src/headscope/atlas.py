@@ -228,11 +228,16 @@ class Atlas:
     def role_map(self) -> RoleMap:
         """Each head's strongest significant role: a :class:`RoleMap` of the role names,
         ``index[layer, head]`` into them (-1: no significant role) and the strength (0..1, see
-        ``Significance.strength``); ``atlas.role_map().plot()`` draws it."""
+        ``Significance.strength``); ``atlas.role_map().plot()`` draws it. A background role
+        (``Significance.background``: attention sinks, held by most heads) goes only to heads
+        with no other significant role."""
         names = list(self.roles)
         if not names:
             return RoleMap(names, torch.full(self.shape, -1, dtype=torch.long), torch.zeros(self.shape))
         strengths = torch.stack([self.roles[name].strength() for name in names])  # [roles, L, H]
+        background = torch.tensor([self.roles[name].background for name in names])
+        has_other_role = (strengths[~background] > 0).any(dim=0)  # [L, H]
+        strengths[background] = torch.where(has_other_role, 0.0, strengths[background])
         best, index = strengths.max(dim=0)
         index = torch.where(best > 0, index, torch.full_like(index, -1))
         return RoleMap(names, index, best)

@@ -168,10 +168,13 @@ def _pair_sentences(atlas: "Atlas") -> str:
 
 
 def _role_map_html(atlas: "Atlas", role_svg: str) -> str:
+    background = [role for role, sig in atlas.roles.items() if sig.background]
+    note = (f" Background role{'s' * (len(background) > 1)} ({', '.join(background)}: held by most heads) colour only "
+            "heads with no other significant role." if background else "")
     return (f"<figure>{role_svg}<figcaption>Each head coloured by its strongest significant role (the role in which it "
             "sits nearest that role's best head, relative to the threshold); lighter = weaker; grey = no significant "
-            "role; the legend counts the heads whose strongest role it is. Hover a head for all its roles; click a "
-            "coloured head for its page.</figcaption></figure>")
+            f"role; the legend counts the heads whose strongest role it is.{_e(note)} Hover a head for all its roles; "
+            "click a coloured head for its page.</figcaption></figure>")
 
 
 def _heatmaps_html(atlas: "Atlas", pages: set[Head]) -> str:

@@ -46,6 +46,9 @@ class Significance:
         effect_name: what ``effect`` holds, in words.
         floor_rule: where the floor comes from (a paper's value, the role's definition, or what
             heads do on inputs without the structure).
+        background: a role that most heads hold (attention sinks: 201 of SmolLM2's 270 heads),
+            which would otherwise cover the rarer roles: the role map gives it only to heads with
+            no other significant role (``Atlas.role_map``); its heads are significant all the same.
     """
 
     detector: str
@@ -59,6 +62,7 @@ class Significance:
     floor: float = -math.inf
     effect_name: str = ""
     floor_rule: str = "no effect-size floor"
+    background: bool = False
 
     def __post_init__(self) -> None:
         self.statistic = torch.as_tensor(self.statistic, dtype=torch.float32).detach().cpu()
@@ -154,6 +158,7 @@ class Significance:
             "floor": None if math.isinf(self.floor) else self.floor,
             "effect_name": self.effect_name,
             "floor_rule": self.floor_rule,
+            "background": self.background,
             "n_above_null": int(self.above_null.sum()),
             "heads": [str(h) for h in self.heads],
         }
@@ -165,7 +170,8 @@ class Significance:
         return cls(data["detector"], data["role"], from_json_matrix(data["statistic"]), data["threshold"], data["statistic_name"],
                    data["rule"], data.get("details", {}), effect=None if effect is None else from_json_matrix(effect),
                    floor=-math.inf if floor is None else floor, effect_name=data.get("effect_name", ""),
-                   floor_rule=data.get("floor_rule", "no effect-size floor"))
+                   floor_rule=data.get("floor_rule", "no effect-size floor"),
+                   background=bool(data.get("background", False)))
 
     def __repr__(self) -> str:
         heads = ", ".join(str(h) for h in self.heads[:8]) + (" …" if len(self.heads) > 8 else "")

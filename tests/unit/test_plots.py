@@ -362,3 +362,20 @@ def test_saving_plots_in_a_loop_leaves_no_pyplot_figure_open(tmp_path):
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(seen["open"]) == 1 and seen["kept_managed"], seen
+
+
+def test_a_background_role_goes_only_to_heads_without_another_role():
+    """Attention sinks are held by most heads: with ``background=True`` the role map gives the role
+    only to heads significant for nothing else, while its heads stay significant and counted."""
+    atlas = hand_atlas()
+    first = ROLES[0]
+    sig = atlas.significance[first][0]
+    atlas.significance[first] = [Significance(first, first, sig.statistic, sig.threshold, sig.statistic_name, sig.rule,
+                                              background=True)]
+    names, index, _ = atlas.role_map()
+    roles = atlas.roles
+    others = torch.stack([roles[name].mask for name in names if name != first]).any(dim=0)
+    assert roles[first].mask.any() and (roles[first].mask & others).any()  # the case the rule is for
+    assert not (index == names.index(first))[others].any()
+    assert ((index == names.index(first)) == (roles[first].mask & ~others)).all()
+    assert Significance.from_dict(roles[first].to_dict()).background

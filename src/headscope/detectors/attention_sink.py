@@ -261,7 +261,9 @@ class AttentionSinkDetector(Detector):
 
     def significance(self, model: Any, scores: HeadScores, batch_size: Optional[int] = None,
                      progress: Optional[bool] = None) -> list[Significance]:
-        """Above position alone (uniform attention's share on position 0) and above Gu et al.'s 0.3."""
+        """Above position alone (uniform attention's share on position 0) and above Gu et al.'s 0.3.
+        A background role: most heads of a trained model are sinks, so the atlas's role map gives
+        it only to heads with no other role."""
         share = float(scores.metadata["uniform_share"])
         details = {"uniform_share": share, "n_windows": scores.metadata.get("n_windows"),
                    "n_above_floor": int((scores.values > SINK_EPSILON).sum())}
@@ -269,7 +271,7 @@ class AttentionSinkDetector(Detector):
             self.name, self.name, scores.values, share, "mean attention on position 0 (queries i >= 1)",
             "position alone: above the share uniform attention over the causal prefix puts on position 0 "
             "(mean over queries i >= 1 of 1/(i+1), per window, then over windows)", details,
-            floor=SINK_EPSILON, floor_rule=f"a sink head by {GU_SOURCE}")]
+            floor=SINK_EPSILON, floor_rule=f"a sink head by {GU_SOURCE}", background=True)]
 
     def validation_task(self, model: Any) -> ValidationTask:
         windows = sink_windows(model, self.config, validation=True)

@@ -3,15 +3,15 @@
 * Candidate tokens: the tokenizer's *word tokens* (a leading space, then at least two letters,
   e.g. ``" pier"``, ``" Mary"``: the tokens copy suppression is about in McDougall et al. 2023),
   or every non-special token id; a seeded sample of them (``candidate_tokens``).
-* Natural text: the two English texts shipped with headscope (``reference_text.txt``, the
-  mean-ablation reference, and ``haystack_filler.txt``, the needle-in-a-haystack filler), cut
-  into windows of ``length`` tokens (``headscope.tasks.natural_text.text_windows``) and split by
-  seed into a scoring half and a held-out half (``split_windows``): no window is in both.
+* Natural text: the English prose shipped with headscope (``headscope.tasks.plain_text``:
+  ``reference_text.txt``, the mean-ablation reference, and ``haystack_filler.txt``, the
+  needle-in-a-haystack filler; the attention-sink detector reads the same), cut into windows of
+  ``length`` tokens (``headscope.tasks.natural_text.text_windows``) and split by seed into a
+  scoring half and a held-out half (``split_windows``): no window is in both.
 """
 
 from __future__ import annotations
 
-from importlib import resources
 from typing import Any
 
 import torch
@@ -19,14 +19,9 @@ import torch
 from headscope.engine.tokens import bos_token_id, pad_token_id
 from headscope.errors import InputError
 from headscope.tasks.natural_text import TextWindows, split_windows, text_windows
+from headscope.tasks.plain_text import shipped_documents
 
-SHIPPED_TEXTS = ("data/reference_text.txt", "data/haystack_filler.txt")
 TOKEN_POOLS = ("words", "all")
-
-
-def shipped_documents() -> list[str]:
-    """The shipped English texts, one document each."""
-    return [resources.files("headscope.tasks").joinpath(path).read_text("utf-8") for path in SHIPPED_TEXTS]
 
 
 def is_word_token(text: str) -> bool:
@@ -67,5 +62,5 @@ def context_windows(model: Any, length: int, n_score: int, n_validation: int, se
     tokenizer has one), split by ``seed``."""
     if getattr(model, "tokenizer", None) is None:
         raise InputError("The copy-suppression windows are text: load the model with its tokenizer.")
-    windows = text_windows(model.tokenizer, shipped_documents(), length, bos_token_id(model), pad_token_id(model))
+    windows = text_windows(model.tokenizer, list(shipped_documents()), length, bos_token_id(model), pad_token_id(model))
     return split_windows(windows, n_score, n_validation, seed, "the shipped texts")

@@ -1,6 +1,7 @@
 """The English prose shipped with headscope as documents, ready to cut into token windows
 (:func:`headscope.tasks.natural_text.text_windows`): natural text that is no task of its own,
-for scores that read what a head does on ordinary text (the attention-sink detector).
+for scores that read what a head does on ordinary text (the attention-sink and copy-suppression
+detectors).
 
 Documents, in order:
 
