@@ -122,7 +122,7 @@ class NameMoverDetector(Detector):
     atlas_order = 67
     Config = NameMoverConfig
     summary = "IOI: direct logit attribution onto IO minus S, attention to IO, S-inhibition (Wang et al. 2022)"
-    cost = "score 12 s, significance 0 s, validation 10 s (SmolLM2-135M, 2 cores; 21 s and 16 s of one core's CPU time)"
+    cost = "score 11 s, significance 0 s, validation 8 s"
     explanation = {
         "name_mover": (
             "A name mover copies the indirect object's name to the output: in 'When Mary and John went to the store, "

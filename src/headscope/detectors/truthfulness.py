@@ -117,7 +117,7 @@ class TruthfulnessDetector(Detector):
     atlas_order = 85
     Config = TruthfulnessConfig
     summary = "held-out accuracy of a per-head linear probe telling true from false statements (Li et al. 2023)"
-    cost = "score 29 s, significance 0 s, validation 91 s (2 cores shared with other jobs, load 4: alone less)"
+    cost = "score 8 s, significance 0 s, validation 19 s"
     explanation = {"truthfulness": (
         "A truthfulness head's output carries whether the statement just read is true: a linear probe on it tells "
         "'The capital of France is Paris.' from '... is Rome.' (Li et al. 2023, 'Inference-Time Intervention'). "
