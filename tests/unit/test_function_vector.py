@@ -49,6 +49,15 @@ def test_pairs_split_by_query_word_into_disjoint_halves():
     assert split_pairs(pairs, 0.5, seed=2) != (scored, held_out)
 
 
+def test_the_means_and_the_scored_prompts_share_no_word(model):
+    """The task means are taken over prompts whose queries and demonstrations are none of the
+    scored prompts': otherwise a mean could carry a scored query's own answer."""
+    detector = FunctionVectorDetector(**{**SMALL, "n_prompts": 8, "n_mean_prompts": 8})
+    words = [{word for p in detector.prompts(model, split) for word in (p.query, *(x for x, _ in p.demos))}
+             for split in ("mean", "score")]
+    assert words[0] and words[1] and not words[0] & words[1]
+
+
 def test_only_single_token_answers_are_kept(model):
     letters = icl_task(model, "letter_upper")  # " A" is one token of the byte tokenizer
     assert len(letters.pairs) == 26 and not letters.dropped
@@ -127,6 +136,8 @@ def test_significance_and_validation_run_on_held_out_prompts(model):
     assert values.shape == (3, len(task.data)) and bool(((values >= 0) & (values <= 1)).all())
     result = hs.validate(model, scores, k=2, n_random=2, progress=False)
     assert result.n_examples == len(task.data) and active_hooks(model) == 0
+    with pytest.raises(hs.InputError, match="method 'task_mean'"):
+        hs.validate(model, scores, k=2, n_random=2, method="zero", progress=False)
 
 
 def test_bad_input_gives_one_clear_error(model):

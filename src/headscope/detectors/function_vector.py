@@ -19,7 +19,8 @@ task with its demonstration labels shuffled (a cyclic permutation: every label m
 model's probability of the answer's token. As in the paper's code, only prompts whose clean
 version the model answers correctly (top-1) are used, for the means and for the effects
 (``only_correct``; a task left with fewer than 2 of either is dropped, and recorded). The mean set
-(``n_mean_prompts`` per task) and the scored set (``n_prompts`` per task) are drawn apart. The
+(``n_mean_prompts`` per task) and the scored set (``n_prompts`` per task) are built from two
+disjoint halves of the task's scored pairs: no query or demonstration is in both. The
 patching is exact (``headscope.scans.final_position_patch_scan``: every other position from a KV
 cache, one cached step per head). ``extras``: ``standard_error`` (over prompts), ``control`` (the
 AIE of the control below), ``aie:<task>`` (each task's own AIE).
@@ -124,8 +125,10 @@ class FunctionVectorDetector(Detector):
         return out
 
     def prompts(self, model: Any, split: str) -> list[ICLPrompt]:
-        """Clean prompts of every task: ``"mean"`` and ``"score"`` from the scored pairs (drawn
-        apart), ``"held_out"`` from the held-out pairs; before the correctness filter."""
+        """Clean prompts of every task: ``"held_out"`` from the held-out pairs; ``"mean"`` and
+        ``"score"`` from the two halves of the scored pairs (a seeded split), so that no query or
+        demonstration of a scored prompt is in a prompt the means are taken over; before the
+        correctness filter."""
         sizes = {"mean": self.config.n_mean_prompts, "score": self.config.n_prompts,
                  "held_out": self.config.n_validation_prompts}
         if split not in sizes:
@@ -133,7 +136,8 @@ class FunctionVectorDetector(Detector):
                              f"got {split!r}.")
         out = []
         for data in self.task_data(model):
-            pairs = data.held_out if split == "held_out" else data.scored
+            score_pairs, mean_pairs = split_pairs(data.scored, 0.5, f"{self.config.seed}:{data.task.name}:means")
+            pairs = {"held_out": data.held_out, "mean": mean_pairs, "score": score_pairs}[split]
             out += build_prompts(data.task, pairs, sizes[split], self.config.n_shots,
                                  f"{self.config.seed}:{data.task.name}:{split}")
         return out
@@ -254,6 +258,9 @@ class FunctionVectorDetector(Detector):
         rows = [shuffled(p, _row_seed(config.seed + 1, i)) for i, p in enumerate(prompts)]
 
         def measure(model: Any, head_sets: list, method: str) -> Tensor:
+            if method != "task_mean":
+                raise InputError(f"The function_vector validation patches the heads' task means into shuffled "
+                                 f"prompts (method 'task_mean'); got method {method!r}. Leave the method unset.")
             table = torch.stack([means[p.task] for p in rows])
             return final_position_patch_sets(model, tokenize(model, [p.text for p in rows]), table,
                                              AnswerProbability([p.answer_id for p in rows]), head_sets)

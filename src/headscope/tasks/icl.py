@@ -81,7 +81,7 @@ def icl_task(model: Any, name: str, pairs: Sequence[Pair] | None = None) -> ICLT
     return ICLTask(name, kept, ids, dropped)
 
 
-def split_pairs(pairs: Sequence[Pair], held_out_share: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+def split_pairs(pairs: Sequence[Pair], held_out_share: float, seed: int | str) -> tuple[list[Pair], list[Pair]]:
     """``(scored, held_out)``: the pairs shuffled with ``random.Random(seed)``, the first
     ``round(len * held_out_share)`` held out (disjoint by query word: no query repeats)."""
     order = list(pairs)
