@@ -220,3 +220,37 @@ def iter_batches(batch: TokenBatch, batch_size: int) -> Iterator[tuple[slice, To
     for start in range(0, len(batch), batch_size):
         rows = slice(start, min(start + batch_size, len(batch)))
         yield rows, batch.select(rows)
+
+
+WORD_ANCHOR = "a"  # a word the tokenizers read as one token: what comes after it reads as a word in running text
+
+
+def spaced_word_ids(tokenizer: Any, word: str) -> list[int]:
+    """The token ids of ``word`` as it stands after a space in running text ("... gave a drink to
+    Mary"): the ids of ``"a " + word`` less those of ``"a"``. Byte-level BPE (GPT-2, Llama 3,
+    SmolLM2) writes it ``"ĠMary"`` either way; a SentencePiece tokenizer that prepends a space to
+    the text (Llama 2, Mistral v0.1, Phi-3) encodes ``" Mary"`` alone as ``["▁", "▁Mary"]`` but
+    writes ``"▁Mary"`` after a word, which is what a prompt holds. Falls back to encoding
+    ``" " + word`` when the anchor does not stay a prefix."""
+    word = word.lstrip(" ")
+    anchor = tokenizer(WORD_ANCHOR, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(f"{WORD_ANCHOR} {word}", add_special_tokens=False)["input_ids"]
+    if list(ids[:len(anchor)]) != list(anchor):
+        return list(tokenizer(" " + word, add_special_tokens=False)["input_ids"])
+    return list(ids[len(anchor):])
+
+
+def spaced_word_token(tokenizer: Any, word: str) -> Optional[int]:
+    """The single token id of ``word`` after a space in running text (:func:`spaced_word_ids`),
+    or None when it takes several tokens."""
+    ids = spaced_word_ids(tokenizer, word)
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+def spaced_token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """Each token's text as it reads after a word: ``" pier"`` for byte-level ``"Ġpier"`` and for
+    SentencePiece ``"▁pier"`` alike (decoding a SentencePiece token alone drops its space)."""
+    anchor = list(tokenizer(WORD_ANCHOR, add_special_tokens=False)["input_ids"])
+    prefix = tokenizer.decode(anchor, clean_up_tokenization_spaces=False)
+    texts = tokenizer.batch_decode([anchor + [int(i)] for i in ids], clean_up_tokenization_spaces=False)
+    return [text[len(prefix):] if text.startswith(prefix) else text for text in texts]

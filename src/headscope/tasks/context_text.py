@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from headscope.engine.tokens import bos_token_id, pad_token_id
+from headscope.engine.tokens import bos_token_id, pad_token_id, spaced_token_texts
 from headscope.errors import InputError
 from headscope.tasks.natural_text import TextWindows, split_windows, text_windows
 from headscope.tasks.plain_text import shipped_documents
@@ -30,8 +30,10 @@ def is_word_token(text: str) -> bool:
 
 
 def token_pool(model: Any, pool: str) -> list[int]:
-    """Every token id of ``pool``: ``"words"`` (word tokens, needs the tokenizer) or ``"all"``
-    (every id of the unembedding, less the tokenizer's special tokens when it has one)."""
+    """Every token id of ``pool``: ``"words"`` (word tokens, needs the tokenizer; each token read
+    as it stands after a word, :func:`~headscope.engine.tokens.spaced_token_texts`, so that
+    SentencePiece's ``"▁pier"`` counts as byte-level BPE's ``"Ġpier"`` does) or ``"all"`` (every id
+    of the unembedding, less the tokenizer's special tokens when it has one)."""
     if pool not in TOKEN_POOLS:
         raise InputError(f"Unknown token pool {pool!r}; choose one of {', '.join(TOKEN_POOLS)}.")
     n_vocab = int(model.W_U.shape[1])
@@ -42,8 +44,7 @@ def token_pool(model: Any, pool: str) -> list[int]:
     if tokenizer is None:
         raise InputError("The 'words' token pool reads the tokenizer, and this model has none: load it with its "
                          "tokenizer, or set tokens='all'.")
-    texts = tokenizer.convert_ids_to_tokens(list(range(min(n_vocab, len(tokenizer)))))
-    decoded = [tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in texts]
+    decoded = spaced_token_texts(tokenizer, range(min(n_vocab, len(tokenizer))))
     return [i for i, text in enumerate(decoded) if i not in special and is_word_token(text)]
 
 

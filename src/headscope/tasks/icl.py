@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, Sequence
 
+from headscope.engine.tokens import spaced_word_token
 from headscope.errors import InputError
 
 TASKS = ("antonym", "country_capital", "country_language", "present_past", "capitalize", "letter_upper")
@@ -60,9 +61,9 @@ class ICLTask:
 
 
 def answer_token(tokenizer: Any, answer: str) -> int | None:
-    """The id of ``" " + answer`` when it is one token, else None."""
-    ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-    return int(ids[0]) if len(ids) == 1 else None
+    """The id of ``answer`` after a space (``"hot: cold"``) when it is one token, else None
+    (:func:`~headscope.engine.tokens.spaced_word_token`: right for SentencePiece tokenizers too)."""
+    return spaced_word_token(tokenizer, answer)
 
 
 def icl_task(model: Any, name: str, pairs: Sequence[Pair] | None = None) -> ICLTask:

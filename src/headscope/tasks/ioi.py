@@ -33,7 +33,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Optional, Sequence
 
-from headscope.engine.tokens import encode_with_offsets, token_span
+from headscope.engine.tokens import encode_with_offsets, spaced_word_ids, spaced_word_token, token_span
 from headscope.errors import InputError
 
 ORDERS = ("ABBA", "BABA")
@@ -77,15 +77,12 @@ def check_template(template: str) -> None:
 
 
 def single_token_names(model_or_tokenizer: Any, names: Sequence[str]) -> list[str]:
-    """The ``names`` whose ``" Name"`` (leading space) is one token, in their order, each once."""
+    """The ``names`` that are one token after a space (``" Name"``; :func:`spaced_word_token`), in
+    their order, each once."""
     tokenizer = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
     if tokenizer is None or not callable(tokenizer):
         raise InputError("IOI prompts need the model's tokenizer (to keep single-token names); this model has none.")
-    kept = []
-    for name in dict.fromkeys(names):
-        if len(tokenizer(" " + name, add_special_tokens=False)["input_ids"]) == 1:
-            kept.append(name)
-    return kept
+    return [name for name in dict.fromkeys(names) if spaced_word_token(tokenizer, name) is not None]
 
 
 @dataclass(frozen=True)
@@ -216,8 +213,9 @@ class IOIItem:
 
 
 def name_token(tokenizer: Any, name: str) -> int:
-    """The single token id of ``" " + name`` (raises :class:`InputError` when it is not one token)."""
-    ids = tokenizer(" " + name, add_special_tokens=False)["input_ids"]
+    """The single token id of ``name`` after a space (raises :class:`InputError` when it is not one
+    token)."""
+    ids = spaced_word_ids(tokenizer, name)
     if len(ids) != 1:
         raise InputError(f"The IOI name {name!r} is {len(ids)} tokens with its leading space; IOI needs single-token "
                          f"names.")
