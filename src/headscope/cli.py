@@ -200,8 +200,9 @@ def _validate_command(commands: Any) -> None:
     command.add_argument("--n-random", type=at_least_two, default=5,
                          help="random k-sets the top-k is compared with (default 5)")
     command.add_argument(
-        "--method", default=None, choices=["zero", "mean", "resample", "uniform"],
-        help="ablation method (default: the detector's own, mean for most, uniform at decode for retrieval)",
+        "--method", default=None, choices=["zero", "mean", "resample", "uniform", "sink", "shift", "task_mean"],
+        help="ablation method (default: the detector's own: mean for most, uniform at decode for retrieval, sink "
+             "removal for attention_sink, the probe shift for truthfulness, task means for function_vector)",
     )
     command.add_argument("--seed", type=int, default=0, help="seed of the random head sets (default 0)")
     command.add_argument("--out", help="write the result as JSON to this file")

@@ -96,7 +96,8 @@ def test_name_movers_exist_but_their_ablation_costs_little(smollm, found, valida
     result = hs.validate(smollm, roles["name_mover"].as_scores(scores.model), k=len(movers), n_random=5,
                          progress=False, cache=validations)
     print(result)
-    assert -0.5 < result.difference < 0  # lower than random, by less than a ninth of the clean logit difference
+    # lower than random, but the whole interval within a fifth of the top-5 attribution heads' cost (~3 logits)
+    assert result.difference < 0 and result.ci_low > -1.0
 
 
 def test_negative_name_movers_raise_the_held_out_logit_difference_when_ablated(smollm, found, validations):

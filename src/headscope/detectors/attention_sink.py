@@ -263,6 +263,9 @@ class AttentionSinkDetector(Detector):
         """Above position alone (uniform attention's share on position 0) and above Gu et al.'s 0.3.
         A background role: most heads of a trained model are sinks, so the atlas's role map gives
         it only to heads with no other role."""
+        if "uniform_share" not in scores.metadata:
+            raise InputError("These attention_sink scores lack metadata['uniform_share'] (saved by an older headscope); "
+                             "rescore them.")
         share = float(scores.metadata["uniform_share"])
         details = {"uniform_share": share, "n_windows": scores.metadata.get("n_windows"),
                    "n_above_floor": int((scores.values > SINK_EPSILON).sum())}

@@ -26,8 +26,9 @@ Scores, for head ``h`` of layer ``l`` and tokens ``s, t`` of ``T``:
                     its row OV[s, :] (ties counted against it: fewer than bottom_k of the other
                     logits at or below it)
 
-  Chance is ``bottom_k / |T|`` (1% by default). The paper reports that for L10H7 the token itself
-  is among the 10 most suppressed of the whole vocabulary for about 85% of tokens.
+  Chance is ``bottom_k / |T|`` (1% by default). For L10H7 the paper finds the token itself among
+  the most suppressed of the whole vocabulary for most tokens (about 85% in the bottom 10, as
+  recalled; not checked against the paper's text here).
 * ``extras["qk"]``, the QK self-match share (the paper's QK circuit): the query of the
   predicted token is its unembedding direction, the key of a source token its effective
   embedding; pre-RoPE, after any QK-norm, with the projections' biases
@@ -50,7 +51,7 @@ partner ``sigma(s)`` among the bottom ``bottom_k`` of row ``s``; 200 permutation
 all heads (family-wise 5%; as ``stats.permutation_null_maxima`` for the successor score, which
 covers argmax predictions only, so the bottom-k version is computed here); and an effect-size
 floor on ``min(values, qk) > 0.5``: both circuits must do it for a majority of tokens (the
-paper's head does for 85% and 96%), since a head whose OV circuit suppresses tokens but whose QK
+paper's head does for most tokens in both), since a head whose OV circuit suppresses tokens but whose QK
 circuit never looks at their earlier copies cannot suppress copies.
 
 Validation metric (the *earlier-token logit*): on each held-out window, for each position ``p``
@@ -85,9 +86,9 @@ from headscope.engine.architecture import final_norm_weight
 from headscope.engine.circuits import head_keys, head_queries, ov_logits
 from headscope.engine.heads import model_shape
 from headscope.engine.runner import run_batched
-from headscope.engine.tokens import TokenBatch
+from headscope.engine.tokens import TokenBatch, bos_token_id
 from headscope.engine.unembed import FINAL_SCALE, center_for_norm, head_contributions, head_output_hooks
-from headscope.errors import InputError
+from headscope.errors import InputError, SettingError
 from headscope.results import HeadScores
 from headscope.significance import Significance
 from headscope.stats import DEFAULT_ALPHA
@@ -144,10 +145,10 @@ class CopySuppressionDetector(Detector):
 
     def windows(self, model: Any, split: str) -> TextWindows:
         """The scoring (``"score"``) or held-out (``"held_out"``) windows of the shipped text."""
-        context = model_shape(model).n_ctx
-        if self.config.text_length + 1 > context:
-            raise InputError(f"text_length {self.config.text_length} (plus the BOS) is longer than the model's "
-                             f"context of {context} tokens: set text_length to at most {context - 1}.")
+        context, bos = model_shape(model).n_ctx, int(bos_token_id(model) is not None)
+        if self.config.text_length + bos > context:
+            raise SettingError(f"text_length {self.config.text_length}{' (plus the BOS)' * bos} is longer than the "
+                               f"model's context of {context} tokens: set text_length to at most {context - bos}.")
         scored, held_out = context_windows(model, self.config.text_length, self.config.n_sequences,
                                            self.config.n_validation_sequences, self.config.seed)
         return scored if split == "score" else held_out
@@ -184,12 +185,15 @@ class CopySuppressionDetector(Detector):
         ids = self.candidates(model)
         maxima = pairing_null_maxima(model, ids, self.config, N_PERMUTATIONS)
         threshold = float(torch.quantile(maxima["ov"], 1 - DEFAULT_ALPHA))
+        if "qk" not in scores.extras:
+            raise InputError("These copy_suppression scores have no QK self-match share (extras['qk']); rescore them.")
         qk = scores.extras["qk"]
         details = {"chance_ov": scores.metadata.get("chance_ov"), "chance_qk": scores.metadata.get("chance_qk"),
                    "n_permutations": N_PERMUTATIONS, "alpha": DEFAULT_ALPHA,
                    "null_max_median_ov": float(maxima["ov"].median()),
                    "qk_null_threshold": float(torch.quantile(maxima["qk"], 1 - DEFAULT_ALPHA)),
-                   "paper": "GPT-2 small L10H7: ~85% (OV, bottom 10 of 50,257) and ~96% (QK, top 10)"}
+                   "paper": "GPT-2 small L10H7: most tokens in both circuits (~85% OV bottom-10, ~96% QK top-10 as "
+                            "recalled, not checked against the paper here)"}
         return [Significance(
             self.name, self.name, scores.values, threshold,
             f"OV self-suppression share (own logit in the bottom {self.config.bottom_k} of {len(ids)} tokens)",
@@ -198,7 +202,7 @@ class CopySuppressionDetector(Detector):
             details, effect=torch.minimum(scores.values, qk), floor=EFFECT_FLOOR,
             effect_name="min(OV self-suppression share, QK self-match share)",
             floor_rule=(f"the role's definition: both circuits for a majority of tokens, min(OV, QK) > {EFFECT_FLOOR} "
-                        "(McDougall et al.'s L10H7: 85% and 96%)"))]
+                        "(McDougall et al.'s L10H7 does both for most tokens)"))]
 
     def validation_task(self, model: Any) -> ValidationTask:
         windows = self.windows(model, "held_out")

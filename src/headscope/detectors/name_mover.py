@@ -406,6 +406,10 @@ def control_prompts(items: list[IOIItem]) -> list[str]:
     """Per item, the same names in the same order in the next scored template (another frame,
     place and object): a patch source that changes the sentence but not which name is repeated."""
     frames = sorted({i.prompt.template for i in items})
+    if len(frames) < 2:
+        raise InputError(f"The S-inhibition control patches from another scored template, and the scored prompts "
+                         f"come from {len(frames)}: score on at least 2 templates (a smaller held_out_share, or more "
+                         "templates).")
     texts = templates()
     out = []
     for item in items:

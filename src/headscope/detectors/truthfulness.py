@@ -57,7 +57,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from jaxtyping import Float, Int
@@ -379,14 +379,16 @@ def truth_shifts(model: Any, pairs: tuple[StatementPair, ...], alpha: float, bat
     return (alpha * sigma[:, None] * theta).reshape(shape.n_layers, shape.n_heads, -1).float()
 
 
+@contextlib.contextmanager
 def shifted(model: Any, shifts: Float[Tensor, "n_layers n_heads d_head"],
-            heads: Optional[list[Head]]) -> contextlib.AbstractContextManager:
+            heads: Optional[list[Head]]) -> Iterator[None]:
     """Inside the block, each head of ``heads`` has ``shifts[layer, head]`` added to its ``hook_z``
-    at every position (``hs.add_vector``); ``None`` or no heads: the clean model."""
-    stack = contextlib.ExitStack()
-    for head in [Head.parse(h) for h in heads or []]:
-        stack.enter_context(add_vector(model, shifts[head.layer, head.head], head.layer, hook="z", head=head))
-    return stack
+    at every position (``hs.add_vector``); ``None`` or no heads: the clean model. Every hook is
+    removed on exit, also when adding a later one fails."""
+    with contextlib.ExitStack() as stack:
+        for head in [Head.parse(h) for h in heads or []]:
+            stack.enter_context(add_vector(model, shifts[head.layer, head.head], head.layer, hook="z", head=head))
+        yield
 
 
 def true_preference(model: Any, pairs: tuple[StatementPair, ...], shifts: Tensor, heads: Optional[list[Head]],
