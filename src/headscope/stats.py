@@ -34,6 +34,13 @@ from headscope.errors import ArgumentError, InputError
 DEFAULT_ALPHA = 0.05  # family-wise error rate over all heads of the model
 
 
+def standard_error(values: Float[Tensor, "n ..."], dim: int = 0) -> Float[Tensor, "..."]:
+    """Standard error of the mean along ``dim``: the sample standard deviation (n - 1) over
+    ``sqrt(n)`` (NaN stays NaN). The t-tests of memory_context, name_mover and function_vector."""
+    n = values.shape[dim]
+    return values.std(dim=dim) / max(n, 1) ** 0.5
+
+
 def bonferroni_z(n_tests: int, alpha: float = DEFAULT_ALPHA, two_sided: bool = True) -> float:
     """Critical |z| of a normal test at family-wise level ``alpha`` over ``n_tests`` tests."""
     tail = alpha / n_tests / (2 if two_sided else 1)

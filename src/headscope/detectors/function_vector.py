@@ -66,7 +66,7 @@ from headscope.errors import EmptyResultError, InputError
 from headscope.results import HeadScores
 from headscope.scans import final_position_patch_scan, final_position_patch_sets
 from headscope.significance import Significance
-from headscope.stats import DEFAULT_ALPHA, bonferroni_t
+from headscope.stats import DEFAULT_ALPHA, bonferroni_t, standard_error
 from headscope.tasks.icl import TASKS, ICLPrompt, ICLTask, build_prompts, icl_task, shuffled, split_pairs
 
 DEFAULT_TASKS = ("antonym", "present_past", "capitalize", "country_language", "letter_upper")
@@ -324,7 +324,7 @@ def pooled_mean(
     (``std / sqrt(n)``), and each task's mean."""
     per_task = {name: effects[..., torch.tensor([t == name for t in tasks])].mean(dim=-1)
                 for name in dict.fromkeys(tasks)}
-    return effects.mean(dim=-1), effects.std(dim=-1) / len(tasks) ** 0.5, per_task
+    return effects.mean(dim=-1), standard_error(effects, dim=-1), per_task
 
 
 __all__ = ["FunctionVectorConfig", "FunctionVectorDetector"]

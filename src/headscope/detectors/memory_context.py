@@ -76,7 +76,7 @@ from headscope.engine.unembed import (
 from headscope.errors import DataError, EmptyResultError, InputError
 from headscope.results import HeadScores, ranking_agreement  # noqa: F401  (ranking_agreement re-exported)
 from headscope.significance import Significance
-from headscope.stats import DEFAULT_ALPHA, bonferroni_t
+from headscope.stats import DEFAULT_ALPHA, bonferroni_t, standard_error
 from headscope.tasks.conflicts import (
     FORMATS,
     RELATIONS,
@@ -208,9 +208,8 @@ class MemoryContextDetector(Detector):
         patched = final_head_attributions(model, items, agreeing, batch_size, progress, scale_from=conflict,
                                           control=False)
         values = conflict["attribution"].mean(dim=0)
-        n_items = conflict["attribution"].shape[0]
         extras = {
-            "standard_error": conflict["attribution"].std(dim=0) / max(n_items, 1) ** 0.5,
+            "standard_error": standard_error(conflict["attribution"]),
             "positive_share": (conflict["attribution"] > 0).float().mean(dim=0),
             "patched_direct": (patched["attribution"] - conflict["attribution"]).mean(dim=0),
             "unrelated": conflict["unrelated"].mean(dim=0),

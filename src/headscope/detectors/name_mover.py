@@ -89,7 +89,7 @@ from headscope.engine.unembed import FINAL_SCALE, final_position_attributions, h
 from headscope.errors import EmptyResultError, InputError
 from headscope.results import HeadScores
 from headscope.significance import Significance
-from headscope.stats import DEFAULT_ALPHA, bonferroni_t
+from headscope.stats import DEFAULT_ALPHA, bonferroni_t, standard_error
 from headscope.tasks.ioi import (
     IOIItem,
     ioi_items,
@@ -316,11 +316,6 @@ class NameMoverDetector(Detector):
 
 
 # --- the passes ---------------------------------------------------------------------------------
-
-
-def standard_error(per_item: Float[Tensor, "n_items n_layers n_heads"]) -> Float[Tensor, "n_layers n_heads"]:
-    """Standard error of the mean over items (NaN stays NaN)."""
-    return per_item.std(dim=0) / max(per_item.shape[0], 1) ** 0.5
 
 
 def name_directions(model: Any, good: Tensor, bad: Tensor) -> Float[Tensor, "batch d_model"]:
