@@ -102,10 +102,9 @@ class FunctionVectorDetector(Detector):
     name = "function_vector"
     atlas_order = 75
     Config = FunctionVectorConfig
-    atlas_defaults = {"n_prompts": 3, "n_validation_prompts": 8}
+    atlas_defaults = {"n_validation_prompts": 8}
     summary = "average indirect effect of the task-mean head output on shuffled-label ICL prompts (Todd et al. 2024)"
-    cost = ("score 22 s, significance 0 s, validation 10 s (the atlas's 3 prompts a task; the defaults' 6 score in "
-            "~40 s)")
+    cost = "score 39 s, significance 0 s, validation 10 s (the atlas validates on 8 held-out prompts a task)"
     explanation = {"function_vector": (
         "A function-vector head carries the task an in-context prompt demonstrates (antonyms, past tense, "
         "capitals) from the examples to the answer position (Todd et al. 2024, 'Function Vectors in Large Language "
