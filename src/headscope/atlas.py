@@ -72,7 +72,13 @@ NATURAL = "natural_sentence"  # the key in Atlas.patterns of the natural sentenc
 PATTERN_TOKENS = 128  # the longest example drawn (examples are ~60 tokens; a byte-level tokenizer needs more)
 
 
-class RoleMap(NamedTuple):
+class _RoleMapFields(NamedTuple):
+    names: list[str]
+    index: Int[Tensor, "n_layers n_heads"]
+    strength: Float[Tensor, "n_layers n_heads"]
+
+
+class RoleMap(_RoleMapFields):
     """Each head's strongest significant role (:meth:`Atlas.role_map`); unpacks as
     ``names, index, strength = atlas.role_map()``.
 
@@ -81,11 +87,14 @@ class RoleMap(NamedTuple):
         index: ``[n_layers, n_heads]``, each head's role (-1: no significant role).
         strength: ``[n_layers, n_heads]``, where the head sits between its role's threshold (0)
             and the role's strongest head (1) (:meth:`Significance.strength`).
+        background: the background roles among ``names`` (``Significance.background``), drawn
+            in a quiet grey; not unpacked.
     """
 
-    names: list[str]
-    index: Int[Tensor, "n_layers n_heads"]
-    strength: Float[Tensor, "n_layers n_heads"]
+    def __new__(cls, names: list[str], index: Tensor, strength: Tensor, background: Sequence[str] = ()) -> "RoleMap":
+        role_map = super().__new__(cls, names, index, strength)
+        role_map.background = tuple(background)
+        return role_map
 
     def plot(self, ax: Any = None, path: Optional[Union[str, Path]] = None, title: str = "role map") -> Any:
         """The layer x head grid, each head in its role's colour (the report's palette), lighter
@@ -101,7 +110,7 @@ class RoleMap(NamedTuple):
         """
         n_layers, n_heads = self.index.shape
         figure, ax = axes_for(ax, head_figsize(n_layers, n_heads, extra_width=2.2))
-        role_map_image(ax, self.names, self.index, self.strength, title=title)
+        role_map_image(ax, self.names, self.index, self.strength, title=title, background=self.background)
         return finish(figure, path)
 
 
@@ -240,7 +249,7 @@ class Atlas:
         strengths[background] = torch.where(has_other_role, 0.0, strengths[background])
         best, index = strengths.max(dim=0)
         index = torch.where(best > 0, index, torch.full_like(index, -1))
-        return RoleMap(names, index, best)
+        return RoleMap(names, index, best, [name for name in names if self.roles[name].background])
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per role: detector, number of significant heads, the strongest ones, the rule,

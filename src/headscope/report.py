@@ -451,9 +451,10 @@ def heatmap_svg(values: Float[Tensor, "n_layers n_heads"], outline: Optional[Boo
 def role_map_svg(atlas: "Atlas") -> str:
     """The role map: each head in its strongest significant role's colour, lighter when weaker;
     a head significant in some role links to its page."""
-    names, index, strength = atlas.role_map()
+    role_map = atlas.role_map()
+    names, index, strength = role_map
     roles = atlas.roles
-    colours = role_colours(names)
+    colours = role_colours(names, role_map.background)
 
     def colour_of(layer: int, head: int) -> str:
         role = int(index[layer, head])

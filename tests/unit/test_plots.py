@@ -22,7 +22,7 @@ from headscope.studies.retrieval import plot_needle_heatmaps
 from headscope.studies.select_copy import MethodComparison
 from headscope.tasks.haystack import HaystackSample, Needle
 from headscope.validation import ValidationResult
-from headscope.viz.figures import NO_ROLE, ROLE_COLOURS
+from headscope.viz.figures import BACKGROUND_ROLE, NO_ROLE, ROLE_COLOURS, role_colours
 from headscope.viz.figures import finish, layer_step, value_formatter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -379,3 +379,8 @@ def test_a_background_role_goes_only_to_heads_without_another_role():
     assert not (index == names.index(first))[others].any()
     assert ((index == names.index(first)) == (roles[first].mask & ~others)).all()
     assert Significance.from_dict(roles[first].to_dict()).background
+    role_map = atlas.role_map()
+    assert role_map.background == (first,) and len(role_map) == 3  # still unpacks in three
+    colours = role_colours(names, role_map.background)
+    assert colours[first] == BACKGROUND_ROLE and [colours[n] for n in names[1:]] == list(ROLE_COLOURS[:2])
+    role_map.plot()

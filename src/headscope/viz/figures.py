@@ -27,12 +27,14 @@ from torch import Tensor
 from headscope.files import atomic_savefig
 
 # One colour per role, in the atlas's role order (repeating after ten), and the colour of no role.
-# Matplotlib's ten category colours, then eight more that none of them resembles: the atlas has 16
-# roles, and two roles of one colour on the role map cannot be told apart.
+# Matplotlib's category colours less its grey (a background role's, BACKGROUND_ROLE), then eight
+# more that none of them resembles: the atlas has 16 roles, and two roles of one colour on the role
+# map cannot be told apart.
 ROLE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-                "#bcbd22", "#7f7f7f", "#1a1a7e", "#6b8e23", "#800000", "#008080", "#ff1493", "#d4a017",
-                "#4b0082", "#222222")
+                "#bcbd22", "#1a1a7e", "#6b8e23", "#800000", "#008080", "#ff1493", "#d4a017", "#4b0082",
+                "#222222")
 NO_ROLE = "#e8e8e8"
+BACKGROUND_ROLE = "#a3a3a3"  # a background role's colour: grey, darker than no role at all
 MAX_TICKED_LAYERS = 32  # up to this many layers every layer is ticked, beyond it every step-th
 
 
@@ -169,9 +171,13 @@ def outline_heads(ax: Any, mask: Bool[Tensor, "n_layers n_heads"], colour: str =
     return len(cells)
 
 
-def role_colours(names: Sequence[str]) -> dict[str, str]:
-    """Each role's colour: :data:`ROLE_COLOURS` in the roles' order (repeating after the last)."""
-    return {name: ROLE_COLOURS[i % len(ROLE_COLOURS)] for i, name in enumerate(names)}
+def role_colours(names: Sequence[str], background: Sequence[str] = ()) -> dict[str, str]:
+    """Each role's colour: :data:`ROLE_COLOURS` in the roles' order (repeating after the last),
+    background roles (``Significance.background``: held by most heads) a quiet grey of their own,
+    :data:`BACKGROUND_ROLE`, that keeps the rarer roles in view."""
+    foreground = [name for name in names if name not in background]
+    colours = {name: ROLE_COLOURS[i % len(ROLE_COLOURS)] for i, name in enumerate(foreground)}
+    return {name: colours.get(name, BACKGROUND_ROLE) for name in names}
 
 
 def role_shade(colour: str, strength: float) -> str:
@@ -184,15 +190,15 @@ def role_shade(colour: str, strength: float) -> str:
 
 def role_map_image(
     ax: Any, names: Sequence[str], index: Int[Tensor, "n_layers n_heads"], strength: Float[Tensor, "n_layers n_heads"],
-    *, title: str,
+    *, title: str, background: Sequence[str] = (),
 ) -> None:
     """Draw each head in its strongest role's colour (``index`` into ``names``, -1: no role in
-    :data:`NO_ROLE`), lighter the weaker its ``strength`` (0..1, :func:`role_shade`), with a legend
-    of the roles and how many heads each has."""
+    :data:`NO_ROLE`; ``background`` roles in :data:`BACKGROUND_ROLE`), lighter the weaker its
+    ``strength`` (0..1, :func:`role_shade`), with a legend of the roles and how many heads each has."""
     from matplotlib.colors import to_rgb
     from matplotlib.patches import Patch
 
-    colours = role_colours(names)
+    colours = role_colours(names, background)
     cells = [[to_rgb(NO_ROLE if role < 0 else role_shade(colours[names[role]], float(power)))
               for role, power in zip(row_index, row_strength, strict=True)]
              for row_index, row_strength in zip(index.tolist(), strength.tolist(), strict=True)]
