@@ -58,10 +58,10 @@ from headscope.detectors.base import (
     register_detector,
     setting,
 )
-from headscope.engine.architecture import head_hook
-from headscope.engine.heads import model_shape
+from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, tokenize
+from headscope.engine.unembed import last_position_z
 from headscope.errors import EmptyResultError, InputError
 from headscope.results import HeadScores
 from headscope.scans import final_position_patch_scan, final_position_patch_sets
@@ -298,8 +298,8 @@ def last_position_run(
 ) -> dict[str, Tensor]:
     """Per prompt: whether the answer is the top-1 next token (``correct``), its probability, and
     with ``with_z`` every head's output at the last position ``z`` ``[prompts, n_layers, n_heads, d_head]``."""
-    shape = model_shape(model)
-    hooks = [head_hook(model, layer, "z") for layer in range(shape.n_layers)] if with_z else []
+    layers = range(model_shape(model).n_layers) if with_z else range(0)
+    names = [hook_name(layer, "z") for layer in layers]
     answers = torch.tensor([p.answer_id for p in prompts])
 
     def reduce(logits: Tensor, cache: dict, chunk: TokenBatch, rows: slice) -> dict[str, Tensor]:
@@ -308,11 +308,10 @@ def last_position_run(
         out = {"correct": logits.argmax(dim=-1) == answer,
                "probability": logits.float().softmax(dim=-1)[index, answer]}
         if with_z:
-            last = chunk.last_positions.to(logits.device)
-            out["z"] = torch.stack([view(cache[name])[index, last].float() for name, view in hooks], dim=1)
+            out["z"] = last_position_z(model, cache, chunk.last_positions, layers)
         return {key: value.cpu() for key, value in out.items()}
 
-    return run_batched(model, tokenize(model, [p.text for p in prompts]), reduce, [name for name, _ in hooks],
+    return run_batched(model, tokenize(model, [p.text for p in prompts]), reduce, names,
                        batch_size, progress, desc="function_vector prompts", logits="last")
 
 

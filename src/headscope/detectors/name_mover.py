@@ -85,7 +85,13 @@ from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.metrics import final_logits
 from headscope.engine.runner import auto_batch_size, model_device, run_batched
 from headscope.engine.tokens import TokenBatch, iter_batches, row_tokens, tokenize
-from headscope.engine.unembed import FINAL_SCALE, final_position_attributions, head_output_hooks, head_output_weights
+from headscope.engine.unembed import (
+    FINAL_SCALE,
+    final_position_attributions,
+    head_output_hooks,
+    head_output_weights,
+    last_position_z,
+)
 from headscope.errors import EmptyResultError, InputError
 from headscope.results import HeadScores
 from headscope.significance import Significance
@@ -420,10 +426,7 @@ def end_outputs(model: Any, prompts: list[str], layers: int,
     names = [hook_name(layer, "z") for layer in range(layers)]
 
     def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> Tensor:
-        last = chunk.last_positions.to(logits.device)
-        rows = torch.arange(len(chunk), device=logits.device)
-        return torch.stack([head_hook(model, layer, "z")[1](cache[name])[rows, last].float()
-                            for layer, name in enumerate(names)], dim=1)
+        return last_position_z(model, cache, chunk.last_positions, range(layers))
 
     return run_batched(model, tokenize(model, prompts), reduce, names, batch_size, False, desc="name_mover patches",
                        logits="last")

@@ -75,6 +75,7 @@ from headscope.detectors.base import (
 from headscope.engine.heads import Head, hook_name, model_shape
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, tokenize
+from headscope.engine.unembed import last_position_z
 from headscope.errors import EmptyResultError, InputError
 from headscope.interventions import add_vector
 from headscope.results import HeadScores
@@ -246,9 +247,7 @@ def last_token_z(model: Any, texts: list[str], batch_size: Optional[int] = None,
     names = [hook_name(layer, "z") for layer in range(shape.n_layers)]
 
     def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> Tensor:
-        rows = torch.arange(len(chunk), device=logits.device)
-        last = chunk.last_positions.to(logits.device)
-        return torch.stack([cache[name][rows, last] for name in names], dim=1).double().cpu()
+        return last_position_z(model, cache, chunk.last_positions, range(shape.n_layers)).double().cpu()
 
     z = run_batched(model, tokenize(model, texts), reduce, names, batch_size, progress, desc="truthfulness",
                     logits="last")  # [statements, n_layers, n_heads, d_head]

@@ -12,14 +12,14 @@ shares of a ReLU'd distribution) can skip it. LayerNorm models also subtract the
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headscope.engine.architecture import architecture, final_norm_weight, norm_weight, softcap
+from headscope.engine.architecture import architecture, final_norm_weight, head_hook, norm_weight, softcap
 from headscope.engine.heads import hook_name, model_shape
 
 FINAL_SCALE = "ln_final.hook_scale"  # the final norm's per-position scale (cache it for attributions)
@@ -75,6 +75,17 @@ def head_output_hooks(model: Any, layer: int) -> list[str]:
     model has one, the post-attention norm's scale."""
     scale = architecture(model).post_attention_scale_hook(layer)
     return [hook_name(layer, "z")] + ([scale] if scale else [])
+
+
+def last_position_z(model: Any, cache: Cache, last: Tensor,
+                    layers: Sequence[int]) -> Float[Tensor, "batch n_layers n_heads d_head"]:
+    """Every head's ``hook_z`` of ``layers`` at each row's ``last`` position (cache the names
+    ``hook_name(layer, "z")``), as float32, read through each model's per-head view."""
+    views = [head_hook(model, layer, "z") for layer in layers]
+    first = cache[views[0][0]]
+    rows = torch.arange(first.shape[0], device=first.device)
+    last = last.to(first.device)
+    return torch.stack([view(cache[name])[rows, last].float() for name, view in views], dim=1)
 
 
 def last_position_head_outputs(
