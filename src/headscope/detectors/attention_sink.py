@@ -65,14 +65,14 @@ from headscope.detectors.base import (
 from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.metrics import masked_mean, next_token_losses
 from headscope.engine.runner import run_batched
-from headscope.engine.tokens import TokenBatch, bos_token_id, pad_token_id
+from headscope.engine.tokens import TokenBatch
 from headscope.engine.unembed import head_contributions, head_output_hooks
-from headscope.errors import InputError, SettingError
+from headscope.errors import InputError
 from headscope.interventions import ablate, remove_sink
 from headscope.results import HeadScores
 from headscope.significance import Significance
-from headscope.tasks.natural_text import TextWindows, read_documents, split_windows, text_windows
-from headscope.tasks.plain_text import shipped_documents, without_bos
+from headscope.tasks.natural_text import TextWindows, read_documents
+from headscope.tasks.plain_text import prose_windows, shipped_documents, without_bos
 
 SINK_EPSILON = 0.3  # Gu et al. 2024: a head's mean attention on the first token above this is a sink
 SINK_METHOD = "sink"  # validation's default: remove_sink, not an output ablation
@@ -99,18 +99,8 @@ def sink_windows(model: Any, config: AttentionSinkConfig, validation: bool = Fal
         SettingError: ``text_length`` (with the BOS) longer than the model's context.
         DataError: a bad ``data`` file, or text too short for two windows.
     """
-    if not has_tokenizer(model):
-        raise InputError("The attention_sink detector reads natural text and needs the model's tokenizer; this model "
-                         "has none. Load the model with its tokenizer.")
-    bos = bos_token_id(model)
-    context = model_shape(model).n_ctx
-    if config.text_length + (bos is not None) > context:
-        raise SettingError(f"text_length {config.text_length} (plus the BOS) is longer than the model's context of "
-                           f"{context} tokens: set text_length to at most {context - (bos is not None)}.")
-    documents = read_documents(config.data) if config.data else list(shipped_documents())
-    windows = text_windows(model.tokenizer, documents, config.text_length, bos, pad_token_id(model))
-    scored, held_out = split_windows(windows, config.n_sequences, config.n_validation_sequences, config.seed,
-                                     config.data or "the shipped text")
+    scored, held_out = prose_windows(model, "attention_sink", config.text_length, config.n_sequences,
+                                     config.n_validation_sequences, config.seed, config.data)
     return held_out if validation else scored
 
 

@@ -86,13 +86,14 @@ from headscope.engine.architecture import final_norm_weight
 from headscope.engine.circuits import head_keys, head_queries, ov_logits
 from headscope.engine.heads import model_shape
 from headscope.engine.runner import run_batched
-from headscope.engine.tokens import TokenBatch, bos_token_id
+from headscope.engine.tokens import TokenBatch
 from headscope.engine.unembed import FINAL_SCALE, center_for_norm, head_contributions, head_output_hooks
-from headscope.errors import InputError, SettingError
+from headscope.errors import InputError
 from headscope.results import HeadScores
 from headscope.significance import Significance
 from headscope.stats import DEFAULT_ALPHA
-from headscope.tasks.context_text import TOKEN_POOLS, candidate_tokens, context_windows
+from headscope.tasks.context_text import TOKEN_POOLS, candidate_tokens
+from headscope.tasks.plain_text import prose_windows
 from headscope.tasks.natural_text import TextWindows
 
 N_PERMUTATIONS = 200  # random token pairings of the significance rule's null
@@ -145,12 +146,8 @@ class CopySuppressionDetector(Detector):
 
     def windows(self, model: Any, split: str) -> TextWindows:
         """The scoring (``"score"``) or held-out (``"held_out"``) windows of the shipped text."""
-        context, bos = model_shape(model).n_ctx, int(bos_token_id(model) is not None)
-        if self.config.text_length + bos > context:
-            raise SettingError(f"text_length {self.config.text_length}{' (plus the BOS)' * bos} is longer than the "
-                               f"model's context of {context} tokens: set text_length to at most {context - bos}.")
-        scored, held_out = context_windows(model, self.config.text_length, self.config.n_sequences,
-                                           self.config.n_validation_sequences, self.config.seed)
+        scored, held_out = prose_windows(model, self.name, self.config.text_length, self.config.n_sequences,
+                                         self.config.n_validation_sequences, self.config.seed)
         return scored if split == "score" else held_out
 
     def examples(self, model: Any) -> list[Example]:

@@ -1,13 +1,9 @@
-"""Data of the copy-suppression detector: candidate word tokens and windows of shipped natural text.
+"""Data of the copy-suppression detector: candidate word tokens. Its text windows are the shipped
+prose's (``headscope.tasks.plain_text.prose_windows``, as the attention-sink detector's).
 
 * Candidate tokens: the tokenizer's *word tokens* (a leading space, then at least two letters,
   e.g. ``" pier"``, ``" Mary"``: the tokens copy suppression is about in McDougall et al. 2023),
   or every non-special token id; a seeded sample of them (``candidate_tokens``).
-* Natural text: the English prose shipped with headscope (``headscope.tasks.plain_text``:
-  ``reference_text.txt``, the mean-ablation reference, and ``haystack_filler.txt``, the
-  needle-in-a-haystack filler; the attention-sink detector reads the same), cut into windows of
-  ``length`` tokens (``headscope.tasks.natural_text.text_windows``) and split by seed into a
-  scoring half and a held-out half (``split_windows``): no window is in both.
 """
 
 from __future__ import annotations
@@ -16,10 +12,8 @@ from typing import Any
 
 import torch
 
-from headscope.engine.tokens import bos_token_id, pad_token_id, spaced_token_texts
+from headscope.engine.tokens import spaced_token_texts
 from headscope.errors import InputError
-from headscope.tasks.natural_text import TextWindows, split_windows, text_windows
-from headscope.tasks.plain_text import shipped_documents
 
 TOKEN_POOLS = ("words", "all")
 
@@ -57,11 +51,3 @@ def candidate_tokens(model: Any, pool: str, n_tokens: int, seed: int) -> list[in
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:n_tokens]
     return sorted(ids[i] for i in order.tolist())
 
-
-def context_windows(model: Any, length: int, n_score: int, n_validation: int, seed: int) -> tuple[TextWindows, TextWindows]:
-    """Scoring and held-out windows of ``length`` tokens of the shipped texts (BOS first where the
-    tokenizer has one), split by ``seed``."""
-    if getattr(model, "tokenizer", None) is None:
-        raise InputError("The copy-suppression windows are text: load the model with its tokenizer.")
-    windows = text_windows(model.tokenizer, list(shipped_documents()), length, bos_token_id(model), pad_token_id(model))
-    return split_windows(windows, n_score, n_validation, seed, "the shipped texts")
