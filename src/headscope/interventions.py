@@ -514,22 +514,37 @@ def head_output_means(
     ``progress``: a bar "mean head outputs" (the rule of :mod:`headscope.engine.runner`)."""
     layers = sorted(set(layers))
     batch = as_token_batch(model, reference)
-    names = [hook_name(layer, "z") for layer in layers]
+    names = output_mean_hooks(layers)
+    totals = run_batched(model, batch, lambda logits, cache, chunk: head_output_sums(cache, chunk, names), names=names,
+                         batch_size=batch_size, progress=progress, desc=f"mean head outputs ({len(layers)} layers)",
+                         logits="last")
+    return means_from_sums(totals, layers)
 
-    def sums(logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
-        weight = chunk.attention_mask.clone().float()
-        weight[:, 0] = 0.0  # the BOS / first token is an attention sink, not typical
-        out = {"count": weight.sum(dim=1)}
-        for name in names:
-            out[name] = torch.einsum("bp,bphd->bhd", weight, cache[name].float())
-        return out
 
-    totals = run_batched(model, batch, sums, names=names, batch_size=batch_size, progress=progress,
-                         desc=f"mean head outputs ({len(layers)} layers)", logits="last")
+def output_mean_hooks(layers: Iterable[int]) -> list[str]:
+    """The hooks :func:`head_output_sums` reads: ``hook_z`` of each layer, in layer order."""
+    return [hook_name(layer, "z") for layer in sorted(set(layers))]
+
+
+def head_output_sums(cache: dict, chunk: TokenBatch, names: Sequence[str]) -> dict[str, Tensor]:
+    """One chunk's part of :func:`head_output_means`: per row, each hook's ``hook_z`` summed over
+    the real tokens after position 0 (``[rows, n_heads, d_head]``), and the tokens counted
+    (``"count"``). Any run that caches ``names`` can feed it (validation folds it into its clean run)."""
+    weight = chunk.attention_mask.clone().float()
+    weight[:, 0] = 0.0  # the BOS / first token is an attention sink, not typical
+    out = {"count": weight.sum(dim=1)}
+    for name in names:
+        out[name] = torch.einsum("bp,bphd->bhd", weight, cache[name].float())
+    return out
+
+
+def means_from_sums(totals: dict[str, Tensor], layers: Iterable[int]) -> dict[int, Float[Tensor, "n_heads d_head"]]:
+    """The per-layer means from :func:`head_output_sums` concatenated over every chunk."""
     count = totals["count"].sum()
     if float(count) < 1:
         raise InputError("The reference for mean ablation has no tokens after the first; give longer prompts.")
-    return {layer: totals[name].sum(dim=0) / count for layer, name in zip(layers, names, strict=True)}
+    layers = sorted(set(layers))
+    return {layer: totals[name].sum(dim=0) / count for layer, name in zip(layers, output_mean_hooks(layers), strict=True)}
 
 
 def _mean_outputs(model, heads, reference, batch_size, progress: Optional[bool] = None) -> dict[int, Tensor]:

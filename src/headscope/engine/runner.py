@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from headscope.engine.heads import model_shape
+from headscope.engine.partial import forward_from_layer
 from headscope.engine.tokens import TokenBatch, as_token_batch, iter_batches
 
 CPU_TOKENS_PER_BATCH = 2048  # a sane default for 2-4 cores; forward cost is linear in tokens
@@ -136,6 +137,7 @@ def run_batched(
     progress: Optional[bool] = None,
     desc: str = "running",
     logits: str = "all",
+    start_at: Optional[tuple[int, Tensor]] = None,
 ) -> Reduced:
     """Run ``data`` in chunks and concatenate ``reduce(logits, cache, chunk)`` over chunks.
 
@@ -144,11 +146,15 @@ def run_batched(
     the rows of ``data`` in the chunk (chunks come in order). ``logits="all"``: ``[batch, pos,
     vocab]``; ``"last"``: ``[batch, vocab]`` at each row's last real position, the unembedding
     computed there only; ``"last_states"``: instead of logits, the unembedding's input there
-    ``[batch, d_model]`` (the final normalised states). Runs without gradients; the model is not
-    changed.
+    ``[batch, d_model]`` (the final normalised states). ``start_at=(layer, residual)``: each chunk
+    runs from block ``layer`` on, given every row's residual stream entering it ``[rows, pos,
+    d_model]`` (kept from a clean run, :mod:`headscope.engine.partial`); blocks below are not
+    run and no activations are cached. Runs without gradients; the model is not changed.
     """
     if logits not in ("all", "last", "last_states"):
         raise ValueError(f"logits must be 'all', 'last' or 'last_states', got {logits!r}.")
+    if start_at is not None and names:
+        raise ValueError("run_batched caches no activations of a run started mid-model (start_at); pass no names.")
     batch = as_token_batch(model, data)
     size = batch_size or auto_batch_size(model, batch.tokens.shape[1], n_cached=len(names))
     parts: list[Reduced] = []
@@ -160,16 +166,29 @@ def run_batched(
         for rows, chunk in tqdm(chunks, total=n_chunks, desc=desc, disable=True if lines else bar_disabled(progress),
                                 leave=False):
             if logits == "all":
-                chunk_logits, cache = forward_with_cache(model, chunk, names)
+                chunk_logits, cache = _forward_chunk(model, chunk, names, start_at, rows)
             else:
                 captured: dict[str, Tensor] = {}
                 with unembed_last_position_only(model, chunk.to(model_device(model)), captured):
-                    chunk_logits, cache = forward_with_cache(model, chunk, names)
+                    chunk_logits, cache = _forward_chunk(model, chunk, names, start_at, rows)
                 chunk_logits = chunk_logits[:, -1] if logits == "last" else captured["states"]
             extra = {"rows": rows} if with_rows else {}
             parts.append(reduce(chunk_logits, cache, chunk.to(chunk_logits.device), **extra))
             del chunk_logits, cache
     return _concatenate(parts)
+
+
+def _forward_chunk(
+    model: Any, chunk: TokenBatch, names: Sequence[str], start_at: Optional[tuple[int, Tensor]], rows: slice
+) -> tuple[Tensor, dict]:
+    """One chunk's logits and cache: a full forward, or from block ``start_at[0]`` on (no cache)."""
+    if start_at is None:
+        return forward_with_cache(model, chunk, names)
+    layer, residual = start_at
+    device = model_device(model)
+    chunk = chunk.to(device)
+    mask = chunk.attention_mask if chunk.is_padded else None
+    return forward_from_layer(model, residual[rows].to(device), layer, mask), {}
 
 
 def takes_rows(reduce: Callable[..., Any]) -> bool:
