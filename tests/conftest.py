@@ -18,6 +18,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "HEADSCOPE_RESULTS_CACHE" not in os.environ:  # results kept on disk (headscope.identity.stored_result) are
+    # shared by this session's tests and notebook kernels, never by the next session's: each computes afresh
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["HEADSCOPE_RESULTS_CACHE"] = tempfile.mkdtemp(prefix="headscope-test-results-")
+    atexit.register(shutil.rmtree, os.environ["HEADSCOPE_RESULTS_CACHE"], ignore_errors=True)
 
 TYPECHECK = os.environ.get("HEADSCOPE_TYPECHECK", "1") != "0"
 HOOKED = any(type(finder).__name__ == "_JaxtypingFinder" for finder in sys.meta_path)  # this file runs

@@ -34,13 +34,24 @@ checkpointed and cached. A name is not an identity (two closures of one function
 and differ in what they capture), so headscope never guesses: a scan refuses ``checkpoint=`` for
 a metric without a ``cache_key`` (an ``ArgumentError`` saying how to add one), and
 ``validate(..., cache=...)`` runs such a metric's clean pass again instead of sharing it.
+
+**Results kept on disk** (:func:`stored_result`): a costly value that is a pure function of the
+model and of inputs that can be written down (select_copy's free-form knowledge check: the
+prompts and the answers' first tokens) is kept in ``$HEADSCOPE_CACHE_DIR/results/<kind>/``
+under a hash of the model's identity and those inputs, so another process (a rerun, the tests, a
+notebook) reuses it. ``HEADSCOPE_RESULTS_CACHE`` names another folder, or ``off`` to keep none.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import os
+import warnings
 from collections import OrderedDict
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping, Optional, TypeVar, Union
 
@@ -48,8 +59,9 @@ import torch
 import xxhash
 from torch import Tensor
 
-from headscope.errors import IdentityMismatchError, ResultFileError
-from headscope.models import model_name
+from headscope.errors import IdentityMismatchError, ResultFileError, ResultFileWarning
+from headscope.files import atomic_torch_save
+from headscope.models import cache_root, model_name
 from headscope.versions import HEADSCOPE_VERSION, installed_version
 
 CHUNK_BYTES = 1 << 26  # 64 MiB per host copy of a tensor on another device
@@ -214,3 +226,53 @@ class RecentCache:
     def clear(self) -> None:
         """Forget every value."""
         self._values.clear()
+
+
+RESULTS_ENV_VAR = "HEADSCOPE_RESULTS_CACHE"  # a folder for stored results, or "off"
+
+
+def results_folder() -> Optional[Path]:
+    """Where :func:`stored_result` keeps values: ``$HEADSCOPE_RESULTS_CACHE``, else
+    ``results/`` in the weight cache's folder; None when ``HEADSCOPE_RESULTS_CACHE=off``."""
+    chosen = os.environ.get(RESULTS_ENV_VAR, "")
+    if chosen.strip().lower() == "off":
+        return None
+    return Path(chosen).expanduser() if chosen else cache_root() / "results"
+
+
+def stored_result(model: Any, kind: str, inputs: Any, compute: Callable[[], V]) -> V:
+    """``compute()``, kept on disk under the model's identity and ``inputs`` and read back by any
+    later call with both equal (see the module's docstring).
+
+    Args:
+        kind: a short name for the folder, e.g. ``"select_copy.known"``.
+        inputs: everything besides the model that the value depends on, as JSON-ready data (the
+            prompts themselves, not settings: a change to how prompts are built is then a new key).
+        compute: makes the value (tensors, lists, numbers: what ``torch.load(weights_only=True)``
+            reads).
+
+    A file that cannot be read is warned about (``ResultFileWarning``) and written again; files
+    are written atomically, so processes sharing the folder never see a partial one.
+    """
+    folder = results_folder()
+    if folder is None:
+        return compute()
+    key = _result_key(model_identity(model), kind, inputs)
+    path = folder / kind / f"{key}.pt"
+    if path.is_file():
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved.get("key") == key:
+                return saved["value"]
+            raise ValueError("its key does not match its name")
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is recomputed
+            warnings.warn(f"The stored result {path} cannot be read ({type(exc).__name__}: {exc}); computing it again "
+                          "and replacing it.", ResultFileWarning, stacklevel=2)
+    value = compute()
+    atomic_torch_save(path, {"key": key, "value": value})
+    return value
+
+
+def _result_key(identity: ModelIdentity, kind: str, inputs: Any) -> str:
+    text = json.dumps({"identity": identity.to_dict(), "kind": kind, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]

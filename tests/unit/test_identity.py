@@ -14,7 +14,7 @@ from headscope.detectors import attention_templates, select_copy
 from headscope.detectors.retrieval import needle_scan
 from headscope.engine import masked_mean, next_token_losses
 from headscope.errors import IdentityMismatchError, ResultFileError
-from headscope.identity import ModelIdentity, RecentCache, metric_identity, model_identity
+from headscope.identity import ModelIdentity, RecentCache, metric_identity, model_identity, stored_result
 from headscope.interventions import _DEFAULT_MEANS, _mean_outputs, default_reference_text, head_output_means
 from headscope.tasks.haystack import needle_grid
 from tests.conftest import tiny_llama_folder, tiny_model
@@ -313,3 +313,42 @@ def test_the_validation_cache_never_serves_a_clean_run_of_other_weights():
 
     hs.validate(model, scores, k=2, n_random=2, cache=cache, task=hs.ValidationTask(tokens, unkeyed, "loss"))
     assert len([key for key in cache if key[0] == "clean"]) == 2  # a metric without a cache_key is not cached
+
+
+def test_a_stored_result_is_reused_by_the_same_model_and_inputs_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADSCOPE_RESULTS_CACHE", str(tmp_path))
+    model = tiny_model()
+    calls = []
+
+    def compute(value):
+        calls.append(value)
+        return torch.tensor([value, 1.0])
+
+    first = stored_result(model, "kind", {"prompts": ["a", "b"]}, lambda: compute(2.0))
+    again = stored_result(model, "kind", {"prompts": ["a", "b"]}, lambda: compute(3.0))
+    assert calls == [2.0] and torch.equal(first, again)
+    stored_result(model, "kind", {"prompts": ["a", "c"]}, lambda: compute(4.0))  # other inputs
+    edit_through_data(model)
+    assert float(stored_result(model, "kind", {"prompts": ["a", "b"]}, lambda: compute(5.0))[0]) == 5.0  # other weights
+    assert calls == [2.0, 4.0, 5.0]
+    files = sorted((tmp_path / "kind").glob("*.pt"))
+    assert len(files) == 3
+    for file in files:
+        file.write_bytes(b"not a torch file")
+    with pytest.warns(hs.errors.ResultFileWarning, match="cannot be read"):
+        stored_result(model, "kind", {"prompts": ["a", "b"]}, lambda: compute(6.0))
+    monkeypatch.setenv("HEADSCOPE_RESULTS_CACHE", "off")
+    stored_result(model, "kind", {"prompts": ["a", "b"]}, lambda: compute(7.0))
+    assert calls[-1] == 7.0
+
+
+def test_the_knowledge_check_is_stored_for_other_processes(tmp_path, monkeypatch):
+    from tests.families import tiny_family_model
+
+    monkeypatch.setenv("HEADSCOPE_RESULTS_CACHE", str(tmp_path))
+    model = tiny_family_model("LlamaForCausalLM", with_tokenizer=True)
+    questions = select_copy.load_questions(hs.get_detector("select_copy", n_questions=6).config)
+    known = select_copy.knows_answer(model, questions)
+    monkeypatch.setattr(select_copy, "final_states", lambda *args, **kwargs: pytest.fail("not read from the store"))
+    assert torch.equal(select_copy.knows_answer(model, questions), known)
+    assert len(list((tmp_path / "select_copy.known").glob("*.pt"))) == 1

@@ -76,7 +76,7 @@ from headscope.engine.unembed import (
     head_output_weights,
 )
 from headscope.errors import DataError, InputError, SettingError
-from headscope.identity import RecentCache, model_identity
+from headscope.identity import RecentCache, model_identity, stored_result
 from headscope.results import HeadScores
 from headscope.significance import Significance
 from headscope.stats import DEFAULT_ALPHA, binomial_critical_accuracy
@@ -330,11 +330,14 @@ def knows_answer(
     model: Any, questions: Sequence[mc.MCQuestion], n_shots: int = 2, seed: int = 0, batch_size: Optional[int] = None
 ) -> Bool[Tensor, " n_questions"]:
     """True where the model's top next token after the free-form question (``n_shots`` answered
-    examples first) is the first token of ``" " + answer``."""
+    examples first) is the first token of ``" " + answer``. Kept on disk by the model's identity,
+    the prompts and the answers (``headscope.identity.stored_result``): one forward per question
+    is the longest step of the atlas on a CPU."""
     tokenizer = model.tokenizer
     targets = torch.tensor([tokenizer(" " + q.answer_text, add_special_tokens=False)["input_ids"][0] for q in questions])
     prompts = mc.knowledge_prompts(questions, n_shots, seed)
-    return final_states(model, tokenize(model, prompts), batch_size).argmax(dim=-1) == targets
+    return stored_result(model, "select_copy.known", {"prompts": prompts, "targets": targets.tolist()},
+                         lambda: final_states(model, tokenize(model, prompts), batch_size).argmax(dim=-1) == targets)
 
 
 MAJORITY_ACCURACY = 0.5  # effect-size floor: the head's top option is the correct one on most held-out questions
