@@ -254,8 +254,9 @@ class Halving:
         width = span.stop - span.start
         first = self.limit is None
         self.limit = max(1, width // 2)
-        gc.collect()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_initialized():  # the failed attempt's blocks back to the device (cycles collected first)
+            gc.collect()
+            torch.cuda.empty_cache()
         if first:
             progress_note(f"{self.desc}: CUDA out of memory at {width} {self.unit} per run; continuing at "
                           f"{self.limit} (halving again if needed) for the rest of the run", self.progress)
