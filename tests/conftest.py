@@ -42,6 +42,8 @@ if TYPECHECK and not HOOKED:  # before anything imports headscope: the hook only
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.families import TEST_DEVICE  # noqa: E402  (HEADSCOPE_TEST_DEVICE: where the tiny models live)
+
 
 def tiny_model(n_layers=2, n_heads=4, n_kv_heads=None, d_vocab=64, n_ctx=64, attn_only=True, seed=0, rotary=False):
     """A random TransformerBridge built natively by TransformerLens (no download, < 1 s)."""
@@ -61,7 +63,7 @@ def tiny_model(n_layers=2, n_heads=4, n_kv_heads=None, d_vocab=64, n_ctx=64, att
         settings.update(d_mlp=128, act_fn="gelu")
     model = TransformerBridge.boot_native(TransformerBridgeConfig(**settings))
     model.eval()
-    return model
+    return model.to(TEST_DEVICE) if TEST_DEVICE != "cpu" else model
 
 
 def tiny_llama_folder(path):
@@ -139,7 +141,7 @@ def tiny_llama(tmp_path_factory):
     """A tiny random Llama (GQA, rotary, HF KV cache) loaded through hs.load_model."""
     import headscope as hs
 
-    return hs.load_model(tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama-session")), device="cpu")
+    return hs.load_model(tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama-session")), device=TEST_DEVICE)
 
 
 PRETRAINED_FIXTURES = ("smollm",)

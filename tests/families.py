@@ -4,9 +4,15 @@ and bridged like a real checkpoint (no download, well under a second each)."""
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable
 
 import torch
+
+# Where the tiny models of the tests live: "cpu" (the default), or e.g. "cuda" to run the unit
+# tests on a GPU (benchmarks/gpu_check.sh). tiny_family_model, tests.conftest.tiny_model and the
+# tiny_llama fixture put their models there.
+TEST_DEVICE = os.environ.get("HEADSCOPE_TEST_DEVICE", "cpu")
 
 # Every family: 2 layers, d_model 64, 4 query heads of 16; KV heads as the family usually groups
 # them. A wide initialisation makes attention patterns and logits far from uniform, so the checks
@@ -52,7 +58,8 @@ def tiny_family_model(architecture: str, seed: int = 0, with_tokenizer: bool = F
         config.bos_token_id, config.eos_token_id, config.pad_token_id = 0, 1, 1
     torch.manual_seed(seed)
     hf_model = getattr(transformers, architecture)(config).eval()
-    bridge = build_bridge_from_module(hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer)
+    bridge = build_bridge_from_module(hf_model.to(TEST_DEVICE), architecture, hf_config=hf_model.config,
+                                      tokenizer=tokenizer)
     return bridge.eval()
 
 

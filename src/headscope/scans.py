@@ -10,7 +10,8 @@ head under ``hs.ablate`` (tested against that naive loop), with less work:
 * several heads of one layer run as one batch: the chunk is repeated once per head and copy
   ``g`` ablates head ``g`` through a single indexed assignment (no Python loop over heads);
 * the group size follows a memory budget and halves on CUDA out-of-memory, keeping every
-  finished group; results stay on the device until the end;
+  finished group; at one head per group, the chunk's examples halve (``engine.runner.Halving``);
+  results stay on the device until the end;
 * an optional checkpoint file is written after each (chunk, layer) unit, so an interrupted
   scan resumes where it stopped.
 
@@ -38,8 +39,8 @@ from tqdm.auto import tqdm
 from headscope.engine.architecture import head_hook
 from headscope.engine.heads import Head, all_heads, check_heads, heads_by_layer, model_shape
 from headscope.engine.partial import check_forward_from_layer, forward_from_layer, resid_pre_name
-from headscope.engine.runner import (auto_batch_size, bar_disabled, last_position_states, model_device, progress_note,
-                                     run_batched)
+from headscope.engine.runner import (Halving, auto_batch_size, bar_disabled, last_position_states, model_device,
+                                     progress_note, run_batched)
 from headscope.engine.tokens import TokenBatch, as_token_batch, iter_batches
 from headscope.errors import ArgumentError, IdentityMismatchError, InputError, ResultFileError
 from headscope.files import atomic_torch_save
@@ -53,6 +54,8 @@ ScanMetric = Callable[[Float[Tensor, "batch pos vocab"], TokenBatch], Float[Tens
 # un-repeated batch, whose rows a run repeats once per ablated head).
 Reader = Callable[[Callable[[], Tensor], TokenBatch], Tensor]
 SCAN_METHODS = ("zero", "mean", "resample", "uniform", "scale")
+RESAMPLE_CHUNKS = ("resample ablation takes each head's output from the next example of the same chunk, so a chunk "
+                   "cannot be split; pass a smaller batch_size (at least 2)")
 
 
 def ablation_scan(
@@ -116,16 +119,21 @@ def ablation_scan(
     done = {tuple(unit) for unit in state["done"]}
     n_units = -(-len(batch) // chunk_size) * len(layer_heads)
     disable = bar_disabled(progress)
+    rows_halving, heads_halving = _halvings("ablation scan", method, progress)
     with torch.no_grad(), tqdm(total=n_units - len(done), desc="ablation scan", unit="layer", disable=disable) as bar:
         for index, (_rows, chunk) in enumerate(iter_batches(batch, chunk_size)):
             layers = [layer for layer in layer_heads if (index, layer) not in done]
             if not layers:
                 continue
-            chunk = chunk.to(device)
-            clean, residuals = _clean_run(model, chunk, layers, skip_layers, read)
+            cleans = CleanRuns(model, chunk.to(device), layers, skip_layers, read)
             for layer in layers:
-                effects = _layer_effects(model, chunk, clean, residuals.get(layer), layer, layer_heads[layer], metric,
-                                         method, factor, means, skip_layers, read)
+
+                def effects_of(span: slice, layer: int = layer) -> Tensor:
+                    sub, clean, residuals = cleans.of(span)
+                    return _layer_effects(model, sub, clean, residuals.get(layer), layer, layer_heads[layer], metric,
+                                          method, factor, means, skip_layers, read, heads_halving)
+
+                effects = torch.cat(rows_halving.map(len(chunk), len(chunk), effects_of), dim=1)
                 sums[layer, layer_heads[layer]] += effects.sum(dim=1)
                 counts[layer, layer_heads[layer]] += effects.shape[1]
                 state["done"].append([index, layer])
@@ -207,18 +215,24 @@ def readout_scan(
     disable = bar_disabled(progress)
     n_units = -(-len(batch) // chunk_size) * len(layer_heads)
     outer = background(model) if background is not None else contextlib.nullcontext()
+    rows_halving, heads_halving = _halvings("readout scan", method, progress)
     with torch.no_grad(), outer, tqdm(total=n_units - len(done), desc="readout scan", unit="layer", disable=disable) as bar:
         for index, (rows, chunk) in enumerate(iter_batches(batch, chunk_size)):
             layers = [layer for layer in layer_heads if (index, layer) not in done]
             if not layers:
                 continue
-            chunk = chunk.to(model_device(model))
-            clean, residuals = _clean_run(model, chunk, layers, skip_layers, read)
-            state["clean"][rows] = clean.float().cpu()
+            cleans = CleanRuns(model, chunk.to(model_device(model)), layers, skip_layers, read)
             for layer in layers:
+
+                def states_of(span: slice, layer: int = layer) -> Tensor:
+                    sub, _clean, residuals = cleans.of(span)
+                    return _layer_states(model, sub, residuals.get(layer), layer, layer_heads[layer], method, factor,
+                                         means, skip_layers, read, heads_halving)
+
                 head_index = torch.tensor(layer_heads[layer])
-                state["ablated"][layer, head_index, rows] = _layer_states(
-                    model, chunk, residuals.get(layer), layer, layer_heads[layer], method, factor, means, skip_layers, read)
+                state["ablated"][layer, head_index, rows] = torch.cat(rows_halving.map(len(chunk), len(chunk), states_of),
+                                                                      dim=1)
+                state["clean"][rows] = cleans.clean().float().cpu()
                 state["done"].append([index, layer])
                 _save_checkpoint(checkpoint, state)
                 bar.update(1)
@@ -226,7 +240,7 @@ def readout_scan(
 
 
 def _layer_states(
-    model, chunk, residual, layer, layer_heads, method, factor, means, skip_layers, read
+    model, chunk, residual, layer, layer_heads, method, factor, means, skip_layers, read, halving
 ) -> Float[Tensor, "n_heads_in_layer batch d_model"]:
     """Last-position final states of the chunk with each listed head of one layer ablated."""
 
@@ -235,7 +249,7 @@ def _layer_states(
         return einops.rearrange(out.float().cpu(), "(copies batch) d_model -> copies batch d_model",
                                 copies=len(heads), batch=len(chunk))
 
-    return torch.cat(_in_groups(model, chunk, layer_heads, states))
+    return torch.cat(_in_groups(model, chunk, layer_heads, states, halving))
 
 
 def _scanned_heads(model: Any, heads: Optional[Sequence[Any]]) -> list[Head]:
@@ -305,7 +319,7 @@ def _logits_at(model: Any, run: Callable[[], Tensor], positions: Optional[Sequen
 
 
 def _layer_effects(
-    model, chunk, clean_logits, residual, layer, layer_heads, metric, method, factor, means, skip_layers, read
+    model, chunk, clean_logits, residual, layer, layer_heads, metric, method, factor, means, skip_layers, read, halving
 ) -> Float[Tensor, "n_heads_in_layer batch"]:
     """metric(ablated) - metric(clean) for each listed head of one layer, per example."""
     clean_metric = metric(clean_logits, chunk).float()
@@ -317,27 +331,47 @@ def _layer_effects(
                                     copies=len(heads), batch=rows)
         return per_copy - clean_metric[None]
 
-    return torch.cat(_in_groups(model, chunk, layer_heads, effects))
+    return torch.cat(_in_groups(model, chunk, layer_heads, effects, halving))
 
 
-def _in_groups(model: Any, chunk: TokenBatch, layer_heads: list[int], run: Callable[[list[int]], Tensor]) -> list[Tensor]:
+def _in_groups(
+    model: Any, chunk: TokenBatch, layer_heads: list[int], run: Callable[[list[int]], Tensor], halving: Halving
+) -> list[Tensor]:
     """``run(heads)`` over groups of heads sized to the memory budget; a group that runs out of
-    CUDA memory is retried at half the size, keeping every finished group."""
-    group = _group_size(model, *chunk.tokens.shape)
-    results: list[Tensor] = []
-    start = 0
-    while start < len(layer_heads):
-        heads = layer_heads[start : start + group]
-        try:
-            results.append(run(heads))
-        except torch.cuda.OutOfMemoryError:
-            if group == 1:
-                raise
-            group = max(1, group // 2)
-            torch.cuda.empty_cache()
-            continue
-        start += len(heads)
-    return results
+    CUDA memory is retried at half the size (``halving``, shared by the whole scan), keeping every
+    finished group."""
+    return halving.map(len(layer_heads), _group_size(model, *chunk.tokens.shape), lambda span: run(layer_heads[span]))
+
+
+def _halvings(desc: str, method: str, progress: Optional[bool]) -> tuple[Halving, Halving]:
+    """A scan's two chunk sizes that halve on CUDA out-of-memory: examples per run (outer; fixed
+    for resample ablation, which reads the chunk's other examples) and heads per batched run
+    (inner; at one head, the examples halve)."""
+    fixed = RESAMPLE_CHUNKS if method == "resample" else None
+    return Halving(desc, "examples", progress, fixed=fixed), Halving(desc, "heads", progress)
+
+
+class CleanRuns:
+    """The clean run of a chunk, or of each row slice of it once a scan halved its rows: computed
+    once per slice and kept while that slicing holds (a slice overlapping a new one is dropped)."""
+
+    def __init__(self, model: Any, chunk: TokenBatch, layers: list[int], skip_layers: bool, read: Reader) -> None:
+        self.model, self.chunk, self.layers, self.skip_layers, self.read = model, chunk, layers, skip_layers, read
+        self.runs: dict[tuple[int, int], tuple[TokenBatch, Tensor, dict[int, Tensor]]] = {}
+
+    def of(self, span: slice) -> tuple[TokenBatch, Tensor, dict[int, Tensor]]:
+        """``(rows, read output of their clean run, residual entering each layer)`` for ``span``."""
+        key = (span.start, span.stop)
+        if key not in self.runs:
+            for old in [old for old in self.runs if old[0] < key[1] and key[0] < old[1]]:
+                del self.runs[old]
+            sub = self.chunk if key == (0, len(self.chunk)) else self.chunk.select(span)
+            self.runs[key] = (sub, *_clean_run(self.model, sub, self.layers, self.skip_layers, self.read))
+        return self.runs[key]
+
+    def clean(self) -> Tensor:
+        """The read output of the clean run of every row, in order (the slices held tile the chunk)."""
+        return torch.cat([self.runs[key][1] for key in sorted(self.runs)])
 
 
 def _group_size(model: Any, rows: int, width: int) -> int:
@@ -458,18 +492,18 @@ def attribution_scan(
     kind = "q" if method == "uniform" else "z"
     scale = {"zero": 0.0, "uniform": DEFAULT_UNIFORM_EPSILON if factor is None else factor, "scale": factor}.get(method)
     totals = torch.zeros(shape.n_layers, shape.n_heads, device=model_device(model))
-    for _rows, chunk in tqdm(list(iter_batches(batch, size)), desc="attribution scan",
-                             disable=bar_disabled(progress)):
-        chunk = chunk.to(model_device(model))
-        for layer, (clean, grad) in enumerate(_activations_and_gradients(model, chunk, kind, metric)):
-            if method == "mean":
-                change = means[layer].to(clean)[None, None] - clean
-            elif method == "resample":
-                change = clean.roll(1, dims=0) - clean
-            else:
-                change = clean * (scale - 1.0)
-            valid = einops.rearrange(chunk.attention_mask, "batch pos -> batch pos 1 1").to(clean)
-            totals[layer] += einops.reduce(grad * change * valid, "batch pos n_heads d_head -> n_heads", "sum")
+    halving = Halving("attribution scan", "examples", progress, fixed=RESAMPLE_CHUNKS if method == "resample" else None)
+    with tqdm(total=len(batch), desc="attribution scan", unit="example", disable=bar_disabled(progress)) as bar:
+
+        def chunk_totals(span: slice) -> Tensor:
+            chunk = batch.select(span).to(model_device(model))
+            found = torch.stack([_attribution(grad, _change(clean, method, means.get(layer), scale), chunk)
+                                 for layer, (clean, grad) in enumerate(_activations_and_gradients(model, chunk, kind, metric))])
+            bar.update(len(chunk))
+            return found
+
+        for part in halving.map(len(batch), size, chunk_totals):
+            totals += part
     return HeadScores(
         values=(totals / len(batch)).float().cpu(),
         detector=f"attribution_scan:{method}",
@@ -477,6 +511,21 @@ def attribution_scan(
         config={"method": method, "factor": factor, "metric": _metric_name(metric)},
         metadata={"n_examples": len(batch), "estimate": "first-order (attribution patching)"},
     )
+
+
+def _change(clean: Tensor, method: str, mean: Optional[Tensor], scale: Optional[float]) -> Tensor:
+    """``a_ablated - a`` for each head's activation ``clean`` ``[batch, pos, n_heads, d_head]``."""
+    if method == "mean":
+        return mean.to(clean)[None, None] - clean
+    if method == "resample":
+        return clean.roll(1, dims=0) - clean
+    return clean * (scale - 1.0)
+
+
+def _attribution(grad: Tensor, change: Tensor, chunk: TokenBatch) -> Float[Tensor, " n_heads"]:
+    """``sum over rows and real positions of grad . change``, per head."""
+    valid = einops.rearrange(chunk.attention_mask, "batch pos -> batch pos 1 1").to(change)
+    return einops.reduce(grad * change * valid, "batch pos n_heads d_head -> n_heads", "sum")
 
 
 def _activations_and_gradients(model: Any, chunk: TokenBatch, kind: str, metric: ScanMetric) -> list[tuple[Tensor, Tensor]]:

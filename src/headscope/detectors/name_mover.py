@@ -83,8 +83,8 @@ from headscope.detectors.base import (
 from headscope.engine.architecture import final_norm_weight, head_hook
 from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.metrics import final_logits
-from headscope.engine.runner import auto_batch_size, model_device, run_batched
-from headscope.engine.tokens import TokenBatch, iter_batches, row_tokens, tokenize
+from headscope.engine.runner import Halving, auto_batch_size, model_device, run_batched
+from headscope.engine.tokens import TokenBatch, row_tokens, tokenize
 from headscope.engine.unembed import (
     FINAL_SCALE,
     final_position_attributions,
@@ -463,8 +463,11 @@ def s_inhibition_pass(model: Any, items: list[IOIItem], controls: list[str], rec
     control_effect = effect.clone()
     batch = tokenize(model, [i.text for i in items])
     size = batch_size or max(1, auto_batch_size(model, batch.tokens.shape[1]) // 2)
-    for rows, chunk in iter_batches(batch, size):
-        z, grad = end_gradients(model, chunk.to(model_device(model)), items[rows], receivers, upstream)
+
+    def gradients(rows: slice) -> tuple[slice, Tensor, Tensor]:
+        return rows, *end_gradients(model, batch.select(rows).to(model_device(model)), items[rows], receivers, upstream)
+
+    for rows, z, grad in Halving("name_mover S-inhibition").map(len(batch), size, gradients):
         effect[rows, :upstream] = -(grad * (abc[rows] - z)).sum(dim=-1)
         control_effect[rows, :upstream] = -(grad * (control[rows] - z)).sum(dim=-1)
     return {"effect": effect, "control": control_effect, "abc_z": abc}
@@ -537,8 +540,12 @@ def patched_metric(model: Any, items: list[IOIItem], receivers: list[tuple[int, 
     One forward over the items, whatever the number of heads."""
     batch = tokenize(model, [i.text for i in items])
     size = batch_size or max(1, auto_batch_size(model, batch.tokens.shape[1]))
-    return torch.cat([_patched_chunk(model, chunk.to(model_device(model)), items[rows], receivers, heads, abc_z[rows])
-                      for rows, chunk in iter_batches(batch, size)])
+
+    def patched(rows: slice) -> Tensor:
+        return _patched_chunk(model, batch.select(rows).to(model_device(model)), items[rows], receivers, heads,
+                              abc_z[rows])
+
+    return torch.cat(Halving("name_mover patching").map(len(batch), size, patched))
 
 
 def _patched_chunk(model: Any, batch: TokenBatch, items: list[IOIItem], receivers: list[tuple[int, int]],

@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from headscope.engine.kv_cache import cache_kwarg_alias, check_filled, verify_once
-from headscope.engine.runner import auto_batch_size, model_device, run_batched
+from headscope.engine.runner import Halving, auto_batch_size, model_device, run_batched
 from headscope.engine.stops import StopTracker
 from headscope.engine.tokens import TokenBatch, as_token_batch, check_batch
 
@@ -81,13 +81,16 @@ def generate(
     size = batch_size or auto_batch_size(model, int(batch.lengths.max()) + max_new_tokens)
     order = torch.argsort(batch.lengths, stable=True).tolist()  # similar lengths together: less padding
     results: list[Optional[Generation]] = [None] * len(batch)
-    for start in range(0, len(batch), size):
-        rows = order[start : start + size]
+
+    def run(span: slice) -> tuple[list[int], list[Generation]]:
+        rows = order[span]
         enter = intervention or (lambda m: contextlib.nullcontext())
         if row_intervention is not None:
-            enter = lambda m, rows=rows: row_intervention(m, rows)  # noqa: E731
+            enter = lambda m: row_intervention(m, rows)  # noqa: E731
         with enter(model):
-            outputs = _generate_chunk(model, batch.select(rows), max_new_tokens, stops)
+            return rows, _generate_chunk(model, batch.select(rows), max_new_tokens, stops)
+
+    for rows, outputs in Halving("generation").map(len(order), size, run):
         for row, output in zip(rows, outputs, strict=True):
             results[row] = output
     return results  # type: ignore[return-value]

@@ -7,6 +7,10 @@ reads per-row data of its own (targets, templates) declares a ``rows`` parameter
 chunk's rows of ``data`` as a slice. Nothing but the reduced values outlives a chunk, so memory
 stays bounded by one chunk.
 
+Rows per chunk come from :func:`auto_batch_size` (free CUDA memory, or a token budget on CPU). Every
+chunked loop runs its chunks through a :class:`Halving`: a chunk that runs out of CUDA memory is
+run again at half the rows, and the smaller size is kept for the rest of the run.
+
 ``logits="last"`` runs the unembedding at each row's last real position only and hands ``reduce``
 ``[batch, vocab]`` logits: for a 49k vocabulary that saves a fifth to a third of a short prompt's
 forward (measured on SmolLM2, CPU) when a reduce needs the last position or no logits at all.
@@ -25,10 +29,12 @@ where ("resumed ...", :func:`progress_note`) are no bars: they are printed unles
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import sys
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 import torch
 from jaxtyping import Float
@@ -37,13 +43,14 @@ from tqdm.auto import tqdm
 
 from headscope.engine.heads import model_shape
 from headscope.engine.partial import forward_from_layer
-from headscope.engine.tokens import TokenBatch, as_token_batch, iter_batches
+from headscope.engine.tokens import TokenBatch, as_token_batch
 
 CPU_TOKENS_PER_BATCH = 2048  # a sane default for 2-4 cores; forward cost is linear in tokens
 GPU_MEMORY_FRACTION = 0.5
 MAX_BATCH_SIZE = 256
 
 Reduced = Union[Tensor, Mapping[str, Tensor]]
+T = TypeVar("T")
 ReduceFn = Callable[..., Reduced]  # reduce(logits, cache, chunk) or reduce(logits, cache, chunk, rows)
 
 
@@ -149,7 +156,9 @@ def run_batched(
     ``[batch, d_model]`` (the final normalised states). ``start_at=(layer, residual)``: each chunk
     runs from block ``layer`` on, given every row's residual stream entering it ``[rows, pos,
     d_model]`` (kept from a clean run, :mod:`headscope.engine.partial`); blocks below are not
-    run and no activations are cached. Runs without gradients; the model is not changed.
+    run and no activations are cached. Runs without gradients; the model is not changed. A chunk
+    that runs out of CUDA memory is run again at half the rows (:class:`Halving`): the same rows
+    in the same order come back.
     """
     if logits not in ("all", "last", "last_states"):
         raise ValueError(f"logits must be 'all', 'last' or 'last_states', got {logits!r}.")
@@ -157,25 +166,34 @@ def run_batched(
         raise ValueError("run_batched caches no activations of a run started mid-model (start_at); pass no names.")
     batch = as_token_batch(model, data)
     size = batch_size or auto_batch_size(model, batch.tokens.shape[1], n_cached=len(names))
-    parts: list[Reduced] = []
-    chunks = iter_batches(batch, size)
-    n_chunks = -(-len(batch) // size)
-    lines = _lines_instead_of_bar(progress)
     with_rows = takes_rows(reduce)
-    with torch.no_grad(), progress_step(f"{desc}: {len(batch)} examples", progress):
-        for rows, chunk in tqdm(chunks, total=n_chunks, desc=desc, disable=True if lines else bar_disabled(progress),
-                                leave=False):
-            if logits == "all":
-                chunk_logits, cache = _forward_chunk(model, chunk, names, start_at, rows)
-            else:
-                captured: dict[str, Tensor] = {}
-                with unembed_last_position_only(model, chunk.to(model_device(model)), captured):
-                    chunk_logits, cache = _forward_chunk(model, chunk, names, start_at, rows)
-                chunk_logits = chunk_logits[:, -1] if logits == "last" else captured["states"]
-            extra = {"rows": rows} if with_rows else {}
-            parts.append(reduce(chunk_logits, cache, chunk.to(chunk_logits.device), **extra))
-            del chunk_logits, cache
+    disable = True if _lines_instead_of_bar(progress) else bar_disabled(progress)
+    with torch.no_grad(), progress_step(f"{desc}: {len(batch)} examples", progress), \
+            tqdm(total=len(batch), desc=desc, unit="example", disable=disable, leave=False) as bar:
+
+        def run(rows: slice) -> Reduced:
+            part = _reduced_chunk(model, batch.select(rows), rows, reduce, names, logits, with_rows, start_at)
+            bar.update(rows.stop - rows.start)
+            return part
+
+        parts = Halving(desc, progress=progress).map(len(batch), size, run)
     return _concatenate(parts)
+
+
+def _reduced_chunk(
+    model: Any, chunk: TokenBatch, rows: slice, reduce: ReduceFn, names: Sequence[str], logits: str, with_rows: bool,
+    start_at: Optional[tuple[int, Tensor]] = None,
+) -> Reduced:
+    """``reduce`` of one chunk's run (:func:`run_batched`)."""
+    if logits == "all":
+        chunk_logits, cache = _forward_chunk(model, chunk, names, start_at, rows)
+    else:
+        captured: dict[str, Tensor] = {}
+        with unembed_last_position_only(model, chunk.to(model_device(model)), captured):
+            chunk_logits, cache = _forward_chunk(model, chunk, names, start_at, rows)
+        chunk_logits = chunk_logits[:, -1] if logits == "last" else captured["states"]
+    extra = {"rows": rows} if with_rows else {}
+    return reduce(chunk_logits, cache, chunk.to(chunk_logits.device), **extra)
 
 
 def _forward_chunk(
@@ -189,6 +207,80 @@ def _forward_chunk(
     chunk = chunk.to(device)
     mask = chunk.attention_mask if chunk.is_padded else None
     return forward_from_layer(model, residual[rows].to(device), layer, mask), {}
+
+
+class ChunkOutOfMemoryError(torch.OutOfMemoryError):
+    """CUDA ran out of memory on a chunk of a single row (or head): halving cannot help. Still a
+    ``torch.OutOfMemoryError``, so an outer :class:`Halving` (rows around heads) halves its own chunks."""
+
+
+_OUT_OF_MEMORY = object()  # what an attempt that ran out of CUDA memory returns
+
+
+@dataclass
+class Halving:
+    """Chunk sizes of one chunked run that halve on CUDA out-of-memory.
+
+    :meth:`map` runs ``run(span)`` over consecutive slices of ``range(n)``. A slice that raises
+    ``torch.cuda.OutOfMemoryError`` is run again at half its width after the CUDA cache is freed,
+    down to one item (then :class:`ChunkOutOfMemoryError`, naming ``desc`` and what to change); the
+    smaller width is kept for the rest of the run (every later ``map`` of this object), and the
+    first halving is reported once with :func:`progress_note`. Results come back in order, one per
+    slice, so a run that halved returns the same items as one that did not. ``run`` must leave
+    nothing behind when it fails: it returns what it computed.
+    """
+
+    desc: str
+    unit: str = "rows"
+    progress: Optional[bool] = None
+    limit: Optional[int] = None  # the width every later slice is capped at, once a slice ran out of memory
+    fixed: Optional[str] = None  # why a slice must not be split (it then raises ChunkOutOfMemoryError with this)
+
+    def map(self, n: int, size: int, run: Callable[[slice], T]) -> list[T]:
+        """``run(span)`` over slices of ``range(n)`` at most ``size`` wide (at most :attr:`limit`)."""
+        if size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {size}.")
+        results: list[T] = []
+        start = 0
+        while start < n:
+            span = slice(start, min(n, start + min(size, self.limit or size)))
+            result = self._attempt(run, span)
+            if result is _OUT_OF_MEMORY:
+                self._halve(span)
+                continue
+            results.append(result)
+            start = span.stop
+        return results
+
+    def _attempt(self, run: Callable[[slice], T], span: slice) -> Any:
+        """``run(span)``, or the marker ``_OUT_OF_MEMORY`` when it ran out of CUDA memory."""
+        try:
+            return run(span)
+        except torch.OutOfMemoryError as error:
+            width = span.stop - span.start
+            if width > 1 and self.fixed is None:
+                return _OUT_OF_MEMORY  # returning drops the failed attempt's frames and tensors
+            raise ChunkOutOfMemoryError(self._stuck(width, error)) from error
+
+    def _stuck(self, width: int, error: BaseException) -> str:
+        """The message when a slice that ran out of memory cannot be halved."""
+        if self.fixed is not None:
+            return f"{self.desc}: CUDA out of memory at {width} {self.unit} per run, and {self.fixed} ({error})."
+        return (f"{self.desc}: CUDA out of memory at 1 of the {self.unit} per run, so halving cannot help ({error}). "
+                "Free GPU memory (other processes), run shorter inputs, or load the model in bfloat16 or across "
+                "several devices.")
+
+    def _halve(self, span: slice) -> None:
+        """Cap every later slice at half the width of ``span``, free the cache, report it once."""
+        width = span.stop - span.start
+        first = self.limit is None
+        self.limit = max(1, width // 2)
+        if torch.cuda.is_initialized():  # the failed attempt's blocks back to the device (cycles collected first)
+            gc.collect()
+            torch.cuda.empty_cache()
+        if first:
+            progress_note(f"{self.desc}: CUDA out of memory at {width} {self.unit} per run; continuing at "
+                          f"{self.limit} (halving again if needed) for the rest of the run", self.progress)
 
 
 def takes_rows(reduce: Callable[..., Any]) -> bool:
