@@ -636,11 +636,13 @@ def _load_from_hub(name: str, device: torch.device, dtype: torch.dtype) -> Any:
 
 def _prepare(bridge: Any, name: Optional[str]) -> Any:
     """Eval mode, a readable model name, and the HF rotary base in ``cfg``."""
+    from headscope.engine.devices import settle_device_config
     from headscope.engine.heads import check_head_hooks
 
     bridge.eval()
     if name:
         bridge.cfg.model_name = name
+    settle_device_config(bridge)
     rope = getattr(bridge.cfg, "rope_parameters", None)
     if isinstance(rope, dict) and rope.get("rope_theta"):
         # TL 4.3 reads 10000 into cfg.rotary_base while the forward pass uses HF's value.
