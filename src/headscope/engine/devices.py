@@ -43,6 +43,18 @@ def placement(model: Any) -> Optional[dict[str, Any]]:
     return dict(device_map) if device_map else None
 
 
+def placement_counts(model: Any) -> Optional[dict[str, int]]:
+    """How many device-map entries went to each place (``{"0": 20, "cpu": 6, "disk": 2}``), or
+    ``None`` for a model on one device: a short record of how a split model ran."""
+    device_map = placement(model)
+    if device_map is None:
+        return None
+    counts: dict[str, int] = {}
+    for where in device_map.values():
+        counts[str(where)] = counts.get(str(where), 0) + 1
+    return counts
+
+
 def is_split(model: Any) -> bool:
     """True when the model was dispatched by a device map: across devices, or with modules offloaded
     to CPU or disk (whose parameters then sit on ``"meta"`` between calls)."""

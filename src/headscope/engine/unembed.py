@@ -115,7 +115,11 @@ def last_position_z(model: Any, cache: Cache, last: Tensor,
     first = cache[views[0][0]]
     rows = torch.arange(first.shape[0], device=first.device)
     last = last.to(first.device)
-    return torch.stack([view(cache[name])[rows, last].float() for name, view in views], dim=1)
+
+    def at_last(z: Tensor, view: Any) -> Tensor:  # each layer's z on its own device (a split model)
+        return view(z)[rows.to(z.device), last.to(z.device)].float().to(first.device)
+
+    return torch.stack([at_last(cache[name], view) for name, view in views], dim=1)
 
 
 def last_position_head_outputs(
