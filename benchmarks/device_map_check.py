@@ -70,7 +70,8 @@ def offload_map(folder: Path, device: str) -> dict[str, Any]:
 
     device_map = offloading_device_map(AutoModelForCausalLM.from_pretrained(folder))
     if device == "cuda":  # the embedding (and a tied head) on the GPU, the rest as the test map says
-        device_map = {name: (0 if where == "disk" and "layers" not in name else where) for name, where in device_map.items()}
+        device_map = {name: (0 if where == "disk" and "layers" not in name else where)
+                      for name, where in device_map.items()}
     return device_map
 
 
@@ -82,7 +83,8 @@ def two_device(folder: Path) -> Any:
 
     hf_model = AutoModelForCausalLM.from_pretrained(folder).eval()
     device_map = {name: 0 for name in offloading_device_map(hf_model)}
-    device_map.update({name: "cpu" for name in device_map if name.startswith("model.layers.") and int(name.split(".")[2]) % 2})
+    odd_layers = [name for name in device_map if name.startswith("model.layers.") and int(name.split(".")[2]) % 2]
+    device_map.update({name: "cpu" for name in odd_layers})
     hf_model = dispatch_model(hf_model, device_map, main_device="cpu")
     bridge = build_bridge_from_module(hf_model, type(hf_model).__name__, hf_config=hf_model.config,
                                       tokenizer=AutoTokenizer.from_pretrained(folder))

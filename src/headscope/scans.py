@@ -471,7 +471,8 @@ def attribution_scan(
             else:
                 change = clean * (scale - 1.0)
             valid = einops.rearrange(chunk.attention_mask, "batch pos -> batch pos 1 1").to(clean)
-            totals[layer] += einops.reduce(grad * change * valid, "batch pos n_heads d_head -> n_heads", "sum").to(totals.device)
+            total = einops.reduce(grad * change * valid, "batch pos n_heads d_head -> n_heads", "sum")
+            totals[layer] += total.to(totals.device)  # each layer on its own device (a split model)
     return HeadScores(
         values=(totals / len(batch)).float().cpu(),
         detector=f"attribution_scan:{method}",

@@ -338,7 +338,8 @@ def context_attributions(
     read through ``diag(w_final) (W_U[:, v] - mean_u W_U[:, u])``."""
     shape = model_shape(model)
     unembed = unembedding(model)
-    centred_unembed = final_norm_weight(model).float().to(unembed.device)[:, None] * (unembed - unembed.mean(dim=1, keepdim=True))
+    weight = final_norm_weight(model).float().to(unembed.device)
+    centred_unembed = weight[:, None] * (unembed - unembed.mean(dim=1, keepdim=True))
     names = [name for layer in range(shape.n_layers) for name in head_output_hooks(model, layer)] + [FINAL_SCALE]
 
     def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> Tensor:

@@ -509,7 +509,10 @@ def end_gradients(model: Any, chunk: TokenBatch, chunk_items: list[IOIItem], rec
         model(chunk.tokens, attention_mask=mask)
         metric = receiver_metric(patterns, receivers, chunk_items, last).sum()
         grads = torch.autograd.grad(metric, [deltas[layer] for layer in range(upstream)])
-    view = lambda layer, t: head_hook(model, layer, "z")[1](t)[rows.to(t.device), last.to(t.device)].float().cpu()  # noqa: E731
+
+    def view(layer: int, t: Tensor) -> Tensor:  # at END, on the CPU (each layer's t on its own device)
+        return head_hook(model, layer, "z")[1](t)[rows.to(t.device), last.to(t.device)].float().cpu()
+
     z = torch.stack([view(layer, values[layer]) for layer in range(upstream)], dim=1)
     grad = torch.stack([view(layer, g) for layer, g in enumerate(grads)], dim=1)
     return z, grad

@@ -276,7 +276,8 @@ def _attention(
     """Post-softmax attention from the last token to each option's position."""
     pattern = cache[hook_name(layer, "pattern")]  # on the layer's device
     from_last = pattern[rows.to(pattern.device), :, last.to(pattern.device)]  # [batch, heads, key_pos]
-    index = einops.repeat(at.to(pattern.device), "batch n_options -> batch n_heads n_options", n_heads=from_last.shape[1])
+    index = einops.repeat(at.to(pattern.device), "batch n_options -> batch n_heads n_options",
+                          n_heads=from_last.shape[1])
     return from_last.gather(2, index)
 
 

@@ -369,7 +369,8 @@ def contextual_success(
         for row, prompt in enumerate(prompts[rows]):
             ids = prompt.task.task_token_ids
             target = sorted(prompt.task.token_ids).index(prompt.target_index)
-            head_logits = outputs[row] @ unembed[:, torch.tensor(ids, device=unembed.device)].to(logits.device)  # [layers, heads, n_task]
+            columns = unembed[:, torch.tensor(ids, device=unembed.device)].to(logits.device)
+            head_logits = outputs[row] @ columns  # [layers, heads, n_task]
             success.append(head_logits.argmax(dim=-1) == target)
         return torch.stack(success).cpu()
 

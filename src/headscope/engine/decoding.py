@@ -214,7 +214,8 @@ def greedy_decode_rows(
                 steps_tokens.append(tokens.cpu())
                 steps_logprobs.append(logprobs.gather(1, tokens[:, None])[:, 0].cpu())
                 if recorded is not None:
-                    steps_keys.append(torch.stack([keys.cpu() for keys in recorded], dim=1).to(torch.int32))  # [rows, layers, heads]
+                    keys = torch.stack([layer_keys.cpu() for layer_keys in recorded], dim=1)  # layers' devices
+                    steps_keys.append(keys.to(torch.int32))  # [rows, layers, heads]
                 current = tokens[:, None].to(model_device(model))  # logits come from the last layer's device
     finally:
         prefix.rewind()

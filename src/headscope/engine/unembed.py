@@ -34,7 +34,8 @@ class Cache(Protocol):
     def __getitem__(self, name: str) -> Tensor: ...
 
 __all__ = ["Cache", "FINAL_SCALE", "final_norm_weight", "direct_unembed", "center_for_norm", "direct_logits",
-           "input_embedding", "unembedding", "unembedding_bias", "head_output_weight", "head_output_weights", "head_output_hooks", "post_attention_weights", "last_position_head_outputs",
+           "input_embedding", "unembedding", "unembedding_bias", "head_output_weight", "head_output_weights",
+           "head_output_hooks", "post_attention_weights", "last_position_head_outputs",
            "final_position_attributions", "head_contributions", "attention_bias_contribution", "logits_from_residual"]
 
 
@@ -140,7 +141,8 @@ def last_position_head_outputs(
     if post_weight is not None:
         if post_scale is None:
             raise ValueError("A model with a post-attention norm needs its scale (cache head_output_hooks).")
-        outputs = outputs * post_weight.to(z.device) / post_scale[rows, last.to(post_scale.device)].float().to(z.device)[:, :, None]
+        scale = post_scale[rows.to(post_scale.device), last.to(post_scale.device)].float().to(z.device)
+        outputs = outputs * post_weight.to(z.device) / scale[:, :, None]
     return center_for_norm(model, outputs)
 
 
@@ -208,7 +210,8 @@ def logits_from_residual(
     mean removal for LayerNorm, division by ``scale``, the norm's weight (offset included) and
     bias, the unembedding with its bias, and soft-capping where the model caps."""
     device = residual.device
-    normalised = center_for_norm(model, residual) / scale.float().to(device) * final_norm_weight(model).float().to(device)
+    weight = final_norm_weight(model).float().to(device)
+    normalised = center_for_norm(model, residual) / scale.float().to(device) * weight
     with readable_weights(model.ln_final):
         norm_bias = getattr(getattr(model.ln_final, "original_component", model.ln_final), "bias", None)
         norm_bias = None if norm_bias is None else norm_bias.detach().float().to(device)
