@@ -47,8 +47,18 @@ def tiny_family_model(architecture: str, seed: int = 0, with_tokenizer: bool = F
     """A random ``architecture`` (a name in :data:`FAMILIES`) as an eval-mode TransformerBridge;
     ``with_tokenizer``: with a byte-level tokenizer (every character one token) and its vocabulary,
     so that text tasks run."""
-    import transformers
     from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    hf_model, tokenizer = tiny_hf_model(architecture, seed, with_tokenizer)
+    bridge = build_bridge_from_module(hf_model.to(TEST_DEVICE), architecture, hf_config=hf_model.config,
+                                      tokenizer=tokenizer)
+    return bridge.eval()
+
+
+def tiny_hf_model(architecture: str, seed: int = 0, with_tokenizer: bool = False) -> tuple[Any, Any]:
+    """The Hugging Face model of :func:`tiny_family_model` (same weights for the same seed), and its
+    tokenizer (None unless ``with_tokenizer``)."""
+    import transformers
 
     config = _configs()[architecture]()
     tokenizer = byte_tokenizer() if with_tokenizer else None
@@ -57,10 +67,36 @@ def tiny_family_model(architecture: str, seed: int = 0, with_tokenizer: bool = F
         setattr(config, "n_positions" if architecture == "GPT2LMHeadModel" else "max_position_embeddings", 1024)
         config.bos_token_id, config.eos_token_id, config.pad_token_id = 0, 1, 1
     torch.manual_seed(seed)
-    hf_model = getattr(transformers, architecture)(config).eval()
-    bridge = build_bridge_from_module(hf_model.to(TEST_DEVICE), architecture, hf_config=hf_model.config,
-                                      tokenizer=tokenizer)
-    return bridge.eval()
+    return getattr(transformers, architecture)(config).eval(), tokenizer
+
+
+def offloading_device_map(hf_model: Any) -> dict[str, str]:
+    """A device map that splits a tiny ``model.*`` family (Llama, Qwen2, Gemma 3, ...) as a model too
+    large for its GPU would be: the input embedding, odd layers and the rest of ``model`` on disk,
+    even layers and the output head offloaded to the CPU (the embedding and a tied output head
+    stay together)."""
+    device_map = {f"model.{name}": "disk" for name, _ in hf_model.model.named_children() if name != "layers"}
+    device_map.update({f"model.layers.{i}": "cpu" if i % 2 == 0 else "disk" for i in range(len(hf_model.model.layers))})
+    device_map["lm_head"] = "disk" if hf_model.config.tie_word_embeddings else "cpu"
+    return device_map
+
+
+def split_family_model(architecture: str, offload_folder: Any, seed: int = 0, with_tokenizer: bool = False) -> Any:
+    """:func:`tiny_family_model` (same weights for the same seed) dispatched by accelerate with
+    :func:`offloading_device_map`: every parameter a placeholder on ``"meta"``, loaded for each call
+    from a CPU copy or from ``offload_folder`` on disk. The CPU stands in for the GPU that would
+    run the layers (accelerate's main device), so CPU offload happens as it would on a GPU machine."""
+    from accelerate import dispatch_model
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    import headscope as hs
+
+    hf_model, tokenizer = tiny_hf_model(architecture, seed, with_tokenizer)
+    # torch.device("cpu"), not "cpu": accelerate then offloads "cpu" entries as for a GPU main device
+    hf_model = dispatch_model(hf_model, offloading_device_map(hf_model), main_device=torch.device("cpu"),
+                              offload_dir=str(offload_folder))
+    bridge = build_bridge_from_module(hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer)
+    return hs.load_model(bridge)
 
 
 @functools.lru_cache(maxsize=1)

@@ -901,6 +901,7 @@ def _load_patterns(path: Path, atlas: Atlas) -> dict[str, list[AttentionPatterns
 def environment(model: Any) -> dict[str, Any]:
     """Versions, device and weights (their XXH3-128, as in ``headscope.identity``) an atlas was
     made with."""
+    from headscope.engine.devices import placement_counts
     from headscope.engine.runner import model_device, model_dtype
 
     device = model_device(model)
@@ -913,6 +914,7 @@ def environment(model: Any) -> dict[str, Any]:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(model_dtype(model)),
+        **({"device_map": split} if (split := placement_counts(model)) else {}),  # a split model: modules per place
         "weights": weights_digest(model),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

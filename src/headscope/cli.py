@@ -3,7 +3,8 @@
 
 Errors have one path. A user mistake is a :class:`~headscope.errors.HeadscopeError`, printed as one
 line ``headscope: error: <problem and fix>`` with exit code 2. Everything that can be checked
-without a model is checked before one loads: the ``--model`` path and ``--device``, detector
+without a model is checked before one loads: the ``--model`` path, ``--device`` and
+``--device-map``/``--max-memory``/``--offload-folder`` (a map replaces ``--device``), detector
 names, the ``--config`` file and every setting in it (type, choices, range, against the
 detector's config dataclass), ``--data`` files, ``--out`` and ``--scores``. An exception that is
 not a ``HeadscopeError`` is a bug in headscope: it prints one line saying so, with exit code 1.
@@ -32,6 +33,7 @@ from headscope.compare import compare
 from headscope.detectors.base import Detector, detector_of_scores, get_detector, list_detectors
 from headscope.detectors.settings import DATA_SETTING, describe_settings, range_text, setting_fields, suggest
 from headscope.engine.heads import model_shape
+from headscope.engine.devices import placement_counts
 from headscope.engine.runner import model_device, model_dtype
 from headscope.errors import (
     CommandLineError,
@@ -44,7 +46,7 @@ from headscope.errors import (
     UnknownDetectorError,
 )
 from headscope.files import atomic_write_text
-from headscope.models import DEFAULT_MODEL, check_model_path, load_model, resolve_device
+from headscope.models import DEFAULT_MODEL, check_model_path, check_placement, load_model, resolve_device
 from headscope.results import HeadScores
 from headscope.tasks.user_data import data_file
 from headscope.validation import validate
@@ -238,7 +240,16 @@ def _add_command(commands: Any, name: str, help: str) -> argparse.ArgumentParser
 def _model_args(command: argparse.ArgumentParser, default: Optional[str] = DEFAULT_MODEL) -> None:
     shown = f"default {default}" if default else "none: no model is loaded"
     command.add_argument("--model", default=default, help=f"bundled name, .gguf, HF folder or hub name ({shown})")
-    command.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    command.add_argument("--device", default=None, help="cpu, cuda or auto (default: auto)")
+    command.add_argument("--device-map", default=None, metavar="MAP",
+                         help="split a model too large for one GPU: auto, balanced, balanced_low_0 or sequential, or a "
+                              "JSON object (or .json file) of module name to GPU index, cpu or disk; replaces --device")
+    command.add_argument("--max-memory", default=None, metavar="PLACE=SIZE,...",
+                         help="with --device-map: the most each place holds, e.g. 0=70GiB,1=70GiB,cpu=200GiB "
+                              "(the rest goes to disk)")
+    command.add_argument("--offload-folder", default=None, metavar="PATH",
+                         help="with --device-map: where weights offloaded to disk are written when the checkpoint "
+                              "cannot be read in place (not safetensors)")
     command.add_argument("--batch-size", type=positive_int, default=None,
                          help="rows per forward pass (default: from memory)")
 
@@ -387,6 +398,8 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"KV heads     {shape.n_kv_heads} per layer ({groups})")
     print(f"d_model      {shape.d_model}, d_head {shape.d_head}, vocab {shape.d_vocab}, context {shape.n_ctx}")
     print(f"device       {model_device(model)}, dtype {model_dtype(model)}")
+    if placement_counts(model):
+        print(f"device map   {', '.join(f'{where}: {n} modules' for where, n in placement_counts(model).items())}")
     print(f"detectors    {', '.join(list_detectors())}")
     return 0
 
@@ -396,12 +409,78 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def check_model_args(args: argparse.Namespace) -> None:
-    """``--model`` names something that exists (for a path) and ``--device`` is usable."""
+    """``--model`` names something that exists (for a path), ``--device`` is usable, and
+    ``--device-map``/``--max-memory``/``--offload-folder`` make a placement (``models.check_placement``)."""
     check_model_path(args.model)
+    placement = placement_args(args)
+    if args.device is not None and placement["device_map"] is not None and args.device != "auto":
+        raise CommandLineError(f"--device {args.device} and --device-map are both given: a device map places every "
+                               f"layer itself. Drop --device, or drop --device-map to load on {args.device}.")
+    for flag, key in (("--max-memory", "max_memory"), ("--offload-folder", "offload_folder")):
+        if placement[key] is not None and placement["device_map"] is None:
+            raise CommandLineError(f"{flag} only applies to a model split by a device map: add --device-map auto (or "
+                                   f"a map), or drop {flag}.")
+    if placement["device_map"] is None:
+        try:
+            resolve_device(args.device)
+        except (ValueError, RuntimeError) as error:
+            raise CommandLineError(f"--device {args.device}: {one_line(error)} Use cpu, cuda or auto.") from None
     try:
-        resolve_device(args.device)
-    except (ValueError, RuntimeError) as error:
-        raise CommandLineError(f"--device {args.device}: {one_line(error)} Use cpu, cuda or auto.") from None
+        check_placement(**placement)
+    except ValueError as error:
+        flag = "--max-memory" if str(error).startswith("max_memory") else "--device-map"
+        raise CommandLineError(f"{flag}: {one_line(error)}") from None
+
+
+def placement_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``load_model``'s placement arguments from ``--device``, ``--device-map`` (a strategy name, a
+    JSON object or a ``.json`` file), ``--max-memory`` (``PLACE=SIZE,...``) and ``--offload-folder``.
+
+    Raises:
+        CommandLineError: a map that is neither a name nor a JSON object, or a memory list that is
+            not ``PLACE=SIZE`` pairs.
+    """
+    return {"device": args.device, "device_map": _device_map_arg(args.device_map),
+            "max_memory": _max_memory_arg(args.max_memory), "offload_folder": args.offload_folder}
+
+
+def _device_map_arg(text: Optional[str]) -> Any:
+    if text is None or not text.strip():
+        return None
+    text = text.strip()
+    json_text = text.startswith(("{", "["))
+    if not json_text and not text.endswith(".json"):
+        return text  # a strategy name, checked by check_placement
+    source = "the JSON value"
+    if not json_text:
+        source = text
+        try:
+            text = Path(text).expanduser().read_text(encoding="utf-8")
+        except OSError as error:
+            raise CommandLineError(f"--device-map {source}: the file cannot be read ({error.strerror or error}); give "
+                                   "an existing .json file, a JSON object or a strategy such as auto.") from None
+    try:
+        device_map = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CommandLineError(f"--device-map: {source} is not valid JSON ({error.msg} at column {error.colno}); write "
+                               'it as {"model.embed_tokens": 0, "model.layers.0": 0, "lm_head": "cpu"}.') from None
+    if not isinstance(device_map, dict):
+        raise CommandLineError(f"--device-map: {source} holds a JSON {json_kind(device_map)}, not an object of module "
+                               "name to place.")
+    return device_map
+
+
+def _max_memory_arg(text: Optional[str]) -> Optional[dict[Any, str]]:
+    if text is None or not text.strip():
+        return None
+    memory: dict[Any, str] = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        place, equals, size = (piece.strip() for piece in item.partition("="))
+        if not equals or not place or not size:
+            raise CommandLineError(f"--max-memory {text!r}: {item!r} is not PLACE=SIZE; write e.g. "
+                                   "--max-memory 0=70GiB,cpu=200GiB.")
+        memory[int(place) if place.isdigit() else place] = size
+    return memory
 
 
 def detector_names(text: str, flag: str = "--detectors") -> list[str]:
@@ -665,8 +744,10 @@ def _versions_table() -> str:
 
 def _load(args: argparse.Namespace):
     started = time.time()
-    model = load_model(args.model, device=args.device)
-    print(f"loaded {model.cfg.model_name} on {model_device(model)} in {time.time() - started:.1f} s", file=sys.stderr)
+    placement = placement_args(args)
+    model = load_model(args.model, **placement)
+    where = f"split by device map {args.device_map}" if placement["device_map"] is not None else f"on {model_device(model)}"
+    print(f"loaded {model.cfg.model_name} {where} in {time.time() - started:.1f} s", file=sys.stderr)
     return model
 
 

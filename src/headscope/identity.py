@@ -59,6 +59,7 @@ import torch
 import xxhash
 from torch import Tensor
 
+from headscope.engine.devices import loaded, tied_copies
 from headscope.errors import IdentityMismatchError, ResultFileError, ResultFileWarning
 from headscope.files import atomic_torch_save
 from headscope.models import cache_root, model_name
@@ -164,12 +165,17 @@ def _library_versions() -> dict[str, str]:
 
 def weights_digest(model: Any) -> str:
     """XXH3-128 (32 hex digits) of every parameter, then every buffer, each in name order with
-    its name, dtype and shape before its bytes. Tied weights count once."""
+    its name, dtype and shape before its bytes. Tied weights count once. Offloaded weights (a model
+    split by a device map) are read from their store: a split model has the identity of the same
+    weights on one device."""
     digest = xxhash.xxh3_128()
+    copies = tied_copies(model)  # a split model's second placeholder of a tied weight
     for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, tensor in sorted(named, key=lambda item: item[0]):
+            if name in copies:
+                continue
             digest.update(f"{kind} {name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
-            _hash_bytes(digest, tensor)
+            _hash_bytes(digest, loaded(model, name, tensor))  # offloaded weights: read from their store
     return digest.hexdigest()
 
 

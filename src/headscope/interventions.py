@@ -533,8 +533,9 @@ def head_output_sums(cache: dict, chunk: TokenBatch, names: Sequence[str]) -> di
     weight = chunk.attention_mask.clone().float()
     weight[:, 0] = 0.0  # the BOS / first token is an attention sink, not typical
     out = {"count": weight.sum(dim=1)}
-    for name in names:
-        out[name] = torch.einsum("bp,bphd->bhd", weight, cache[name].float())
+    for name in names:  # each layer's z on its own device (a split model): summed there
+        z = cache[name].float()
+        out[name] = torch.einsum("bp,bphd->bhd", weight.to(z.device), z).to(weight.device)
     return out
 
 

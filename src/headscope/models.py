@@ -57,11 +57,12 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from headscope.errors import ModelFileNotFoundError, ModelNotAvailableError, UnsupportedModelError, WeightCacheError
+from headscope.errors import (ArgumentError, ModelFileNotFoundError, ModelNotAvailableError, UnsupportedModelError,
+                              WeightCacheError)
 from headscope.versions import warn_if_untested
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,9 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
 }
 
 ModelSpec = Union[str, os.PathLike, Any]
+DeviceMap = Union[str, dict[str, Union[int, str]]]  # a strategy, or module name -> GPU index, "cpu" or "disk"
+MaxMemory = dict[Union[int, str], Union[int, str]]  # GPU index or "cpu" -> bytes or "20GiB"
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def load_model(
@@ -146,24 +150,51 @@ def load_model(
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[Union[str, torch.dtype]] = None,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
+    *,
+    device_map: Optional[DeviceMap] = None,
+    max_memory: Optional[MaxMemory] = None,
+    offload_folder: Optional[Union[str, os.PathLike]] = None,
 ) -> Any:
     """Load a model as a TransformerLens ``TransformerBridge``, in eval mode.
 
+    A model larger than one GPU: ``device_map="auto"`` (or ``"balanced"``, ``"sequential"``, or a
+    dict) lets transformers and accelerate place each layer on a GPU, on the CPU or on disk, and
+    ``max_memory`` caps what goes where, e.g.::
+
+        model = hs.load_model("meta-llama/Llama-3.1-70B", dtype="bfloat16", device_map="auto",
+                              max_memory={0: "120GiB", "cpu": "200GiB"}, offload_folder="/scratch/offload")
+
+    Every detector, intervention, scan and validation runs on such a model and gives the numbers
+    of the same weights on one device (``headscope.engine.devices``; tested on CPU with layers
+    offloaded to CPU and disk). What is slower: with layers on several GPUs they run one after
+    another (one GPU busy at a time); layers offloaded to the CPU are copied to the GPU at every
+    forward pass, and layers on disk are read from disk at every pass, so a model offloaded in
+    large part runs many times slower, and weight-based scores (successor, copy-suppression, the
+    direct-logit readouts) load each offloaded layer's weights again when they read them. Prefer
+    more GPUs, or a smaller dtype, to offloading.
+
     Args:
         spec: bundled name, ``.gguf`` path, Hugging Face folder, hub name or a bridge.
-        device: ``"cpu"``, ``"cuda"``, ``"auto"`` (CUDA when present) or None (= "auto").
+        device: ``"cpu"``, ``"cuda"``, ``"auto"`` (CUDA when present) or None (= "auto"). With a
+            ``device_map`` leave it None (or "auto"): the map places every layer.
         dtype: ``torch.float32`` (default on CPU), or ``bfloat16``/``float16`` on a GPU.
         cache_dir: where dequantised GGUF weights are cached (default: ``$HEADSCOPE_CACHE_DIR``
             or ``~/.cache/headscope``).
+        device_map: ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` (accelerate's
+            strategies), or ``{module name: GPU index, "cpu" or "disk"}`` such as
+            ``{"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1}``. None: one device.
+            A module tied to another (an output head sharing the embedding) must go where it goes.
+        max_memory: the most each place may hold, ``{GPU index or "cpu": bytes or "20GiB"}``; what
+            does not fit goes to the next place (GPUs, then the CPU, then disk). Needs device_map.
+        offload_folder: where weights offloaded to disk are written when the checkpoint cannot be
+            read in place (safetensors checkpoints, including headscope's cache of GGUF weights,
+            are read in place). Needs device_map.
     """
     warn_if_untested()
+    placement = check_placement(device, device_map, max_memory, offload_folder)
     if _is_bridge(spec):  # moved only when asked
-        if device is not None:
-            spec = spec.to(resolve_device(device))
-        if dtype is not None:
-            spec = spec.to(resolve_dtype(dtype, next(spec.parameters()).device))
-        return _prepare(spec, name=None)
-    torch_device = resolve_device(device)
+        return _passed_bridge(spec, device, dtype, placement)
+    torch_device = resolve_device(device) if placement is None else placement.main_device
     torch_dtype = resolve_dtype(dtype, torch_device)
     text = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else None
     if text is None:
@@ -172,16 +203,156 @@ def load_model(
         )
     if text in BUNDLED_MODELS:
         path, sha256 = _bundled_gguf(BUNDLED_MODELS[text], cache_dir)
-        return _load_gguf(path, torch_device, torch_dtype, cache_dir, text, sha256=sha256)
+        return _load_gguf(path, torch_device, torch_dtype, cache_dir, text, sha256=sha256, placement=placement)
     if text in _organisms():
+        if placement is not None:
+            raise ArgumentError(f"device_map is not supported for the organism '{text}' (its low-rank delta is added "
+                                f"to weights in memory, and it is small enough for one device): load it without one.")
         return _load_organism(text, torch_device, torch_dtype, cache_dir)
     check_model_path(text)
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
-        return _load_gguf(path, torch_device, torch_dtype, cache_dir, path.stem)
+        return _load_gguf(path, torch_device, torch_dtype, cache_dir, path.stem, placement=placement)
     if path.is_dir():
-        return _load_hf_folder(path, torch_device, torch_dtype, name=path.name)
+        return _load_hf_folder(path, torch_device, torch_dtype, name=path.name, placement=placement)
+    if placement is not None:
+        return _load_split_from_hub(text, torch_dtype, placement)
     return _load_from_hub(text, torch_device, torch_dtype)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where ``load_model`` puts a model's layers: the arguments of ``from_pretrained`` that split it."""
+
+    device_map: DeviceMap
+    max_memory: Optional[dict[Union[int, str], int]] = None
+    offload_folder: Optional[str] = None
+
+    @property
+    def main_device(self) -> torch.device:
+        """The device the layers run on (offloaded ones too): the first GPU when there is one."""
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"device_map": self.device_map}
+        if self.max_memory is not None:
+            kwargs["max_memory"] = self.max_memory
+        if self.offload_folder is not None:
+            kwargs["offload_folder"] = self.offload_folder
+        return kwargs
+
+
+def check_placement(
+    device: Optional[Union[str, torch.device]] = None,
+    device_map: Optional[DeviceMap] = None,
+    max_memory: Optional[MaxMemory] = None,
+    offload_folder: Optional[Union[str, os.PathLike]] = None,
+) -> Optional[Placement]:
+    """The checked placement of ``load_model``'s device-map arguments (None: one device), before
+    anything loads; the CLI calls it too.
+
+    Raises:
+        ArgumentError: a device map with ``device``, an unknown strategy or place, a GPU that torch
+            does not see, a size that is not one, or ``max_memory``/``offload_folder`` without a map.
+    """
+    if device_map is None:
+        for name, value in (("max_memory", max_memory), ("offload_folder", offload_folder)):
+            if value is not None:
+                raise ArgumentError(f"{name} is given but device_map is not: {name} only applies to a model split by "
+                                    f"a device map. Add device_map='auto' (or a dict), or drop {name}.")
+        return None
+    if device is not None and str(device) != "auto":
+        raise ArgumentError(f"device={str(device)!r} and device_map are both given: a device map places every layer "
+                            f"itself. Drop device (or pass device='auto'), or drop device_map to load on {device}.")
+    return Placement(_checked_device_map(device_map), _checked_max_memory(max_memory),
+                     None if offload_folder is None else os.fspath(Path(offload_folder).expanduser()))
+
+
+def _checked_device_map(device_map: Any) -> DeviceMap:
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ArgumentError(f"device_map={device_map!r} is not a strategy accelerate knows: use one of "
+                                f"{', '.join(map(repr, DEVICE_MAP_STRATEGIES))}, or a dict of module name to place."
+                                + _did_you_mean(device_map, DEVICE_MAP_STRATEGIES))
+        return device_map
+    if not isinstance(device_map, dict) or not device_map:
+        raise ArgumentError(f"device_map must be a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}) or a non-empty dict "
+                            f"of module name to place (a GPU index, 'cpu' or 'disk'); got {device_map!r}.")
+    checked: dict[str, Union[int, str]] = {}
+    for module, where in device_map.items():
+        if not isinstance(module, str):
+            raise ArgumentError(f"device_map keys are module names such as 'model.layers.0'; got {module!r}.")
+        checked[module] = _checked_place(where, f"device_map[{module!r}]", allow_disk=True)
+    return checked
+
+
+def _checked_max_memory(max_memory: Any) -> Optional[dict[Union[int, str], int]]:
+    if max_memory is None:
+        return None
+    if not isinstance(max_memory, dict) or not max_memory:
+        raise ArgumentError(f"max_memory must be a non-empty dict of place to size, e.g. {{0: '20GiB', 'cpu': "
+                            f"'60GiB'}}; got {max_memory!r}.")
+    from accelerate.utils import convert_file_size_to_int
+
+    checked: dict[Union[int, str], int] = {}
+    for where, size in max_memory.items():
+        place = _checked_place(where, f"max_memory key {where!r}", allow_disk=False)
+        try:
+            if isinstance(size, bool) or not isinstance(size, (int, str)):
+                raise ValueError(size)
+            checked[place] = convert_file_size_to_int(size)
+        except ValueError:
+            raise ArgumentError(f"max_memory[{where!r}] = {size!r} is not a size: give bytes (an int) or a string "
+                                f"such as '20GiB', '500MB'.") from None
+    return checked
+
+
+def _checked_place(where: Any, what: str, allow_disk: bool) -> Union[int, str]:
+    """A GPU index (also from ``"cuda:N"``), ``"cpu"``, ``"mps"`` or (``allow_disk``) ``"disk"``."""
+    places = "a GPU index, 'cpu' or 'disk'" if allow_disk else "a GPU index or 'cpu'"
+    if isinstance(where, str) and where.startswith("cuda"):
+        index = where.partition(":")[2] or "0"
+        where = int(index) if index.isdigit() else where
+    if isinstance(where, str) and where.isdigit():
+        where = int(where)
+    if isinstance(where, int) and not isinstance(where, bool):
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not 0 <= where < available:
+            raise ArgumentError(f"{what} names GPU {where}, but torch sees {available} CUDA device(s): use "
+                                f"{'0..' + str(available - 1) if available else 'cpu'}" + (" or disk" if allow_disk else "")
+                                + " there.")
+        return where
+    if where in ("cpu", "mps") or (allow_disk and where == "disk"):
+        return where
+    if where == "disk":
+        raise ArgumentError(f"{what}: max_memory caps GPUs and the CPU only; the disk takes whatever they cannot "
+                            f"hold. Drop the 'disk' entry.")
+    raise ArgumentError(f"{what} is {where!r}: a place is {places}.")
+
+
+def _did_you_mean(text: str, choices: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(text, choices, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _passed_bridge(bridge: Any, device, dtype, placement: Optional[Placement]) -> Any:
+    """A bridge given to ``load_model``: moved or cast only when asked, never re-split."""
+    from headscope.engine.devices import is_split
+
+    if placement is not None:
+        raise ArgumentError("device_map applies when load_model loads the weights; this model is already built. "
+                            "Pass its name or folder with device_map=..., or dispatch the Hugging Face model with "
+                            "accelerate before building the bridge.")
+    if is_split(bridge) and (device is not None or dtype is not None):
+        raise ArgumentError("This model is split across devices by a device map: it cannot be moved or cast as a "
+                            "whole. Load it again with the dtype you want (and device_map), or drop device/dtype.")
+    if device is not None:
+        bridge = bridge.to(resolve_device(device))
+    if dtype is not None:
+        bridge = bridge.to(resolve_dtype(dtype, next(bridge.parameters()).device))
+    return _prepare(bridge, name=None)
 
 
 def check_model_path(spec: str) -> None:
@@ -540,8 +711,9 @@ def _check_gguf_architecture(path: Path) -> None:
 
 
 def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, cache_dir, name: str,
-               sha256: Optional[str] = None) -> Any:
-    return _load_hf_folder(_gguf_hf_folder(path, cache_dir, sha256=sha256), device, dtype, name=name)
+               sha256: Optional[str] = None, placement: Optional[Placement] = None) -> Any:
+    return _load_hf_folder(_gguf_hf_folder(path, cache_dir, sha256=sha256), device, dtype, name=name,
+                           placement=placement)
 
 
 def _dequantise_to_cache(path: Path, target: Path) -> None:
@@ -580,14 +752,22 @@ def _publish(staging: Path, target: Path) -> None:
         shutil.rmtree(staging)
 
 
-def _load_hf_folder(folder: Path, device: torch.device, dtype: torch.dtype, name: str, delta: Optional[Path] = None) -> Any:
-    """A Hugging Face folder as a bridge; ``delta``: a low-rank delta file added to the weights
-    in float32 before the model is cast and moved."""
+def _load_hf_folder(folder: Union[Path, str], device: torch.device, dtype: torch.dtype, name: str,
+                    delta: Optional[Path] = None, placement: Optional[Placement] = None) -> Any:
+    """A Hugging Face folder (or, with ``placement``, a hub name) as a bridge; ``delta``: a low-rank
+    delta file added to the weights in float32 before the model is cast and moved; ``placement``:
+    the layers placed by a device map instead (transformers loads each where it goes)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(str(folder))
     architecture = _check_bridge_architecture(config, source=str(folder))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if placement is not None:
+        if isinstance(placement.device_map, dict):
+            _check_map_covers(config, placement.device_map)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **placement.from_pretrained_kwargs())
+        _check_split(hf_model.eval())
+        return _bridge_from_hf(hf_model, tokenizer, architecture, name)
     hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32 if delta else dtype)
     if delta is not None:
         from headscope.organisms import apply_low_rank_delta
@@ -595,6 +775,56 @@ def _load_hf_folder(folder: Path, device: torch.device, dtype: torch.dtype, name
         apply_low_rank_delta(hf_model, delta)
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
     return _bridge_from_hf(hf_model, tokenizer, architecture, name)
+
+
+def _check_map_covers(config: Any, device_map: dict[str, Union[int, str]]) -> None:
+    """Every key of a hand-written device map names a module of the model, and every parameter is
+    placed (checked on an empty model, before any weight loads)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config)
+    modules = {name for name, _ in empty.named_modules()}
+    unknown = [name for name in device_map if name not in modules]
+    placed = lambda parameter: any(key == "" or parameter == key or parameter.startswith(key + ".")  # noqa: E731
+                                   for key in device_map)
+    unplaced = [name for name, _ in empty.named_parameters() if not placed(name)]
+    if unknown or unplaced:
+        top = sorted({name for name in modules if name and name.count(".") <= 1})
+        problem = (f"names no module of this model: {', '.join(map(repr, unknown[:5]))}" if unknown
+                   else f"leaves parameters unplaced: {', '.join(unplaced[:5])}")
+        raise ArgumentError(f"device_map {problem}. Place whole modules by their names, e.g. "
+                            f"{', '.join(top[:8])} (layers as 'model.layers.0', ...), or use device_map='auto'.")
+
+
+def _check_split(hf_model: Any) -> None:
+    """A dispatched model whose every module runs where its weights are (accelerate places a tied
+    weight once: a map that puts tied modules on two GPUs leaves one computing beside no weights)."""
+    from transformer_lens.utilities.multi_gpu import find_misplaced_modules
+
+    misplaced = find_misplaced_modules(hf_model)
+    if misplaced:
+        listed = "; ".join(f"{module!r} mapped to {mapped} but its weights are on {actual}"
+                           for module, mapped, actual in misplaced)
+        raise ArgumentError(f"The device map was not followed: {listed}. These modules share (tie) weights with "
+                            f"modules placed elsewhere (an output head tied to the embedding): put them on the same "
+                            f"device in device_map, or use device_map='auto'.")
+
+
+def _load_split_from_hub(name: str, dtype: torch.dtype, placement: Placement) -> Any:
+    """A hub model split by a device map (loaded by transformers, then bridged like a folder)."""
+    try:
+        return _load_hf_folder(name, placement.main_device, dtype, name=name, placement=placement)
+    except ArgumentError:
+        raise
+    except Exception as exc:
+        raise ModelNotAvailableError(
+            f"'{name}' is neither a bundled model ({', '.join(BUNDLED_MODELS)}), nor a .gguf file, nor a local "
+            f"folder, so it must come from the Hugging Face hub, and loading it with device_map failed: "
+            f"{type(exc).__name__}: {exc}. The model needs a download: run once with network access (it is then "
+            f"cached), or pass a local folder."
+        ) from exc
 
 
 def _check_bridge_architecture(config: Any, source: str) -> str:
@@ -636,11 +866,13 @@ def _load_from_hub(name: str, device: torch.device, dtype: torch.dtype) -> Any:
 
 def _prepare(bridge: Any, name: Optional[str]) -> Any:
     """Eval mode, a readable model name, and the HF rotary base in ``cfg``."""
+    from headscope.engine.devices import settle_device_config
     from headscope.engine.heads import check_head_hooks
 
     bridge.eval()
     if name:
         bridge.cfg.model_name = name
+    settle_device_config(bridge)
     rope = getattr(bridge.cfg, "rope_parameters", None)
     if isinstance(rope, dict) and rope.get("rope_theta"):
         # TL 4.3 reads 10000 into cfg.rotary_base while the forward pass uses HF's value.

@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from headscope.engine.architecture import head_hook
+from headscope.engine.devices import layer_device, output_device
 from headscope.engine.heads import Head, all_heads, check_heads, heads_by_layer, model_shape
 from headscope.engine.partial import check_forward_from_layer, forward_from_layer, resid_pre_name
 from headscope.engine.runner import (Halving, auto_batch_size, bar_disabled, last_position_states, model_device,
@@ -134,7 +135,7 @@ def ablation_scan(
                                           method, factor, means, skip_layers, read, heads_halving)
 
                 effects = torch.cat(rows_halving.map(len(chunk), len(chunk), effects_of), dim=1)
-                sums[layer, layer_heads[layer]] += effects.sum(dim=1)
+                sums[layer, layer_heads[layer]] += effects.sum(dim=1).to(device)  # logits: the last layer's device
                 counts[layer, layer_heads[layer]] += effects.shape[1]
                 state["done"].append([index, layer])
                 _save_checkpoint(checkpoint, dict(state, sums=sums.cpu(), counts=counts.cpu()))
@@ -168,7 +169,7 @@ class ReadoutScan:
         """Logits of states of shape ``[..., d_model]`` (the unembedding, chunked)."""
         flat, batch_shape = einops.pack([states], "* d_model")
         with torch.no_grad():
-            out = torch.cat([model.unembed(part.to(model_device(model))[:, None])[:, 0].float().cpu()
+            out = torch.cat([model.unembed(part.to(output_device(model))[:, None])[:, 0].float().cpu()
                              for part in flat.split(256)])
         return einops.unpack(out, batch_shape, "* d_vocab")[0]
 
@@ -310,11 +311,11 @@ def _logits_at(model: Any, run: Callable[[], Tensor], positions: Optional[Sequen
     """``run()``'s logits, computing the unembedding only at ``positions`` (zeros elsewhere)."""
     if positions is None:
         return run()
-    index = torch.as_tensor(list(positions), dtype=torch.long, device=model_device(model))
-    with model.hooks(fwd_hooks=[("unembed.hook_in", lambda residual, hook: residual[:, index])]):
+    index = torch.as_tensor(list(positions), dtype=torch.long, device=output_device(model))
+    with model.hooks(fwd_hooks=[("unembed.hook_in", lambda residual, hook: residual[:, index.to(residual.device)])]):
         selected = run()
     logits = selected.new_zeros(selected.shape[0], width, selected.shape[-1])
-    logits[:, index] = selected
+    logits[:, index.to(selected.device)] = selected
     return logits
 
 
@@ -386,8 +387,8 @@ def _run_group(model, chunk, residual, layer, heads, method, factor, means, skip
     repeated = TokenBatch(chunk.tokens.repeat(copies, 1), chunk.attention_mask.repeat(copies, 1))
     mask = repeated.attention_mask if chunk.is_padded else None
     name, heads_view = head_hook(model, layer, "q" if method == "uniform" else "z")
-    hook = _batched_ablation_hook(heads, chunk.tokens.shape[0], method, factor, means.get(layer), chunk.tokens.device,
-                                  heads_view)
+    hook = _batched_ablation_hook(heads, chunk.tokens.shape[0], method, factor, means.get(layer),
+                                  layer_device(model, layer), heads_view)
 
     def run() -> Tensor:
         if skip_layers:
@@ -404,7 +405,7 @@ def _batched_ablation_hook(
 ):
     """A hook that edits head ``heads[g]`` in copy ``g`` of ``[copies*rows, ...]`` (``heads_view``
     gives the activation's ``[batch, pos, n_heads, d_head]`` view). Index tensors live on the
-    model's device: no host-device copy inside the run."""
+    layer's device: no host-device copy inside the run."""
     copy_index = torch.arange(len(heads), device=device)
     head_index = torch.tensor(heads, device=device)
     mean = None if mean is None else mean.to(device)
@@ -416,14 +417,15 @@ def _batched_ablation_hook(
         # a view (splitting an axis never copies), so the assignment below edits ``out``
         view = einops.rearrange(per_head, "(copies batch) pos n_heads d_head -> copies batch pos n_heads d_head",
                                 copies=len(heads), batch=rows)
-        chosen = view[copy_index, :, :, head_index]  # [copies, batch, pos, d_head]
+        copies, chosen_heads = copy_index.to(out.device), head_index.to(out.device)  # no-ops on the layer's device
+        chosen = view[copies, :, :, chosen_heads]  # [copies, batch, pos, d_head]
         if method == "mean":
-            replacement = mean[head_index].to(view)[:, None, None, :].expand_as(chosen)
+            replacement = mean[chosen_heads].to(view)[:, None, None, :].expand_as(chosen)
         elif method == "resample":
             replacement = chosen.roll(1, dims=1)
         else:  # zero, scale, uniform (query x epsilon)
             replacement = chosen * scale
-        view[copy_index, :, :, head_index] = replacement
+        view[copies, :, :, chosen_heads] = replacement
         return out
 
     return hook
@@ -497,7 +499,7 @@ def attribution_scan(
 
         def chunk_totals(span: slice) -> Tensor:
             chunk = batch.select(span).to(model_device(model))
-            found = torch.stack([_attribution(grad, _change(clean, method, means.get(layer), scale), chunk)
+            found = torch.stack([_attribution(grad, _change(clean, method, means.get(layer), scale), chunk).to(totals.device)
                                  for layer, (clean, grad) in enumerate(_activations_and_gradients(model, chunk, kind, metric))])
             bar.update(len(chunk))
             return found
@@ -790,7 +792,7 @@ def _last_position_patch(heads_view: Callable[[Tensor], Tensor], rows: Tensor, h
     def hook(activation: Tensor, hook: Any) -> Tensor:
         out = activation.clone()
         view = heads_view(out)  # [rows, pos, n_heads, d_head], a view of ``out``
-        view[rows, -1, heads] = values.to(view)
+        view[rows.to(out.device), -1, heads.to(out.device)] = values.to(view)
         return out
 
     return hook

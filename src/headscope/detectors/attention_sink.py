@@ -118,8 +118,8 @@ def first_key_shares(cache: dict, n_layers: int, mask: Int[Tensor, "batch pos"])
     per_layer = []
     for layer in range(n_layers):
         on_first = cache[hook_name(layer, "pattern")][:, :, :, 0].float()  # [batch, n_heads, query_pos]
-        per_layer.append((on_first * counted[:, None].to(on_first.device)).sum(-1)
-                         / counted.sum(-1, keepdim=True).to(on_first.device))
+        per_layer.append(((on_first * counted[:, None].to(on_first.device)).sum(-1)
+                          / counted.sum(-1, keepdim=True).to(on_first.device)).to(counted.device))
     return torch.stack(per_layer, dim=1)
 
 
@@ -131,7 +131,7 @@ def output_norms(model: Any, cache: dict, mask: Int[Tensor, "batch pos"]) -> Flo
     for layer in range(model_shape(model).n_layers):
         norms = head_contributions(model, cache, layer).norm(dim=-1)  # [batch, pos, n_heads]
         weight = counted.to(norms.device)[:, :, None]
-        per_layer.append((norms * weight).sum(dim=1) / weight.sum(dim=1))
+        per_layer.append(((norms * weight).sum(dim=1) / weight.sum(dim=1)).to(counted.device))
     return torch.stack(per_layer, dim=1)
 
 

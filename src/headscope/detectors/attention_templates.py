@@ -111,11 +111,11 @@ def template_scores(
     query_mask = (rows_queries if rows_queries.ndim == 2 else rows_queries[None, :]) & chunk.attention_mask.bool()
     per_layer = []
     for layer in range(n_layers):
-        pattern = patterns[hook_name(layer, "pattern")].float()  # [batch, head, q, k]
-        on_template = (pattern * weights).sum(dim=-1)  # [batch, head, q]
+        pattern = patterns[hook_name(layer, "pattern")].float()  # [batch, head, q, k], on the layer's device
+        on_template = (pattern * weights.to(pattern.device)).sum(dim=-1)  # [batch, head, q]
         heads = on_template.shape[1]
-        mask = query_mask[:, None, :].expand(-1, heads, -1)
-        per_layer.append(masked_mean(on_template.flatten(0, 1), mask.flatten(0, 1)).view(-1, heads))
+        mask = query_mask.to(pattern.device)[:, None, :].expand(-1, heads, -1)
+        per_layer.append(masked_mean(on_template.flatten(0, 1), mask.flatten(0, 1)).view(-1, heads).to(weights.device))
     return torch.stack(per_layer, dim=1)
 
 

@@ -87,7 +87,7 @@ from headscope.engine.circuits import head_keys, head_queries, ov_logits
 from headscope.engine.heads import model_shape
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch
-from headscope.engine.unembed import FINAL_SCALE, center_for_norm, head_contributions, head_output_hooks
+from headscope.engine.unembed import FINAL_SCALE, center_for_norm, head_contributions, head_output_hooks, unembedding
 from headscope.errors import InputError
 from headscope.results import HeadScores
 from headscope.significance import Significance
@@ -229,8 +229,8 @@ def layer_circuits(
     ov = ov_logits(model, layer, embedded, unembed, config.head_input_norm)
     queries = head_queries(model, layer, unembed.T, config.head_input_norm)  # [n_heads, n, d_head]
     keys = head_keys(model, layer, embedded, config.head_input_norm)  # [n_kv_heads, n, d_head]
-    kv_of_head = torch.arange(queries.shape[0]) // model_shape(model).group_size
-    qk = einops.einsum(queries, keys[kv_of_head], "heads t d_head, heads s d_head -> heads t s")
+    kv_of_head = torch.arange(queries.shape[0], device=keys.device) // model_shape(model).group_size
+    qk = einops.einsum(queries.to(keys.device), keys[kv_of_head], "heads t d_head, heads s d_head -> heads t s")
     return ov, qk
 
 
@@ -248,7 +248,7 @@ def circuit_scores(model: Any, ids: list[int], config: CopySuppressionConfig) ->
         rows["copying"].append((above < config.top_k).float().mean(dim=-1))
         rows["ov_signed_rank"].append(((above - below).float() / (n - 1)).mean(dim=-1))
         rows["qk"].append((own_ranks(qk)[1] < config.top_k).float().mean(dim=-1))
-    return {key: torch.stack(values).cpu() for key, values in rows.items()}
+    return {key: torch.stack([value.cpu() for value in values]) for key, values in rows.items()}  # layers' devices
 
 
 def pairing_null_maxima(
@@ -337,8 +337,9 @@ def context_attributions(
     output (``head_contributions``, centred for a LayerNorm) divided by the final norm's scale,
     read through ``diag(w_final) (W_U[:, v] - mean_u W_U[:, u])``."""
     shape = model_shape(model)
-    unembed = model.W_U.detach().float()
-    centred_unembed = final_norm_weight(model).float()[:, None] * (unembed - unembed.mean(dim=1, keepdim=True))
+    unembed = unembedding(model)
+    weight = final_norm_weight(model).float().to(unembed.device)
+    centred_unembed = weight[:, None] * (unembed - unembed.mean(dim=1, keepdim=True))
     names = [name for layer in range(shape.n_layers) for name in head_output_hooks(model, layer)] + [FINAL_SCALE]
 
     def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> Tensor:
@@ -347,11 +348,12 @@ def context_attributions(
         scale = cache[FINAL_SCALE].float()  # [batch, pos, 1]
         per_layer = []
         for layer in range(shape.n_layers):
-            outputs = center_for_norm(model, head_contributions(model, cache, layer)) / scale[:, :, None]
+            contributions = head_contributions(model, cache, layer)  # on the layer's device
+            outputs = center_for_norm(model, contributions) / scale.to(contributions.device)[:, :, None]
             values = einops.einsum(outputs, readout.to(outputs.device),
                                    "batch p heads d_model, batch j d_model -> batch heads p j")
-            per_layer.append(masked_window_means(values, mask.to(values.device)))
-        return torch.stack(per_layer, dim=1).cpu()  # [batch, n_layers, n_heads]
+            per_layer.append(masked_window_means(values, mask.to(values.device)).cpu())
+        return torch.stack(per_layer, dim=1)  # [batch, n_layers, n_heads]
 
     per_window = run_batched(model, windows.batch, reduce, names, batch_size, progress, desc="copy_suppression",
                              logits="last")

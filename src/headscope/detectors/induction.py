@@ -51,7 +51,8 @@ from headscope.detectors.attention_templates import (
 from headscope.detectors.base import Example, register_detector, setting
 from headscope.engine.heads import hook_name, model_shape
 from headscope.engine.tokens import TokenBatch
-from headscope.engine.unembed import center_for_norm, direct_logits, direct_unembed, post_attention_weights
+from headscope.engine.unembed import (center_for_norm, direct_logits, direct_unembed, head_output_weight,
+                                      post_attention_weights)
 from headscope.tasks.repeated_tokens import RepeatedTokens
 
 
@@ -129,27 +130,27 @@ def copying_scores(
     sources = sources.to(chunk.tokens.device)
     targets = chunk.tokens[:, sources]  # [batch, P]: the token an induction head copies
     if candidates is not None:
-        columns = einops.rearrange(unembed[:, candidates], "d_model batch n -> batch d_model n")
+        columns = einops.rearrange(unembed[:, candidates.to(unembed.device)], "d_model batch n -> batch d_model n")
         targets = (candidates[:, None, :] == targets[:, :, None]).float().argmax(dim=-1)  # index in row
     shares, top1 = [], []
     post_weights = post_attention_weights(model)  # a post-attention norm's weights; its scale cancels in the share
     for layer in range(shape.n_layers):
-        values = cache[hook_name(layer, "v")][:, sources].float()  # [batch, P, n_kv_heads, d_head]
+        v = cache[hook_name(layer, "v")]  # on the layer's device (a split model): computed there
+        values = v[:, sources.to(v.device)].float()  # [batch, P, n_kv_heads, d_head]
         values = einops.repeat(values, "batch P n_kv_heads d_head -> batch P (n_kv_heads group) d_head",
                                group=shape.group_size)  # each query head reads its KV group's value
-        w_o = model.blocks[layer].attn.W_O.detach().float()
-        outputs = einops.einsum(values, w_o,
+        outputs = einops.einsum(values, head_output_weight(model, layer).to(v.device),
                                 "batch P n_heads d_head, n_heads d_head d_model -> batch P n_heads d_model")
         if post_weights[layer] is not None:
-            outputs = outputs * post_weights[layer]
+            outputs = outputs * post_weights[layer].to(v.device)
         if candidates is None:
-            logits = direct_logits(model, outputs, unembed)  # [batch, P, heads, vocab]
+            logits = direct_logits(model, outputs, unembed.to(v.device))  # [batch, P, heads, vocab]
         else:
-            logits = einops.einsum(center_for_norm(model, outputs), columns,
+            logits = einops.einsum(center_for_norm(model, outputs), columns.to(v.device),
                                    "batch P n_heads d_model, batch d_model n -> batch P n_heads n")
-        index = einops.repeat(targets, "batch P -> batch P n_heads 1", n_heads=shape.n_heads)
+        index = einops.repeat(targets.to(v.device), "batch P -> batch P n_heads 1", n_heads=shape.n_heads)
         gains = torch.relu(logits - logits.mean(dim=-1, keepdim=True))
         share = gains.gather(-1, index).squeeze(-1) / gains.sum(dim=-1).clamp_min(1e-12)
-        shares.append((2 * share - 1).mean(dim=1))  # [batch, heads]
-        top1.append((logits.argmax(dim=-1) == index.squeeze(-1)).float().mean(dim=1))
+        shares.append((2 * share - 1).mean(dim=1).to(chunk.tokens.device))  # [batch, heads]
+        top1.append((logits.argmax(dim=-1) == index.squeeze(-1)).float().mean(dim=1).to(chunk.tokens.device))
     return {"copying": torch.stack(shares, dim=1), "copying_top1": torch.stack(top1, dim=1)}

@@ -72,6 +72,7 @@ from headscope.engine.unembed import (
     final_position_attributions,
     head_output_hooks,
     head_output_weights,
+    unembedding,
 )
 from headscope.errors import DataError, EmptyResultError, InputError
 from headscope.results import HeadScores, ranking_agreement  # noqa: F401  (ranking_agreement re-exported)
@@ -279,10 +280,10 @@ class MemoryContextDetector(Detector):
 
 def answer_directions(model: Any, items: list[ConflictItem]) -> Float[Tensor, "n_items d_model"]:
     """``diag(w_norm) (W_U[:, c] - W_U[:, m])`` per item."""
-    unembed = model.W_U.detach().float()
+    unembed = unembedding(model)
     context = torch.tensor([i.context_token for i in items], device=unembed.device)
     memory = torch.tensor([i.memory_token for i in items], device=unembed.device)
-    return (final_norm_weight(model).float()[:, None] * (unembed[:, context] - unembed[:, memory])).T
+    return (final_norm_weight(model).float().to(unembed.device)[:, None] * (unembed[:, context] - unembed[:, memory])).T
 
 
 def unrelated_floor(scores: HeadScores) -> tuple[float, str]:
@@ -331,7 +332,11 @@ def final_head_attributions(
     def reduce(logits: Tensor, cache: dict, chunk: TokenBatch, rows: slice) -> dict[str, Tensor]:
         index, rows = rows, torch.arange(len(chunk), device=logits.device)  # rows of the data; rows of the chunk
         last = chunk.last_positions
-        scale = cache[FINAL_SCALE][rows, last, 0].float() if scale_from is None else scale_from["scale"][index]
+        if scale_from is None:
+            final_scale = cache[FINAL_SCALE]  # on the final norm's device
+            scale = final_scale[rows.to(final_scale.device), last.to(final_scale.device), 0].float().to(logits.device)
+        else:
+            scale = scale_from["scale"][index].to(logits.device)
         out = {name: final_position_attributions(model, cache, last, d[index].to(logits.device), scale, w_o)
                for name, d in directions.items()}
         context = torch.tensor([i.context_token for i in items[index]], device=logits.device)

@@ -91,6 +91,7 @@ from headscope.engine.unembed import (
     head_output_hooks,
     head_output_weights,
     last_position_z,
+    unembedding,
 )
 from headscope.errors import EmptyResultError, InputError
 from headscope.results import HeadScores
@@ -327,9 +328,9 @@ class NameMoverDetector(Detector):
 def name_directions(model: Any, good: Tensor, bad: Tensor) -> Float[Tensor, "batch d_model"]:
     """``diag(w_norm) (W_U[:, good] - W_U[:, bad])`` per row: the final-norm-weighted direction of a
     logit difference."""
-    unembed = model.W_U.detach().float()
+    unembed = unembedding(model)
     good, bad = good.to(unembed.device), bad.to(unembed.device)
-    return (final_norm_weight(model).float()[:, None] * (unembed[:, good] - unembed[:, bad])).T
+    return (final_norm_weight(model).float().to(unembed.device)[:, None] * (unembed[:, good] - unembed[:, bad])).T
 
 
 def unrelated_tokens(model: Any, items: list[IOIItem], names: list[str], seed: int) -> list[tuple[int, int]]:
@@ -361,7 +362,8 @@ def clean_pass(model: Any, items: list[IOIItem], unrelated: list[tuple[int, int]
     def reduce(logits: Tensor, cache: dict, chunk: TokenBatch, rows: slice) -> dict[str, Tensor]:
         last = chunk.last_positions.to(logits.device)
         local = torch.arange(len(chunk), device=logits.device)
-        scale = cache[FINAL_SCALE][local, last, 0].float()
+        final_scale = cache[FINAL_SCALE]  # on the final norm's device
+        scale = final_scale[local.to(final_scale.device), last.to(final_scale.device), 0].float().to(logits.device)
         out = {
             "attribution": final_position_attributions(model, cache, last, name_directions(model, io[rows], s[rows]),
                                                        scale, w_o),
@@ -380,8 +382,15 @@ def clean_pass(model: Any, items: list[IOIItem], unrelated: list[tuple[int, int]
 def end_attention(cache: dict, n_layers: int, last: Tensor, keys: Tensor) -> Float[Tensor, "batch n_layers n_heads"]:
     """Every head's attention from each row's ``last`` position to its ``keys`` position."""
     rows = torch.arange(len(last), device=last.device)
-    per_layer = [cache[hook_name(layer, "pattern")][rows, :, last, keys].float() for layer in range(n_layers)]
+    per_layer = [_at(cache[hook_name(layer, "pattern")], rows, last, keys).float().to(last.device)
+                 for layer in range(n_layers)]
     return torch.stack(per_layer, dim=1)
+
+
+def _at(pattern: Tensor, rows: Tensor, last: Tensor, keys: Tensor) -> Float[Tensor, "batch n_heads"]:
+    """``pattern[rows, :, last, keys]``, indexed on the pattern's device (its layer's)."""
+    device = pattern.device
+    return pattern[rows.to(device), :, last.to(device), keys.to(device)]
 
 
 def pick_receivers(values: Float[Tensor, "n_layers n_heads"], excess: Float[Tensor, "n_items n_layers n_heads"],
@@ -441,8 +450,8 @@ def receiver_metric(patterns: dict[int, Tensor], receivers: list[tuple[int, int]
              for key in ("io", "s1", "s2")}
     total = torch.zeros(len(last), device=device)
     for layer, head in receivers:
-        row = patterns[layer][rows, head, last].float()  # [batch, key_pos]
-        total = total + row[rows, where["io"]] - row[rows, where["s1"]] - row[rows, where["s2"]]
+        row = patterns[layer][rows.to(patterns[layer].device), head, last.to(patterns[layer].device)].float().to(device)
+        total = total + row[rows, where["io"]] - row[rows, where["s1"]] - row[rows, where["s2"]]  # [batch, key_pos] rows
     return total
 
 
@@ -503,10 +512,13 @@ def end_gradients(model: Any, chunk: TokenBatch, chunk_items: list[IOIItem], rec
         model(chunk.tokens, attention_mask=mask)
         metric = receiver_metric(patterns, receivers, chunk_items, last).sum()
         grads = torch.autograd.grad(metric, [deltas[layer] for layer in range(upstream)])
-    view = lambda layer, t: head_hook(model, layer, "z")[1](t)[rows, last].float()  # noqa: E731
+
+    def view(layer: int, t: Tensor) -> Tensor:  # at END, on the CPU (each layer's t on its own device)
+        return head_hook(model, layer, "z")[1](t)[rows.to(t.device), last.to(t.device)].float().cpu()
+
     z = torch.stack([view(layer, values[layer]) for layer in range(upstream)], dim=1)
     grad = torch.stack([view(layer, g) for layer, g in enumerate(grads)], dim=1)
-    return z.cpu(), grad.cpu()
+    return z, grad
 
 
 def confirm_exactly(model: Any, items: list[IOIItem], receivers: list[tuple[int, int]], inhibition: dict[str, Tensor],
@@ -563,7 +575,7 @@ def _patched_chunk(model: Any, batch: TokenBatch, items: list[IOIItem], receiver
         def hook(activation: Tensor, hook: Any) -> Tensor:
             out = activation.clone()
             for index in indices:
-                view(out)[rows, last, index] = abc_z[:, layer, index].to(out)
+                view(out)[rows.to(out.device), last.to(out.device), index] = abc_z[:, layer, index].to(out)
             return out
         return hook
 

@@ -74,6 +74,7 @@ from headscope.engine.unembed import (
     final_position_attributions,
     head_output_hooks,
     head_output_weights,
+    unembedding,
 )
 from headscope.errors import DataError, InputError, SettingError
 from headscope.identity import RecentCache, model_identity, stored_result
@@ -232,7 +233,8 @@ def option_readout(
     query_keys = [(head_hook(model, layer, "q"), head_hook(model, layer, "k")) for layer in range(shape.n_layers)]
     names = [name for layer, (q, k) in enumerate(query_keys)
              for name in (q[0], k[0], hook_name(layer, "pattern"), *head_output_hooks(model, layer))] + [FINAL_SCALE]
-    letter_rows = model.W_U.detach().float().T[encoded.letter_ids]  # [n, options, d_model]
+    unembed = unembedding(model)
+    letter_rows = unembed.T[encoded.letter_ids.to(unembed.device)]  # [n, options, d_model]
     w_norm, w_o = final_norm_weight(model).float(), head_output_weights(model)
 
     def reduce(last_logits: Tensor, cache: dict, chunk: TokenBatch, rows: slice) -> dict[str, Tensor]:
@@ -247,8 +249,12 @@ def option_readout(
             out[f"attention_{position}"] = _stack_layers([_attention(cache, layer, in_chunk, last, at)
                                                           for layer in range(shape.n_layers)])
         out["letter_logits"] = last_logits.float().gather(1, encoded.letter_ids[index].to(device)).cpu()
-        scale = cache[FINAL_SCALE][in_chunk, last, 0].float()
-        directions = w_norm * _correct_minus_wrong(letter_rows[index], encoded.answers[index], encoded.option_mask[index]).to(device)
+        final_scale = cache[FINAL_SCALE]
+        scale = final_scale[in_chunk.to(final_scale.device), last.to(final_scale.device), 0].float().to(device)
+        rows_here = index.to(letter_rows.device)
+        correct_minus_wrong = _correct_minus_wrong(letter_rows[rows_here], encoded.answers[index].to(letter_rows.device),
+                                                   encoded.option_mask[index].to(letter_rows.device))
+        directions = w_norm.to(device) * correct_minus_wrong.to(device)
         out["correct_letter"] = final_position_attributions(model, cache, last, directions, scale, w_o).cpu()
         return out
 
@@ -268,8 +274,10 @@ def _attention(
     cache: dict, layer: int, rows: Tensor, last: Tensor, at: Int[Tensor, "batch n_options"]
 ) -> Float[Tensor, "batch n_heads n_options"]:
     """Post-softmax attention from the last token to each option's position."""
-    from_last = cache[hook_name(layer, "pattern")][rows, :, last]  # [batch, heads, key_pos]
-    index = einops.repeat(at, "batch n_options -> batch n_heads n_options", n_heads=from_last.shape[1])
+    pattern = cache[hook_name(layer, "pattern")]  # on the layer's device
+    from_last = pattern[rows.to(pattern.device), :, last.to(pattern.device)]  # [batch, heads, key_pos]
+    index = einops.repeat(at.to(pattern.device), "batch n_options -> batch n_heads n_options",
+                          n_heads=from_last.shape[1])
     return from_last.gather(2, index)
 
 
@@ -279,8 +287,10 @@ def _qk_scores(
     """Pre-RoPE query at the last token · pre-RoPE key (of the head's KV group) at each option, both
     after any QK-norm (``hooks``: the layer's query and key ``head_hook``)."""
     (query_name, query_view), (key_name, key_view) = hooks
+    device = cache[query_name].device  # the layer's
+    rows, last, at = rows.to(device), last.to(device), at.to(device)
     query = query_view(cache[query_name])[rows, last].float()  # [batch, n_heads, d_head]
-    keys = key_view(cache[key_name])[rows[:, None], at].float()  # [batch, n_options, n_kv_heads, d_head]
+    keys = key_view(cache[key_name])[rows[:, None], at].float().to(device)  # [batch, n_options, n_kv_heads, d_head]
     keys = einops.repeat(keys, "batch n_options n_kv_heads d_head -> batch n_options (n_kv_heads group) d_head",
                          group=group_size)  # each query head meets its KV group's key
     return einops.einsum(query, keys, "batch n_heads d_head, batch n_options n_heads d_head -> batch n_heads n_options")

@@ -66,13 +66,17 @@ from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, row_tokens, tokenize
 from headscope.engine.architecture import architecture
 from headscope.engine.circuits import apply_norm
+from headscope.engine.devices import layer_device, readable_weights
 from headscope.engine.unembed import (
     center_for_norm,
+    direct_unembed,
     final_norm_weight,
     head_output_hooks,
     head_output_weights,
+    input_embedding,
     last_position_head_outputs,
     post_attention_weights,
+    unembedding,
 )
 from headscope.errors import DataError, InputError
 from headscope.results import HeadScores
@@ -277,19 +281,22 @@ def effective_embeddings(model: Any, token_ids: list[int], embedding: str) -> Fl
     the block's own norms (pre-MLP norm, and the post-MLP norm where the model has one)."""
     arch = architecture(model)
     with torch.no_grad():
-        raw = model.W_E[torch.tensor(token_ids, device=model.W_E.device)].detach().float() * arch.embedding_scale
+        table = input_embedding(model)
+        raw = table[torch.tensor(token_ids, device=table.device)].to(layer_device(model, 0)) * arch.embedding_scale
         if embedding == "raw":
             return raw
         block = model.blocks[0]
         hidden = apply_norm(getattr(block, "ln2", None), raw[None])
         mlp_out = apply_norm(getattr(block, "ln2_post", None) if arch.post_mlp_norm else None, block.mlp(hidden))[0].float()
+        mlp_out = mlp_out.to(raw.device)
         return mlp_out if embedding == "mlp0" else raw + mlp_out
 
 
 def task_unembed(model: Any, token_ids: list[int], unembed_norm: bool = True) -> Float[Tensor, "d_model n"]:
     """Unembedding columns of ``token_ids``, weighted by the final norm's weights when ``unembed_norm``."""
-    unembed = model.W_U.detach().float()[:, torch.tensor(token_ids, device=model.W_U.device)]
-    return final_norm_weight(model).float()[:, None] * unembed if unembed_norm else unembed
+    table = unembedding(model)
+    unembed = table[:, torch.tensor(token_ids, device=table.device)]
+    return final_norm_weight(model).float().to(table.device)[:, None] * unembed if unembed_norm else unembed
 
 
 def head_ov_logits(
@@ -302,14 +309,17 @@ def head_ov_logits(
     attn = model.blocks[layer].attn
     group = model_shape(model).group_size
     post_weight = post_attention_weights(model)[layer]
-    with torch.no_grad():
+    device = layer_device(model, layer)
+    with torch.no_grad(), readable_weights(attn):
         norm = getattr(model.blocks[layer], "ln1", None) if head_input_norm else None
-        x = apply_norm(norm, embedded[None])[0]
-        values = einops.einsum(x, attn.W_V.detach().float(), "n d_model, n_kv_heads d_model d_head -> n_kv_heads n d_head")
-        outputs = [values[head // group] @ attn.W_O[head].detach().float() for head in heads]  # [n, d_model] each
+        x = apply_norm(norm, embedded.to(device)[None])[0].to(device)
+        values = einops.einsum(x, attn.W_V.detach().float().to(device),
+                               "n d_model, n_kv_heads d_model d_head -> n_kv_heads n d_head")
+        w_o = attn.W_O.detach().float().to(device)
+        outputs = [values[head // group] @ w_o[head] for head in heads]  # [n, d_model] each
         if post_weight is not None:
-            outputs = [output * post_weight for output in outputs]
-        return torch.stack([center_for_norm(model, output) @ unembed for output in outputs])
+            outputs = [output * post_weight.to(device) for output in outputs]
+        return torch.stack([center_for_norm(model, output) @ unembed.to(device) for output in outputs])
 
 
 def effective_ov_success(model: Any, task: SuccessionTask, config: SuccessorConfig) -> Bool[Tensor, "pairs n_layers n_heads"]:
@@ -344,7 +354,7 @@ def contextual_success(
     """Per prompt and head: is the correct successor the top task token of the head's direct logits
     at the final position?"""
     shape = model_shape(model)
-    unembed = final_norm_weight(model).float()[:, None] * model.W_U.detach().float()
+    unembed = direct_unembed(model)
     w_o, post_weights = head_output_weights(model), post_attention_weights(model)
     hooks = [head_output_hooks(model, layer) for layer in range(shape.n_layers)]
     names = [name for layer_hooks in hooks for name in layer_hooks]
@@ -352,14 +362,15 @@ def contextual_success(
     def reduce(logits: Tensor, cache: dict, chunk: TokenBatch, rows: slice) -> Tensor:
         outputs = torch.stack([
             last_position_head_outputs(model, cache[z], chunk.last_positions, w_o[layer], post_weights[layer],
-                                       cache[scale[0]] if scale else None)
+                                       cache[scale[0]] if scale else None).to(logits.device)
             for layer, (z, *scale) in enumerate(hooks)
-        ], dim=1)  # [batch, n_layers, n_heads, d_model]
+        ], dim=1)  # [batch, n_layers, n_heads, d_model], on the logits' device
         success = []
         for row, prompt in enumerate(prompts[rows]):
             ids = prompt.task.task_token_ids
             target = sorted(prompt.task.token_ids).index(prompt.target_index)
-            head_logits = outputs[row] @ unembed[:, torch.tensor(ids, device=logits.device)]  # [layers, heads, n_task]
+            columns = unembed[:, torch.tensor(ids, device=unembed.device)].to(logits.device)
+            head_logits = outputs[row] @ columns  # [layers, heads, n_task]
             success.append(head_logits.argmax(dim=-1) == target)
         return torch.stack(success).cpu()
 

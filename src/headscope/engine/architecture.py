@@ -35,6 +35,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from headscope.engine.devices import execution_device, input_device, readable_weights
 from headscope.engine.heads import hook_name, model_shape
 
 NormKind = Literal["layernorm", "rmsnorm", "none"]
@@ -130,7 +131,7 @@ def _probe_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     """Shapes of the family-specific hooks that fire in one forward of ``n_heads + 1`` tokens (a
     length that cannot be mistaken for a head count)."""
     length = model_shape(model).n_heads + 1
-    tokens = torch.arange(1, length + 1, device=_device(model))[None] % model_shape(model).d_vocab
+    tokens = torch.arange(1, length + 1, device=input_device(model))[None] % model_shape(model).d_vocab
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(activation: Tensor, hook: Any, name: str) -> None:
@@ -155,19 +156,13 @@ def _layout(shape: Optional[tuple[int, ...]], n_heads: int) -> HeadLayout:
 def _embedding_scale(model: Any) -> float:
     """``hook_embed`` of one token over its row of ``W_E`` (the row of largest norm, so never a
     zeroed padding row): the factor the model applies to embeddings."""
-    token = int(model.W_E.detach().float().norm(dim=-1).argmax())
+    with readable_weights(model.embed):
+        embedding = model.W_E.detach().float()
+    token = int(embedding.norm(dim=-1).argmax())
     seen: list[Tensor] = []
     with torch.no_grad(), model.hooks(fwd_hooks=[("hook_embed", lambda a, hook: seen.append(a.detach()))]):
-        model(torch.tensor([[token]], device=_device(model)), return_type="logits")
-    raw = model.W_E[token].detach().float()
-    return float(seen[0][0, 0].float().norm() / raw.norm())
-
-
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+        model(torch.tensor([[token]], device=input_device(model)), return_type="logits")
+    return float(seen[0][0, 0].float().norm().cpu() / embedding[token].norm().cpu())
 
 
 # ----- per-head views of query/key hooks -------------------------------------------------------
@@ -183,13 +178,15 @@ def as_pos_head(activation: Tensor, layout: HeadLayout, n_heads: int) -> Float[T
 # ----- norms on the direct path ---------------------------------------------------------------
 def norm_weight(model: Any, norm: Any) -> Float[Tensor, " d_model"]:
     """The elementwise weight a norm module applies, offset included (``1 + w`` for Gemma); ones
-    for a norm without weights."""
-    weight = getattr(norm, "weight", None)
-    if weight is None and getattr(norm, "original_component", None) is not None:
-        weight = getattr(norm.original_component, "weight", None)
-    if weight is None:
-        return torch.ones(model.cfg.d_model, device=model.W_U.device)
-    return weight.detach() + architecture(model).norm_offset
+    for a norm without weights. On the norm's execution device."""
+    offset = architecture(model).norm_offset
+    with readable_weights(norm):
+        weight = getattr(norm, "weight", None)
+        if weight is None and getattr(norm, "original_component", None) is not None:
+            weight = getattr(norm.original_component, "weight", None)
+        if weight is None:
+            return torch.ones(model.cfg.d_model, device=execution_device(norm) or input_device(model))
+        return weight.detach() + offset  # a new tensor: still real once the weights go back offloaded
 
 
 def final_norm_weight(model: Any) -> Float[Tensor, " d_model"]:

@@ -130,7 +130,7 @@ class Prefix:
         if extra > 0:
             self.cache.crop(-extra)  # a negative count removes positions in every transformers version
         if self.rows != 1:
-            self.cache.batch_select_indices(torch.tensor([0], device=model_device(self.model)))
+            self.cache.batch_select_indices(torch.tensor([0]))  # on CPU: indexes each layer's device
             self.rows = 1
 
 
@@ -214,8 +214,9 @@ def greedy_decode_rows(
                 steps_tokens.append(tokens.cpu())
                 steps_logprobs.append(logprobs.gather(1, tokens[:, None])[:, 0].cpu())
                 if recorded is not None:
-                    steps_keys.append(torch.stack(recorded, dim=1).cpu().to(torch.int32))  # [rows, layers, heads]
-                current = tokens[:, None]
+                    keys = torch.stack([layer_keys.cpu() for layer_keys in recorded], dim=1)  # layers' devices
+                    steps_keys.append(keys.to(torch.int32))  # [rows, layers, heads]
+                current = tokens[:, None].to(model_device(model))  # logits come from the last layer's device
     finally:
         prefix.rewind()
     shape = model_shape(model)
@@ -267,5 +268,5 @@ def continuation_logprobs(
     finally:
         prefix.rewind()
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    targets = continuation.to(device).expand(rows, -1)
+    targets = continuation.to(logprobs.device).expand(rows, -1)
     return logprobs.gather(2, targets[:, :, None])[:, :, 0].cpu()

@@ -124,7 +124,7 @@ def _generate_chunk(model: Any, chunk: TokenBatch, max_new_tokens: int, stop_ids
             generated.append(next_tokens.cpu())
             if stops.update(step, next_tokens):
                 break
-            current = next_tokens[:, None]
+            current = next_tokens[:, None].to(device)  # logits come from the last layer's device
             mask = torch.cat([mask, mask.new_ones(len(chunk), 1)], dim=1)
             positions = positions[:, -1:] + 1
     steps = torch.stack(generated, dim=1)

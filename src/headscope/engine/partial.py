@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from headscope.engine.devices import input_device
 from headscope.errors import UnsupportedModelError
 
 _CHECKED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
@@ -39,7 +40,7 @@ def _block_output_arity(model: Any) -> int:
     )
     try:
         with torch.no_grad():
-            model(torch.zeros((1, 2), dtype=torch.long, device=next(model.parameters()).device))
+            model(torch.zeros((1, 2), dtype=torch.long, device=input_device(model)))
     finally:
         handle.remove()
     _ARITY[model] = seen[0]

@@ -41,6 +41,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from headscope.engine.devices import input_device
 from headscope.engine.heads import model_shape
 from headscope.engine.partial import forward_from_layer
 from headscope.engine.tokens import TokenBatch, as_token_batch
@@ -55,10 +56,9 @@ ReduceFn = Callable[..., Reduced]  # reduce(logits, cache, chunk) or reduce(logi
 
 
 def model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    """Where a run's inputs go: the input embedding's device, also for a model split across devices
+    or offloaded by a device map (``engine.devices``)."""
+    return input_device(model)
 
 
 def model_dtype(model: Any) -> torch.dtype:

@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.engine.architecture import architecture, final_norm_weight, head_hook, norm_weight, softcap
+from headscope.engine.devices import readable_weights
 from headscope.engine.heads import hook_name, model_shape
 
 FINAL_SCALE = "ln_final.hook_scale"  # the final norm's per-position scale (cache it for attributions)
@@ -33,13 +34,36 @@ class Cache(Protocol):
     def __getitem__(self, name: str) -> Tensor: ...
 
 __all__ = ["Cache", "FINAL_SCALE", "final_norm_weight", "direct_unembed", "center_for_norm", "direct_logits",
-           "head_output_weights", "head_output_hooks", "post_attention_weights", "last_position_head_outputs",
+           "input_embedding", "unembedding", "unembedding_bias", "head_output_weight", "head_output_weights",
+           "head_output_hooks", "post_attention_weights", "last_position_head_outputs",
            "final_position_attributions", "head_contributions", "attention_bias_contribution", "logits_from_residual"]
 
 
 def direct_unembed(model: Any) -> Float[Tensor, "d_model d_vocab"]:
-    """``diag(w_norm) W_U``: maps a (normalised) residual direction to logits."""
-    return final_norm_weight(model).float()[:, None] * model.W_U.detach().float()
+    """``diag(w_norm) W_U``: maps a (normalised) residual direction to logits (on the unembedding's
+    device)."""
+    unembed = unembedding(model)
+    return final_norm_weight(model).float().to(unembed.device)[:, None] * unembed
+
+
+def unembedding(model: Any) -> Float[Tensor, "d_model d_vocab"]:
+    """``W_U`` as float32, read on the unembedding's execution device (also when it is offloaded)."""
+    with readable_weights(model.unembed):
+        return model.W_U.detach().float()
+
+
+def input_embedding(model: Any) -> Float[Tensor, "d_vocab d_model"]:
+    """``W_E`` as float32 (unscaled: see ``architecture.embedding_scale``), read on the input
+    embedding's execution device (also when it is offloaded)."""
+    with readable_weights(model.embed):
+        return model.W_E.detach().float()
+
+
+def unembedding_bias(model: Any) -> Optional[Float[Tensor, " d_vocab"]]:
+    """``b_U`` as float32 (None without one), read like :func:`unembedding`."""
+    with readable_weights(model.unembed):
+        bias = getattr(model, "b_U", None)
+        return None if bias is None else bias.detach().float()
 
 
 def center_for_norm(model: Any, contribution: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
@@ -58,8 +82,15 @@ def direct_logits(
 
 
 def head_output_weights(model: Any) -> list[Float[Tensor, "n_heads d_head d_model"]]:
-    """Every layer's ``W_O`` as float tensors, fetched once per run."""
-    return [block.attn.W_O.detach().float() for block in model.blocks]
+    """Every layer's ``W_O`` as float tensors, fetched once per run (each on its layer's device)."""
+    return [head_output_weight(model, layer) for layer in range(len(model.blocks))]
+
+
+def head_output_weight(model: Any, layer: int) -> Float[Tensor, "n_heads d_head d_model"]:
+    """``W_O`` of ``layer`` as float32, read on the layer's execution device (also when offloaded)."""
+    attn = model.blocks[layer].attn
+    with readable_weights(attn):
+        return attn.W_O.detach().float()
 
 
 def post_attention_weights(model: Any) -> list[Optional[Float[Tensor, " d_model"]]]:
@@ -85,7 +116,11 @@ def last_position_z(model: Any, cache: Cache, last: Tensor,
     first = cache[views[0][0]]
     rows = torch.arange(first.shape[0], device=first.device)
     last = last.to(first.device)
-    return torch.stack([view(cache[name])[rows, last].float() for name, view in views], dim=1)
+
+    def at_last(z: Tensor, view: Any) -> Tensor:  # each layer's z on its own device (a split model)
+        return view(z)[rows.to(z.device), last.to(z.device)].float().to(first.device)
+
+    return torch.stack([at_last(cache[name], view) for name, view in views], dim=1)
 
 
 def last_position_head_outputs(
@@ -101,12 +136,13 @@ def last_position_head_outputs(
     (``post_weight`` and the run's ``post_scale``)."""
     rows = torch.arange(z.shape[0], device=z.device)
     last = last.to(z.device)
-    outputs = einops.einsum(z[rows, last].float(), w_o,
+    outputs = einops.einsum(z[rows, last].float(), w_o.to(z.device),
                             "batch n_heads d_head, n_heads d_head d_model -> batch n_heads d_model")
     if post_weight is not None:
         if post_scale is None:
             raise ValueError("A model with a post-attention norm needs its scale (cache head_output_hooks).")
-        outputs = outputs * post_weight / post_scale[rows, last].float()[:, :, None]
+        scale = post_scale[rows.to(post_scale.device), last.to(post_scale.device)].float().to(z.device)
+        outputs = outputs * post_weight.to(z.device) / scale[:, :, None]
     return center_for_norm(model, outputs)
 
 
@@ -128,8 +164,9 @@ def final_position_attributions(
         names = head_output_hooks(model, layer)
         post_scale = cache[names[1]] if len(names) > 1 else None
         outputs = last_position_head_outputs(model, cache[names[0]], last, weights, post_weights[layer], post_scale)
-        per_layer.append(einops.einsum(outputs, directions, "batch n_heads d_model, batch d_model -> batch n_heads")
-                         / scale[:, None])
+        here = directions.to(outputs.device)  # each layer on its own device (a split model)
+        per_layer.append((einops.einsum(outputs, here, "batch n_heads d_model, batch d_model -> batch n_heads")
+                          / scale.to(outputs.device)[:, None]).to(directions.device))
     return torch.stack(per_layer, dim=1)
 
 
@@ -139,8 +176,8 @@ def head_contributions(model: Any, cache: Cache, layer: int) -> Float[Tensor, "b
     (:func:`head_output_hooks` must be in ``cache``). With :func:`attention_bias_contribution` the
     heads sum to the layer's ``hook_attn_out``."""
     names = head_output_hooks(model, layer)
-    w_o = model.blocks[layer].attn.W_O.detach().float()
-    outputs = einops.einsum(cache[names[0]].float(), w_o,
+    z = cache[names[0]]
+    outputs = einops.einsum(z.float(), head_output_weight(model, layer).to(z.device),
                             "batch pos n_heads d_head, n_heads d_head d_model -> batch pos n_heads d_model")
     return _through_post_norm(model, layer, outputs, cache, names, head_axis=True)
 
@@ -149,10 +186,12 @@ def attention_bias_contribution(model: Any, cache: Cache, layer: int) -> Float[T
     """What the attention output bias of ``layer`` adds to the residual (zeros without one)."""
     names = head_output_hooks(model, layer)
     z = cache[names[0]]
-    bias = getattr(model.blocks[layer].attn, "b_O", None)
+    with readable_weights(model.blocks[layer].attn):
+        bias = getattr(model.blocks[layer].attn, "b_O", None)
+        bias = None if bias is None else bias.detach().float().to(z.device)
     outputs = torch.zeros(*z.shape[:2], model.cfg.d_model, device=z.device)
     if bias is not None:
-        outputs = outputs + bias.detach().float()
+        outputs = outputs + bias
     return _through_post_norm(model, layer, outputs, cache, names, head_axis=False)
 
 
@@ -160,8 +199,8 @@ def _through_post_norm(model: Any, layer: int, outputs: Tensor, cache: Cache, na
     weight = post_attention_weights(model)[layer]
     if weight is None:
         return outputs
-    scale = cache[names[1]].float()  # [batch, pos, 1]
-    return outputs * weight / (scale[:, :, None] if head_axis else scale)
+    scale = cache[names[1]].float().to(outputs.device)  # [batch, pos, 1]
+    return outputs * weight.to(outputs.device) / (scale[:, :, None] if head_axis else scale)
 
 
 def logits_from_residual(
@@ -170,12 +209,16 @@ def logits_from_residual(
     """The model's logits from a final residual and the final norm's scale (the run's own):
     mean removal for LayerNorm, division by ``scale``, the norm's weight (offset included) and
     bias, the unembedding with its bias, and soft-capping where the model caps."""
-    normalised = center_for_norm(model, residual) / scale.float() * final_norm_weight(model).float()
-    norm_bias = getattr(getattr(model.ln_final, "original_component", model.ln_final), "bias", None)
+    device = residual.device
+    weight = final_norm_weight(model).float().to(device)
+    normalised = center_for_norm(model, residual) / scale.float().to(device) * weight
+    with readable_weights(model.ln_final):
+        norm_bias = getattr(getattr(model.ln_final, "original_component", model.ln_final), "bias", None)
+        norm_bias = None if norm_bias is None else norm_bias.detach().float().to(device)
     if norm_bias is not None:
-        normalised = normalised + norm_bias.detach().float()
-    logits = normalised @ model.W_U.detach().float()
-    unembed_bias = getattr(model, "b_U", None)
+        normalised = normalised + norm_bias
+    logits = normalised @ unembedding(model).to(device)
+    unembed_bias = unembedding_bias(model)
     if unembed_bias is not None:
-        logits = logits + unembed_bias.detach().float()
+        logits = logits + unembed_bias.to(device)
     return softcap(model, logits)

@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from headscope.engine.devices import input_device
 from headscope.engine.tokens import tokenize
 from headscope.errors import DataError, EmptyResultError, InputError
 from headscope.tasks.user_data import PathLike, line_error, read_jsonl
@@ -385,4 +386,4 @@ def _lower_first(text: str) -> str:
 
 
 def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)

@@ -30,7 +30,7 @@ def token_pool(model: Any, pool: str) -> list[int]:
     of the unembedding, less the tokenizer's special tokens when it has one)."""
     if pool not in TOKEN_POOLS:
         raise InputError(f"Unknown token pool {pool!r}; choose one of {', '.join(TOKEN_POOLS)}.")
-    n_vocab = int(model.W_U.shape[1])
+    n_vocab = int(model.cfg.d_vocab)  # the unembedding's width (W_U is not readable when it is offloaded)
     tokenizer = getattr(model, "tokenizer", None)
     special = set(getattr(tokenizer, "all_special_ids", None) or [])
     if pool == "all":
