@@ -70,11 +70,11 @@ from headscope.errors import (
     ArgumentError,
     IdentityMismatchError,
     MissingPartsError,
-    UnknownDetectorError,
     PromptTooLongError,
     ResultFileError,
     ResultFileWarning,
     SettingError,
+    UnknownDetectorError,
 )
 from headscope.identity import ModelIdentity, model_identity, weights_digest
 from headscope.models import model_name
@@ -662,8 +662,8 @@ def missing_parts(out: Union[str, Path], detectors: Union[str, Sequence[str]] = 
                   k: int = 5, n_random: int = 5, seed: int = 0,
                   settings: Optional[dict[str, dict[str, Any]]] = None) -> list[tuple[str, str]]:
     """The ``(detector, stage)`` parts an assembly of ``out`` lacks, found without a model by the
-    parts' settings and code (the model's identity is checked when the atlas is assembled): a
-    stage with neither a part nor a recorded failure, and every stage after it."""
+    parts' settings and code (the model's identity is checked when the atlas is assembled): each
+    stage with neither a part nor a recorded failure (:func:`_walk_parts`)."""
     names = _detector_names(detectors)
     settings = detector_settings(names, settings)
     config = AtlasSettings(detectors=names, validate=validate, k=k, n_random=n_random, seed=seed, settings=settings)
@@ -673,13 +673,13 @@ def missing_parts(out: Union[str, Path], detectors: Union[str, Sequence[str]] = 
     for name in names:
         detector = get_detector(name, **settings.get(name, {}))
         keys = {stage: part_key(detector, stage, config) for stage in stages}
-        absent, _ = walk_parts(stages, lambda stage: _record_key(folder / f"{name}.{stage}.json") == keys[stage],
+        absent, _ = _walk_parts(stages, lambda stage: _record_key(folder / f"{name}.{stage}.json") == keys[stage],
                                lambda stage: _record_key(folder / f"{name}.failed.json", stage) == keys[stage] or None)
         missing += [(name, stage) for stage in absent]
     return missing
 
 
-def walk_parts(stages: Sequence[str], present: Callable[[str], bool],
+def _walk_parts(stages: Sequence[str], present: Callable[[str], bool],
                failed: Callable[[str], Any]) -> tuple[list[str], Any]:
     """How an assembly reads a detector's stages: each with a part (``present``) is kept; the first
     without one that has a recorded failure (``failed`` not None) ends the detector, as the failure
@@ -815,12 +815,12 @@ class _Builder:
         return self._atlas(config, {})
 
     def _assemble_detector(self, detector: Detector) -> None:
-        """Read every stage of ``detector`` from its part (:func:`walk_parts`): a stage without one
+        """Read every stage of ``detector`` from its part (:func:`_walk_parts`): a stage without one
         is missing unless a failure of it is recorded (``<name>.failed.json`` of that stage and
         key), which is kept as a sequential run keeps it."""
         name = detector.name
         self.timings[name] = {}
-        missing, failure = walk_parts(self._stages(), lambda stage: self._load(detector, stage),
+        missing, failure = _walk_parts(self._stages(), lambda stage: self._load(detector, stage),
                                       lambda stage: self.store.read_failure(name, stage, self._key(detector, stage)))
         self.missing += [(name, stage) for stage in missing]
         if failure is not None:

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -341,7 +342,7 @@ def _units_done(result: Any, args: argparse.Namespace, seconds: float) -> int:
     which = f"shard {args.shard}" if args.shard is not None else f"--only {args.only}"
     ran = ", ".join(result.settings.detectors) or "no units (there are more shards than units)"
     print(f"atlas {which}: {ran} in {seconds:.0f} s; parts in {Path(args.out) / 'parts'}. When every unit is done: "
-          f"headscope atlas --assemble --out {args.out} (same model and options).")
+          f"headscope atlas --assemble --out {shlex.quote(args.out)} (same model and options).")
     if result.failures:
         print(f"headscope: error: {result.failure_summary()}. Details in {Path(args.out) / 'parts'}/<detector>.failed.json;"
               " rerun the same command to retry only what failed, or --assemble to record the failure in the report.",
