@@ -10,7 +10,7 @@
 
 from headscope.versions import HEADSCOPE_VERSION as __version__
 from headscope.api import detect, scan
-from headscope.atlas import Atlas, AtlasSettings, atlas
+from headscope.atlas import Atlas, AtlasSettings, AtlasUnit, atlas, atlas_units
 from headscope.compare import AtlasComparison, compare
 from headscope.detectors import (
     Detector,
@@ -32,6 +32,7 @@ from headscope.errors import (
     HeadscopeError,
     IdentityMismatchError,
     InputError,
+    MissingPartsError,
     ModelNotAvailableError,
     OutputFolderError,
     PromptTooLongError,
@@ -71,6 +72,9 @@ __all__ = [
     "Atlas",
     "AtlasComparison",
     "AtlasSettings",
+    "AtlasUnit",
+    "atlas_units",
+    "MissingPartsError",
     "Significance",
     "atlas",
     "compare",

@@ -14,6 +14,23 @@ With ``out``, each detector's scores, significance and validation are written to
 ``<out>/parts/`` as soon as each is done, and the patterns as ``parts/attention_patterns.patterns.json``;
 a rerun with ``resume=True`` (the default) loads every part whose model and settings match and
 computes only what is missing.
+
+Spread over many processes, GPUs or nodes by a scheduler (a SLURM job array, Ray): each process runs
+some of the atlas's units into one shared ``out`` and writes their parts, nothing else, and a last
+run assembles the atlas from the parts (:func:`atlas_units`)::
+
+    hs.atlas(model, out="atlas/", shard="2/4")      # the second of four shards (numbered from 1)
+    hs.atlas(model, out="atlas/", only=["safety", "induction.validation"])
+    hs.atlas(model, out="atlas/", assemble=True)    # every part present: the whole atlas, patterns drawn
+
+A unit is a detector with all its stages, or the detectors scored in one pass (``score_together``:
+induction, previous_token and duplicate_token), which a shard never splits. ``only`` also takes a
+single stage, ``detector.stage``; a stage after ``scores`` run alone reads the detector's scores
+part and, when it is missing, fails before any work naming the unit to run first. Parts are
+written atomically under names no other writer uses, so shards never see a torn part; a failed
+detector is recorded as ``<detector>.failed.json`` without ending the others, and the assembled
+atlas records it as a sequential run does. The assembled atlas equals a sequential run's
+(:meth:`Atlas.results_json`, byte for byte).
 """
 
 from __future__ import annotations
@@ -26,6 +43,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 import traceback
 import warnings
@@ -51,10 +69,12 @@ from headscope.engine.runner import bar_disabled, progress_note
 from headscope.errors import (
     ArgumentError,
     IdentityMismatchError,
+    MissingPartsError,
     PromptTooLongError,
     ResultFileError,
     ResultFileWarning,
     SettingError,
+    UnknownDetectorError,
 )
 from headscope.identity import ModelIdentity, model_identity, weights_digest
 from headscope.models import model_name
@@ -70,6 +90,8 @@ STAGES = ("scores", "significance", "validation")
 PATTERNS_STEP = "attention_patterns"  # the step after the detectors: its part, failure and timings go by this name
 NATURAL = "natural_sentence"  # the key in Atlas.patterns of the natural sentence over every significant head
 PATTERN_TOKENS = 128  # the longest example drawn (examples are ~60 tokens; a byte-level tokenizer needs more)
+VOLATILE = ("environment", "timings")  # what differs between two runs of one atlas (dates, versions, seconds)
+UNIT_SECONDS = 30.0  # the weight of a detector whose ``cost`` names no seconds, when balancing shards
 
 
 class _RoleMapFields(NamedTuple):
@@ -317,6 +339,18 @@ class Atlas:
                         "pairs": self.overlap_table()},
         }
 
+    def results_dict(self) -> dict[str, Any]:
+        """What the atlas found, without what differs between two runs of it: :meth:`to_dict` less
+        ``environment`` (date, versions, device) and ``timings``, plus the attention patterns."""
+        data = {key: value for key, value in self.to_dict().items() if key not in VOLATILE}
+        data["patterns"] = _encode("patterns", self.patterns)
+        return data
+
+    def results_json(self) -> str:
+        """:meth:`results_dict` as JSON with sorted keys: equal atlases give equal bytes, e.g. one
+        assembled from parts made in parallel and one sequential run."""
+        return json.dumps(self.results_dict(), sort_keys=True, indent=1)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Atlas":
         return cls(
@@ -408,6 +442,9 @@ def atlas(
     batch_size: Optional[int] = None,
     progress: Optional[bool] = None,
     on_error: str = "record",
+    only: Optional[Union[str, Sequence[str]]] = None,
+    shard: Optional[Union[str, tuple[int, int]]] = None,
+    assemble: bool = False,
 ) -> Atlas:
     """Run every detector (``"all"`` or a list of names) on ``model``: scores, the heads each
     calls significant (its own rule, see ``Detector.significance``), and, with ``validate``, the
@@ -427,13 +464,32 @@ def atlas(
     Last, the attention patterns of every significant head are drawn on its detectors' examples
     and on a natural sentence (``Atlas.patterns``, a few short forward runs; saved as a part and
     reused on resume, a failure recorded under ``PATTERNS_STEP`` like a detector's).
+
+    Spread over processes (each needs ``out``, one folder for all, and the same other arguments):
+
+    - ``only``: run just these units into ``<out>/parts`` — ``"detector"`` (every stage) or
+      ``"detector.stage"`` (a list, or one string separated by commas) — and return an atlas of
+      them alone: no attention patterns, no report. A stage after ``scores`` reads the scores part
+      and, when there is none, raises :class:`MissingPartsError` before any work.
+    - ``shard``: ``"i/n"`` or ``(i, n)``, ``1 <= i <= n``: the i-th of n shards of
+      :func:`atlas_units`, balanced by rough cost; the same list on every node. Then as ``only``.
+    - ``assemble``: compute nothing but the attention patterns: the atlas from the parts, equal to
+      a sequential run's. A failed unit (``<detector>.failed.json``) is recorded as a failure, as a
+      sequential run records it.
+
+    Raises:
+        MissingPartsError: with ``assemble``, a unit not yet run (all are named, with the ``only``
+            that makes them).
     """
     if on_error not in ("record", "raise"):
         raise ArgumentError(f"on_error must be 'record' or 'raise', got {on_error!r}.")
+    names = _detector_names(detectors)
+    _check_distributed(out, only, shard, assemble, resume)
+    select = (parse_only(only, names, validate) if only is not None else
+              _shard_selection(names, validate, shard) if shard is not None else None)
     check_head_hooks(model)
     if validate:
         check_counts(model, k, n_random)  # before any detector runs, not in each validation stage
-    names = all_detectors() if detectors == "all" else ([detectors] if isinstance(detectors, str) else list(detectors))
     unknown_settings = sorted(set(settings or {}) - set(names))
     if unknown_settings:
         raise SettingError(f"settings given for {', '.join(unknown_settings)}, which this atlas does not run "
@@ -447,8 +503,231 @@ def atlas(
              if out is not None else None)
     if store is not None:
         store.check_identity()  # parts of another model or other weights: refused before any work
-    builder = _Builder(model, instances, config, store, batch_size, progress, on_error == "raise")
+    builder = _Builder(model, instances, config, store, batch_size, progress, on_error == "raise", select, assemble)
     return builder.run()
+
+
+def _detector_names(detectors: Union[str, Sequence[str]]) -> list[str]:
+    return all_detectors() if detectors == "all" else ([detectors] if isinstance(detectors, str) else list(detectors))
+
+
+def _check_distributed(out: Any, only: Any, shard: Any, assemble: bool, resume: bool) -> None:
+    """Raise ``ArgumentError`` for ``only``, ``shard`` and ``assemble`` given together or without ``out``."""
+    given = [name for name, value in (("only", only is not None), ("shard", shard is not None),
+                                      ("assemble", assemble)) if value]
+    if len(given) > 1:
+        raise ArgumentError(f"{' and '.join(given)} were given together: give one (a run of some units, or the "
+                            "assembly of their parts).")
+    if given and out is None:
+        raise ArgumentError(f"{given[0]} needs out=: the folder whose parts/ the units are written to and "
+                            "assembled from (the same folder for every run).")
+    if assemble and not resume:
+        raise ArgumentError("assemble=True reads the saved parts, and resume=False would ignore them: drop resume=False.")
+
+
+# ----- units: an atlas spread over processes -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AtlasUnit:
+    """A piece of an atlas that one process runs on its own into the shared ``out``: a detector
+    with every stage, or the detectors scored in one pass (the same ``score_together``), which
+    no shard splits.
+
+    Attributes:
+        detectors: the detector names, in the atlas's order; ``list(unit.detectors)`` is the
+            ``only=`` that runs the unit, ``str(unit)`` the ``--only`` value.
+        weight: rough seconds (from each detector's ``cost``, see :func:`rough_seconds`): what
+            :func:`shard_units` balances.
+    """
+
+    detectors: tuple[str, ...]
+    weight: float
+
+    def __str__(self) -> str:
+        return ",".join(self.detectors)
+
+
+def atlas_units(detectors: Union[str, Sequence[str]] = "all", validate: bool = True) -> list[AtlasUnit]:
+    """The units of an atlas of ``detectors`` (``"all"`` or names), in the atlas's order, without a
+    model: what a scheduler fans out, one task per unit (``hs.atlas(model, out=..., only=list(unit.detectors))``),
+    before one ``hs.atlas(model, out=..., assemble=True)``.
+
+    Detectors whose class shares a ``score_together`` (other than the default) go in one unit,
+    so their shared scoring pass is never split (whether they share it is decided at run time
+    by ``pass_key``)."""
+    groups: list[list[str]] = []
+    for name in _detector_names(detectors):
+        family = _family(detector_class(name))
+        home = next((group for group in groups if family is not None and _family(detector_class(group[0])) is family), None)
+        if home is None:
+            groups.append([name])
+        else:
+            home.append(name)
+    return [AtlasUnit(tuple(group), sum(rough_seconds(detector_class(name).cost, validate) for name in group))
+            for group in groups]
+
+
+def _family(cls: type) -> Any:
+    """The function behind ``cls.score_together`` when it is not the default (scoring alone)."""
+    scorer = getattr(cls.score_together, "__func__", cls.score_together)
+    default = getattr(Detector.score_together, "__func__", Detector.score_together)
+    return None if scorer is default else scorer
+
+
+def rough_seconds(cost: str, validate: bool = True) -> float:
+    """The seconds a detector's ``cost`` text names, added up (``"score 8 s, validation 51 s"``:
+    59), leaving out remarks in parentheses and, without ``validate``, the validation clause;
+    ``UNIT_SECONDS`` when it names none. Only relative sizes matter (balancing shards)."""
+    clauses = re.sub(r"\([^)]*\)", "", cost).split(",")
+    seconds = [float(number) for clause in clauses if validate or not clause.strip().startswith("validation")
+               for number in re.findall(r"(\d+(?:\.\d+)?)\s*s\b", clause)]
+    return sum(seconds) if seconds else UNIT_SECONDS
+
+
+def shard_units(units: Sequence[AtlasUnit], index: int, count: int) -> list[AtlasUnit]:
+    """The units of shard ``index`` of ``count`` (numbered from 1): the heaviest unit first to the
+    lightest shard so far (ties: the lower shard), the same on every node; in the atlas's order.
+    A shard may be empty when there are more shards than units."""
+    index, count = parse_shard((index, count))
+    loads = [0.0] * count
+    owner: dict[int, int] = {}
+    for position in sorted(range(len(units)), key=lambda i: (-units[i].weight, i)):
+        lightest = min(range(count), key=lambda shard: (loads[shard], shard))
+        owner[position] = lightest
+        loads[lightest] += units[position].weight
+    return [unit for position, unit in enumerate(units) if owner[position] == index - 1]
+
+
+def parse_shard(shard: Union[str, tuple[int, int]], argument: str = "shard") -> tuple[int, int]:
+    """``"i/n"`` or ``(i, n)`` as ``(i, n)``; shards are numbered from 1 (``--array=1-n`` in SLURM).
+    ``argument``: how messages name it (the CLI's ``--shard``).
+
+    Raises:
+        ArgumentError: not two whole numbers, or not ``1 <= i <= n``.
+    """
+    text = shard if isinstance(shard, str) else "/".join(str(part) for part in shard)
+    match = re.fullmatch(r"\s*(-?\d+)\s*/\s*(-?\d+)\s*", text)
+    if match is None:
+        raise ArgumentError(f"{argument} {text!r} is not I/N: give the shard's number and the number of shards, "
+                            "e.g. 2/4 (numbered from 1, as a SLURM array --array=1-4 gives $SLURM_ARRAY_TASK_ID).")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1 or not 1 <= index <= count:
+        raise ArgumentError(f"{argument} {text!r} is out of range: I/N needs 1 <= I <= N (shards are numbered from 1, "
+                            f"as a SLURM array --array=1-N gives $SLURM_ARRAY_TASK_ID), e.g. 1/{max(count, 1)}.")
+    return index, count
+
+
+def parse_only(only: Union[str, Sequence[str]], detectors: Sequence[str], validate: bool = True,
+               argument: str = "only") -> dict[str, tuple[str, ...]]:
+    """The stages to run per detector, in the atlas's order, from ``only`` entries ``"detector"``
+    (every stage) or ``"detector.stage"`` (a list, or one string separated by commas);
+    ``argument``: how messages name it (the CLI's ``--only``).
+
+    Raises:
+        UnknownDetectorError: a name that is not registered (with the nearest name).
+        ArgumentError: no entry, a stage that does not exist (or ``validation`` without
+            ``validate``), or a detector this atlas does not run.
+    """
+    entries = [entry.strip() for entry in (only.split(",") if isinstance(only, str) else only)]
+    if not entries or not all(entries):
+        raise ArgumentError(f"{argument} {only!r} names no unit: give detector names or detector.stage, separated by commas, "
+                            "e.g. 'induction,safety.scores'.")
+    stages = STAGES if validate else STAGES[:2]
+    chosen: dict[str, set[str]] = {}
+    for entry in entries:
+        name, _, stage = entry.partition(".")
+        try:
+            detector_class(name)
+        except UnknownDetectorError as error:  # with the nearest name
+            raise UnknownDetectorError(f"{argument} {entry!r}: {error}") from None
+        if name not in detectors:
+            raise ArgumentError(f"{argument} {entry!r}: not in this atlas, whose detectors are {', '.join(detectors)}: "
+                                "add it to the atlas's detectors or drop it.")
+        if stage and stage not in stages:
+            extra = " (validation is not run with validate=False / --no-validate)" if stage in STAGES else ""
+            raise ArgumentError(f"{argument} {entry!r} names no stage of the atlas{extra}: the stages are "
+                                f"{', '.join(stages)} (e.g. '{name}.{stages[-1]}'), or give '{name}' for all of them.")
+        chosen.setdefault(name, set()).update([stage] if stage else stages)
+    return {name: tuple(s for s in stages if s in chosen[name]) for name in detectors if name in chosen}
+
+
+def _shard_selection(names: Sequence[str], validate: bool, shard: Union[str, tuple[int, int]]) -> dict[str, tuple[str, ...]]:
+    index, count = parse_shard(shard)
+    stages = STAGES if validate else STAGES[:2]
+    return {name: stages for unit in shard_units(atlas_units(names, validate), index, count) for name in unit.detectors}
+
+
+def missing_parts(out: Union[str, Path], detectors: Union[str, Sequence[str]] = "all", *, validate: bool = True,
+                  k: int = 5, n_random: int = 5, seed: int = 0,
+                  settings: Optional[dict[str, dict[str, Any]]] = None) -> list[tuple[str, str]]:
+    """The ``(detector, stage)`` parts an assembly of ``out`` lacks, found without a model by the
+    parts' settings and code (the model's identity is checked when the atlas is assembled): each
+    stage with neither a part nor a recorded failure (:func:`_walk_parts`)."""
+    names = _detector_names(detectors)
+    settings = detector_settings(names, settings)
+    config = AtlasSettings(detectors=names, validate=validate, k=k, n_random=n_random, seed=seed, settings=settings)
+    folder = Path(out) / "parts"
+    stages = STAGES if validate else STAGES[:2]
+    missing: list[tuple[str, str]] = []
+    for name in names:
+        detector = get_detector(name, **settings.get(name, {}))
+        keys = {stage: part_key(detector, stage, config) for stage in stages}
+        absent, _ = _walk_parts(stages, lambda stage: _record_key(folder / f"{name}.{stage}.json") == keys[stage],
+                               lambda stage: _record_key(folder / f"{name}.failed.json", stage) == keys[stage] or None)
+        missing += [(name, stage) for stage in absent]
+    return missing
+
+
+def _walk_parts(stages: Sequence[str], present: Callable[[str], bool],
+               failed: Callable[[str], Any]) -> tuple[list[str], Any]:
+    """How an assembly reads a detector's stages: each with a part (``present``) is kept; the first
+    without one that has a recorded failure (``failed`` not None) ends the detector, as the failure
+    ended it in the run that recorded it; the others are missing. Returns the missing stages and
+    the failure (None)."""
+    missing = []
+    for stage in stages:
+        if present(stage):
+            continue
+        failure = failed(stage)
+        if failure is not None:
+            return missing, failure
+        missing.append(stage)
+    return missing, None
+
+
+def _nothing_run(folder: Union[str, Path]) -> bool:
+    parts = Path(folder) / "parts"
+    return not parts.is_dir() or not any(parts.glob("*.json"))
+
+
+def _record_key(path: Path, stage: Optional[str] = None) -> Any:
+    """The ``key`` of a part (or, with ``stage``, of a failure record of that stage); None when
+    there is none or it cannot be read."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or (stage is not None and record.get("stage") != stage):
+        return None
+    return record.get("key")
+
+
+def missing_message(missing: Sequence[tuple[str, str]], folder: Union[str, Path], validate: bool = True) -> str:
+    """One line naming the missing units of an assembly and the ``only`` run that makes them."""
+    stages = STAGES if validate else STAGES[:2]
+    if missing and _nothing_run(folder):
+        return (f"The atlas in {folder} has no parts yet: run its units first, with the same model and options "
+                f"('headscope atlas --shard I/N ...' for every I from 1 to N, or '--only UNIT,...'; "
+                f"hs.atlas(model, ..., shard=..., only=...)), then assemble.")
+    by_name: dict[str, list[str]] = {}
+    for name, stage in missing:
+        by_name.setdefault(name, []).append(stage)
+    units = [name if tuple(done) == stages else ",".join(f"{name}.{stage}" for stage in done)
+             for name, done in by_name.items()]
+    return (f"The atlas in {folder} lacks {len(missing)} part(s) of {len(by_name)} detector(s): {', '.join(units)}. "
+            f"Run them first, with the same model and options: 'headscope atlas --only {','.join(units)} ...' "
+            f"(hs.atlas(model, ..., only=[...])), or the shards that hold them; then assemble again.")
 
 
 def all_detectors() -> list[str]:
@@ -476,12 +755,17 @@ def detector_settings(names: Sequence[str],
 
 
 class _Builder:
-    """Runs the stages of each detector in turn, with a progress bar per detector."""
+    """Runs the stages of each detector in turn, with a progress bar per detector; with ``select``
+    (``{detector: stages}``) only those, without patterns; with ``assemble`` none: every stage
+    is read from its part (a missing one collected in ``missing``)."""
 
     def __init__(self, model: Any, detectors: list[Detector], config: AtlasSettings, store: Optional["_PartStore"],
-                 batch_size: Optional[int], progress: Optional[bool], raise_errors: bool = False) -> None:
+                 batch_size: Optional[int], progress: Optional[bool], raise_errors: bool = False,
+                 select: Optional[dict[str, tuple[str, ...]]] = None, assemble: bool = False) -> None:
         self.model, self.detectors, self.config, self.store = model, detectors, config, store
         self.batch_size, self.progress, self.raise_errors = batch_size, progress, raise_errors
+        self.select, self.assemble = select, assemble
+        self.missing: list[tuple[str, str]] = []  # (detector, stage) parts an assembly lacks
         self.failures: dict[str, dict[str, str]] = {}
         self.scores: dict[str, HeadScores] = {}
         self.significance: dict[str, list[Significance]] = {}
@@ -492,13 +776,59 @@ class _Builder:
         self.resumed: dict[str, list[str]] = {}  # stages loaded from saved parts, per detector
 
     def run(self) -> Atlas:
+        if self.select is not None:
+            return self._run_units()
         for detector in self.detectors:
-            self._run_detector(detector)
-        patterns = self._patterns()
+            if self.assemble:
+                self._assemble_detector(detector)
+            else:
+                self._run_detector(detector)
+        if self.missing:
+            raise MissingPartsError(missing_message(self.missing, self.store.folder.parent, self.config.validate))
+        return self._atlas(self.config, self._patterns())
+
+    def _atlas(self, config: AtlasSettings, patterns: dict[str, list[AttentionPatterns]]) -> Atlas:
         shape = model_shape(self.model)
         return Atlas(model_name(self.model), (shape.n_layers, shape.n_heads), self.scores, self.significance,
-                     self.validations, self.config, environment(self.model), self.timings, self.failures, patterns,
+                     self.validations, config, environment(self.model), self.timings, self.failures, patterns,
                      shape.n_kv_heads)
+
+    def _run_units(self) -> Atlas:
+        """Run the selected stages (reading the scores part of a detector whose scores are not
+        selected first: all missing ones raise ``MissingPartsError`` before any work); an atlas
+        of the selected detectors alone, without patterns."""
+        chosen = [d for d in self.detectors if d.name in self.select]
+        needed = [d for d in chosen if "scores" not in self.select[d.name]]
+        lacking = [(d.name, "scores") for d in needed if not self._load(d, "scores", always=True)]
+        if lacking:
+            names = [name for name, _ in lacking]
+            needs = ", ".join(f"{name}.{stage}" for name in names for stage in self.select[name])
+            raise MissingPartsError(
+                f"{needs} need(s) the scores part of {', '.join(names)}, not yet in {self.store.folder}: run "
+                f"'headscope atlas --only {','.join(f'{name}.scores' for name in names)} ...' (hs.atlas(model, ..., "
+                "only=[...])) first, with the same model and options, or these detectors whole.")
+        for detector in chosen:
+            self._run_detector(detector, self.select[detector.name])
+        names = [d.name for d in chosen]
+        config = dataclasses.replace(self.config, detectors=names,
+                                     settings={n: v for n, v in self.config.settings.items() if n in names})
+        return self._atlas(config, {})
+
+    def _assemble_detector(self, detector: Detector) -> None:
+        """Read every stage of ``detector`` from its part (:func:`_walk_parts`): a stage without one
+        is missing unless a failure of it is recorded (``<name>.failed.json`` of that stage and
+        key), which is kept as a sequential run keeps it."""
+        name = detector.name
+        self.timings[name] = {}
+        missing, failure = _walk_parts(self._stages(), lambda stage: self._load(detector, stage),
+                                      lambda stage: self.store.read_failure(name, stage, self._key(detector, stage)))
+        self.missing += [(name, stage) for stage in missing]
+        if failure is not None:
+            self.failures[name] = failure
+            self.timings[name]["failed"] = failure["stage"]
+
+    def _stages(self) -> tuple[str, ...]:
+        return STAGES if self.config.validate else STAGES[:2]
 
     def _patterns(self) -> dict[str, list[AttentionPatterns]]:
         """The attention patterns of the significant heads (:attr:`Atlas.patterns`), one forward run
@@ -515,9 +845,9 @@ class _Builder:
                    "code": patterns_fingerprint()}
             saved = self.store.read(PATTERNS_STEP, "patterns", key) if self.store is not None and requests else None
             if saved is not None:
-                self.timings[PATTERNS_STEP] = {"patterns": saved[1], "resumed": True}
+                self.timings[PATTERNS_STEP] = {"patterns": saved.seconds, "resumed": True}
                 self.store.clear_failure(PATTERNS_STEP)
-                return saved[0]
+                return saved.value
             skipped = self._draw(requests, patterns)
         except Exception as error:  # noqa: BLE001 - the patterns illustrate; they must not end the atlas
             self._fail(PATTERNS_STEP, "patterns", error, key)
@@ -568,10 +898,10 @@ class _Builder:
                              "heads": [str(head) for head in sorted(every)]})
         return requests
 
-    def _run_detector(self, detector: Detector) -> None:
+    def _run_detector(self, detector: Detector, stages: Optional[Sequence[str]] = None) -> None:
         name = detector.name
-        self.timings[name] = {}
-        stages = STAGES if self.config.validate else STAGES[:2]
+        self.timings.setdefault(name, {})
+        stages = stages or self._stages()
         with tqdm(total=len(stages), desc=f"{name:>16}", unit="stage", disable=bar_disabled(self.progress),
                   bar_format="{desc} {bar:12} {n_fmt}/{total_fmt} stages [{elapsed}]{postfix}") as bar:
             for stage in stages:
@@ -584,7 +914,7 @@ class _Builder:
                     return
                 bar.update(1)
             if self.store is not None:
-                self.store.clear_failure(name)
+                self.store.clear_failure(name, stages)
             spent = sum(t for t in self.timings[name].values() if isinstance(t, float))
             bar.set_postfix_str(f"done ({spent:.0f} s{', resumed' if self.timings[name].get('resumed') else ''})")
         self._note_resumed(name)
@@ -615,13 +945,7 @@ class _Builder:
             self._keep(name, stage, scores)
             self.timings[name].update(scores=0.0, scored_with=owner)
             return
-        saved = self.store.read(name, stage, key) if self.store is not None else None
-        if saved is not None:
-            value, seconds = saved
-            self._keep(name, stage, value)
-            self.timings[name][stage] = seconds
-            self.resumed.setdefault(name, []).append(stage)
-            self.timings[name]["resumed"] = True
+        if self._load(detector, stage):
             return
         started = time.time()
         value = self._compute(detector, stage)
@@ -630,6 +954,24 @@ class _Builder:
         self.timings[name][stage] = seconds
         if self.store is not None:
             self.store.write(name, stage, key, _encode(stage, value), seconds)
+
+    def _load(self, detector: Detector, stage: str, always: bool = False) -> bool:
+        """Keep the saved part of ``stage`` when there is one for this model and key (with
+        ``always`` also under ``resume=False``: a prerequisite is read, never recomputed)."""
+        if self.store is None:
+            return False
+        saved = self.store.read(detector.name, stage, self._key(detector, stage), always=always)
+        if saved is None:
+            return False
+        name = detector.name
+        self._keep(name, stage, saved.value)
+        timings = self.timings.setdefault(name, {})
+        timings[stage] = saved.seconds
+        if saved.scored_with is not None:
+            timings["scored_with"] = saved.scored_with
+        self.resumed.setdefault(name, []).append(stage)
+        timings["resumed"] = True
+        return True
 
     def _compute(self, detector: Detector, stage: str) -> Any:
         name = detector.name
@@ -652,7 +994,8 @@ class _Builder:
                 if other.name != detector.name:
                     self.shared_scores[other.name] = (results[other.name], detector.name)
                     if self.store is not None:
-                        self.store.write(other.name, "scores", self._key(other, "scores"), _encode("scores", results[other.name]), 0.0)
+                        self.store.write(other.name, "scores", self._key(other, "scores"),
+                                         _encode("scores", results[other.name]), 0.0, scored_with=detector.name)
             return results[detector.name]
         return detector.score(self.model, batch_size=self.batch_size, progress=self.progress)
 
@@ -663,13 +1006,17 @@ class _Builder:
         {"scores": self.scores, "significance": self.significance, "validation": self.validations}[stage][name] = value
 
     def _key(self, detector: Detector, stage: str) -> dict[str, Any]:
-        """What a saved stage must match to be reused: the detector's settings, the code that
-        computes the stage (:func:`code_fingerprint`), and for the validation the atlas's k,
-        n_random and seed."""
-        key: dict[str, Any] = {"config": plain_config(detector), "code": code_fingerprint(detector, stage)}
-        if stage == "validation":
-            key.update(k=self.config.k, n_random=self.config.n_random, seed=self.config.seed)
-        return key
+        return part_key(detector, stage, self.config)
+
+
+def part_key(detector: Detector, stage: str, config: AtlasSettings) -> dict[str, Any]:
+    """What a saved stage must match to be reused: the detector's settings, the code that
+    computes the stage (:func:`code_fingerprint`), and for the validation the atlas's k,
+    n_random and seed."""
+    key: dict[str, Any] = {"config": plain_config(detector), "code": code_fingerprint(detector, stage)}
+    if stage == "validation":
+        key.update(k=config.k, n_random=config.n_random, seed=config.seed)
+    return key
 
 
 def shares_pass(model: Any, detector: Detector, other: Detector) -> bool:
@@ -768,14 +1115,15 @@ class _PartStore:
             fix=f"write this model's atlas to another folder (out=..., --out), or recompute every part in "
                 f"{self.folder.parent} with resume=False (--no-resume)")
 
-    def read(self, name: str, stage: str, key: dict[str, Any]) -> Optional[tuple[Any, Optional[float]]]:
-        """The decoded value and its seconds when the part exists for this model and ``key``.
+    def read(self, name: str, stage: str, key: dict[str, Any], always: bool = False) -> Optional["_Saved"]:
+        """The decoded value, its seconds and the detector whose pass scored it, when the part
+        exists for this model and ``key`` (with ``always`` also when not resuming).
 
         Raises:
             IdentityMismatchError: the part was written for another model identity.
         """
         path = self.path(name, stage)
-        saved = self._load(path) if self.reading else None
+        saved = self._load(path) if self.reading or always else None
         if saved is None:
             return None
         self._check(path, saved)
@@ -787,8 +1135,9 @@ class _PartStore:
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             self._set_aside(path, exc)
             return None
-        seconds = saved.get("seconds")
-        return value, float(seconds) if isinstance(seconds, (int, float)) else None
+        seconds, owner = saved.get("seconds"), saved.get("scored_with")
+        return _Saved(value, float(seconds) if isinstance(seconds, (int, float)) else None,
+                      owner if isinstance(owner, str) else None)
 
     def _load(self, path: Path) -> Optional[dict[str, Any]]:
         """The part's record; None when there is none or it is damaged (then set aside)."""
@@ -816,10 +1165,13 @@ class _PartStore:
         warnings.warn(f"The atlas part {path} cannot be used ({type(exc).__name__}: {exc}); {where}, and the stage "
                       "is computed again.", ResultFileWarning, stacklevel=2)
 
-    def write(self, name: str, stage: str, key: dict[str, Any], value: Any, seconds: float) -> None:
+    def write(self, name: str, stage: str, key: dict[str, Any], value: Any, seconds: float,
+              scored_with: Optional[str] = None) -> None:
+        """Write the part atomically (a private temporary file renamed over it: concurrent
+        writers never tear it); ``scored_with``: the detector whose pass scored it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         record = {"model": self.identity.model, "identity": self.identity.to_dict(), "key": key, "seconds": seconds,
-                  "value": value}
+                  **({"scored_with": scored_with} if scored_with else {}), "value": value}
         write_text_atomic(self.path(name, stage), json.dumps(record))
 
     def failure_path(self, name: str) -> Path:
@@ -833,8 +1185,37 @@ class _PartStore:
                   "traceback": trace}
         write_text_atomic(self.failure_path(name), json.dumps(record, indent=1))
 
-    def clear_failure(self, name: str) -> None:
-        self.failure_path(name).unlink(missing_ok=True)
+    def read_failure(self, name: str, stage: str, key: dict[str, Any]) -> Optional[dict[str, str]]:
+        """The recorded failure of ``name`` in ``stage`` (``{"stage", "error", "message"}``) when
+        it was recorded for this model and ``key``; None otherwise."""
+        try:
+            record = json.loads(self.failure_path(name).read_text())
+            if not isinstance(record, dict) or record.get("stage") != stage or record.get("key") != key:
+                return None
+            self.identity.check_matches(record.get("identity"), source=str(self.failure_path(name)), fix="")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, IdentityMismatchError):
+            return None
+        return {field: str(record.get(field, "")) for field in ("stage", "error", "message")}
+
+    def clear_failure(self, name: str, stages: Optional[Sequence[str]] = None) -> None:
+        """Remove ``name``'s failure record (with ``stages``: only when it failed in one of them,
+        a stage that has now been done)."""
+        path = self.failure_path(name)
+        if stages is not None:
+            try:
+                if json.loads(path.read_text()).get("stage") not in stages:
+                    return
+            except (OSError, ValueError, AttributeError):
+                pass  # none, or unreadable: removed
+        path.unlink(missing_ok=True)
+
+
+class _Saved(NamedTuple):
+    """A part read back: its value, the seconds it took, the detector whose pass scored it."""
+
+    value: Any
+    seconds: Optional[float]
+    scored_with: Optional[str]
 
 
 def _encode(stage: str, value: Any) -> Any:

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from headscope import __version__
 from headscope.api import saved_scores, scan
-from headscope.atlas import atlas
+from headscope.atlas import all_detectors, atlas, missing_message, missing_parts, parse_only, parse_shard
 from headscope.atlas import detector_settings as atlas_detector_settings
 from headscope.compare import compare
 from headscope.detectors.base import Detector, detector_of_scores, get_detector, list_detectors
@@ -40,6 +41,7 @@ from headscope.errors import (
     ConfigFileError,
     DataError,
     HeadscopeError,
+    MissingPartsError,
     OutputFolderError,
     ResultFileError,
     SettingError,
@@ -166,6 +168,16 @@ def _atlas_command(commands: Any) -> None:
     command.add_argument("--seed", type=int, default=0, help="seed of the random head sets of the validations (default 0)")
     command.add_argument("--no-validate", action="store_true", help="skip the causal validations")
     command.add_argument("--no-resume", action="store_true", help="recompute stages already saved in --out/parts")
+    spread = command.add_mutually_exclusive_group()
+    spread.add_argument("--only", metavar="DETECTOR[.STAGE],...",
+                        help="run only these detectors (every stage) or stages (scores, significance, validation) into "
+                             "--out/parts, for a scheduler (SLURM, Ray); no report: --assemble writes it")
+    spread.add_argument("--shard", metavar="I/N",
+                        help="run shard I of N (numbered from 1, e.g. $SLURM_ARRAY_TASK_ID/N with --array=1-N) of this "
+                             "atlas's units into --out/parts, balanced by rough cost; no report: --assemble writes it")
+    spread.add_argument("--assemble", action="store_true",
+                        help="write the report from the parts in --out once every unit ran (with --only or --shard, "
+                             "the same options): draws the attention patterns, computes nothing else")
     _settings_args(command)
     command.set_defaults(run=run_atlas)
 
@@ -298,21 +310,54 @@ def run_atlas(args: argparse.Namespace) -> int:
     """``headscope atlas``: every (or the named) detector, validated, saved as a report."""
     check_model_args(args)
     run_all = args.detectors.strip() == "all"
-    names = list_detectors() if run_all else detector_names(args.detectors)
+    names = all_detectors() if run_all else detector_names(args.detectors)
     settings = detector_settings(names, args)
     build_detectors(names, atlas_detector_settings(names, settings))  # checked before the model loads
     check_out_folder(args.out)
+    options = dict(validate=not args.no_validate, k=args.k, n_random=args.n_random, settings=settings or None,
+                   seed=args.seed)
+    only = parse_only(args.only, names, not args.no_validate, "--only") if args.only is not None else None
+    shard = parse_shard(args.shard, "--shard") if args.shard is not None else None
+    if args.assemble:
+        _check_assembly(args, names, options)
     model = _load(args)
     started = time.time()
-    result = atlas(model, "all" if run_all else names, validate=not args.no_validate, k=args.k, n_random=args.n_random,
-                   settings=settings or None, out=args.out, resume=not args.no_resume, seed=args.seed,
-                   batch_size=args.batch_size, progress=True)
+    result = atlas(model, "all" if run_all else names, out=args.out, resume=not args.no_resume,
+                   batch_size=args.batch_size, progress=True, only=None if only is None else args.only, shard=shard,
+                   assemble=args.assemble, **options)
+    if only is not None or shard is not None:
+        return _units_done(result, args, time.time() - started)
     report = result.save(args.out)
     print(result)
     print(f"atlas of {len(result.scores)} detectors in {time.time() - started:.0f} s; report: {report}")
     if result.failures:
         print(f"headscope: error: {result.failure_summary()}. The report marks them; rerun the same command to "
               f"retry only what failed (details in {Path(args.out) / 'parts'}/<detector>.failed.json).", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_assembly(args: argparse.Namespace, names: list[str], options: dict[str, Any]) -> None:
+    """Before the model loads: ``--assemble`` reads the parts (so not with ``--no-resume``), and
+    every unit has a part (or a recorded failure) of these settings and code."""
+    if args.no_resume:
+        raise CommandLineError("--assemble reads the saved parts, and --no-resume would ignore them: drop --no-resume.")
+    missing = missing_parts(args.out, names, **options)
+    if missing:
+        raise MissingPartsError(missing_message(missing, args.out, options["validate"]))
+
+
+def _units_done(result: Any, args: argparse.Namespace, seconds: float) -> int:
+    """After ``--only`` or ``--shard``: one line naming what ran and what to do next; exit 1 when a
+    detector failed (recorded in --out/parts/<detector>.failed.json, the others finished)."""
+    which = f"shard {args.shard}" if args.shard is not None else f"--only {args.only}"
+    ran = ", ".join(result.settings.detectors) or "no units (there are more shards than units)"
+    print(f"atlas {which}: {ran} in {seconds:.0f} s; parts in {Path(args.out) / 'parts'}. When every unit is done: "
+          f"headscope atlas --assemble --out {shlex.quote(args.out)} (same model and options).")
+    if result.failures:
+        print(f"headscope: error: {result.failure_summary()}. Details in {Path(args.out) / 'parts'}/<detector>.failed.json;"
+              " rerun the same command to retry only what failed, or --assemble to record the failure in the report.",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -102,3 +102,9 @@ class IdentityMismatchError(ResultFileError):
     """A checkpoint, needle file or atlas part written for another model, other weights (also the
     same model after a weight edit) or other library versions: the message names the fields that
     differ and what to do (another path or folder, or start over)."""
+
+
+class MissingPartsError(ResultFileError):
+    """An atlas folder that lacks parts a run needs: ``--assemble`` (``assemble=True``) before every
+    unit was run, or ``--only`` a stage before its detector's scores. The message names each
+    missing unit and the ``--only`` run that makes it."""

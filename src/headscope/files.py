@@ -3,9 +3,10 @@
 Every results, checkpoint and part file headscope writes whole goes through :func:`atomic_write`: the
 content is written to a temporary file with a name no other writer uses
 (``.<name>.<pid>.<random>.tmp``, in the same folder, so the rename stays on one file system),
-flushed to disk, and renamed over the target in one step (``os.replace``). A reader sees the old
-file or the new one, never a torn one; two processes saving the same name both succeed and the
-last rename wins. On any failure the temporary file is removed.
+flushed to disk, and renamed over the target in one step (``os.replace``), and the folder is
+flushed too (where the file system allows), so the rename itself outlives a crash. A reader sees
+the old file or the new one, never a torn one; two processes saving the same name both succeed
+and the last rename wins. On any failure the temporary file is removed.
 
 A file that grows a line at a time (the retrieval detector's needle checkpoint) goes through
 :func:`append_line`: each line is written under an exclusive lock on the file (``flock``, where
@@ -56,7 +57,24 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    _flush_folder(path.parent)
     return path
+
+
+def _flush_folder(folder: Path) -> None:
+    """fsync a folder, making a rename in it durable; best effort (some systems refuse it)."""
+    if os.name != "posix":  # pragma: no cover
+        return
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:

@@ -177,6 +177,15 @@ ROWS = [
     ("k-not-a-number", "validate -k five", ["argument -k", "'five'"]),
     ("unknown-flag", "scan --modle x", ["unrecognized arguments", "--modle"]),
     ("compare-missing-atlas", "compare {d}/none {d}/none", ["no atlas", "none"]),
+    ("atlas-shard-out-of-range", "atlas --shard 3/2", ["--shard '3/2'", "1 <= I <= N", "numbered from 1"]),
+    ("atlas-shard-not-i-n", "atlas --shard 2", ["--shard '2'", "is not I/N", "e.g. 2/4"]),
+    ("atlas-only-unknown-detector", "atlas --only nosuchdetector", ["--only 'nosuchdetector'", "Unknown detector"]),
+    ("atlas-only-unknown-stage", "atlas --only induction.nostage", ["--only 'induction.nostage'", "no stage",
+                                                                     "scores, significance, validation"]),
+    ("atlas-only-not-in-run", "atlas --detectors induction --only successor", ["--only 'successor'", "not in this atlas"]),
+    ("atlas-only-and-shard", "atlas --only induction --shard 1/2", ["--shard", "not allowed with argument --only"]),
+    ("atlas-assemble-nothing-run", "atlas --assemble --out {d}/empty", ["no parts yet", "--shard I/N"]),
+    ("atlas-assemble-no-resume", "atlas --assemble --no-resume --out {d}/empty", ["--assemble", "drop --no-resume"]),
     ("detectors-unknown-name", "detectors inductoin", ["'inductoin'", "Did you mean 'induction'"]),
 ]
 

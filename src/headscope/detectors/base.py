@@ -92,7 +92,8 @@ class Detector(ABC):
     name: ClassVar[str]
     Config: ClassVar[type] = DetectorConfig
     summary: ClassVar[str] = ""
-    cost: ClassVar[str] = ""  # rough time of one score() on a stated model and machine, for 'headscope detectors'
+    cost: ClassVar[str] = ""  # rough time of each stage on a stated model and machine ("score 8 s, validation 51 s"),
+    # for 'headscope detectors'; the seconds it names weigh the detector in an atlas's shards (atlas.rough_seconds)
     renamed_settings: ClassVar[dict[str, str]] = {}  # old setting name -> new, still accepted with a warning
     # Where the atlas puts this detector: ordered ones by ``atlas_order`` (lower first), then those
     # without one (None) by name.
