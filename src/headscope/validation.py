@@ -259,8 +259,9 @@ def _measure_forward(
     if method == "mean" and ablated and shared.means is None:
         mean_layers = list(range(model_shape(model).n_layers)) if cache is not None else sorted(
             {h.layer for heads in ablated for h in heads})  # with a cache: every layer, for any later task
+    desc = f"{label}clean" + (" and mean head outputs" if mean_layers else "")
     clean, means, residuals = _clean_sweep(model, data, task, size, logits, mean_layers, keep,
-                                           shared.clean is None, progress, f"{label}clean")
+                                           shared.clean is None, progress, desc)
     shared.store(clean, means)
     reduce = lambda logits, cache, chunk: task.metric(logits, chunk).float().cpu()  # noqa: E731
     rows = []
