@@ -257,8 +257,9 @@ def stored_result(model: Any, kind: str, inputs: Any, compute: Callable[[], V]) 
         compute: makes the value (tensors, lists, numbers: what ``torch.load(weights_only=True)``
             reads).
 
-    A file that cannot be read is warned about (``ResultFileWarning``) and written again; files
-    are written atomically, so processes sharing the folder never see a partial one.
+    A file that cannot be read is warned about (``ResultFileWarning``) and written again, one
+    that cannot be written is warned about and the value returned; files are written atomically,
+    so processes sharing the folder never see a partial one.
     """
     folder = results_folder()
     if folder is None:
@@ -275,7 +276,11 @@ def stored_result(model: Any, kind: str, inputs: Any, compute: Callable[[], V]) 
             warnings.warn(f"The stored result {path} cannot be read ({type(exc).__name__}: {exc}); computing it again "
                           "and replacing it.", ResultFileWarning, stacklevel=2)
     value = compute()
-    atomic_torch_save(path, {"key": key, "value": value})
+    try:
+        atomic_torch_save(path, {"key": key, "value": value})
+    except OSError as exc:  # a read-only cache folder: the value is still good, it is just not kept
+        warnings.warn(f"Could not keep the result in {path} ({exc}); set HEADSCOPE_RESULTS_CACHE to a writable folder, "
+                      "or to off.", ResultFileWarning, stacklevel=2)
     return value
 
 

@@ -25,8 +25,8 @@ from torch import Tensor
 from headscope.detectors.base import MetricFn, ValidationTask, detector_of_scores
 from headscope.engine.heads import Head, model_shape
 from headscope.engine.partial import check_forward_from_layer, resid_pre_name
-from headscope.engine.runner import auto_batch_size, model_device, model_dtype, progress_step, run_batched
-from headscope.engine.tokens import as_token_batch, iter_batches
+from headscope.engine.runner import Halving, auto_batch_size, model_device, model_dtype, progress_step, run_batched
+from headscope.engine.tokens import as_token_batch
 from headscope.errors import ArgumentError, EmptyResultError, UnsupportedModelError
 from headscope.identity import metric_identity, model_identity
 from headscope.interventions import ablate, head_output_sums, means_from_sums, output_mean_hooks
@@ -247,7 +247,10 @@ def _measure_forward(
     layer ``l`` as it is in the clean run, so the clean run keeps it at each set's lowest ablated
     layer (within ``PREFIX_MEMORY``) and each ablated run starts there (``engine.partial``;
     ``skip_layers=False``: full runs); the same clean run sums the head outputs for mean ablation
-    (one pass, not two). Chunks are the same in every run."""
+    (one pass, not two). Chunks are the same in every run (unless one runs out of CUDA memory and
+    is halved: rows are then matched by their index, positions by the chunk's width)."""
+    if head_sets[0] is not None or not all(head_sets[1:]):
+        raise ValueError("_measure_forward takes [None (clean), then one or more non-empty head sets].")
     data = as_token_batch(model, task.data)
     size = batch_size or auto_batch_size(model, data.tokens.shape[1])
     logits = "last" if task.last_position else "all"
@@ -264,17 +267,15 @@ def _measure_forward(
                                            shared.clean is None, progress, desc)
     shared.store(clean, means)
     reduce = lambda logits, cache, chunk: task.metric(logits, chunk).float().cpu()  # noqa: E731
-    rows = []
-    for index, heads in enumerate(head_sets):
-        if heads is None:
-            rows.append(shared.clean)
-            continue
+    rows = [shared.clean]  # head_sets[0] is the clean run
+    for index, (heads, lowest) in enumerate(zip(head_sets[1:], starts, strict=True), start=1):
         what = f"top-{len(heads)}" if index == 1 else f"random {len(heads)}-set {index - 1}/{len(head_sets) - 2}"
-        start = max((layer for layer in keep if layer <= min(Head.parse(h).layer for h in heads)), default=None)
+        start = max((layer for layer in keep if layer <= lowest), default=None)
         with ablate(model, heads, method=method, reference=data, batch_size=batch_size, means=shared.means,
                     progress=progress):
-            rows.append(run_batched(model, data, reduce, batch_size=size, progress=progress, desc=f"{label}{what} ablated",
-                                    logits=logits, start_at=None if start is None else (start, residuals[start])))
+            rows.append(run_batched(model, data, reduce, batch_size=size, progress=progress,
+                                    desc=f"{label}{what} ablated", logits=logits,
+                                    start_at=None if start is None else (start, residuals[start])))
     return torch.stack(rows)
 
 
@@ -297,12 +298,16 @@ class _Shared:
         return None if self.cache is None or key is None else self.cache.get(key)
 
     def store(self, clean: Optional[Tensor], means: Optional[dict[int, Tensor]]) -> None:
-        for value, attribute, key in ((clean, "clean", self.clean_key), (means, "means", self.means_key)):
-            if value is None:
-                continue
-            setattr(self, attribute, value)
-            if self.cache is not None and key is not None:
-                self.cache[key] = value
+        """Keep what a clean pass computed, here and in the shared cache."""
+        if clean is not None:
+            self.clean = self._put(self.clean_key, clean)
+        if means is not None:
+            self.means = self._put(self.means_key, means)
+
+    def _put(self, key: Optional[tuple], value: Any) -> Any:
+        if self.cache is not None and key is not None:
+            self.cache[key] = value
+        return value
 
 
 def _layers_to_keep(model: Any, data: Any, starts: list[int]) -> list[int]:
@@ -336,13 +341,14 @@ def _clean_sweep(
     """One clean pass over the task's tokens for whatever is still missing: the metric, the sums
     for the head-output means of ``mean_layers``, the residual streams entering ``keep``."""
     if not clean_needed and not mean_layers:
-        return None, None, _clean_residuals(model, data, size, keep)
+        return None, None, _clean_residuals(model, data, size, keep, progress)
     sums_of = output_mean_hooks(mean_layers)
     names = sums_of + [resid_pre_name(layer) for layer in keep]
+    width = data.tokens.shape[1]
 
     def reduce(logits: Tensor, cache: dict, chunk: Any) -> dict[str, Tensor]:
         out = head_output_sums(cache, chunk, sums_of) if mean_layers else {}
-        out.update({resid_pre_name(layer): cache[resid_pre_name(layer)] for layer in keep})
+        out.update({resid_pre_name(layer): _full_width(cache[resid_pre_name(layer)], width) for layer in keep})
         if clean_needed:
             out["metric"] = task.metric(logits, chunk).float().cpu()
         return out
@@ -352,22 +358,30 @@ def _clean_sweep(
     return swept.get("metric"), means, {layer: swept[resid_pre_name(layer)] for layer in keep}
 
 
-def _clean_residuals(model: Any, data: Any, size: int, keep: list[int]) -> dict[int, Tensor]:
+def _clean_residuals(model: Any, data: Any, size: int, keep: list[int], progress: Optional[bool]) -> dict[int, Tensor]:
     """The residual streams entering ``keep``, each chunk's run stopped after the highest."""
     if not keep:
         return {}
     names = [resid_pre_name(layer) for layer in keep]
     stop = max(keep) + 1 if max(keep) + 1 < model_shape(model).n_layers else None
     device = model_device(model)
-    parts: list[dict] = []
+
+    def run(rows: slice) -> dict[str, Tensor]:
+        chunk = data.select(rows).to(device)
+        mask = chunk.attention_mask if chunk.is_padded else None
+        _output, found = model.run_with_cache(chunk.tokens, attention_mask=mask, names_filter=names,
+                                              stop_at_layer=stop, return_cache_object=False)
+        return {name: _full_width(found[name], data.tokens.shape[1]) for name in names}
+
     with torch.no_grad():
-        for _rows, chunk in iter_batches(data, size):
-            chunk = chunk.to(device)
-            mask = chunk.attention_mask if chunk.is_padded else None
-            _output, found = model.run_with_cache(chunk.tokens, attention_mask=mask, names_filter=names,
-                                                  stop_at_layer=stop, return_cache_object=False)
-            parts.append(found)
+        parts = Halving("clean residual streams", progress=progress).map(len(data), size, run)
     return {layer: torch.cat([part[name] for part in parts]) for layer, name in zip(keep, names, strict=True)}
+
+
+def _full_width(residual: Float[Tensor, "rows pos d_model"], width: int) -> Float[Tensor, "rows width d_model"]:
+    """A chunk's residual stream padded with zeros to the data's width (a chunk is as wide as its
+    longest row; the chunks are concatenated, and each run reads back its own width)."""
+    return torch.nn.functional.pad(residual, (0, 0, 0, width - residual.shape[1]))
 
 
 def _tokens_key(data: Any) -> str:

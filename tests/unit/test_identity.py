@@ -340,6 +340,11 @@ def test_a_stored_result_is_reused_by_the_same_model_and_inputs_only(tmp_path, m
     monkeypatch.setenv("HEADSCOPE_RESULTS_CACHE", "off")
     stored_result(model, "kind", {"prompts": ["a", "b"]}, lambda: compute(7.0))
     assert calls[-1] == 7.0
+    blocked = tmp_path / "a file, not a folder"
+    blocked.write_text("")
+    monkeypatch.setenv("HEADSCOPE_RESULTS_CACHE", str(blocked))
+    with pytest.warns(hs.errors.ResultFileWarning, match="Could not keep"):
+        assert float(stored_result(model, "kind", {"prompts": ["a"]}, lambda: compute(8.0))[0]) == 8.0
 
 
 def test_the_knowledge_check_is_stored_for_other_processes(tmp_path, monkeypatch):

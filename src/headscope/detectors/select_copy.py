@@ -66,7 +66,7 @@ from headscope.engine.architecture import head_hook
 from headscope.engine.generation import final_states
 from headscope.engine.heads import Head, hook_name, model_shape
 from headscope.engine.metrics import final_logits
-from headscope.engine.runner import run_batched
+from headscope.engine.runner import model_device, run_batched
 from headscope.engine.tokens import TokenBatch, encode_with_offsets, pad_rows, row_tokens, tokenize
 from headscope.engine.unembed import (
     FINAL_SCALE,
@@ -346,7 +346,9 @@ def knows_answer(
     tokenizer = model.tokenizer
     targets = torch.tensor([tokenizer(" " + q.answer_text, add_special_tokens=False)["input_ids"][0] for q in questions])
     prompts = mc.knowledge_prompts(questions, n_shots, seed)
-    return stored_result(model, "select_copy.known", {"prompts": prompts, "targets": targets.tolist()},
+    inputs = {"prompts": prompts, "targets": targets.tolist(), "device": model_device(model).type}  # a near-tie's
+    # argmax may differ between devices (TF32 on a GPU)
+    return stored_result(model, "select_copy.known", inputs,
                          lambda: final_states(model, tokenize(model, prompts), batch_size).argmax(dim=-1) == targets)
 
 

@@ -199,14 +199,15 @@ def _reduced_chunk(
 def _forward_chunk(
     model: Any, chunk: TokenBatch, names: Sequence[str], start_at: Optional[tuple[int, Tensor]], rows: slice
 ) -> tuple[Tensor, dict]:
-    """One chunk's logits and cache: a full forward, or from block ``start_at[0]`` on (no cache)."""
+    """One chunk's logits and cache: a full forward, or from block ``start_at[0]`` on (no cache),
+    given the chunk's rows of ``start_at[1]`` cut to the chunk's width."""
     if start_at is None:
         return forward_with_cache(model, chunk, names)
     layer, residual = start_at
     device = model_device(model)
     chunk = chunk.to(device)
     mask = chunk.attention_mask if chunk.is_padded else None
-    return forward_from_layer(model, residual[rows].to(device), layer, mask), {}
+    return forward_from_layer(model, residual[rows, : chunk.tokens.shape[1]].to(device), layer, mask), {}
 
 
 class ChunkOutOfMemoryError(torch.OutOfMemoryError):
