@@ -61,8 +61,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from headscope.errors import (ArgumentError, ModelFileNotFoundError, ModelNotAvailableError, UnsupportedModelError,
-                              WeightCacheError)
+from headscope.errors import (ArgumentError, HeadscopeError, ModelFileNotFoundError, ModelNotAvailableError,
+                              UnsupportedModelError, WeightCacheError)
 from headscope.versions import warn_if_untested
 
 log = logging.getLogger(__name__)
@@ -816,9 +816,9 @@ def _load_split_from_hub(name: str, dtype: torch.dtype, placement: Placement) ->
     """A hub model split by a device map (loaded by transformers, then bridged like a folder)."""
     try:
         return _load_hf_folder(name, placement.main_device, dtype, name=name, placement=placement)
-    except ArgumentError:
+    except (HeadscopeError, torch.OutOfMemoryError):  # our own errors, or a real one while dispatching
         raise
-    except Exception as exc:
+    except OSError as exc:  # not in the local hub cache, no network
         raise ModelNotAvailableError(
             f"'{name}' is neither a bundled model ({', '.join(BUNDLED_MODELS)}), nor a .gguf file, nor a local "
             f"folder, so it must come from the Hugging Face hub, and loading it with device_map failed: "
