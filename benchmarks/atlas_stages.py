@@ -2,7 +2,8 @@
 and whether the two atlases agree.
 
 "before" runs the atlas with the sharing switched off (each validation's ablated runs go through
-every layer: ``hs.validate(..., skip_layers=False)``); "after" is the library as it is. Each
+every layer: ``hs.validate(..., skip_layers=False)``, and no result is kept on disk:
+``HEADSCOPE_RESULTS_CACHE=off``); "after" is the library as it is, with an empty store. Each
 variant runs in its own fresh Python process (no in-memory cache carries over) into its own
 folder, one after the other, on the same model; the script then prints each (detector, stage)'s
 seconds, their ratio and the totals, and compares every number of the two ``atlas.json`` files
@@ -10,7 +11,10 @@ seconds, their ratio and the totals, and compares every number of the two ``atla
 validation verdicts.
 
     python benchmarks/atlas_stages.py [--model smollm2-135m-instruct] [--detectors all] [--out DIR]
-                                      [--device auto] [--batch-size N]
+                                      [--device auto] [--batch-size N] [--variants before,after]
+
+``--variants after --out DIR`` runs one variant again and compares it with the other's atlas
+already in ``DIR/before`` (e.g. after a fix that changed only the new code path).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import functools
 import importlib
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -109,6 +114,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for the two atlases (default: a temporary folder)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="which to run (the others are read from --out)")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child processes
     args = parser.parse_args()
     if args.variant:
@@ -117,11 +123,16 @@ def main() -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="atlas-stages-"))
     atlases = {}
     for variant in VARIANTS:
+        if variant not in args.variants.split(","):
+            atlases[variant] = json.loads((root / variant / "atlas.json").read_text())
+            continue
         command = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--detectors", args.detectors,
                    "--out", str(root / variant), "--device", args.device]
         if args.batch_size:
             command += ["--batch-size", str(args.batch_size)]
-        subprocess.run(command, check=True)
+        # "before" keeps no results on disk; "after" starts from an empty store, as a fresh install does
+        store = "off" if variant == "before" else str(root / f"results-{time.time_ns()}")
+        subprocess.run(command, check=True, env={**os.environ, "HEADSCOPE_RESULTS_CACHE": store})
         atlases[variant] = json.loads((root / variant / "atlas.json").read_text())
     print_table(atlases)
     print_agreement(atlases)
