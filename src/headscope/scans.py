@@ -288,7 +288,7 @@ def _clean_run(
     model: Any, chunk: TokenBatch, layers: list[int], skip_layers: bool, read: Reader
 ) -> tuple[Tensor, dict[int, Tensor]]:
     """``read(run)`` of the chunk's clean forward, and the residual stream entering each listed layer."""
-    mask = chunk.attention_mask if chunk.is_padded else None
+    mask = chunk.forward_mask
     if skip_layers:
         check_forward_from_layer(model, chunk.tokens, mask)
     names = [resid_pre_name(layer) for layer in layers] if skip_layers else []
@@ -385,7 +385,7 @@ def _run_group(model, chunk, residual, layer, heads, method, factor, means, skip
     copy-major order) and the repeated batch it came from."""
     copies = len(heads)
     repeated = TokenBatch(chunk.tokens.repeat(copies, 1), chunk.attention_mask.repeat(copies, 1))
-    mask = repeated.attention_mask if chunk.is_padded else None
+    mask = repeated.forward_mask
     name, heads_view = head_hook(model, layer, "q" if method == "uniform" else "z")
     hook = _batched_ablation_hook(heads, chunk.tokens.shape[0], method, factor, means.get(layer),
                                   layer_device(model, layer), heads_view)
@@ -547,7 +547,7 @@ def _activations_and_gradients(model: Any, chunk: TokenBatch, kind: str, metric:
 
         return hook
 
-    mask = chunk.attention_mask if chunk.is_padded else None
+    mask = chunk.forward_mask
     with torch.enable_grad(), model.hooks(fwd_hooks=[(name, capture(name)) for name in names]):
         total = metric(model(chunk.tokens, attention_mask=mask), chunk).float().sum()
         grads = torch.autograd.grad(total, [deltas[name] for name in names])

@@ -326,7 +326,7 @@ def _layers_to_keep(model: Any, data: Any, starts: list[int]) -> list[int]:
 
 def _runs_from_layer(model: Any, data: Any) -> bool:
     first = data.select(slice(0, 2)).to(model_device(model))
-    mask = first.attention_mask if first.is_padded else None
+    mask = first.forward_mask
     try:
         check_forward_from_layer(model, first.tokens, mask)
     except UnsupportedModelError:
@@ -368,7 +368,7 @@ def _clean_residuals(model: Any, data: Any, size: int, keep: list[int], progress
 
     def run(rows: slice) -> dict[str, Tensor]:
         chunk = data.select(rows).to(device)
-        mask = chunk.attention_mask if chunk.is_padded else None
+        mask = chunk.forward_mask
         _output, found = model.run_with_cache(chunk.tokens, attention_mask=mask, names_filter=names,
                                               stop_at_layer=stop, return_cache_object=False)
         return {name: _full_width(found[name], data.tokens.shape[1]) for name in names}

@@ -507,7 +507,7 @@ def end_gradients(model: Any, chunk: TokenBatch, chunk_items: list[IOIItem], rec
 
     hooks = [(hook_name(layer, "z"), add_delta(layer)) for layer in range(upstream)]
     hooks += [(hook_name(layer, "pattern"), keep_pattern(layer)) for layer in sorted({r[0] for r in receivers})]
-    mask = chunk.attention_mask if chunk.is_padded else None
+    mask = chunk.forward_mask
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         model(chunk.tokens, attention_mask=mask)
         metric = receiver_metric(patterns, receivers, chunk_items, last).sum()
@@ -584,7 +584,7 @@ def _patched_chunk(model: Any, batch: TokenBatch, items: list[IOIItem], receiver
     for layer, index in heads:
         by_layer.setdefault(layer, []).append(index)
     hooks += [(hook_name(layer, "z"), patch(layer, indices)) for layer, indices in sorted(by_layer.items())]
-    mask = batch.attention_mask if batch.is_padded else None
+    mask = batch.forward_mask
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         model(batch.tokens, attention_mask=mask)
         return receiver_metric(patterns, receivers, items, last).float().cpu()

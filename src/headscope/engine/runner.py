@@ -90,7 +90,7 @@ def auto_batch_size(model: Any, seq_len: int, n_cached: int = 0) -> int:
 def forward(model: Any, batch: TokenBatch) -> Float[Tensor, "batch pos vocab"]:
     """Logits of one chunk, with its attention mask, on the model's device."""
     batch = batch.to(model_device(model))
-    mask = batch.attention_mask if batch.is_padded else None
+    mask = batch.forward_mask
     return model(batch.tokens, attention_mask=mask)
 
 
@@ -99,7 +99,7 @@ def forward_with_cache(model: Any, batch: TokenBatch, names: Sequence[str]) -> t
     if not names:
         return forward(model, batch), {}
     batch = batch.to(model_device(model))
-    mask = batch.attention_mask if batch.is_padded else None
+    mask = batch.forward_mask
     logits, cache = model.run_with_cache(
         batch.tokens,
         attention_mask=mask,
@@ -206,7 +206,7 @@ def _forward_chunk(
     layer, residual = start_at
     device = model_device(model)
     chunk = chunk.to(device)
-    mask = chunk.attention_mask if chunk.is_padded else None
+    mask = chunk.forward_mask
     return forward_from_layer(model, residual[rows, : chunk.tokens.shape[1]].to(device), layer, mask), {}
 
 

@@ -60,6 +60,11 @@ class TokenBatch:
     def is_padded(self) -> bool:
         return bool((self.attention_mask == 0).any())
 
+    @property
+    def forward_mask(self) -> Optional[Int[Tensor, "batch pos"]]:
+        """The mask to hand the model: the attention mask, or None when no row is padded."""
+        return self.attention_mask if self.is_padded else None
+
 
 def bos_token_id(model: Any) -> Optional[int]:
     tokenizer = getattr(model, "tokenizer", None)
