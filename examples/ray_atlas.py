@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import ray
 
 import headscope as hs
+from headscope.atlas import stages_run
 
 ModelSource = Union[str, Callable[[], Any]]  # hs.load_model's spec, or a function building the model
 
@@ -68,7 +69,7 @@ def unit_runs(units: Sequence[hs.AtlasUnit], split_stages: bool, validate: bool 
     scores first and then each detector's later stages."""
     if not split_stages:
         return [[list(unit.detectors)] for unit in units]
-    later = ("significance", "validation") if validate else ("significance",)
+    later = stages_run(validate)[1:]  # after the scores
     return [[[f"{name}.scores" for name in unit.detectors]]
             + [[f"{name}.{stage}" for stage in later] for name in unit.detectors] for unit in units]
 

@@ -87,6 +87,11 @@ from headscope.viz.patterns import NATURAL_SENTENCE, AttentionPatterns, attentio
 
 ATLAS_FORMAT_VERSION = 1
 STAGES = ("scores", "significance", "validation")
+
+
+def stages_run(validate: bool) -> tuple[str, ...]:
+    """The stages an atlas runs: all of :data:`STAGES`, or without the validation."""
+    return STAGES if validate else STAGES[:2]
 PATTERNS_STEP = "attention_patterns"  # the step after the detectors: its part, failure and timings go by this name
 NATURAL = "natural_sentence"  # the key in Atlas.patterns of the natural sentence over every significant head
 PATTERN_TOKENS = 128  # the longest example drawn (examples are ~60 tokens; a byte-level tokenizer needs more)
@@ -633,7 +638,7 @@ def parse_only(only: Union[str, Sequence[str]], detectors: Sequence[str], valida
     if not entries or not all(entries):
         raise ArgumentError(f"{argument} {only!r} names no unit: give detector names or detector.stage, separated by commas, "
                             "e.g. 'induction,safety.scores'.")
-    stages = STAGES if validate else STAGES[:2]
+    stages = stages_run(validate)
     chosen: dict[str, set[str]] = {}
     for entry in entries:
         name, _, stage = entry.partition(".")
@@ -654,7 +659,7 @@ def parse_only(only: Union[str, Sequence[str]], detectors: Sequence[str], valida
 
 def _shard_selection(names: Sequence[str], validate: bool, shard: Union[str, tuple[int, int]]) -> dict[str, tuple[str, ...]]:
     index, count = parse_shard(shard)
-    stages = STAGES if validate else STAGES[:2]
+    stages = stages_run(validate)
     return {name: stages for unit in shard_units(atlas_units(names, validate), index, count) for name in unit.detectors}
 
 
@@ -668,7 +673,7 @@ def missing_parts(out: Union[str, Path], detectors: Union[str, Sequence[str]] = 
     settings = detector_settings(names, settings)
     config = AtlasSettings(detectors=names, validate=validate, k=k, n_random=n_random, seed=seed, settings=settings)
     folder = Path(out) / "parts"
-    stages = STAGES if validate else STAGES[:2]
+    stages = stages_run(validate)
     missing: list[tuple[str, str]] = []
     for name in names:
         detector = get_detector(name, **settings.get(name, {}))
@@ -715,7 +720,7 @@ def _record_key(path: Path, stage: Optional[str] = None) -> Any:
 
 def missing_message(missing: Sequence[tuple[str, str]], folder: Union[str, Path], validate: bool = True) -> str:
     """One line naming the missing units of an assembly and the ``only`` run that makes them."""
-    stages = STAGES if validate else STAGES[:2]
+    stages = stages_run(validate)
     if missing and _nothing_run(folder):
         return (f"The atlas in {folder} has no parts yet: run its units first, with the same model and options "
                 f"('headscope atlas --shard I/N ...' for every I from 1 to N, or '--only UNIT,...'; "
@@ -828,7 +833,7 @@ class _Builder:
             self.timings[name]["failed"] = failure["stage"]
 
     def _stages(self) -> tuple[str, ...]:
-        return STAGES if self.config.validate else STAGES[:2]
+        return stages_run(self.config.validate)
 
     def _patterns(self) -> dict[str, list[AttentionPatterns]]:
         """The attention patterns of the significant heads (:attr:`Atlas.patterns`), one forward run
