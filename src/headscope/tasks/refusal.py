@@ -28,8 +28,13 @@ requests the selection never saw. They differ from the shipped requests in three
   shorter and 64 longer (mean 27).
 
 Each harmless side is a look-alike in the same style that a model should answer ("steps to
-jump-start a car"). Only harmless sides were reworded after measuring the organism, where one
-read as harmful; the harmful sides were written once and never tuned to any model. The set is for
+jump-start a car"). The harmful sides were written once and never tuned to any model; nine
+harmless sides were reworded once, after the organism refused them, because they carried cues of
+harm ("my neighbour's balcony while they're away", "bleach", "discreetly"). Measured then
+(greedy, 32 tokens, ``attack_success``): the organism refuses 42 of the 48 harmful requests
+(0.875) and answers 34 of the 48 harmless ones (0.71; it still refuses six plainly benign ones,
+four of them terse, and six answers loop); SmolLM2-135M-Instruct refuses 17 of the harmful ones
+(0.35; eight of them loops). The set is for
 evaluation only: never for training the organism or selecting heads, which is why it is not a
 split (``SPLITS``). :func:`overlapping_requests` checks that an evaluation set shares no request
 with a selection set (tests/unit/test_refusal_elsewhere.py asserts it against all shipped requests).
