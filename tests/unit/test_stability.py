@@ -1,0 +1,118 @@
+"""Selection stability: bootstrap resamples of the items, top-k selection frequencies, and the
+safety detector's resampled Ships, dataset-level Ships and Sahara (tiny models, no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import headscope as hs
+from headscope.detectors.safety import dataset_ships_resampled, sahara, subspace_angle
+from headscope.errors import InputError
+from headscope.scans import readout_scan
+from headscope.stability import (
+    SelectionStability,
+    bootstrap_rows,
+    mean_score_stability,
+    resample_weights,
+    top_k_mask,
+)
+
+PROMPTS = [[0, 5, 9, 12], [0, 7, 3, 3, 8, 21, 40, 2], [0, 11, 12, 13, 14, 15], [0, 4, 4, 9, 30],
+           [0, 17, 2, 6, 6, 1, 12]]
+
+
+def test_bootstrap_rows_draw_with_replacement_and_weights_are_the_draw_counts():
+    rows = bootstrap_rows(5, 40, seed=3)
+    assert rows.shape == (40, 5) and rows.min() >= 0 and rows.max() <= 4
+    assert torch.equal(rows, bootstrap_rows(5, 40, seed=3))
+    assert any(len(set(r.tolist())) < 5 for r in rows)  # some item drawn twice
+    weights = resample_weights(rows, 5)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(40, dtype=torch.float64))
+    assert weights[0, rows[0, 0]] >= 1 / 5
+    with pytest.raises(InputError, match="at least 2 items"):
+        bootstrap_rows(1, 10)
+
+
+def test_top_k_selects_exactly_k_heads_and_never_an_unscored_one():
+    scores = torch.randn(7, 3, 4)
+    scores[:, 0, 0] = float("nan")
+    mask = top_k_mask(scores, 3)
+    assert (mask.flatten(1).sum(dim=1) == 3).all() and not mask[:, 0, 0].any()
+    assert mask[0].flatten()[scores[0].flatten().nan_to_num(nan=-9).argmax()]
+    with pytest.raises(InputError, match="fewer scored heads"):
+        top_k_mask(torch.full((2, 2), float("nan")), 1)
+
+
+def test_a_head_that_wins_on_every_item_is_selected_in_every_resample_and_noise_is_not():
+    generator = torch.Generator().manual_seed(0)
+    per_item = torch.rand(4, 3, 12, generator=generator)  # [layers, heads, items], noise in [0, 1)
+    per_item[2, 1] += 5.0  # wins everywhere
+    rows = bootstrap_rows(12, 200, seed=1)
+    stability = mean_score_stability(per_item, 2, rows, "score")
+    assert stability.of("L2H1") == 1.0
+    assert stability.frequency.sum().item() == pytest.approx(2.0)
+    assert stability.selected[0] == hs.Head(2, 1) and len(stability.selected) == 2
+    runner_up = stability.most_selected(2)[1]
+    assert runner_up[1] < 1.0  # the second place is decided by noise: not always the same head
+    assert stability.stable_heads(1.0) == [hs.Head(2, 1)]
+    weights = resample_weights(rows, 12)[0].float()
+    assert torch.allclose(torch.einsum("lhn,n->lh", per_item, weights).flatten().topk(2).indices.sort().values,
+                          top_k_mask(torch.einsum("lhn,n->lh", per_item, weights), 2).flatten().nonzero().flatten())
+
+
+def test_selection_stability_reads_as_a_table_a_dict_and_a_figure(tmp_path):
+    frequency = torch.zeros(3, 2)
+    frequency[1, 0], frequency[2, 1], frequency[0, 0] = 1.0, 0.7, 0.3
+    stability = SelectionStability("ships", frequency, 2, 50, 16, [hs.Head(1, 0), hs.Head(0, 0)])
+    assert [row["head"] for row in stability.table()] == ["L1H0", "L2H1"]
+    assert stability.table()[1] == {"head": "L2H1", "frequency": 0.7, "selected_on_all_items": False}
+    assert stability.to_dict()["stable"] == ["L1H0", "L2H1"]
+    assert "L1H0 1.00" in repr(stability)
+    figure = stability.plot(path=tmp_path / "stability.png")
+    assert (tmp_path / "stability.png").stat().st_size > 0 and figure.axes[0].get_ylim()[1] > 1
+
+
+def test_dataset_ships_on_each_resample_equals_the_subspace_angle_of_its_rows(tiny_llama):
+    scan = readout_scan(tiny_llama, PROMPTS, factor=1e-5)
+    rows = bootstrap_rows(len(PROMPTS), 4, seed=0)
+    for rank in (1, 2):
+        resampled = dataset_ships_resampled(scan, rows, rank)
+        for r in range(rows.shape[0]):
+            for head in scan.heads:
+                expected = subspace_angle(scan.clean[rows[r]], scan.ablated[head.layer, head.head][rows[r]], rank)
+                assert resampled[r, head.layer, head.head].item() == pytest.approx(expected, abs=1e-3)
+
+
+def test_each_resampled_sahara_search_equals_a_search_on_its_own_rows(tiny_llama):
+    """The lockstep searches share scans, but each is exactly the search it stands for: Sahara on
+    the prompts its resample drew (repeats included)."""
+    result = sahara(tiny_llama, PROMPTS, steps=3, epsilon=1e-5, candidates=5, resamples=6, seed=2)
+    alone = sahara(tiny_llama, PROMPTS, steps=3, epsilon=1e-5, candidates=5)
+    assert result.search_group == alone.group and result.angles == pytest.approx(alone.angles, abs=1e-4)
+    rows = bootstrap_rows(len(PROMPTS), 6, seed=2)
+    for r, group in enumerate(result.resampled_groups):
+        own = sahara(tiny_llama, [PROMPTS[i] for i in rows[r]], steps=3, epsilon=1e-5, candidates=5)
+        assert group == own.group
+    counts = {head: sum(head in g for g in result.resampled_groups) for head in result.group}
+    assert result.frequency == [counts[h] / 6 for h in result.group]
+    assert max(result.head_frequency.values()) == result.frequency[0]
+    assert len(set(result.group)) == 3 and result.n_resamples == 6
+    prefixes = {tuple(g[:step]) for g in result.resampled_groups + [result.search_group] for step in (1, 2)}
+    assert result.n_scans <= len(prefixes)  # one scan per group prefix at most, shared between searches
+
+
+def test_the_safety_detector_reports_every_heads_selection_frequency(tiny_llama):
+    detector = hs.get_detector("safety", n_queries=5, n_bootstrap=50, stability_k=2, sahara_steps=2,
+                               sahara_candidates=4, sahara_resamples=4)
+    scores = detector.score(tiny_llama)
+    for name in ("ships", "dataset_ships"):
+        frequency = scores.extras[f"{name}_frequency"]
+        assert frequency.sum().item() == pytest.approx(2.0) and frequency.min() >= 0 and frequency.max() <= 1
+        record = scores.metadata["stability"][name]
+        assert record["n_resamples"] == 50 and record["n_items"] == 5 and len(record["selected_on_all_items"]) == 2
+    sahara_record = scores.metadata["sahara"]
+    assert len(sahara_record["group"]) == 2 and len(sahara_record["frequency"]) == 2
+    assert sahara_record["n_resamples"] == 4 and len(sahara_record["resampled_groups"]) == 4
+    no_bootstrap = hs.get_detector("safety", n_queries=5, n_bootstrap=0).score(tiny_llama)
+    assert "ships_frequency" not in no_bootstrap.extras and "stability" not in no_bootstrap.metadata
