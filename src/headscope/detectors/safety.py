@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from headscope.detectors.base import (
@@ -60,6 +60,8 @@ from headscope.errors import DataError, InputError, SettingError
 from headscope.interventions import per_row_ablation, scale_query
 from headscope.results import HeadScores
 from headscope.significance import Significance
+from headscope.stability import (SelectionStability, bootstrap_rows, heads_of, mean_score_stability, stability_of,
+                                 top_k_mask)
 from headscope.stats import DEFAULT_ALPHA, bonferroni_t, satterthwaite_df
 from headscope.scans import ReadoutScan, readout_scan
 from headscope.tasks import refusal
@@ -78,6 +80,15 @@ class SafetyConfig(DetectorConfig):
     sahara_steps: int = setting(0, "greedy Sahara steps run by score() (0: none)", min=0)
     sahara_candidates: Optional[int] = setting(None, "Sahara steps >= 2 search only the best k heads of step 1 "
                                                      "(None: all)", min=1)
+    n_bootstrap: int = setting(200, "bootstrap resamples of the scored queries for each head's selection frequency "
+                                    "by Ships and dataset-level Ships (0: none; costs no model run)", min=0)
+    stability_k: int = setting(3, "heads counted as selected in each resample (the top k)", min=1)
+    sahara_resamples: int = setting(20, "bootstrap resamples Sahara searches too; the group given is the one they "
+                                        "choose most often (0: the search on all queries only; each new group prefix "
+                                        "costs one scan of the candidates)", min=0)
+    held_out: str = setting("split", "requests validation measures attack success on: the other split, or "
+                                     "'elsewhere' (48 requests in other styles and categories)",
+                            choices=("split", "elsewhere"))
     n_eval: Optional[int] = setting(None, "held-out harmful requests for the attack success rate (None: all)", min=1)
     max_new_tokens: int = setting(32, "greedy tokens per response in validation (at least 32 there; scoring does not "
                                       "decode)", min=1)
@@ -97,15 +108,53 @@ class SafetyConfig(DetectorConfig):
 
 @dataclass
 class SaharaResult:
-    """The group Sahara chose, in order, and the dataset-level Ships angle after each step."""
+    """What Sahara found.
+
+    Attributes:
+        group: the group to use: with resamples, the stable one (the heads the resampled searches
+            chose most often, ``frequency`` = each one's share of them); without, ``search_group``.
+        angles: the dataset-level Ships angle after each step of the search on all queries.
+        candidates_per_step: heads searched at each step of that search.
+        search_group: the group the search on all queries chose, in order.
+        frequency: each ``group`` head's share of the resampled searches that chose it (None
+            without resamples).
+        n_resamples: bootstrap resamples of the queries searched.
+        head_frequency: every head some resampled search chose, with its share.
+        resampled_groups: each resampled search's group, in order.
+        n_scans: readout scans run after step 1 (the cost: one per new group prefix).
+    """
 
     group: list[Head]
     angles: list[float]
     candidates_per_step: list[int] = field(default_factory=list)
+    search_group: list[Head] = field(default_factory=list)
+    frequency: Optional[list[float]] = None
+    n_resamples: int = 0
+    head_frequency: dict[str, float] = field(default_factory=dict)
+    resampled_groups: list[list[Head]] = field(default_factory=list)
+    n_scans: int = 0
+
+    def __post_init__(self) -> None:
+        self.search_group = self.search_group or list(self.group)
+
+    def add_resamples(self, groups: list[list[Head]], size: int, heads: list[Head]) -> None:
+        """Take the resampled searches' groups; ``group`` becomes the ``size`` heads they chose most
+        often (ties: the search on all queries' heads first, in its order, then layer by layer)."""
+        counts = {head: sum(head in g for g in groups) for head in heads}
+        rank = {head: i for i, head in enumerate(self.search_group)}
+        order = sorted(heads, key=lambda h: (-counts[h], rank.get(h, len(rank)), h.layer, h.head))
+        self.group = order[:size]
+        self.frequency = [counts[h] / len(groups) for h in self.group]
+        self.n_resamples = len(groups)
+        self.head_frequency = {str(h): counts[h] / len(groups) for h in order if counts[h]}
+        self.resampled_groups = groups
 
     def to_dict(self) -> dict[str, Any]:
-        return {"group": [str(h) for h in self.group], "angles": self.angles,
-                "candidates_per_step": self.candidates_per_step}
+        return {"group": [str(h) for h in self.group], "frequency": self.frequency,
+                "search_group": [str(h) for h in self.search_group], "angles": self.angles,
+                "candidates_per_step": self.candidates_per_step, "n_resamples": self.n_resamples,
+                "head_frequency": self.head_frequency, "n_scans": self.n_scans,
+                "resampled_groups": [[str(h) for h in g] for g in self.resampled_groups]}
 
 
 NO_FLOOR = ("none beyond a positive difference: neither the paper nor a control gives one yet (a harmless-vs-harmless "
@@ -183,10 +232,25 @@ class SafetyDetector(Detector):
                                     "refusal_tokens": refusal.refusal_start_token_ids(model.tokenizer)}
         if config.sahara_steps > 0:
             result = sahara(model, prompts, config.sahara_steps, config.epsilon, config.subspace_rank,
-                            config.sahara_candidates, first_scan=scan, batch_size=batch_size, progress=progress)
+                            config.sahara_candidates, first_scan=scan, batch_size=batch_size, progress=progress,
+                            resamples=config.sahara_resamples, seed=config.seed)
             metadata["sahara"] = result.to_dict()
         extras = {"dataset_ships": angles, "refusal_drop": next_token["refusal_drop"], "ships_sd": next_token["ships_sd"]}
+        if config.n_bootstrap > 0:
+            found = self._stability(scan, next_token["ships_per_query"], angles)
+            extras.update({f"{name}_frequency": s.frequency for name, s in found.items()})
+            metadata["stability"] = {name: s.to_dict() for name, s in found.items()}
         return self.result(model, next_token["ships"], extras=extras, metadata=metadata)
+
+    def _stability(self, scan: ReadoutScan, ships_per_query: Tensor, angles: Tensor) -> dict[str, SelectionStability]:
+        """Selection frequency of every head by Ships and by dataset-level Ships over
+        ``n_bootstrap`` resamples of the scored queries (no model run: Ships is a mean over
+        queries, and dataset-level Ships is recomputed on each resample's rows)."""
+        config = self.config
+        rows = bootstrap_rows(scan.clean.shape[0], config.n_bootstrap, config.seed)
+        resampled = dataset_ships_resampled(scan, rows, config.subspace_rank)
+        return {"ships": mean_score_stability(ships_per_query, config.stability_k, rows, "ships"),
+                "dataset_ships": stability_of(angles, resampled, config.stability_k, "dataset_ships", len(rows[0]))}
 
     def significance(
         self, model: Any, scores: HeadScores, batch_size: Optional[int] = None, progress: Optional[bool] = None
@@ -237,20 +301,30 @@ class SafetyDetector(Detector):
         return random.Random(self.config.seed).sample(requests, min(n, len(requests)))
 
     def validation_task(self, model: Any) -> ValidationTask:
+        """Attack success on requests the heads were not selected on: the other split (or the
+        held-out quarter of ``data``), or with ``held_out="elsewhere"`` the 48 requests written in
+        other styles and categories (``refusal.load_elsewhere``). Checked disjoint from the scored
+        requests before anything runs (:func:`check_held_out`)."""
         config = self.config
         if config.max_new_tokens < MIN_NEW_TOKENS:
             raise InputError(f"max_new_tokens must be at least {MIN_NEW_TOKENS}: shorter responses count as refusals.")
-        held_out = "test" if config.split == "train" else "train"
-        requests = self._requests(held_out)[: config.n_eval]
-        where = f"{held_out} split" if config.data is None else f"{held_out} part of {config.data}"
+        requests, where = self._held_out_requests()
+        requests = requests[: config.n_eval]
+        selection = [q.text for q in self.queries()]
 
         def measure(model: Any, head_sets: list, method: str) -> Tensor:
             return attack_success(model, requests, head_sets, method, config.epsilon, config.max_new_tokens,
-                                  prompt_format=config.prompt_format)[0]
+                                  prompt_format=config.prompt_format, selection=selection)[0]
 
         return ValidationTask(requests, None, f"attack success rate ({where}, {config.max_new_tokens} greedy tokens)",
                               ablation_hurts_when="increases", measure=measure, default_method="uniform")
 
+    def _held_out_requests(self) -> tuple[list[refusal.Request], str]:
+        """The held-out harmful requests validation uses, and where they come from."""
+        if self.config.held_out == "elsewhere":
+            return refusal.load_elsewhere("harmful"), "requests from elsewhere"
+        other = "test" if self.config.split == "train" else "train"
+        return self._requests(other), f"{other} split" if self.config.data is None else f"{other} part of {self.config.data}"
 
     def _requests(self, split: str) -> list[refusal.Request]:
         """The harmful requests of a split: shipped, or of your ``data`` file, split the same way
@@ -280,14 +354,15 @@ def _finite_range(values: Tensor) -> list[float]:
     return [round(float(finite.min()), 4), round(float(finite.max()), 4)] if finite.numel() else []
 
 
-def next_token_scores(model: Any, scan: ReadoutScan) -> dict[str, Float[Tensor, "layers heads"]]:
+def next_token_scores(model: Any, scan: ReadoutScan) -> dict[str, Tensor]:
     """Both last-position scores of a scan, from one unembedding of its states:
 
     * ``"ships"``: mean over queries of KL(clean ‖ ablated) of the next-token distribution
       (``"ships_sd"``: its standard deviation over queries);
     * ``"refusal_drop"``: mean over queries of log P(refusal opening) clean minus ablated — how
       much removing the head lowers the first-token refusal probability (the cheap proxy of
-      ``refusal.first_token_refusal_probability``).
+      ``refusal.first_token_refusal_probability``);
+    * ``"ships_per_query"``: the KL of every query, ``[layers, heads, queries]``.
     """
     ids = refusal.refusal_start_token_ids(model.tokenizer)
     clean = torch.log_softmax(scan.logits(model, scan.clean), dim=-1)  # [queries, vocab]
@@ -295,6 +370,7 @@ def next_token_scores(model: Any, scan: ReadoutScan) -> dict[str, Float[Tensor, 
     shape = model_shape(model)
     scores = {name: torch.full((shape.n_layers, shape.n_heads), float("nan"))
               for name in ("ships", "ships_sd", "refusal_drop")}
+    scores["ships_per_query"] = torch.full((shape.n_layers, shape.n_heads, clean.shape[0]), float("nan"))
     for layer in range(shape.n_layers):
         scanned = [h.head for h in scan.heads if h.layer == layer]
         if not scanned:
@@ -302,6 +378,7 @@ def next_token_scores(model: Any, scan: ReadoutScan) -> dict[str, Float[Tensor, 
         ablated = torch.log_softmax(scan.logits(model, scan.ablated[layer, scanned]), dim=-1)  # [heads, queries, vocab]
         kl = (clean.exp()[None] * (clean[None] - ablated)).sum(dim=-1)  # [heads, queries]
         scores["ships"][layer, scanned], scores["ships_sd"][layer, scanned] = kl.mean(dim=-1), kl.std(dim=-1)
+        scores["ships_per_query"][layer, scanned] = kl
         scores["refusal_drop"][layer, scanned] = (clean_refusal[None] - torch.logsumexp(ablated[..., ids], dim=-1)).mean(dim=-1)
     return scores
 
@@ -325,11 +402,43 @@ def subspace_angle(
 def dataset_ships_scores(scan: ReadoutScan, rank: int = 1, reference: Optional[Tensor] = None) -> Float[Tensor, "layers heads"]:
     """Dataset-level Ships of every scanned head: the angle between the reference states (default:
     the scan's clean states) and the states with that head ablated."""
+    every_query = torch.arange(scan.clean.shape[0])[None]
+    return dataset_ships_resampled(scan, every_query, rank, reference)[0]
+
+
+def dataset_ships_resampled(
+    scan: ReadoutScan,
+    rows: Int[Tensor, "resamples draws"],
+    rank: int = 1,
+    reference: Optional[Tensor] = None,
+    heads: Optional[Sequence[Head]] = None,
+) -> Float[Tensor, "resamples layers heads"]:
+    """Dataset-level Ships of every scanned head (or of ``heads``) on each row set of ``rows``
+    (query indices, repeats allowed: bootstrap resamples), NaN elsewhere.
+
+    The top left singular vectors of a stack of states ``S`` [queries × d_model] are the top
+    eigenvectors of its Gram matrix ``S Sᵀ``, and a resample's Gram matrix is the whole Gram matrix
+    indexed by its rows: one Gram matrix per head, then one small batched eigendecomposition per
+    head for all resamples. Equal to :func:`subspace_angle` on each resample (tested)."""
     reference = scan.clean if reference is None else reference
-    values = torch.full(scan.ablated.shape[:2], float("nan"))
-    for head in scan.heads:
-        values[head.layer, head.head] = subspace_angle(reference, scan.ablated[head.layer, head.head], rank)
+    u_reference = _top_left_vectors(_gram(reference)[rows[:, :, None], rows[:, None, :]], rank)
+    values = torch.full((rows.shape[0], *scan.ablated.shape[:2]), float("nan"))
+    for head in scan.heads if heads is None else heads:
+        ablated = scan.ablated[head.layer, head.head]
+        u_ablated = _top_left_vectors(_gram(ablated)[rows[:, :, None], rows[:, None, :]], rank)
+        cosines = torch.linalg.svdvals(u_reference.transpose(1, 2) @ u_ablated).clamp(-1, 1)  # [resamples, rank]
+        values[:, head.layer, head.head] = torch.rad2deg(torch.acos(cosines.min(dim=-1).values)).float()
     return values
+
+
+def _gram(states: Float[Tensor, "queries d_model"]) -> Float[Tensor, "queries queries"]:
+    states = states.double()
+    return states @ states.T
+
+
+def _top_left_vectors(grams: Float[Tensor, "resamples n n"], rank: int) -> Float[Tensor, "resamples n rank"]:
+    """The top ``rank`` eigenvectors of each Gram matrix (= top left singular vectors of the states)."""
+    return torch.linalg.eigh(grams)[1][..., -rank:]
 
 
 def sahara(
@@ -342,38 +451,102 @@ def sahara(
     first_scan: Optional[ReadoutScan] = None,
     batch_size: Optional[int] = None,
     progress: Optional[bool] = None,
+    resamples: int = 0,
+    seed: int = 0,
 ) -> SaharaResult:
-    """Greedy Sahara search for a group of safety heads (see the module docstring).
+    """Greedy Sahara search for a group of safety heads (see the module docstring), on all the
+    prompts and on ``resamples`` bootstrap resamples of them.
 
     Each step is one :func:`readout_scan` with the group chosen so far ablated in the background;
     angles are always measured against the fully clean states. ``first_scan``: a scan of these
-    prompts without background (the detector's own), reused as step 1.
+    prompts without background (the detector's own), reused as step 1. The searches run in
+    lockstep: a scan covers every prompt, so searches that chose the same heads so far share it and
+    each reads its own rows (a resample costs only the group prefixes no earlier search reached).
+
+    The group returned (``group``) is the stable one when ``resamples`` > 0: the ``steps`` heads
+    chosen most often by the resampled searches, each with its share (``frequency``); the search on
+    all prompts is ``search_group`` with its ``angles``.
     """
     if steps < 1:
         raise InputError(f"Sahara needs at least one step, got {steps}.")
     scan = first_scan or readout_scan(model, prompts, method="uniform", factor=epsilon, batch_size=batch_size,
                                       progress=progress)
-    reference = scan.clean
-    angles = dataset_ships_scores(scan, rank, reference)
-    pool = all_heads(model)
-    if candidates is not None:
-        order = torch.argsort(torch.nan_to_num(angles.flatten(), nan=-1.0), descending=True)[:candidates]
-        pool = [Head(int(i) // angles.shape[1], int(i) % angles.shape[1]) for i in order]
-    group: list[Head] = []
-    result = SaharaResult([], [], [len(scan.heads)])
-    for step in range(steps):
-        if step > 0:
-            heads = [h for h in pool if h not in group]
-            chosen = list(group)
-            scan = readout_scan(model, prompts, method="uniform", factor=epsilon, heads=heads, batch_size=batch_size,
-                                background=lambda m, chosen=chosen: scale_query(m, chosen, epsilon), progress=progress)
-            angles = dataset_ships_scores(scan, rank, reference)
-            result.candidates_per_step.append(len(heads))
-        best = int(torch.argmax(torch.nan_to_num(angles.flatten(), nan=-1.0)))
-        group.append(Head(best // angles.shape[1], best % angles.shape[1]))
-        result.group = list(group)
-        result.angles.append(float(angles.flatten()[best]))
+    n_queries = scan.clean.shape[0]
+    rows = torch.arange(n_queries)[None]
+    if resamples > 0:
+        rows = torch.cat([rows, bootstrap_rows(n_queries, resamples, seed)])
+    search = _GreedySearches(model, prompts, scan, rows, epsilon, rank, batch_size, progress)
+    search.run(steps, candidates)
+    result = SaharaResult(search.groups[0], search.angles[0], search.candidates_per_step, n_scans=search.n_scans)
+    if resamples > 0:
+        result.add_resamples(search.groups[1:], steps, all_heads(model))
     return result
+
+
+class _GreedySearches:
+    """Sahara searches on several row sets of the same prompts, run step by step together; the
+    scans of a group prefix (the heads chosen so far, in order) are shared and extended on demand."""
+
+    def __init__(self, model, prompts, first_scan: ReadoutScan, rows: Tensor, epsilon, rank, batch_size, progress):
+        self.model, self.prompts, self.rows, self.epsilon, self.rank = model, prompts, rows, epsilon, rank
+        self.batch_size, self.progress = batch_size, progress
+        self.reference = first_scan.clean
+        self.scans: dict[tuple[Head, ...], ReadoutScan] = {(): first_scan}
+        self.groups: list[list[Head]] = [[] for _ in range(rows.shape[0])]
+        self.angles: list[list[float]] = [[] for _ in range(rows.shape[0])]
+        self.candidates_per_step: list[int] = []
+        self.n_scans = 0
+
+    def run(self, steps: int, candidates: Optional[int]) -> None:
+        first = dataset_ships_resampled(self.scans[()], self.rows, self.rank, self.reference)
+        pools = torch.isfinite(first)
+        if candidates is not None:
+            pools = top_k_mask(first, min(candidates, int(pools.flatten(1).sum(1).min())))
+        self.candidates_per_step.append(len(self.scans[()].heads))
+        for step in range(steps):
+            for prefix, members in self._by_prefix().items():
+                allowed = pools[members].clone()
+                for head in prefix:
+                    allowed[:, head.layer, head.head] = False
+                scores = first[members] if step == 0 else self._scores(prefix, members, allowed)
+                self._choose(members, scores.masked_fill(~allowed, float("nan")))
+            if step > 0:
+                self.candidates_per_step.append(int(pools[0].sum()) - step)
+
+    def _by_prefix(self) -> dict[tuple[Head, ...], list[int]]:
+        members: dict[tuple[Head, ...], list[int]] = {}
+        for index, group in enumerate(self.groups):
+            members.setdefault(tuple(group), []).append(index)
+        return members
+
+    def _scores(self, prefix: tuple[Head, ...], members: list[int], allowed: Tensor) -> Tensor:
+        needed = heads_of(allowed.any(dim=0))
+        scan = self._scan(prefix, needed)
+        return dataset_ships_resampled(scan, self.rows[members], self.rank, self.reference, heads=needed)
+
+    def _scan(self, prefix: tuple[Head, ...], needed: list[Head]) -> ReadoutScan:
+        """The scan of ``needed`` heads with ``prefix`` ablated in the background (extending the
+        stored scan of that prefix by the heads it lacks)."""
+        stored = self.scans.get(prefix)
+        missing = [h for h in needed if stored is None or h not in stored.heads]
+        if missing:
+            chosen = list(prefix)
+            scan = readout_scan(self.model, self.prompts, method="uniform", factor=self.epsilon, heads=missing,
+                                batch_size=self.batch_size, progress=self.progress,
+                                background=lambda m: scale_query(m, chosen, self.epsilon))
+            self.n_scans += 1
+            if stored is not None:
+                scan.ablated = torch.where(torch.isnan(scan.ablated), stored.ablated, scan.ablated)
+                scan.heads = stored.heads + missing
+            self.scans[prefix] = stored = scan
+        return stored
+
+    def _choose(self, members: list[int], scores: Float[Tensor, "members layers heads"]) -> None:
+        flat = scores.flatten(1)
+        best = flat.nan_to_num(nan=-torch.inf).argmax(dim=1)
+        for position, (member, index) in enumerate(zip(members, best.tolist(), strict=True)):
+            self.groups[member].append(Head(index // scores.shape[2], index % scores.shape[2]))
+            self.angles[member].append(float(flat[position, index]))
 
 
 def attack_success(
@@ -385,13 +558,37 @@ def attack_success(
     max_new_tokens: int = 32,
     batch_size: Optional[int] = None,
     prompt_format: str = "chatml",
+    *,
+    selection: Optional[Sequence[Any]] = None,
+    intervention: Optional[Callable[[Any], Any]] = None,
 ) -> tuple[Float[Tensor, "sets requests"], list[list[Any]]]:
     """Whether each request's greedy response complied (1) or not (0) under each head set
-    (None = clean), and the generations; all sets run as rows of the same batched decode."""
+    (None = clean), and the generations; all sets run as rows of the same batched decode.
+
+    Args:
+        selection: the requests the heads were selected on; when given, the evaluated requests
+            must be disjoint from them (:func:`check_held_out`), or a ``DataError`` names the
+            overlap before anything runs.
+        intervention: a context-manager factory active for every row too (e.g.
+            ``lambda m: hs.ablate_direction(m, direction)``), around the head sets' ablations.
+    """
+    if selection is not None:
+        check_held_out(requests, selection)
     prompts = refusal.request_prompts(requests, prompt_format, model.tokenizer)
     rows = per_row_ablation([heads for heads in head_sets for _ in prompts], method, epsilon)
-    outputs = generate(model, prompts * len(head_sets), max_new_tokens, row_intervention=rows,
+    outputs = generate(model, prompts * len(head_sets), max_new_tokens, row_intervention=rows, intervention=intervention,
                        batch_size=batch_size or DECODE_ROWS)
     complied = torch.tensor([0.0 if refusal.is_refusal(o.text, o.token_ids) else 1.0 for o in outputs])
     per_set = [outputs[i * len(prompts) : (i + 1) * len(prompts)] for i in range(len(head_sets))]
     return complied.view(len(head_sets), len(prompts)), per_set
+
+
+def check_held_out(evaluated: Sequence[Any], selection: Sequence[Any]) -> None:
+    """Raise a ``DataError`` when an evaluated request equals or nearly repeats a request the heads
+    were selected on (``refusal.overlapping_requests``): a held-out claim needs held-out requests."""
+    overlap = refusal.overlapping_requests(evaluated, selection)
+    if overlap:
+        shown = "; ".join(f"{a!r} ~ {b!r}" for a, b in overlap[:3])
+        raise DataError(f"{len(overlap)} evaluated request(s) repeat or nearly repeat requests the heads were selected "
+                        f"on ({shown}{'; ...' if len(overlap) > 3 else ''}): evaluate on held-out requests (the other "
+                        "split, or refusal.load_elsewhere()).")

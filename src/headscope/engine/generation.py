@@ -70,7 +70,7 @@ def generate(
         intervention: a context-manager factory (``lambda m: hs.ablate(m, heads)``) active
             throughout.
         row_intervention: ``row_intervention(model, rows)``, entered around each batched run
-            instead of ``intervention``, with ``rows`` the indices of the prompts in the run's rows
+            (inside ``intervention`` when both are given), with ``rows`` the indices of the prompts in the run's rows
             (in that order; prompts of similar length run together). E.g.
             ``per_row_ablation(head_sets, "uniform")``: prompt ``i`` runs with ``head_sets[i]`` ablated.
         batch_size: prompts per batched run (default from the memory budget).
@@ -84,10 +84,11 @@ def generate(
 
     def run(span: slice) -> tuple[list[int], list[Generation]]:
         rows = order[span]
-        enter = intervention or (lambda m: contextlib.nullcontext())
-        if row_intervention is not None:
-            enter = lambda m: row_intervention(m, rows)  # noqa: E731
-        with enter(model):
+        with contextlib.ExitStack() as active:
+            if intervention is not None:
+                active.enter_context(intervention(model))
+            if row_intervention is not None:
+                active.enter_context(row_intervention(model, rows))
             return rows, _generate_chunk(model, batch.select(rows), max_new_tokens, stops)
 
     for rows, outputs in Halving("generation").map(len(order), size, run):
