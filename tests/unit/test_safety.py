@@ -10,13 +10,14 @@ import headscope as hs
 from headscope.detectors.safety import (
     SafetyDetector,
     attack_success,
+    check_held_out,
     dataset_ships_scores,
     sahara,
     ships_scores,
     subspace_angle,
 )
 from headscope.engine.generation import final_states, generate
-from headscope.errors import InputError, ModelNotAvailableError
+from headscope.errors import DataError, InputError, ModelNotAvailableError
 from headscope.interventions import per_row_ablation, scale_query
 from headscope.organisms import apply_low_rank_delta, head_delta_norms, load_low_rank_delta, save_low_rank_delta
 from headscope.scans import readout_scan
@@ -255,3 +256,41 @@ def test_significance_is_a_welch_t_test_against_the_t_critical_value(monkeypatch
     assert rule.mask[0, 2] and rule.mask[1, 1] and not rule.mask[1, 3]  # NaN (not scanned) never significant
     assert rule.details["t_critical_range"] == [pytest.approx(2.864, abs=1e-3), pytest.approx(3.303, abs=1e-3)]
     assert rule.statistic[0, 0] == pytest.approx(4.0 / 2.864, abs=1e-3)  # t over its critical t
+
+
+# --- held-out evaluation ---------------------------------------------------------------------------
+
+def test_every_held_out_request_is_disjoint_from_every_request_selection_can_use():
+    """The shipped test split and the requests from elsewhere share no request (nor a near repeat)
+    with the train split, the only part the detector scores by default."""
+    selection = refusal.load_requests("harmful", "train") + refusal.load_requests("harmless", "train")
+    for held_out in (refusal.load_requests("harmful", "test"), refusal.load_requests("harmless", "test"),
+                     refusal.load_elsewhere("harmful"), refusal.load_elsewhere("harmless")):
+        check_held_out(held_out, selection)
+        assert not refusal.overlapping_requests(held_out, selection)
+
+
+def test_attack_success_refuses_requests_the_heads_were_selected_on(tiny_llama):
+    scored = refusal.load_requests("harmful", "train")[:3]
+    near_repeat = scored[0].text.rstrip("?.") + " without being seen?"
+    with pytest.raises(DataError, match="nearly repeat requests the heads were selected on"):
+        attack_success(tiny_llama, [near_repeat], [None], selection=scored)
+    with pytest.raises(DataError, match="1 evaluated request"):
+        check_held_out([scored[1].text.upper()], scored)
+
+
+def test_validation_measures_on_the_other_split_or_on_requests_from_elsewhere(tiny_llama, monkeypatch):
+    seen = {}
+
+    def fake_attack_success(model, requests, head_sets, *args, selection=None, **kwargs):
+        seen["requests"], seen["selection"] = list(requests), list(selection)
+        return torch.zeros(len(head_sets), len(requests)), []
+
+    monkeypatch.setattr("headscope.detectors.safety.attack_success", fake_attack_success)
+    for held_out, expected in (("split", refusal.load_requests("harmful", "test")),
+                               ("elsewhere", refusal.load_elsewhere("harmful"))):
+        detector = SafetyDetector(n_queries=4, held_out=held_out)
+        task = detector.validation_task(tiny_llama)
+        task.measure(tiny_llama, [None], "uniform")
+        assert seen["requests"] == expected and seen["selection"] == [q.text for q in detector.queries()]
+        assert ("elsewhere" in task.metric_name) == (held_out == "elsewhere")
