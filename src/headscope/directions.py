@@ -289,8 +289,8 @@ class RefusalDirection:
         ax.axhline(0.0, color="#9e9e9e", linewidth=0.6)
         ax.set_xlabel(f"residual stream entering layer ({len(values) - 1} = final, before the norm)")
         ax.set_ylabel("separation (pooled-sd units)")
-        ax.set_title(f"refusal direction — {self.model}: {self.n_harmful} harmful, {self.n_harmless} harmless "
-                     "(even prompts → direction, odd → separation)", fontsize=8)
+        ax.set_title(f"refusal direction — {self.model}: {self.n_harmful} harmful, {self.n_harmless} harmless\n"
+                     "direction from the even-indexed prompts, separation on the odd-indexed", fontsize=8)
         ax.legend(fontsize=7, frameon=False)
         return finish(figure, path)
 
