@@ -169,8 +169,8 @@ def capture_last_position(
     shape, arch = model_shape(model), architecture(model)
     residual_names = residual_stream_hooks(model)
     z_views = [head_hook(model, layer, "z") for layer in range(shape.n_layers)]
-    scale_names = [arch.post_attention_scale_hook(layer) or "" for layer in range(shape.n_layers)] \
-        if arch.post_attention_norm else []
+    scales = [arch.post_attention_scale_hook(layer) for layer in range(shape.n_layers)]
+    scale_names = [name for name in scales if name is not None]  # every layer's, or none
     names = list(dict.fromkeys(residual_names + [name for name, _ in z_views] + scale_names))
 
     def reduce(logits: Tensor, cache: dict, chunk: TokenBatch) -> dict[str, Tensor]:
