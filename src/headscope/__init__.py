@@ -48,6 +48,7 @@ from headscope.identity import ModelIdentity, model_identity
 from headscope.interventions import (
     DecodeMask,
     ablate,
+    ablate_direction,
     ablate_per_row,
     add_vector,
     edit,
@@ -109,6 +110,7 @@ __all__ = [
     "ValidationTask",
     "__version__",
     "ablate",
+    "ablate_direction",
     "ablate_per_row",
     "ablation_scan",
     "attribution_scan",

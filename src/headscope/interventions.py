@@ -24,10 +24,14 @@ function                  hook                   acts on
 ``remove_sink``           ``hook_pattern``       one query head's pattern: no attention on
                                                  position 0 from later queries, each row
                                                  re-normalised over its other keys
+``ablate_direction``      residual stream**      a direction removed from the residual stream
+                                                 at every layer and position (Arditi et al.)
 ========================  =====================  ==========================================
 
 (*) ``hook_q``, or ``hook_q_normed`` where the model normalises queries (QK-norm: Gemma 3, Qwen3,
 OLMo-2): scaling before the norm would be undone by it. ``engine.architecture`` decides.
+(**) every layer's ``hook_resid_pre``, ``hook_attn_out`` and ``hook_mlp_out`` (what attention and
+the MLP add, after the post-norms of Gemma 2/3), and the last layer's ``hook_resid_post``.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headscope.engine.architecture import head_hook
+from headscope.engine.architecture import head_hook, residual_stream_hooks
 from headscope.engine.heads import (
     Head,
     check_heads,
@@ -52,6 +56,7 @@ from headscope.engine.heads import (
     hook_name,
     kv_group,
     model_shape,
+    residual_hook,
 )
 from headscope.engine.runner import run_batched
 from headscope.engine.tokens import TokenBatch, as_token_batch
@@ -170,6 +175,59 @@ def _without_first_key(pattern: Float[Tensor, "batch n_heads query_pos key_pos"]
     rows = rows / rows.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     out[:, indices, first:] = rows.to(out.dtype)
     return out
+
+
+def ablate_direction(model: Any, direction: Any) -> contextlib.AbstractContextManager:
+    """Directional ablation (Arditi et al. 2024): inside the block the component along ``r̂`` is
+    removed, ``x - (x·r̂) r̂``, from the residual stream at every layer and every position.
+
+    Like Arditi et al.'s hooks on each block's input and on each attention and MLP output, it acts
+    on every layer's ``hook_resid_pre``, ``hook_attn_out`` and ``hook_mlp_out`` (what attention and
+    the MLP add to the stream: on Gemma 2/3 after their post-norms) and on the last layer's
+    ``hook_resid_post`` (the final norm's input), so no layer reads ``r̂`` and none writes it.
+    The hooks act on whatever positions a forward holds, so the ablation composes with KV-cached
+    decoding: ``generate(model, prompts, intervention=lambda m: hs.ablate_direction(m, d))``.
+
+    Args:
+        direction: a ``RefusalDirection`` (its ``direction``) or a ``[d_model]`` tensor; it is
+            normalised here.
+
+    Returns:
+        A context manager; the hooks are removed on exit, also after an exception.
+
+    Raises:
+        ArgumentError: a vector of the wrong shape, with NaN/inf entries, or of length 0.
+
+    Example::
+
+        direction = refusal_direction(capture_last_position(model, harmful), capture_last_position(model, harmless))
+        with hs.ablate_direction(model, direction):
+            logits = model(tokens)
+    """
+    vector = getattr(direction, "direction", direction)
+    _check_vector(vector, model_shape(model).d_model, "the residual stream", "ablate_direction", argument="direction")
+    length = float(vector.detach().double().norm())
+    if not length > 0:
+        raise ArgumentError("The 'direction' argument of ablate_direction is the zero vector, which has no direction "
+                            "to remove; pass a non-zero vector, e.g. refusal_direction(harmful, harmless).")
+    unit = (vector.detach().double() / length)
+
+    def project_out(activation: Tensor, hook: Any) -> Tensor:
+        work = activation if activation.dtype in (torch.float32, torch.float64) else activation.float()
+        here = unit.to(work)  # [d_model]
+        return (work - (work @ here)[..., None] * here).to(activation.dtype)
+
+    return hooked(model, [(name, project_out) for name in direction_ablation_hooks(model)])
+
+
+def direction_ablation_hooks(model: Any) -> list[str]:
+    """The hooks :func:`ablate_direction` edits: every layer's ``resid_pre``, ``attn_out`` and
+    ``mlp_out`` (where the model has them: an attention-only model has no MLP), then the last
+    layer's ``resid_post``."""
+    names = residual_stream_hooks(model)
+    for layer in range(model_shape(model).n_layers):
+        names += [residual_hook(layer, "attn_out"), residual_hook(layer, "mlp_out")]
+    return [name for name in names if name in model.hook_dict]
 
 
 def uniform_attention(model: Any, heads: HeadsLike, epsilon: float = DEFAULT_UNIFORM_EPSILON):

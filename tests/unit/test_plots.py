@@ -5,6 +5,7 @@ it promises, saved atomically as PNG and SVG, and matplotlib's backend left as t
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from matplotlib.figure import Figure
 
 import headscope as hs
 from headscope.atlas import Atlas, AtlasSettings, RoleMap
+from headscope.directions import RefusalDirection
 from headscope.significance import Significance
 from headscope.studies.memory_context import SteerResult, SweepResult
 from headscope.studies.retrieval import plot_needle_heatmaps
@@ -93,12 +95,21 @@ def needle_figure() -> Figure:
     return plot_needle_heatmaps(samples, {"clean": values, "masked": values / 2}, label="ROUGE recall")
 
 
+def refusal_direction() -> RefusalDirection:
+    """A direction read at layer 3 of a 10-layer model (layers 0..7 considered), the final residual
+    separating perfectly (an infinite separation, drawn at the top)."""
+    separations = torch.tensor([0.0, 0.5, 1.5, 3.0, 2.5, 2.0, 1.0, 0.5, 4.0, 3.0, float("inf")])
+    return RefusalDirection(3, torch.nn.functional.normalize(torch.ones(8), dim=0), 2.5, separations, 16, 16, 8,
+                            "separation", "toy", "0" * 32)
+
+
 def every_plot() -> dict[str, Figure]:
     """One figure per kind of plot, from results built by hand (no model)."""
     return {"head_scores": head_scores().plot(), "validation": validation().plot(),
             "role_map": hand_atlas().role_map().plot(), "significance": significance().plot(),
             "sweep": sweep_result().plot(), "steer": steer_result().plot(), "select_copy": method_comparison().plot(),
-            "needles": needle_figure(), "compare": hs.compare(hand_atlas(), hand_atlas()).plot()}
+            "needles": needle_figure(), "compare": hs.compare(hand_atlas(), hand_atlas()).plot(),
+            "refusal_direction": refusal_direction().plot()}
 
 
 def colour_bar(figure: Figure):
@@ -171,6 +182,22 @@ def test_validation_plot_shows_clean_top_random_draws_and_the_difference_with_it
 
 def test_validation_plot_title_says_not_significant_when_the_interval_holds_zero():
     assert "not significant" in validation(significant=False).plot().axes[0].get_title()
+
+
+def test_refusal_direction_plot_draws_every_layer_shades_the_unconsidered_and_marks_the_chosen_one():
+    ax = refusal_direction().plot().axes[0]
+    (curve,) = ax.lines[:1]
+    xs, ys = curve.get_data()
+    assert list(xs) == list(range(11)) and all(map(math.isfinite, ys)) and ys[10] == max(ys)
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert "direction: layer 3 (separation)" in legend and any(label.startswith("not considered") for label in legend)
+    assert any(list(line.get_xdata()) == [3, 3] for line in ax.lines[1:])
+    (shaded,) = ax.patches  # layers 8..10 (>= 0.8 x 10) could not be chosen
+    assert shaded.get_x() == pytest.approx(7.5) and shaded.get_width() == pytest.approx(3.0)
+    assert "16 harmful, 16 harmless" in ax.get_title()
+    without = RefusalDirection(1, torch.ones(8) / 8**0.5, 1.0, None, 2, 2, 2, "given", "toy", "0")
+    with pytest.raises(hs.ArgumentError, match="at least 4 of each"):
+        without.plot()
 
 
 def test_role_map_is_a_named_tuple_that_still_unpacks_in_three():

@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headscope.engine.devices import execution_device, input_device, readable_weights
-from headscope.engine.heads import hook_name, model_shape
+from headscope.engine.heads import hook_name, model_shape, residual_hook
 
 NormKind = Literal["layernorm", "rmsnorm", "none"]
 # Where a head's query (or key) sits in the activation of the hook that scales it:
@@ -216,3 +216,11 @@ def head_hook(model: Any, layer: int, kind: str) -> tuple[str, Callable[[Tensor]
     else:
         name, layout, heads = hook_name(layer, kind), "pos_head", shape.n_heads  # type: ignore[arg-type]
     return name, lambda activation: as_pos_head(activation, layout, heads)
+
+
+def residual_stream_hooks(model: Any) -> list[str]:
+    """The residual stream at every layer boundary, ``n_layers + 1`` hook names: index ``l`` is
+    ``resid_pre`` of layer ``l`` (what layer ``l`` reads; index 0 is the embeddings), the last is the
+    last layer's ``resid_post`` (the final norm's input). The same names on every family."""
+    n_layers = model_shape(model).n_layers
+    return [residual_hook(layer, "resid_pre") for layer in range(n_layers)] + [residual_hook(n_layers - 1, "resid_post")]

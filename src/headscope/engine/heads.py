@@ -111,6 +111,22 @@ def hook_name(layer: int, kind: HeadKind) -> str:
     return f"blocks.{layer}.attn.hook_{kind}"
 
 
+ResidualKind = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
+
+
+def residual_hook(layer: int, kind: ResidualKind) -> str:
+    """TransformerLens hook name of a residual-stream activation of block ``layer``
+    (``[batch, pos, d_model]``), e.g. ``blocks.3.hook_resid_pre``.
+
+    ``resid_pre`` is what the block reads, ``resid_post`` what it hands on; ``attn_out`` and
+    ``mlp_out`` are what attention and the MLP add to the stream (on TransformerLens 4.3 bridges
+    after the post-norm where the model has one: Gemma 2/3's ``hook_attn_out`` is
+    ``ln1_post.hook_out``). ``resid_mid`` exists only where the MLP reads attention's sum (not in
+    GPT-NeoX or Phi, whose attention and MLP read the same ``resid_pre``).
+    """
+    return f"blocks.{layer}.hook_{kind}"
+
+
 def kv_head(model: Any, head: Head) -> int:
     """The KV head a query head reads its keys and values from."""
     return kv_head_of(head, model_shape(model).group_size)
