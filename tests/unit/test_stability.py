@@ -13,6 +13,7 @@ from headscope.scans import readout_scan
 from headscope.stability import (
     SelectionStability,
     bootstrap_rows,
+    heads_of,
     mean_score_stability,
     resample_weights,
     top_k_mask,
@@ -87,12 +88,12 @@ def test_dataset_ships_on_each_resample_equals_the_subspace_angle_of_its_rows(ti
 def test_each_resampled_sahara_search_equals_a_search_on_its_own_rows(tiny_llama):
     """The lockstep searches share scans, but each is exactly the search it stands for: Sahara on
     the prompts its resample drew (repeats included)."""
-    result = sahara(tiny_llama, PROMPTS, steps=3, epsilon=1e-5, candidates=5, resamples=6, seed=2)
-    alone = sahara(tiny_llama, PROMPTS, steps=3, epsilon=1e-5, candidates=5)
+    result = sahara(tiny_llama, PROMPTS, steps=3, epsilon=1e-5, resamples=6, seed=2)
+    alone = sahara(tiny_llama, PROMPTS, steps=3, epsilon=1e-5)
     assert result.search_group == alone.group and result.angles == pytest.approx(alone.angles, abs=1e-4)
     rows = bootstrap_rows(len(PROMPTS), 6, seed=2)
     for r, group in enumerate(result.resampled_groups):
-        own = sahara(tiny_llama, [PROMPTS[i] for i in rows[r]], steps=3, epsilon=1e-5, candidates=5)
+        own = sahara(tiny_llama, [PROMPTS[i] for i in rows[r]], steps=3, epsilon=1e-5)
         assert group == own.group
     counts = {head: sum(head in g for g in result.resampled_groups) for head in result.group}
     assert result.frequency == [counts[h] / 6 for h in result.group]
@@ -102,17 +103,49 @@ def test_each_resampled_sahara_search_equals_a_search_on_its_own_rows(tiny_llama
     assert result.n_scans <= len(prefixes)  # one scan per group prefix at most, shared between searches
 
 
+def test_resampled_sahara_searches_share_one_candidate_set_from_all_queries(tiny_llama):
+    result = sahara(tiny_llama, PROMPTS, steps=3, epsilon=1e-5, candidates=4, resamples=8, seed=1)
+    first = dataset_ships_resampled(readout_scan(tiny_llama, PROMPTS, factor=1e-5), torch.arange(len(PROMPTS))[None])[0]
+    pool = set(heads_of(top_k_mask(first, 4)))
+    assert all(set(group[1:]) <= pool for group in result.resampled_groups)
+    assert result.candidates_per_step == [8, 3, 2]
+
+
 def test_the_safety_detector_reports_every_heads_selection_frequency(tiny_llama):
     detector = hs.get_detector("safety", n_queries=5, n_bootstrap=50, stability_k=2, sahara_steps=2,
                                sahara_candidates=4, sahara_resamples=4)
     scores = detector.score(tiny_llama)
-    for name in ("ships", "dataset_ships"):
+    for name in ("ships", "dataset_ships", "refusal_direction"):
         frequency = scores.extras[f"{name}_frequency"]
         assert frequency.sum().item() == pytest.approx(2.0) and frequency.min() >= 0 and frequency.max() <= 1
         record = scores.metadata["stability"][name]
-        assert record["n_resamples"] == 50 and record["n_items"] == 5 and len(record["selected_on_all_items"]) == 2
+        assert record["n_resamples"] == 50 and len(record["selected_on_all_items"]) == 2
+    assert scores.metadata["stability"]["ships"]["n_items"] == 5
+    direction = scores.metadata["refusal_direction"]
+    assert direction["n_harmful"] == direction["n_harmless"] == len(direction["harmful_queries"]) > 5
+    assert torch.isfinite(scores.extras["refusal_direction"]).all()
     sahara_record = scores.metadata["sahara"]
     assert len(sahara_record["group"]) == 2 and len(sahara_record["frequency"]) == 2
     assert sahara_record["n_resamples"] == 4 and len(sahara_record["resampled_groups"]) == 4
     no_bootstrap = hs.get_detector("safety", n_queries=5, n_bootstrap=0).score(tiny_llama)
     assert "ships_frequency" not in no_bootstrap.extras and "stability" not in no_bootstrap.metadata
+
+
+def test_held_out_attack_runs_every_condition_on_every_set_and_reads_as_a_table_and_a_figure(tiny_llama, tmp_path):
+    from headscope.errors import DataError
+    from headscope.studies.safety import CLEAN, DIRECTION, RANDOM, held_out_attack
+
+    sets = {"test": ["w1 w2 w3", "w4 w5"], "elsewhere": ["w6 w7 w8 w9", "w10", "w11 w12"]}
+    direction = torch.randn(tiny_llama.cfg.d_model)
+    result = held_out_attack(tiny_llama, sets, {"group": [(0, 1), (1, 2)]}, [[(0, 0)], [(1, 3)]],
+                             selection=["w99 w98"], direction=direction)
+    assert set(result.complied) == {"test", "elsewhere"}
+    assert list(result.complied["elsewhere"]) == [CLEAN, "group", RANDOM, DIRECTION]
+    assert result.complied["elsewhere"][RANDOM].shape == (2, 3) and result.complied["test"]["group"].shape == (2,)
+    rows = result.table()
+    assert len(rows) == 8 and {"ci", "beyond_random"} <= set(next(r for r in rows if r["condition"] == "group"))
+    assert "refusal direction ablated" in str(result)
+    result.plot(path=tmp_path / "held_out.png")
+    assert (tmp_path / "held_out.png").stat().st_size > 0
+    with pytest.raises(DataError, match="selected on"):
+        held_out_attack(tiny_llama, sets, {}, [[(0, 0)], [(1, 3)]], selection=["W4, w5"])

@@ -54,6 +54,7 @@ from headscope.detectors.base import (
     register_detector,
     setting,
 )
+from headscope.directions import capture_last_position, head_share_frequency, refusal_direction, top_share_heads
 from headscope.engine.generation import generate
 from headscope.engine.heads import Head, all_heads, model_shape
 from headscope.errors import DataError, InputError, SettingError
@@ -86,6 +87,10 @@ class SafetyConfig(DetectorConfig):
     sahara_resamples: int = setting(20, "bootstrap resamples Sahara searches too; the group given is the one they "
                                         "choose most often (0: the search on all queries only; each new group prefix "
                                         "costs one scan of the candidates)", min=0)
+    direction_queries: Optional[int] = setting(None, "harmful and as many harmless requests of the split behind the "
+                                                     "refusal direction (None: all; one forward pass each)", min=4)
+    direction_layer: Optional[int] = setting(None, "residual layer of the refusal direction (None: the best held-out "
+                                                   "separation among the first 80% of layers)", min=0)
     held_out: str = setting("split", "requests validation measures attack success on: the other split, or "
                                      "'elsewhere' (48 requests in other styles and categories)",
                             choices=("split", "elsewhere"))
@@ -236,11 +241,51 @@ class SafetyDetector(Detector):
                             resamples=config.sahara_resamples, seed=config.seed)
             metadata["sahara"] = result.to_dict()
         extras = {"dataset_ships": angles, "refusal_drop": next_token["refusal_drop"], "ships_sd": next_token["ships_sd"]}
-        if config.n_bootstrap > 0:
-            found = self._stability(scan, next_token["ships_per_query"], angles)
-            extras.update({f"{name}_frequency": s.frequency for name, s in found.items()})
+        found = self._stability(scan, next_token["ships_per_query"], angles) if config.n_bootstrap > 0 else {}
+        direction = self._refusal_direction(model, batch_size, progress)
+        extras["refusal_direction"] = direction["shares"]
+        metadata["refusal_direction"] = direction["record"]
+        if "stability" in direction:
+            found["refusal_direction"] = direction["stability"]
+        extras.update({f"{name}_frequency": s.frequency for name, s in found.items()})
+        if found:
             metadata["stability"] = {name: s.to_dict() for name, s in found.items()}
         return self.result(model, next_token["ships"], extras=extras, metadata=metadata)
+
+    def _refusal_direction(self, model: Any, batch_size: Optional[int], progress: Optional[bool]) -> dict[str, Any]:
+        """The refusal direction (Arditi et al. 2024) from ``direction_queries`` harmful and as many
+        harmless requests of the scored split, every head's share of it, and (with ``n_bootstrap``)
+        how often each head is among the top ``stability_k`` by share over resamples of both sets."""
+        config = self.config
+        harmful, harmless = self.direction_requests()
+        captures = [capture_last_position(model, refusal.request_prompts(requests, config.prompt_format, model.tokenizer),
+                                          batch_size=batch_size, progress=progress) for requests in (harmful, harmless)]
+        direction = refusal_direction(*captures, layer=config.direction_layer)
+        shares = direction.head_shares(*captures)
+        record = direction.to_dict()
+        record.update(harmful_queries=[r.text for r in harmful], harmless_queries=[r.text for r in harmless],
+                      score="share of the direction's length written at the last position (harmful minus harmless)")
+        found: dict[str, Any] = {"shares": shares, "record": record}
+        if config.n_bootstrap > 0:
+            frequency = head_share_frequency(*captures, direction.layer, config.stability_k, config.n_bootstrap,
+                                             config.seed)
+            found["stability"] = SelectionStability("refusal_direction", frequency, config.stability_k,
+                                                    config.n_bootstrap, len(harmful) + len(harmless),
+                                                    top_share_heads(shares, config.stability_k))
+        return found
+
+    def direction_requests(self) -> tuple[list[refusal.Request], list[refusal.Request]]:
+        """The harmful and harmless requests behind the refusal direction: ``direction_queries`` of
+        each (all of the scored split when None), drawn with the detector's seed."""
+        harmful = self._requests(self.config.split)
+        n = len(harmful) if self.config.direction_queries is None else self.config.direction_queries
+        return self._sample(harmful, n), self._harmless(n)
+
+    def selection_requests(self) -> list[str]:
+        """Every request the scores were selected on (the scored queries and both sides of the
+        refusal direction): held-out evaluation must avoid them all."""
+        harmful, harmless = self.direction_requests()
+        return list(dict.fromkeys([q.text for q in self.queries()] + [r.text for r in harmful + harmless]))
 
     def _stability(self, scan: ReadoutScan, ships_per_query: Tensor, angles: Tensor) -> dict[str, SelectionStability]:
         """Selection frequency of every head by Ships and by dataset-level Ships over
@@ -310,7 +355,7 @@ class SafetyDetector(Detector):
             raise InputError(f"max_new_tokens must be at least {MIN_NEW_TOKENS}: shorter responses count as refusals.")
         requests, where = self._held_out_requests()
         requests = requests[: config.n_eval]
-        selection = [q.text for q in self.queries()]
+        selection = self.selection_requests()
 
         def measure(model: Any, head_sets: list, method: str) -> Tensor:
             return attack_success(model, requests, head_sets, method, config.epsilon, config.max_new_tokens,
@@ -462,6 +507,8 @@ def sahara(
     prompts without background (the detector's own), reused as step 1. The searches run in
     lockstep: a scan covers every prompt, so searches that chose the same heads so far share it and
     each reads its own rows (a resample costs only the group prefixes no earlier search reached).
+    ``candidates`` restricts steps ≥ 2 of every search to the best heads of step 1 on all prompts
+    (one candidate set, so a prefix's scan serves every search that reaches it).
 
     The group returned (``group``) is the stable one when ``resamples`` > 0: the ``steps`` heads
     chosen most often by the resampled searches, each with its share (``frequency``); the search on
@@ -500,8 +547,8 @@ class _GreedySearches:
     def run(self, steps: int, candidates: Optional[int]) -> None:
         first = dataset_ships_resampled(self.scans[()], self.rows, self.rank, self.reference)
         pools = torch.isfinite(first)
-        if candidates is not None:
-            pools = top_k_mask(first, min(candidates, int(pools.flatten(1).sum(1).min())))
+        if candidates is not None:  # the best heads of step 1 on all queries, for every search
+            pools = top_k_mask(first[0], min(candidates, int(pools[0].sum())))[None].expand_as(first)
         self.candidates_per_step.append(len(self.scans[()].heads))
         for step in range(steps):
             for prefix, members in self._by_prefix().items():
