@@ -149,3 +149,32 @@ def test_held_out_attack_runs_every_condition_on_every_set_and_reads_as_a_table_
     assert (tmp_path / "held_out.png").stat().st_size > 0
     with pytest.raises(DataError, match="selected on"):
         held_out_attack(tiny_llama, sets, {}, [[(0, 0)], [(1, 3)]], selection=["W4, w5"])
+
+
+def test_stored_stability_and_direction_come_back_from_saved_scores(tiny_llama, tmp_path):
+    from headscope.studies.safety import stored_direction, stored_stability
+
+    scores = hs.get_detector("safety", n_queries=4, n_bootstrap=20).score(tiny_llama)
+    scores.save(tmp_path / "safety.json")
+    loaded = hs.HeadScores.load(tmp_path / "safety.json")
+    stability = stored_stability(loaded, "refusal_direction")
+    assert torch.equal(stability.frequency, scores.extras["refusal_direction_frequency"])
+    assert stability.selected == scores.top_heads(3, extra="refusal_direction")
+    direction = stored_direction(loaded)
+    assert direction.layer == scores.metadata["refusal_direction"]["layer"]
+    assert direction.direction.norm().item() == pytest.approx(1.0, abs=1e-5)
+    direction.plot(path=tmp_path / "direction.png")
+    stability.plot(path=tmp_path / "stability.png")
+
+
+def test_direction_layer_effects_remove_each_layers_direction_and_measure_refusal_and_harmless_drift(tiny_llama, tmp_path):
+    from headscope.directions import capture_last_position
+    from headscope.studies.safety import direction_layer_effects
+
+    harmful, harmless = (["w1 w2 w3", "w4 w5", "w6 w7 w8", "w9 w10"], ["w11 w12", "w13", "w14 w15 w16", "w17"])
+    captures = [capture_last_position(tiny_llama, prompts) for prompts in (harmful, harmless)]
+    effects = direction_layer_effects(tiny_llama, *captures, harmful[:2], harmless[:2], layers=[0, 1])
+    assert effects.layers == [0, 1] and len(effects.harmless_kl) == 2 and all(kl >= -1e-6 for kl in effects.harmless_kl)
+    assert 0 <= min(effects.refusal_probability) and max(effects.refusal_probability) <= 1
+    assert set(effects.kept(max_kl=float("inf"))) == {0, 1} and "harmless KL" in str(effects)
+    effects.plot(path=tmp_path / "layers.png")

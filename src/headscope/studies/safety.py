@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from headscope.detectors.safety import attack_success
+from headscope.directions import LastPositionCapture, RefusalDirection, considered_layers, refusal_direction
 from headscope.engine.heads import Head
 from headscope.errors import InputError
 from headscope.interventions import ablate_direction
+from headscope.stability import SelectionStability
 from headscope.stats import bootstrap_difference_ci
+from headscope.tasks import refusal
 from headscope.viz.figures import ROLE_COLOURS, axes_for, finish
 
 CLEAN = "clean"
@@ -157,12 +159,28 @@ def held_out_attack(
     return HeldOutAttack(complied, generations, heads, [[Head.parse(x) for x in s] for s in random_sets])
 
 
-def stored_direction(scores: Any) -> Float[Tensor, " d_model"]:
-    """The refusal direction a safety detector's scores keep (``metadata["refusal_direction"]``)."""
-    record = scores.metadata.get("refusal_direction") or {}
+def stored_direction(scores: Any) -> RefusalDirection:
+    """The refusal direction a safety detector's scores keep (``metadata["refusal_direction"]``),
+    to plot (``.plot()``) or remove (``hs.ablate_direction``)."""
+    record = dict(scores.metadata.get("refusal_direction") or {})
     if "direction" not in record:
         raise InputError("These safety scores keep no refusal direction (scored by an older headscope); rescore them.")
-    return torch.tensor(record["direction"], dtype=torch.float32)
+    fields = {name: record[name] for name in ("layer", "norm", "n_harmful", "n_harmless", "considered", "chosen_by",
+                                              "model", "weights")}
+    separations = record["separations"]
+    return RefusalDirection(direction=torch.tensor(record["direction"], dtype=torch.float32),
+                            separations=None if separations is None else torch.tensor(separations), **fields)
+
+
+def stored_stability(scores: Any, score: str = "ships") -> SelectionStability:
+    """The selection stability a safety detector's scores keep for ``score`` (``"ships"``,
+    ``"dataset_ships"`` or ``"refusal_direction"``), to read or plot."""
+    record = (scores.metadata.get("stability") or {}).get(score)
+    if record is None:
+        raise InputError(f"These safety scores keep no selection stability of {score!r} (n_bootstrap=0, or an older "
+                         "headscope): rescore them with n_bootstrap > 0.")
+    return SelectionStability(score, scores.extras[f"{score}_frequency"], record["k"], record["n_resamples"],
+                              record["n_items"], [Head.parse(h) for h in record["selected_on_all_items"]])
 
 
 def selection_requests(scores: Any) -> list[str]:
@@ -174,3 +192,88 @@ def selection_requests(scores: Any) -> list[str]:
     if not texts:
         raise InputError("These safety scores record no scored requests; rescore them with this headscope.")
     return list(dict.fromkeys(texts))
+
+
+ARDITI_MAX_KL = 0.1  # Arditi et al. keep a direction only if removing it moves harmless next-token distributions < 0.1 nats
+
+
+@dataclass
+class DirectionLayerEffects:
+    """What removing each layer's refusal direction does at the first response token.
+
+    Attributes:
+        layers: the residual layers whose direction was removed.
+        refusal_probability: ``[layers]`` mean P(refusal opening) on the harmful prompts with it removed.
+        harmless_kl: ``[layers]`` mean KL(clean ‖ removed) of the harmless prompts' next-token distributions.
+        clean_refusal_probability: the harmful prompts' mean P(refusal opening), clean.
+        norms: ``[layers]`` each direction's length ``||r_l||``.
+    """
+
+    layers: list[int]
+    refusal_probability: list[float]
+    harmless_kl: list[float]
+    clean_refusal_probability: float
+    norms: list[float]
+
+    def kept(self, max_kl: float = ARDITI_MAX_KL) -> list[int]:
+        """Layers whose removal leaves harmless requests nearly unchanged (Arditi et al.'s filter)."""
+        return [layer for layer, kl in zip(self.layers, self.harmless_kl, strict=True) if kl < max_kl]
+
+    def __str__(self) -> str:
+        rows = [f"clean P(refusal opening) on harmful prompts {self.clean_refusal_probability:.3f}",
+                f"{'layer':>5} {'||r||':>7} {'P(refusal)':>10} {'harmless KL':>11}"]
+        rows += [f"{layer:>5} {norm:>7.2f} {p:>10.3f} {kl:>11.3f}" for layer, norm, p, kl in
+                 zip(self.layers, self.norms, self.refusal_probability, self.harmless_kl, strict=True)]
+        return "\n".join(rows)
+
+    def plot(self, ax: Any = None, path: Optional[Union[str, Path]] = None) -> Any:
+        """P(refusal opening) on harmful prompts and the harmless KL against the layer whose
+        direction is removed; the layers that pass Arditi et al.'s KL filter marked."""
+        figure, ax = axes_for(ax, (6.4, 3.4))
+        ax.plot(self.layers, self.refusal_probability, "o-", color=ROLE_COLOURS[1], label="P(refusal), harmful")
+        ax.axhline(self.clean_refusal_probability, color=ROLE_COLOURS[1], linestyle=":", label="clean")
+        ax.set_xlabel("layer of the removed direction")
+        ax.set_ylabel("P(refusal opening)")
+        ax.set_ylim(0, 1.02)
+        twin = ax.twinx()
+        twin.plot(self.layers, self.harmless_kl, "s--", color=ROLE_COLOURS[0], label="harmless KL")
+        twin.axhline(ARDITI_MAX_KL, color=ROLE_COLOURS[0], linestyle=":", linewidth=1)
+        twin.set_yscale("log")
+        twin.set_ylabel("harmless KL (nats)")
+        for layer in self.kept():
+            ax.axvspan(layer - 0.4, layer + 0.4, color="#c8e6c9", zorder=0)
+        ax.legend(fontsize=7, loc="lower left", frameon=False)
+        ax.set_title("removing each layer's refusal direction (green: harmless KL < 0.1)", fontsize=9)
+        return finish(figure, path)
+
+
+def direction_layer_effects(
+    model: Any,
+    harmful: LastPositionCapture,
+    harmless: LastPositionCapture,
+    harmful_prompts: Sequence[str],
+    harmless_prompts: Sequence[str],
+    layers: Optional[Sequence[int]] = None,
+) -> DirectionLayerEffects:
+    """Arditi et al.'s check of each candidate direction: the difference of means of the captures
+    at each layer (default: every layer the detector may choose, the first 80%), removed from the
+    residual stream everywhere; on held-out prompts, how likely the harmful ones still open with a
+    refusal and how far the harmless ones' next-token distributions move (one forward pass per
+    layer and prompt set)."""
+    from headscope.engine.generation import final_states
+
+    ids = refusal.refusal_start_token_ids(model.tokenizer)
+    layers = list(range(considered_layers(harmful.n_layers))) if layers is None else list(layers)
+    clean_harmful = final_states(model, list(harmful_prompts)).log_softmax(-1)
+    clean_harmless = final_states(model, list(harmless_prompts)).log_softmax(-1)
+    probabilities, divergences, norms = [], [], []
+    for layer in layers:
+        direction = refusal_direction(harmful, harmless, layer=layer)
+        with ablate_direction(model, direction):
+            removed_harmful = final_states(model, list(harmful_prompts)).log_softmax(-1)
+            removed_harmless = final_states(model, list(harmless_prompts)).log_softmax(-1)
+        probabilities.append(float(removed_harmful.exp()[:, ids].sum(-1).mean()))
+        divergences.append(float((clean_harmless.exp() * (clean_harmless - removed_harmless)).sum(-1).mean()))
+        norms.append(direction.norm)
+    return DirectionLayerEffects(layers, probabilities, divergences, float(clean_harmful.exp()[:, ids].sum(-1).mean()),
+                                 norms)
