@@ -48,6 +48,7 @@ from headscope.engine.tokens import TokenBatch, as_token_batch
 from headscope.errors import ArgumentError, EmptyResultError, InputError
 from headscope.identity import weights_digest
 from headscope.models import model_name
+from headscope.stability import bootstrap_rows, resample_weights
 from headscope.viz.figures import axes_for, finish
 
 LAYER_FRACTION = 0.8  # layers l < 0.8 * n_layers are considered (Arditi et al. filter the last 20%)
@@ -443,14 +444,11 @@ def head_share_frequency(
 
 
 def _resample_weights(n_harmful: int, n_harmless: int, n_resamples: int, seed: int) -> Float[Tensor, "resamples prompts"]:
-    """Signed bootstrap weights: ``count / n`` of each harmful prompt, ``-count / n`` of each harmless one."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def drawn(n: int) -> Tensor:
-        picks = torch.randint(n, (n_resamples, n), generator=generator)
-        return torch.zeros(n_resamples, n, dtype=torch.float64).scatter_add_(1, picks, torch.ones_like(picks, dtype=torch.float64)) / n
-
-    return torch.cat([drawn(n_harmful), -drawn(n_harmless)], dim=1)
+    """Signed bootstrap weights: ``count / n`` of each harmful prompt, ``-count / n`` of each harmless
+    one (each kind resampled on its own, :func:`headscope.stability.bootstrap_rows`)."""
+    harmful = resample_weights(bootstrap_rows(n_harmful, n_resamples, seed), n_harmful)
+    harmless = resample_weights(bootstrap_rows(n_harmless, n_resamples, seed + 1), n_harmless)
+    return torch.cat([harmful, -harmless], dim=1)
 
 
 def top_share_heads(shares: Float[Tensor, "n_layers n_heads"], k: int) -> list[Head]:

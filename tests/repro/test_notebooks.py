@@ -26,7 +26,8 @@ KEY_LINES = {
                                    "held out, share preferring the context answer", "difference (top - random effect)"],
     "retrieval_heads.ipynb": ["top retrieval heads", "attends most to", "top-10 retrieval vs top-10 induction",
                               "difference (top - random effect)"],
-    "safety_heads.ipynb": ["top Ships (KL)", "attack success clean", "harmless requests answered", "changed-by-tuning rank"],
+    "safety_heads.ipynb": ["top Ships (KL)", "attack success clean", "harmless requests answered", "changed-by-tuning rank",
+                           "SelectionStability(", "refusal direction: layer", "refusal direction ablated"],
     "select_and_copy.ipynb": ["the model states the answer", "letter logits: dev", "qk_end:", "random dev splits"],
     "successor_heads.ipynb": ["effective OV:", "top effective OV head", "numerals: leave-one-out", "edits land on"],
 }
