@@ -265,3 +265,10 @@ def test_cli_names_the_bad_line_of_the_users_file_before_loading_the_model(folde
     path = write_lines(tmp_path / "r.txt", ["only one", "and two"])
     rc, _ = cli_scan(folder, tmp_path, "safety", path, {})
     assert rc == 2 and "holds 2 requests" in capsys.readouterr().err and not loaded
+
+
+def test_safety_on_four_requests_skips_the_refusal_direction_and_says_why(model, tmp_path):
+    path = write_lines(tmp_path / "requests.txt", [f"Explain forbidden thing {i}." for i in range(4)])
+    scores = hs.get_detector("safety", data=path, n_queries=None, n_bootstrap=10).score(model, progress=False)
+    assert "refusal_direction" not in scores.extras and "needs 4" in scores.metadata["refusal_direction"]["skipped"]
+    assert scores.values.isfinite().all() and "ships_frequency" in scores.extras

@@ -54,7 +54,8 @@ from headscope.detectors.base import (
     register_detector,
     setting,
 )
-from headscope.directions import capture_last_position, head_share_frequency, refusal_direction, top_share_heads
+from headscope.directions import (MIN_PROMPTS_FOR_CHOICE, capture_last_position, head_share_frequency, refusal_direction,
+                                  top_share_heads)
 from headscope.engine.generation import generate
 from headscope.engine.heads import Head, all_heads, model_shape
 from headscope.errors import DataError, InputError, SettingError
@@ -243,8 +244,9 @@ class SafetyDetector(Detector):
         extras = {"dataset_ships": angles, "refusal_drop": next_token["refusal_drop"], "ships_sd": next_token["ships_sd"]}
         found = self._stability(scan, next_token["ships_per_query"], angles) if config.n_bootstrap > 0 else {}
         direction = self._refusal_direction(model, batch_size, progress)
-        extras["refusal_direction"] = direction["shares"]
         metadata["refusal_direction"] = direction["record"]
+        if "shares" in direction:
+            extras["refusal_direction"] = direction["shares"]
         if "stability" in direction:
             found["refusal_direction"] = direction["stability"]
         extras.update({f"{name}_frequency": s.frequency for name, s in found.items()})
@@ -258,6 +260,9 @@ class SafetyDetector(Detector):
         how often each head is among the top ``stability_k`` by share over resamples of both sets."""
         config = self.config
         harmful, harmless = self.direction_requests()
+        if config.direction_layer is None and len(harmful) < MIN_PROMPTS_FOR_CHOICE:
+            return {"record": {"skipped": f"{len(harmful)} harmful requests in the scored part: choosing the "
+                                          f"direction's layer needs {MIN_PROMPTS_FOR_CHOICE}; give direction_layer"}}
         captures = [capture_last_position(model, refusal.request_prompts(requests, config.prompt_format, model.tokenizer),
                                           batch_size=batch_size, progress=progress) for requests in (harmful, harmless)]
         direction = refusal_direction(*captures, layer=config.direction_layer)
