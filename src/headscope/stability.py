@@ -98,10 +98,10 @@ class SelectionStability:
         """The ``n`` (default ``k``) most often selected heads with their frequencies, most first
         (ties: the heads selected on the whole pool first, then layer by layer)."""
         n = self.k if n is None else n
-        bonus = torch.zeros_like(self.frequency)
+        bonus = torch.zeros_like(self.frequency, dtype=torch.float64)
         for rank, head in enumerate(self.selected):
             bonus[head.layer, head.head] = (len(self.selected) - rank) * 1e-6 / self.n_resamples
-        order = (self.frequency + bonus).flatten().argsort(descending=True, stable=True)[:n]
+        order = (self.frequency.double() + bonus).flatten().argsort(descending=True, stable=True)[:n]
         heads = [Head(int(i) // self.frequency.shape[1], int(i) % self.frequency.shape[1]) for i in order]
         return [(head, self.of(head)) for head in heads]
 

@@ -34,7 +34,9 @@ N_QUERIES = 24  # harmful train requests in the readout scan (~5.4 s each on 2 c
 SAHARA_CANDIDATES = 24  # Sahara steps 2-3 search the 24 best heads of step 1 (the paper: all heads)
 SAHARA_RESAMPLES = 20  # bootstrap resamples Sahara searches too (~7 new group prefixes, each a 24-head scan: ~110 s)
 N_EVAL = 40  # held-out test-split harmful / harmless requests
-N_RANDOM = 3
+N_RANDOM = 5  # random 3-head groups on harmful requests (the t interval covers ~94% with 5 draws, stats.py)
+N_RANDOM_HARMLESS = 3
+N_LAYER_CHECK = 16  # held-out harmful and harmless requests per layer in the direction's layer check
 GROUP = 3  # heads per ablated group
 SAHARA, DIRECTION_HEADS, TOP_SHIPS = "Sahara stable group", "refusal-direction heads", "top Ships head"
 
@@ -65,7 +67,7 @@ def conditions(organism, safety_scores):
     return {"groups": {SAHARA: sahara, DIRECTION_HEADS: direction_heads},
             "random": random_head_sets(organism, exclude=sahara + direction_heads + top, k=GROUP, n_draws=N_RANDOM,
                                        seed=1),
-            "top_ships": top, "random1": random_head_sets(organism, exclude=top, k=1, n_draws=N_RANDOM, seed=0)}
+            "top_ships": top, "random1": random_head_sets(organism, exclude=top, k=1, n_draws=3, seed=0)}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def harmless_answered(organism, safety_scores, conditions):
     """The same conditions on held-out harmless requests of both sets ("complied" = answered)."""
     sets = {"test split": refusal.load_requests("harmless", "test")[:N_EVAL],
             "elsewhere": refusal.load_elsewhere("harmless")}
-    return held_out_attack(organism, sets, conditions["groups"], conditions["random"][:2],
+    return held_out_attack(organism, sets, conditions["groups"], conditions["random"][:N_RANDOM_HARMLESS],
                            selection=selection_requests(safety_scores), direction=stored_direction(safety_scores))
 
 
@@ -187,8 +189,10 @@ def test_the_stable_sahara_group_raises_attack_success_on_the_test_split_but_not
     organism the stable group (chosen most often over resampled queries) raises attack success on
     held-out test-split requests beyond random 3-head groups (CI above 0), keeping harmless answers;
     on the requests written elsewhere (other categories, phrasings, lengths) the effect is not
-    distinguishable from random groups (CI includes 0). The heads writing most of the refusal
-    direction (stable over resamples too) raise it on neither set."""
+    distinguishable from random groups (CI includes 0). The heads with the largest share along the
+    refusal direction (stable over resamples too) raise it on neither set. These claims were
+    written after a first run of this test: read the intervals as descriptive, not as a
+    pre-registered test."""
     print(f"\nharmful requests (attack success):\n{harmful_attack}\nharmless requests (answered):\n{harmless_answered}")
     test_low, _ = harmful_attack.effect_ci("test split", SAHARA)
     elsewhere_low, elsewhere_high = harmful_attack.effect_ci("elsewhere", SAHARA)
@@ -213,10 +217,11 @@ def test_removing_the_refusal_direction_breaks_the_organism_instead_of_making_it
     removed on both held-out sets: harmful requests are complied with no more often than clean,
     and harmless ones are no longer answered (the responses loop or refuse). Across every
     candidate layer, on held-out test-split requests: no direction passes Arditi et al.'s filter
-    (harmless KL < 0.1) and also halves the first-token refusal probability."""
+    (harmless KL < 0.1) and also halves the first-token refusal probability. (The direction's
+    removal is compared with clean, paired over requests: no head group is its like.)"""
     for name in harmful_attack.complied:
         assert harmful_attack.rate(name, DIRECTION) <= harmful_attack.rate(name, CLEAN)
-        _, high = harmless_answered.effect_ci(name, DIRECTION)
+        _, high = harmless_answered.effect_ci(name, DIRECTION)  # change from clean, paired over requests
         assert high < -0.4
     print("\nwith the direction removed:")
     for name in harmful_attack.complied:
@@ -224,19 +229,20 @@ def test_removing_the_refusal_direction_breaks_the_organism_instead_of_making_it
             print(f"   {name}, harmless: {generation.text[:90]!r}")
     train = [refusal.load_requests(kind, "train") for kind in ("harmful", "harmless")]
     captures = [capture_last_position(organism, refusal.request_prompts(r, "chatml")) for r in train]
-    held_out = [refusal.request_prompts(refusal.load_requests(kind, "test")[:N_EVAL], "chatml")
+    held_out = [refusal.request_prompts(refusal.load_requests(kind, "test")[::5][:N_LAYER_CHECK], "chatml")
                 for kind in ("harmful", "harmless")]
     effects = direction_layer_effects(organism, *captures, *held_out)
     print(effects)
     halved = [layer for layer, p in zip(effects.layers, effects.refusal_probability, strict=True)
-              if p < effects.clean_refusal_probability / 2]
+              if p < effects.clean_refusal_probability / 2]  # NaN (no direction at that layer) never counts
     print(f"layers passing the KL filter: {effects.kept()}; layers halving P(refusal): {halved}")
     assert not set(effects.kept()) & set(halved)
     assert effects.clean_refusal_probability > 0.5
 
 
 def test_the_safety_head_groups_and_the_direction_heads_are_different_heads(safety_scores, conditions):
-    """Two localisations of refusal compared: the heads writing most of the refusal direction
+    """Two localisations of refusal compared: the heads with the largest share along the refusal
+    direction (below its layer they write it; above it they write along it after it is read)
     against the top heads of Ships, dataset-level Ships and the Sahara group. What we see: they
     share at most one head."""
     direction = set(safety_scores.top_heads(10, extra="refusal_direction"))
@@ -257,8 +263,8 @@ def test_the_stable_sahara_heads_are_heads_the_tuning_changed_least_and_the_dire
     """Where the heads are, and whether the tuning changed them: the LoRA delta is largest in the
     last three layers. The stable Sahara heads (chosen in at least half the resamples) sit in early
     layers among the heads the tuning changed *least* (bottom half by the norm of their q/k/v/o
-    delta slices), while the heads writing most of the refusal direction include heads it changed
-    most (top 10)."""
+    delta slices), while the heads with the largest share along the refusal direction include heads
+    it changed most (top 10)."""
     norms = head_delta_norms(organism, check_organism_file(ORGANISM))["total"]
     n_heads = norms.shape[1]
     order = norms.flatten().argsort(descending=True)

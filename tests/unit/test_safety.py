@@ -295,3 +295,11 @@ def test_validation_measures_on_the_other_split_or_on_requests_from_elsewhere(ti
         assert seen["requests"] == expected and seen["selection"] == detector.selection_requests()
         assert {q.text for q in detector.queries()} <= set(seen["selection"])
         assert ("elsewhere" in task.metric_name) == (held_out == "elsewhere")
+
+
+def test_a_held_out_subset_is_spread_over_every_category():
+    requests = refusal.load_requests("harmful", "test")
+    subset = refusal.evenly_spaced(requests, 12)
+    assert len(subset) == 12 and len({r.category for r in subset}) == len(refusal.CATEGORIES_HARMFUL)
+    assert refusal.evenly_spaced(requests, None) == requests == refusal.evenly_spaced(requests, 500)
+    assert {r.category for r in refusal.evenly_spaced(refusal.load_elsewhere(), 12)} == set(refusal.ELSEWHERE_CATEGORIES)

@@ -13,7 +13,6 @@ from headscope.scans import readout_scan
 from headscope.stability import (
     SelectionStability,
     bootstrap_rows,
-    heads_of,
     mean_score_stability,
     resample_weights,
     top_k_mask,
@@ -103,11 +102,13 @@ def test_each_resampled_sahara_search_equals_a_search_on_its_own_rows(tiny_llama
     assert result.n_scans <= len(prefixes)  # one scan per group prefix at most, shared between searches
 
 
-def test_resampled_sahara_searches_share_one_candidate_set_from_all_queries(tiny_llama):
+def test_each_resampled_sahara_search_with_candidates_equals_a_search_on_its_own_rows(tiny_llama):
+    """With ``candidates``, each resampled search keeps its own best heads of step 1 as candidates:
+    still exactly Sahara on the prompts its resample drew."""
     result = sahara(tiny_llama, PROMPTS, steps=3, epsilon=1e-5, candidates=4, resamples=8, seed=1)
-    first = dataset_ships_resampled(readout_scan(tiny_llama, PROMPTS, factor=1e-5), torch.arange(len(PROMPTS))[None])[0]
-    pool = set(heads_of(top_k_mask(first, 4)))
-    assert all(set(group[1:]) <= pool for group in result.resampled_groups)
+    rows = bootstrap_rows(len(PROMPTS), 8, seed=1)
+    for r, group in enumerate(result.resampled_groups):
+        assert group == sahara(tiny_llama, [PROMPTS[i] for i in rows[r]], steps=3, epsilon=1e-5, candidates=4).group
     assert result.candidates_per_step == [8, 3, 2]
 
 
@@ -143,7 +144,7 @@ def test_held_out_attack_runs_every_condition_on_every_set_and_reads_as_a_table_
     assert list(result.complied["elsewhere"]) == [CLEAN, "group", RANDOM, DIRECTION]
     assert result.complied["elsewhere"][RANDOM].shape == (2, 3) and result.complied["test"]["group"].shape == (2,)
     rows = result.table()
-    assert len(rows) == 8 and {"ci", "beyond_random"} <= set(next(r for r in rows if r["condition"] == "group"))
+    assert len(rows) == 8 and {"ci", "effect", "effect_of"} <= set(next(r for r in rows if r["condition"] == "group"))
     assert "refusal direction ablated" in str(result)
     result.plot(path=tmp_path / "held_out.png")
     assert (tmp_path / "held_out.png").stat().st_size > 0
@@ -178,3 +179,9 @@ def test_direction_layer_effects_remove_each_layers_direction_and_measure_refusa
     assert 0 <= min(effects.refusal_probability) and max(effects.refusal_probability) <= 1
     assert set(effects.kept(max_kl=float("inf"))) == {0, 1} and "harmless KL" in str(effects)
     effects.plot(path=tmp_path / "layers.png")
+
+
+def test_ties_in_frequency_go_to_the_heads_selected_on_all_items():
+    frequency = torch.tensor([[0.5, 0.5], [0.5, 0.0]])
+    stability = SelectionStability("ships", frequency, 2, 200, 16, [hs.Head(1, 0), hs.Head(0, 1)])
+    assert [head for head, _ in stability.most_selected(3)] == [hs.Head(1, 0), hs.Head(0, 1), hs.Head(0, 0)]

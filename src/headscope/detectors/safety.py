@@ -82,8 +82,8 @@ class SafetyConfig(DetectorConfig):
     sahara_steps: int = setting(0, "greedy Sahara steps run by score() (0: none)", min=0)
     sahara_candidates: Optional[int] = setting(None, "Sahara steps >= 2 search only the best k heads of step 1 "
                                                      "(None: all)", min=1)
-    n_bootstrap: int = setting(200, "bootstrap resamples of the scored queries for each head's selection frequency "
-                                    "by Ships and dataset-level Ships (0: none; costs no model run)", min=0)
+    n_bootstrap: int = setting(200, "bootstrap resamples of the requests for each head's selection frequency by "
+                                    "Ships, dataset-level Ships and the refusal direction (0: none; no model run)", min=0)
     stability_k: int = setting(3, "heads counted as selected in each resample (the top k)", min=1)
     sahara_resamples: int = setting(20, "bootstrap resamples Sahara searches too; the group given is the one they "
                                         "choose most often (0: the search on all queries only; each new group prefix "
@@ -95,7 +95,8 @@ class SafetyConfig(DetectorConfig):
     held_out: str = setting("split", "requests validation measures attack success on: the other split, or "
                                      "'elsewhere' (48 requests in other styles and categories)",
                             choices=("split", "elsewhere"))
-    n_eval: Optional[int] = setting(None, "held-out harmful requests for the attack success rate (None: all)", min=1)
+    n_eval: Optional[int] = setting(None, "held-out harmful requests for the attack success rate, spread evenly over "
+                                          "the categories (None: all)", min=1)
     max_new_tokens: int = setting(32, "greedy tokens per response in validation (at least 32 there; scoring does not "
                                       "decode)", min=1)
     prompt_format: str = setting("chatml", "chatml (no system turn), the tokenizer's template, the bare request, or "
@@ -179,7 +180,8 @@ class SafetyDetector(Detector):
     atlas_defaults = {"n_queries": 16}
     Config = SafetyConfig
     summary = "KL of the next-token distribution on harmful requests when a head attends uniformly (Ships)"
-    cost = "score 84 s, significance (harmless control) 95 s, validation (greedy decodes) 97 s"
+    cost = ("score 84 s (+ ~20 s for the refusal direction's 510 forward passes; bootstrap stability needs no model "
+            "run), significance (harmless control) 95 s, validation (greedy decodes) 97 s")
     renamed_settings = {"requests_file": "data"}
     explanation = {"safety": (
         "A safety head helps the model refuse harmful requests: making its attention uniform alone changes what "
@@ -359,7 +361,7 @@ class SafetyDetector(Detector):
         if config.max_new_tokens < MIN_NEW_TOKENS:
             raise InputError(f"max_new_tokens must be at least {MIN_NEW_TOKENS}: shorter responses count as refusals.")
         requests, where = self._held_out_requests()
-        requests = requests[: config.n_eval]
+        requests = refusal.evenly_spaced(requests, config.n_eval)
         selection = self.selection_requests()
 
         def measure(model: Any, head_sets: list, method: str) -> Tensor:
@@ -512,8 +514,8 @@ def sahara(
     prompts without background (the detector's own), reused as step 1. The searches run in
     lockstep: a scan covers every prompt, so searches that chose the same heads so far share it and
     each reads its own rows (a resample costs only the group prefixes no earlier search reached).
-    ``candidates`` restricts steps ≥ 2 of every search to the best heads of step 1 on all prompts
-    (one candidate set, so a prefix's scan serves every search that reaches it).
+    ``candidates`` restricts steps ≥ 2 of each search to the best heads of its own step 1 (a
+    prefix's scan covers the union of its searches' candidates).
 
     The group returned (``group``) is the stable one when ``resamples`` > 0: the ``steps`` heads
     chosen most often by the resampled searches, each with its share (``frequency``); the search on
@@ -536,34 +538,35 @@ def sahara(
 
 
 class _GreedySearches:
-    """Sahara searches on several row sets of the same prompts, run step by step together; the
-    scans of a group prefix (the heads chosen so far, in order) are shared and extended on demand."""
+    """Sahara searches on several row sets of the same prompts, run step by step together: at each
+    step, the searches that chose the same heads so far (a group prefix, in order) share one scan
+    of the union of their candidates (dropped after the step: a prefix is reached at one step only)."""
 
     def __init__(self, model, prompts, first_scan: ReadoutScan, rows: Tensor, epsilon, rank, batch_size, progress):
         self.model, self.prompts, self.rows, self.epsilon, self.rank = model, prompts, rows, epsilon, rank
         self.batch_size, self.progress = batch_size, progress
         self.reference = first_scan.clean
-        self.scans: dict[tuple[Head, ...], ReadoutScan] = {(): first_scan}
+        self.first_scan = first_scan
         self.groups: list[list[Head]] = [[] for _ in range(rows.shape[0])]
         self.angles: list[list[float]] = [[] for _ in range(rows.shape[0])]
         self.candidates_per_step: list[int] = []
         self.n_scans = 0
 
     def run(self, steps: int, candidates: Optional[int]) -> None:
-        first = dataset_ships_resampled(self.scans[()], self.rows, self.rank, self.reference)
+        first = dataset_ships_resampled(self.first_scan, self.rows, self.rank, self.reference)
         pools = torch.isfinite(first)
-        if candidates is not None:  # the best heads of step 1 on all queries, for every search
-            pools = top_k_mask(first[0], min(candidates, int(pools[0].sum())))[None].expand_as(first)
-        self.candidates_per_step.append(len(self.scans[()].heads))
-        for step in range(steps):
+        if candidates is not None:  # each search's own best heads of step 1
+            pools = top_k_mask(first, min(candidates, int(pools.flatten(1).sum(1).min())))
+        self.candidates_per_step.append(len(self.first_scan.heads))
+        self._choose(list(range(len(self.groups))), first)
+        for step in range(1, steps):
             for prefix, members in self._by_prefix().items():
                 allowed = pools[members].clone()
                 for head in prefix:
                     allowed[:, head.layer, head.head] = False
-                scores = first[members] if step == 0 else self._scores(prefix, members, allowed)
+                scores = self._scores(prefix, members, allowed)
                 self._choose(members, scores.masked_fill(~allowed, float("nan")))
-            if step > 0:
-                self.candidates_per_step.append(int(pools[0].sum()) - step)
+            self.candidates_per_step.append(int(pools[0].sum()) - step)
 
     def _by_prefix(self) -> dict[tuple[Head, ...], list[int]]:
         members: dict[tuple[Head, ...], list[int]] = {}
@@ -572,26 +575,15 @@ class _GreedySearches:
         return members
 
     def _scores(self, prefix: tuple[Head, ...], members: list[int], allowed: Tensor) -> Tensor:
+        """Dataset-level Ships of the heads some member may add, with ``prefix`` ablated: one scan
+        of the union of the members' candidates, read on each member's rows."""
         needed = heads_of(allowed.any(dim=0))
-        scan = self._scan(prefix, needed)
+        chosen = list(prefix)
+        scan = readout_scan(self.model, self.prompts, method="uniform", factor=self.epsilon, heads=needed,
+                            batch_size=self.batch_size, progress=self.progress,
+                            background=lambda m: scale_query(m, chosen, self.epsilon))
+        self.n_scans += 1
         return dataset_ships_resampled(scan, self.rows[members], self.rank, self.reference, heads=needed)
-
-    def _scan(self, prefix: tuple[Head, ...], needed: list[Head]) -> ReadoutScan:
-        """The scan of ``needed`` heads with ``prefix`` ablated in the background (extending the
-        stored scan of that prefix by the heads it lacks)."""
-        stored = self.scans.get(prefix)
-        missing = [h for h in needed if stored is None or h not in stored.heads]
-        if missing:
-            chosen = list(prefix)
-            scan = readout_scan(self.model, self.prompts, method="uniform", factor=self.epsilon, heads=missing,
-                                batch_size=self.batch_size, progress=self.progress,
-                                background=lambda m: scale_query(m, chosen, self.epsilon))
-            self.n_scans += 1
-            if stored is not None:
-                scan.ablated = torch.where(torch.isnan(scan.ablated), stored.ablated, scan.ablated)
-                scan.heads = stored.heads + missing
-            self.scans[prefix] = stored = scan
-        return stored
 
     def _choose(self, members: list[int], scores: Float[Tensor, "members layers heads"]) -> None:
         flat = scores.flatten(1)

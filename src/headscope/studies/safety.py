@@ -15,6 +15,7 @@ rate reads as "answered".
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -25,10 +26,10 @@ from torch import Tensor
 from headscope.detectors.safety import attack_success
 from headscope.directions import LastPositionCapture, RefusalDirection, considered_layers, refusal_direction
 from headscope.engine.heads import Head
-from headscope.errors import InputError
+from headscope.errors import EmptyResultError, InputError
 from headscope.interventions import ablate_direction
 from headscope.stability import SelectionStability
-from headscope.stats import bootstrap_difference_ci
+from headscope.stats import bootstrap_difference_ci, paired_bootstrap_ci
 from headscope.tasks import refusal
 from headscope.viz.figures import ROLE_COLOURS, axes_for, finish
 
@@ -59,8 +60,12 @@ class HeldOutAttack:
         return float(self.complied[request_set][condition].mean())
 
     def effect_ci(self, request_set: str, condition: str) -> tuple[float, float]:
-        """95% interval of the condition's effect on the rate beyond the random groups' effect."""
+        """95% interval of a head group's effect on the rate beyond the random groups' effect; for
+        the removed direction (no head group is its like), of its change from clean (paired
+        bootstrap over requests)."""
         runs = self.complied[request_set]
+        if condition == DIRECTION:
+            return paired_bootstrap_ci(runs[DIRECTION] - runs[CLEAN])
         return bootstrap_difference_ci(runs[CLEAN], runs[condition], runs[RANDOM])
 
     def table(self) -> list[dict[str, Any]]:
@@ -74,17 +79,19 @@ class HeldOutAttack:
                        "rate": round(float(values.mean()), 3), "change": round(float(values.mean()) - clean, 3)}
                 if condition not in (CLEAN, RANDOM):
                     low, high = self.effect_ci(request_set, condition)
-                    row.update(beyond_random=round(float(values.mean()) - clean - random_effect, 3),
-                               ci=(round(low, 3), round(high, 3)))
+                    effect = row["change"] if condition == DIRECTION else float(values.mean()) - clean - random_effect
+                    row.update(effect=round(effect, 3), ci=(round(low, 3), round(high, 3)),
+                               effect_of="change from clean" if condition == DIRECTION else "beyond random groups")
                 if condition == RANDOM:
                     row["draws"] = [round(float(v), 3) for v in values.mean(dim=1)]
                 rows.append(row)
         return rows
 
     def __str__(self) -> str:
-        lines = [f"{'set':<12} {'condition':<28} {'n':>3} {'rate':>6} {'change':>7}  beyond random [95% CI]"]
+        lines = [f"{'set':<12} {'condition':<28} {'n':>3} {'rate':>6} {'change':>7}  effect beyond random groups "
+                 "(the direction: change from clean) [95% CI]"]
         for row in self.table():
-            extra = (f"{row['beyond_random']:+.3f} [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]" if "ci" in row
+            extra = (f"{row['effect']:+.3f} [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]" if "ci" in row
                      else ("draws " + ", ".join(f"{v:.3f}" for v in row["draws"]) if "draws" in row else ""))
             lines.append(f"{row['set']:<12} {row['condition']:<28} {row['n']:>3} {row['rate']:>6.3f} "
                          f"{row['change']:>+7.3f}  {extra}")
@@ -92,8 +99,9 @@ class HeldOutAttack:
 
     def plot(self, ax: Any = None, path: Optional[Union[str, Path]] = None, ylabel: str = "attack success rate") -> Any:
         """Grouped bars: each set's rate under each condition, the random groups' draws as dots, and
-        each ablation's 95% interval of its effect beyond random as an error bar around the clean
-        rate plus the random effect (it misses the random bar's top exactly when it excludes 0)."""
+        each head group's 95% interval of its effect beyond random as an error bar around the random
+        groups' rate (it misses the random bar's top exactly when it excludes 0); the removed
+        direction's interval of its change is around the clean rate."""
         sets = list(self.complied)
         conditions = list(self.complied[sets[0]])
         figure, ax = axes_for(ax, (1.4 + 1.2 * len(sets) * len(conditions) / 3, 3.6))
@@ -110,14 +118,14 @@ class HeldOutAttack:
                                zorder=3)
                 elif condition != CLEAN:
                     low, high = self.effect_ci(name, condition)
-                    base = float(runs[RANDOM].mean())
+                    base = float(runs[CLEAN if condition == DIRECTION else RANDOM].mean())
                     ax.errorbar([x], [base + (low + high) / 2], yerr=[[(high - low) / 2]], fmt="none", color="#000000",
                                 capsize=3, zorder=4)
         ax.set_xticks(range(len(sets)), sets)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        ax.set_title("held-out requests; error bars: effect beyond random groups, 95% CI", fontsize=9)
+        ax.set_title("held-out requests; error bars: 95% CI of each effect (groups: beyond random)", fontsize=9)
         return finish(figure, path)
 
 
@@ -163,6 +171,8 @@ def stored_direction(scores: Any) -> RefusalDirection:
     """The refusal direction a safety detector's scores keep (``metadata["refusal_direction"]``),
     to plot (``.plot()``) or remove (``hs.ablate_direction``)."""
     record = dict(scores.metadata.get("refusal_direction") or {})
+    if "skipped" in record:
+        raise InputError(f"These safety scores have no refusal direction: {record['skipped']}.")
     if "direction" not in record:
         raise InputError("These safety scores keep no refusal direction (scored by an older headscope); rescore them.")
     fields = {name: record[name] for name in ("layer", "norm", "n_harmful", "n_harmless", "considered", "chosen_by",
@@ -176,6 +186,9 @@ def stored_stability(scores: Any, score: str = "ships") -> SelectionStability:
     """The selection stability a safety detector's scores keep for ``score`` (``"ships"``,
     ``"dataset_ships"`` or ``"refusal_direction"``), to read or plot."""
     record = (scores.metadata.get("stability") or {}).get(score)
+    skipped = (scores.metadata.get(score) or {}).get("skipped") if score == "refusal_direction" else None
+    if skipped:
+        raise InputError(f"These safety scores have no refusal direction, so no stability of it: {skipped}.")
     if record is None:
         raise InputError(f"These safety scores keep no selection stability of {score!r} (n_bootstrap=0, or an older "
                          "headscope): rescore them with n_bootstrap > 0.")
@@ -217,7 +230,7 @@ class DirectionLayerEffects:
 
     def kept(self, max_kl: float = ARDITI_MAX_KL) -> list[int]:
         """Layers whose removal leaves harmless requests nearly unchanged (Arditi et al.'s filter)."""
-        return [layer for layer, kl in zip(self.layers, self.harmless_kl, strict=True) if kl < max_kl]
+        return [layer for layer, kl in zip(self.layers, self.harmless_kl, strict=True) if kl < max_kl]  # NaN: never
 
     def __str__(self) -> str:
         rows = [f"clean P(refusal opening) on harmful prompts {self.clean_refusal_probability:.3f}",
@@ -259,7 +272,7 @@ def direction_layer_effects(
     at each layer (default: every layer the detector may choose, the first 80%), removed from the
     residual stream everywhere; on held-out prompts, how likely the harmful ones still open with a
     refusal and how far the harmless ones' next-token distributions move (one forward pass per
-    layer and prompt set)."""
+    layer and prompt set). A layer where the two means are equal has no direction: NaN there."""
     from headscope.engine.generation import final_states
 
     ids = refusal.refusal_start_token_ids(model.tokenizer)
@@ -268,7 +281,11 @@ def direction_layer_effects(
     clean_harmless = final_states(model, list(harmless_prompts)).log_softmax(-1)
     probabilities, divergences, norms = [], [], []
     for layer in layers:
-        direction = refusal_direction(harmful, harmless, layer=layer)
+        try:
+            direction = refusal_direction(harmful, harmless, layer=layer)
+        except EmptyResultError:  # equal means (e.g. layer 0 when every prompt ends on the same token)
+            probabilities.append(math.nan), divergences.append(math.nan), norms.append(0.0)
+            continue
         with ablate_direction(model, direction):
             removed_harmful = final_states(model, list(harmful_prompts)).log_softmax(-1)
             removed_harmless = final_states(model, list(harmless_prompts)).log_softmax(-1)

@@ -141,6 +141,15 @@ def load_elsewhere(kind: str = "harmful") -> list[Request]:
             for index, row in enumerate(_elsewhere_pairs())]
 
 
+def evenly_spaced(requests: Sequence[Any], n: Optional[int]) -> list[Any]:
+    """``n`` of ``requests`` spread evenly over the list (all when ``n`` is None or not smaller): the
+    shipped files run category by category, so the first ``n`` would cover only the first
+    categories."""
+    if n is None or n >= len(requests):
+        return list(requests)
+    return [requests[i * len(requests) // n] for i in range(n)]
+
+
 def _words(text: str) -> frozenset[str]:
     """Lower-case words with apostrophes dropped ("Don't" -> "dont") and other punctuation a separator."""
     return frozenset(re.findall(r"[a-z0-9]+", text.lower().replace("'", "").replace("’", "")))
