@@ -53,7 +53,7 @@ from headscope.viz.figures import axes_for, finish
 
 LAYER_FRACTION = 0.8  # layers l < 0.8 * n_layers are considered (Arditi et al. filter the last 20%)
 MIN_PROMPTS_FOR_CHOICE = 4  # of each kind: two on each side of the even/odd split
-RESAMPLE_CHUNK_ELEMENTS = 1 << 24  # float64 entries of one chunk of resamples in head_share_frequency
+RESAMPLE_CHUNK_ELEMENTS = 1 << 24  # float64 entries of wᵀP for one chunk of resamples in head_share_frequency
 
 
 @dataclass(frozen=True)
@@ -429,7 +429,7 @@ def head_share_frequency(
     outer = outer.flatten(2)  # [prompts, prompts, heads]: P[i, j] = o_i · x_j
     gram = residuals @ residuals.T
     weights = _resample_weights(harmful.n_prompts, harmless.n_prompts, n_resamples, seed)  # [resamples, prompts]
-    chunk = max(1, RESAMPLE_CHUNK_ELEMENTS // outer.numel())
+    chunk = max(1, RESAMPLE_CHUNK_ELEMENTS // outer[0].numel())  # resamples per pass over P
     counts = torch.zeros(total, dtype=torch.long)
     for start in range(0, n_resamples, chunk):
         w = weights[start:start + chunk]
@@ -437,7 +437,8 @@ def head_share_frequency(
         if not bool((squared_norm > 0).all()):
             raise EmptyResultError("A bootstrap resample has equal harmful and harmless means at layer "
                                    f"{layer}, so no direction; use prompts whose activations differ, or another layer.")
-        along = einops.einsum(w, outer, w, "resamples i, i j heads, resamples j -> resamples heads")
+        left = (w @ outer.flatten(1)).view(len(w), *outer.shape[1:])  # [resamples, j, heads]: wᵀP, one matmul
+        along = einops.einsum(left, w, "resamples j heads, resamples j -> resamples heads")
         top = (along / squared_norm[:, None]).topk(k, dim=1).indices
         counts += torch.bincount(top.flatten(), minlength=total)
     return (counts.double() / n_resamples).float().reshape(harmful.n_layers, harmful.n_heads)
