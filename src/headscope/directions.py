@@ -48,7 +48,7 @@ from headscope.engine.tokens import TokenBatch, as_token_batch
 from headscope.errors import ArgumentError, EmptyResultError, InputError
 from headscope.identity import weights_digest
 from headscope.models import model_name
-from headscope.stability import bootstrap_rows, resample_weights
+from headscope.stability import bootstrap_rows, heads_of, resample_weights, top_k_mask
 from headscope.viz.figures import axes_for, finish
 
 LAYER_FRACTION = 0.8  # layers l < 0.8 * n_layers are considered (Arditi et al. filter the last 20%)
@@ -453,9 +453,8 @@ def _resample_weights(n_harmful: int, n_harmless: int, n_resamples: int, seed: i
 
 
 def top_share_heads(shares: Float[Tensor, "n_layers n_heads"], k: int) -> list[Head]:
-    """The ``k`` heads of largest share, best first."""
-    order = shares.flatten().argsort(descending=True)[:k]
-    return [Head(*divmod(int(i), shares.shape[1])) for i in order]
+    """The ``k`` heads of largest share, best first (the selection rule of :mod:`headscope.stability`)."""
+    return heads_of(top_k_mask(shares, k), order=shares)
 
 
 # ----- checks -----------------------------------------------------------------------------------
