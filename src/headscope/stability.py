@@ -26,6 +26,7 @@ from torch import Tensor
 
 from headscope.engine.heads import Head
 from headscope.errors import InputError
+from headscope.stats import resample
 from headscope.viz.figures import ROLE_COLOURS, axes_for, finish
 
 STABLE_FREQUENCY = 0.5  # a head selected in at least half the resamples is called stable
@@ -38,8 +39,7 @@ def bootstrap_rows(n_items: int, n_resamples: int, seed: int = 0) -> Int[Tensor,
         raise InputError(f"A bootstrap of the selection needs at least 2 items, got {n_items}.")
     if n_resamples < 1:
         raise InputError(f"n_resamples must be at least 1, got {n_resamples}.")
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(n_items, (n_resamples, n_items), generator=generator)
+    return resample(n_items, n_resamples, torch.Generator().manual_seed(seed))
 
 
 def resample_weights(rows: Int[Tensor, "resamples draws"], n_items: int) -> Float[Tensor, "resamples items"]:
